@@ -1,0 +1,3 @@
+from nfctl.cli.main import app
+
+app()

@@ -1,0 +1,1 @@
+"""The `nfctl` command line."""

@@ -1,0 +1,103 @@
+"""nfctl: GitOps for eBPF network functions."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import typer
+
+from nfctl import __version__
+from nfctl.cli.output import OutputFormat, console, emit_data, print_diagnostic
+
+app = typer.Typer(
+    name="nfctl",
+    help="GitOps controller for eBPF network functions (XDP/TC, BCC, live updates).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging")) -> None:
+    _setup_logging(verbose)
+
+
+@app.command()
+def version() -> None:
+    """Print nfctl's version."""
+    console.print(__version__)
+
+
+@app.command()
+def validate(
+    path: Path = typer.Argument(..., help="folder of NF manifests (nf.yaml), or one manifest"),
+    output: OutputFormat = typer.Option(OutputFormat.TEXT, "--output", "-o"),
+    no_compile: bool = typer.Option(
+        False, "--no-compile", help="check manifests and sources only; skip BCC and the verifier"
+    ),
+    show_logs: bool = typer.Option(False, "--logs", help="print full compiler/verifier logs"),
+) -> None:
+    """Validate manifests, compile every program and check it with the kernel verifier.
+
+    Exit code 0 only when every NF is valid. Designed for the CI of an NF repository."""
+    from nfctl.validate import validate_path
+
+    report = validate_path(path, compile_programs=not no_compile)
+    if output is not OutputFormat.TEXT:
+        emit_data(report.to_dict(), output)
+        raise typer.Exit(0 if report.ok else 1)
+    for diag in report.errors + report.warnings:
+        print_diagnostic(diag, show_logs)
+    for nf in report.nfs:
+        label = nf.name or "(unnamed)"
+        if nf.ok:
+            timing = f"{nf.compile_seconds + nf.load_seconds:.2f}s" if nf.program_name else "-"
+            console.print(
+                f"[green]✓[/green] {label} [dim]{nf.manifest}[/dim] {nf.hook} v{nf.version} "
+                f"build {(nf.build_hash or '')[:12]} ({timing})"
+            )
+        else:
+            console.print(f"[red]✗[/red] {label} [dim]{nf.manifest}[/dim]")
+            for diag in nf.errors:
+                print_diagnostic(diag, show_logs)
+    bad = sum(1 for nf in report.nfs if not nf.ok)
+    summary = f"{len(report.nfs)} network function(s), {bad} invalid, {report.seconds:.2f}s"
+    console.print(f"[{'green' if report.ok else 'red'}]{summary}[/]")
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command()
+def doctor(
+    output: OutputFormat = typer.Option(OutputFormat.TEXT, "--output", "-o"),
+    fix: bool = typer.Option(False, "--fix", help="link kernel headers and mount bpffs first"),
+) -> None:
+    """Check that this machine can compile, load and attach eBPF network functions."""
+    from nfctl import doctor as doc
+
+    fixes = doc.apply_fixes() if fix else []
+    checks = doc.run_checks()
+    ok = all(c.ok for c in checks)
+    if output is not OutputFormat.TEXT:
+        emit_data(
+            {"ok": ok, **doc.summary(), "fixes": fixes, "checks": [c.to_dict() for c in checks]},
+            output,
+        )
+        raise typer.Exit(0 if ok else 1)
+    for line in fixes:
+        console.print(f"[cyan]fix[/cyan] {line}")
+    for check in checks:
+        mark = "[green]✓[/green]" if check.ok else "[red]✗[/red]"
+        console.print(f"{mark} {check.name}: ", end="")
+        console.print(check.message, markup=False, highlight=False)
+        if not check.ok and check.fix:
+            console.print(f"    fix: {check.fix}", markup=False, highlight=False)
+    raise typer.Exit(0 if ok else 1)

@@ -1,0 +1,1 @@
+"""Turn NF C sources into verified, loadable (and optionally pinned) BPF programs via BCC."""

@@ -1,0 +1,135 @@
+"""What to build, how a build is identified, and what a build produced."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from nfctl.compiler.codegen import CODEGEN_VERSION, PinLayout
+from nfctl.compiler.source_guard import SourceBundle
+from nfctl.diagnostics import Diagnostic
+from nfctl.manifest.model import Hook
+from nfctl.system import bcc_version, kernel_release
+
+
+def build_hash(
+    bundle: SourceBundle, function: str, cflags: list[str], hook: Hook
+) -> str:
+    """Content hash of everything that changes the compiled program.
+
+    Map entries are not part of it: they are data, applied without a rebuild.
+    """
+    material = {
+        "codegen": CODEGEN_VERSION,
+        "main": [bundle.main_rel, bundle.main_text],
+        "includes": sorted(bundle.local_files.items()),
+        "function": function,
+        "cflags": cflags,
+        "hook": hook.value,
+        "bcc": bcc_version(),
+        "kernel": kernel_release(),
+    }
+    blob = json.dumps(material, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+@dataclass
+class BuildRequest:
+    nf: str
+    hook: str
+    function: str
+    cflags: list[str]
+    source_rel: str
+    source_text: str
+    quote_dir: str  # folder of the NF source: -iquote for its local headers
+    build_hash: str
+    install: bool = False  # False: compile + verifier check only, nothing pinned
+    pins: PinLayout = field(default_factory=PinLayout)
+    prog_pin_path: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> BuildRequest:
+        pins = data.pop("pins")
+        pins["staged_maps"] = tuple(tuple(x) for x in pins.get("staged_maps", ()))
+        pins["all_map_names"] = tuple(pins.get("all_map_names", ()))
+        return cls(pins=PinLayout(**pins), **data)
+
+
+@dataclass
+class MapInfo:
+    """One map as the C source declares it (and where it is pinned)."""
+
+    name: str
+    map_type: str  # BCC's table type name: hash, array, lru_hash, percpu_array, ...
+    type_id: int  # kernel BPF_MAP_TYPE_*
+    key_size: int
+    value_size: int
+    max_entries: int
+    flags: int
+    key_desc: Any  # BCC's JSON type description
+    value_desc: Any
+    pin_path: str | None = None
+    created: bool = False  # this build created the map (no earlier pin existed)
+
+
+@dataclass
+class MapMismatch:
+    name: str
+    pin_path: str
+    declared: dict[str, int]
+    pinned: dict[str, int]
+
+    def describe(self) -> str:
+        diffs = [
+            f"{k} {self.pinned.get(k)} -> {v}"
+            for k, v in self.declared.items()
+            if self.pinned.get(k) != v
+        ]
+        return f"map {self.name!r} changed ({', '.join(diffs)})"
+
+
+@dataclass
+class ProgramInfo:
+    name: str
+    prog_id: int
+    tag: str
+    pin_path: str | None = None
+
+
+@dataclass
+class BuildResult:
+    nf: str
+    build_hash: str
+    ok: bool
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+    program: ProgramInfo | None = None
+    maps: list[MapInfo] = field(default_factory=list)
+    mismatches: list[MapMismatch] = field(default_factory=list)
+    compile_seconds: float = 0.0
+    load_seconds: float = 0.0
+    bcc_version: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["diagnostics"] = [d.to_dict() for d in self.diagnostics]
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> BuildResult:
+        return cls(
+            nf=data["nf"],
+            build_hash=data["build_hash"],
+            ok=data["ok"],
+            diagnostics=[Diagnostic.from_dict(d) for d in data["diagnostics"]],
+            program=ProgramInfo(**data["program"]) if data.get("program") else None,
+            maps=[MapInfo(**m) for m in data.get("maps", [])],
+            mismatches=[MapMismatch(**m) for m in data.get("mismatches", [])],
+            compile_seconds=data.get("compile_seconds", 0.0),
+            load_seconds=data.get("load_seconds", 0.0),
+            bcc_version=data.get("bcc_version", ""),
+        )

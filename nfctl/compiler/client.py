@@ -1,0 +1,144 @@
+"""Prepare builds in the calling process (cheap, no BCC) and run them in a worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nfctl.compiler.build import BuildRequest, BuildResult, build_hash
+from nfctl.compiler.codegen import PinLayout, function_is_defined
+from nfctl.compiler.source_guard import SourceBundle, read_source
+from nfctl.diagnostics import Diagnostic
+from nfctl.manifest.loader import LoadedManifest
+from nfctl.manifest.model import NetworkFunction
+
+WORKER_TIMEOUT_SECONDS = 300.0
+
+
+@dataclass
+class PreparedNF:
+    manifest: LoadedManifest
+    bundle: SourceBundle | None = None
+    build_hash: str = ""
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.diagnostics and self.bundle is not None
+
+    @property
+    def nf(self) -> NetworkFunction:
+        assert self.manifest.nf is not None
+        return self.manifest.nf
+
+
+def prepare(manifest: LoadedManifest, repo_root: Path) -> PreparedNF:
+    prepared = PreparedNF(manifest=manifest)
+    if manifest.nf is None or manifest.source_path is None:
+        prepared.diagnostics = list(manifest.diagnostics)
+        return prepared
+    nf = manifest.nf
+    bundle = read_source(manifest.source_path, repo_root)
+    prepared.bundle = bundle
+    prepared.diagnostics = list(manifest.diagnostics) + list(bundle.diagnostics)
+    if bundle.ok and not function_is_defined(bundle.main_text, nf.spec.program.function):
+        prepared.diagnostics.append(
+            Diagnostic(
+                file=bundle.main_rel,
+                message=(
+                    f"function {nf.spec.program.function!r} (spec.program.function in "
+                    f"{manifest.rel_path}) is not defined in this file"
+                ),
+            )
+        )
+    prepared.build_hash = build_hash(
+        bundle, nf.spec.program.function, nf.spec.program.cflags, nf.spec.attach.hook
+    )
+    return prepared
+
+
+def build_request(
+    prepared: PreparedNF,
+    *,
+    install: bool = False,
+    pins: PinLayout | None = None,
+    prog_pin_path: str | None = None,
+) -> BuildRequest:
+    assert prepared.bundle is not None and prepared.manifest.source_path is not None
+    nf = prepared.nf
+    return BuildRequest(
+        nf=nf.name,
+        hook=nf.spec.attach.hook.value,
+        function=nf.spec.program.function,
+        cflags=list(nf.spec.program.cflags),
+        source_rel=prepared.bundle.main_rel,
+        source_text=prepared.bundle.main_text,
+        quote_dir=str(prepared.manifest.source_path.parent),
+        build_hash=prepared.build_hash,
+        install=install,
+        pins=pins or PinLayout(),
+        prog_pin_path=prog_pin_path,
+    )
+
+
+def worker_command() -> list[str]:
+    return [sys.executable, "-m", "nfctl.compiler.worker"]
+
+
+def run_worker(
+    requests: list[BuildRequest], timeout: float = WORKER_TIMEOUT_SECONDS
+) -> list[BuildResult]:
+    """Run a batch in a fresh worker process. A crash or timeout fails every request
+    with the reason; it never raises into the caller."""
+    if not requests:
+        return []
+    payload = json.dumps([r.to_json() for r in requests])
+    env = dict(os.environ)
+    package_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    try:
+        proc = subprocess.run(
+            worker_command(),
+            input=payload,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return _all_failed(requests, f"the compile worker timed out after {timeout:.0f}s")
+    except OSError as exc:
+        return _all_failed(requests, f"cannot start the compile worker: {exc}")
+    if proc.returncode != 0 or not proc.stdout.strip():
+        tail = proc.stderr.strip()[-2000:]
+        hint = ""
+        if "No module named 'bcc'" in proc.stderr:
+            hint = " BCC is not importable: install python3-bpfcc and run `nfctl doctor`."
+        return _all_failed(
+            requests,
+            f"the compile worker failed (exit {proc.returncode}).{hint}",
+            detail=tail or None,
+        )
+    try:
+        return [BuildResult.from_json(r) for r in json.loads(proc.stdout)]
+    except (ValueError, KeyError, TypeError) as exc:
+        return _all_failed(requests, f"unreadable answer from the compile worker: {exc}")
+
+
+def _all_failed(
+    requests: list[BuildRequest], message: str, detail: str | None = None
+) -> list[BuildResult]:
+    return [
+        BuildResult(
+            nf=r.nf,
+            build_hash=r.build_hash,
+            ok=False,
+            diagnostics=[Diagnostic(file=r.source_rel, message=message, detail=detail)],
+        )
+        for r in requests
+    ]

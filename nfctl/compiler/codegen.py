@@ -1,0 +1,227 @@
+"""Generate the C text BCC compiles for an NF and for the per-hook dispatchers.
+
+How chaining works (no chaining code in NFs): each hook type has a pinned prog array
+(the chain) and a per-CPU cursor. A dispatcher attached to the interface looks up the
+attach point's current slot range ("head"), stores its base in the cursor and tail-calls
+the first slot. Every NF is wrapped: if the author's function lets the packet go on
+(XDP_PASS / TC_ACT_OK), the wrapper advances the cursor and tail-calls the next slot.
+An empty slot ends the chain. Changing a chain means filling a fresh slot range and
+switching the head: one atomic map update.
+
+BCC only rewrites map calls in the main file, so the NF source is pasted inline under a
+#line directive that keeps clang's diagnostics pointing at the author's file and line.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from nfctl.compiler.source_guard import logical_lines
+from nfctl.manifest.model import Hook
+
+CODEGEN_VERSION = "3"
+CHAIN_SLOTS = 65536  # prog-array entries per hook type
+RANGE_SIZE = 32  # slots per chain range; the tail-call limit (33) bounds a chain anyway
+HEADS_MAX = 8192
+WRAPPER_FILE = "<nfctl-generated>"
+
+HOOK_IDS = {Hook.XDP: 0, Hook.TC_INGRESS: 1, Hook.TC_EGRESS: 2}
+
+# BCC's BPF_F_TABLE body (bcc 0.26 helpers.h) with the section chosen by nfctl. BCC's
+# frontend recognises tables by this struct layout; a test pins user maps end to end so a
+# BCC upgrade that changes the layout fails loudly.
+_PREAMBLE = r"""
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
+#define NFCTL_TABLE_AT(_section, _key_type, _leaf_type, _name, _max_entries, _flags) \
+struct _name##_table_t { \
+  _key_type key; \
+  _leaf_type leaf; \
+  _leaf_type * (*lookup) (_key_type *); \
+  _leaf_type * (*lookup_or_init) (_key_type *, _leaf_type *); \
+  _leaf_type * (*lookup_or_try_init) (_key_type *, _leaf_type *); \
+  int (*update) (_key_type *, _leaf_type *); \
+  int (*insert) (_key_type *, _leaf_type *); \
+  int (*delete) (_key_type *); \
+  void (*call) (void *, int index); \
+  void (*increment) (_key_type, ...); \
+  void (*atomic_increment) (_key_type, ...); \
+  int (*get_stackid) (void *, u64); \
+  void * (*sk_storage_get) (void *, void *, int); \
+  int (*sk_storage_delete) (void *); \
+  void * (*inode_storage_get) (void *, void *, int); \
+  int (*inode_storage_delete) (void *); \
+  void * (*task_storage_get) (void *, void *, int); \
+  int (*task_storage_delete) (void *); \
+  u32 max_entries; \
+  int flags; \
+}; \
+__attribute__((section(_section))) \
+struct _name##_table_t _name = { .flags = (_flags), .max_entries = (_max_entries) }; \
+BPF_ANNOTATE_KV_PAIR(_name, _key_type, _leaf_type)
+#undef BPF_F_TABLE
+#define BPF_F_TABLE(_table_type, _key_type, _leaf_type, _name, _max_entries, _flags) \
+  NFCTL_TABLE_AT(NFCTL_MAP_SECTION(_table_type, _name), _key_type, _leaf_type, _name, \
+                 _max_entries, _flags)
+"""
+
+
+@dataclass(frozen=True)
+class PinLayout:
+    """Where the generated code pins maps; None fields mean 'do not pin' (verify only)."""
+
+    maps_dir: str | None = None
+    chain_path: str | None = None
+    cursor_path: str | None = None
+    heads_path: str | None = None
+    # map name -> folder, for maps that must be created fresh at a staging location
+    staged_maps: tuple[tuple[str, str], ...] = ()
+    all_map_names: tuple[str, ...] = ()
+
+
+def _c_string(value: str) -> str:
+    if any(ch in value for ch in '"\\\n'):
+        raise ValueError(f"unsafe path for C string: {value!r}")
+    return f'"{value}"'
+
+
+def _section_macros(pins: PinLayout) -> str:
+    lines = []
+    if pins.maps_dir is None:
+        lines.append('#define NFCTL_MAP_SECTION(_t, _name) "maps/" _t')
+    elif pins.staged_maps:
+        staged = dict(pins.staged_maps)
+        for name in pins.all_map_names:
+            lines.append(f"#define NFCTL_MAP_DIR_{name} {_c_string(staged.get(name, pins.maps_dir))}")
+        lines.append(
+            '#define NFCTL_MAP_SECTION(_t, _name) "maps/" _t ":" NFCTL_MAP_DIR_##_name "/" #_name'
+        )
+    else:
+        lines.append(f"#define NFCTL_MAPS_DIR {_c_string(pins.maps_dir)}")
+        lines.append('#define NFCTL_MAP_SECTION(_t, _name) "maps/" _t ":" NFCTL_MAPS_DIR "/" #_name')
+    return "\n".join(lines) + "\n"
+
+
+def _section(kind: str, path: str | None) -> str:
+    if path is None:
+        return f'"maps/{kind}"'
+    return f'"maps/{kind}:" {_c_string(path)}'
+
+
+def _chain_tables(pins: PinLayout) -> str:
+    return (
+        f"NFCTL_TABLE_AT({_section('prog', pins.chain_path)}, u32, u32, nfctl_chain, "
+        f"{CHAIN_SLOTS}, 0);\n"
+        f"NFCTL_TABLE_AT({_section('percpu_array', pins.cursor_path)}, u32, u32, nfctl_cursor, "
+        "1, 0);\n"
+    )
+
+
+def entry_name(build_hash: str) -> str:
+    """Kernel program names hold 15 characters: 'nf_' + 12 hex digits of the build hash."""
+    return "nf_" + build_hash[:12]
+
+
+def function_is_static(source: str, function: str) -> bool:
+    pattern = re.compile(r"\bstatic\b[^;{}()]*\b" + re.escape(function) + r"\s*\(")
+    return any(pattern.search(line) for _, line in logical_lines(source))
+
+
+def function_is_defined(source: str, function: str) -> bool:
+    text = "\n".join(line for _, line in logical_lines(source))
+    return re.search(r"\b" + re.escape(function) + r"\s*\([^;]*?\)\s*\{", text, re.S) is not None
+
+
+def nf_program(
+    *,
+    source_rel: str,
+    source_text: str,
+    function: str,
+    hook: Hook,
+    build_hash: str,
+    pins: PinLayout,
+) -> str:
+    """The full C text for one NF: preamble, the author's source, the chaining wrapper."""
+    ctx_type = "struct xdp_md" if hook is Hook.XDP else "struct __sk_buff"
+    if function_is_static(source_text, function):
+        rename = ""
+        user_fn = function
+    else:
+        # A non-static function would become its own BPF program, which BCC cannot call.
+        rename = (
+            f"#define {function} __attribute__((always_inline)) static inline nfctl_user_fn\n"
+        )
+        user_fn = "nfctl_user_fn"
+    if hook is Hook.XDP:
+        go_on = "verdict == XDP_PASS"
+        end_of_chain = "return verdict;"
+    else:
+        go_on = "verdict == TC_ACT_OK || verdict == TC_ACT_UNSPEC"
+        # TC_ACT_UNSPEC lets tc filters of other tools (later priorities) still run.
+        end_of_chain = "return TC_ACT_UNSPEC;"
+    name = entry_name(build_hash)
+    return (
+        _PREAMBLE
+        + _section_macros(pins)
+        + _chain_tables(pins)
+        + rename
+        + f'#line 1 "{source_rel}"\n'
+        + source_text
+        + ("\n" if not source_text.endswith("\n") else "")
+        + f'#line 1 "{WRAPPER_FILE}"\n'
+        + f"int {name}({ctx_type} *ctx) {{\n"
+        + f"  int verdict = {user_fn}(ctx);\n"
+        + f"  if ({go_on}) {{\n"
+        + "    u32 zero = 0;\n"
+        + "    u32 *pos = nfctl_cursor.lookup(&zero);\n"
+        + "    if (pos) {\n"
+        + "      u32 next = *pos + 1;\n"
+        + "      *pos = next;\n"
+        + "      nfctl_chain.call(ctx, next);\n"
+        + "    }\n"
+        + f"    {end_of_chain}\n"
+        + "  }\n"
+        + "  return verdict;\n"
+        + "}\n"
+    )
+
+
+DISPATCHER_VERSION = "2"
+
+
+def dispatcher_name(hook: Hook) -> str:
+    return {
+        Hook.XDP: "nfctl_xdp",
+        Hook.TC_INGRESS: "nfctl_tc_in",
+        Hook.TC_EGRESS: "nfctl_tc_eg",
+    }[hook]
+
+
+def dispatcher_program(hook: Hook, pins: PinLayout) -> str:
+    """The root program attached to each interface's hook; it starts the chain."""
+    if hook is Hook.XDP:
+        ctx_type, ifindex, go_on = "struct xdp_md", "ctx->ingress_ifindex", "XDP_PASS"
+    else:
+        ctx_type, ifindex, go_on = "struct __sk_buff", "ctx->ifindex", "TC_ACT_UNSPEC"
+    return (
+        _PREAMBLE
+        + '#define NFCTL_MAP_SECTION(_t, _name) "maps/" _t\n'
+        + _chain_tables(pins)
+        + "struct nfctl_head_key { u32 ifindex; u32 hook; };\n"
+        + f"NFCTL_TABLE_AT({_section('hash', pins.heads_path)}, struct nfctl_head_key, u32, "
+        + f"nfctl_heads, {HEADS_MAX}, 0);\n"
+        + f'#line 1 "{WRAPPER_FILE}"\n'
+        + f"int {dispatcher_name(hook)}({ctx_type} *ctx) {{\n"
+        + f"  struct nfctl_head_key key = {{ .ifindex = {ifindex}, .hook = {HOOK_IDS[hook]} }};\n"
+        + "  u32 *base = nfctl_heads.lookup(&key);\n"
+        + f"  if (!base) return {go_on};\n"
+        + "  u32 zero = 0;\n"
+        + "  u32 *pos = nfctl_cursor.lookup(&zero);\n"
+        + f"  if (!pos) return {go_on};\n"
+        + "  u32 first = *base;\n"
+        + "  *pos = first;\n"
+        + "  nfctl_chain.call(ctx, first);\n"
+        + f"  return {go_on};\n"
+        + "}\n"
+    )

@@ -1,0 +1,274 @@
+"""The compile worker: a short-lived process that imports BCC (and so LLVM), compiles,
+verifies, loads and pins programs, reports as JSON on stdout, and exits.
+
+Keeping this out of the agent keeps the agent small (~74 MB just for `import bcc`) and
+survives LLVM crashing. Run as `python -m nfctl.compiler.worker` with a JSON list of
+requests on stdin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from nfctl.compiler.build import BuildRequest, BuildResult, MapInfo, MapMismatch, ProgramInfo
+from nfctl.compiler.codegen import dispatcher_name, dispatcher_program, entry_name, nf_program
+from nfctl.compiler.diagnose import clang_diagnostics, verifier_diagnostic
+from nfctl.datapath import bpf
+from nfctl.diagnostics import Diagnostic
+from nfctl.manifest.model import Hook
+
+DISPATCHER_PREFIX = "dispatcher:"
+
+
+@contextlib.contextmanager
+def captured_stderr() -> Iterator[list[str]]:
+    """BCC and libbpf print clang errors and verifier logs straight to fd 2."""
+    sink: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield sink
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            sink.append(tmp.read().decode("utf-8", errors="replace"))
+
+
+def _listing(*folders: str | None) -> set[str]:
+    seen: set[str] = set()
+    for folder in folders:
+        if folder and os.path.isdir(folder):
+            seen.update(os.path.join(folder, name) for name in os.listdir(folder))
+    return seen
+
+
+def build_one(req: BuildRequest) -> BuildResult:
+    from bcc import BPF, lib
+
+    result = BuildResult(nf=req.nf, build_hash=req.build_hash, ok=False)
+    hook = Hook(req.hook)
+    is_dispatcher = req.nf.startswith(DISPATCHER_PREFIX)
+    if is_dispatcher:
+        text = dispatcher_program(hook, req.pins)
+        function = dispatcher_name(hook)
+    else:
+        text = nf_program(
+            source_rel=req.source_rel,
+            source_text=req.source_text,
+            function=req.function,
+            hook=hook,
+            build_hash=req.build_hash,
+            pins=req.pins,
+        )
+        function = entry_name(req.build_hash)
+    staged_dirs = [d for _, d in req.pins.staged_maps]
+    for folder in [req.pins.maps_dir, *staged_dirs]:
+        if req.install and folder:
+            os.makedirs(folder, exist_ok=True)
+    pins_before = _listing(req.pins.maps_dir, *staged_dirs)
+    cflags = [f"-iquote{req.quote_dir}", *req.cflags] if req.quote_dir else list(req.cflags)
+
+    start = time.monotonic()
+    with captured_stderr() as err:
+        try:
+            module = BPF(text=text, cflags=cflags)
+        except Exception:
+            module = None
+    result.compile_seconds = time.monotonic() - start
+    if module is None:
+        repo_root = _repo_root_of(req)
+        result.diagnostics = clang_diagnostics(err[0], req.source_rel, repo_root)
+        return result
+
+    created: list[str] = []
+    try:
+        result.maps = _map_infos(module, lib, req)
+        pins_after = _listing(req.pins.maps_dir, *staged_dirs)
+        created = sorted(pins_after - pins_before) if req.install else []
+        for info in result.maps:
+            info.created = info.pin_path in created if info.pin_path else False
+        if req.install:
+            result.mismatches = _mismatches(module, lib, result.maps, created)
+            if result.mismatches:
+                result.diagnostics = [
+                    Diagnostic(file=req.source_rel, message=m.describe()) for m in result.mismatches
+                ]
+                return result
+        prog_type = BPF.XDP if hook is Hook.XDP else BPF.SCHED_CLS
+        start = time.monotonic()
+        with captured_stderr() as err:
+            try:
+                fn = module.load_func(function, prog_type)
+            except Exception as exc:
+                fn = None
+                load_error = str(exc)
+        result.load_seconds = time.monotonic() - start
+        if fn is None:
+            log = err[0]
+            if "Permission denied" in log or "processed " in log or "invalid" in log:
+                result.diagnostics = [
+                    verifier_diagnostic(log, req.source_rel, req.source_text, req.function)
+                ]
+            else:
+                result.diagnostics = [
+                    Diagnostic(file=req.source_rel, message=load_error, detail=log.strip() or None)
+                ]
+            return result
+        info = bpf.prog_info(fn.fd)
+        pin_path = None
+        if req.install and req.prog_pin_path:
+            os.makedirs(os.path.dirname(req.prog_pin_path), exist_ok=True)
+            if os.path.exists(req.prog_pin_path):
+                os.unlink(req.prog_pin_path)
+            bpf.obj_pin(fn.fd, req.prog_pin_path)
+            pin_path = req.prog_pin_path
+        result.program = ProgramInfo(
+            name=info.name, prog_id=info.prog_id, tag=info.tag, pin_path=pin_path
+        )
+        result.ok = True
+        created = []  # keep what this build pinned
+        return result
+    finally:
+        for path in created:  # a failed build leaves no new pins behind
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        module.cleanup()
+
+
+def _repo_root_of(req: BuildRequest) -> str | None:
+    if not req.quote_dir:
+        return None
+    depth = req.source_rel.count("/")
+    root = req.quote_dir
+    for _ in range(depth):
+        root = os.path.dirname(root)
+    return root
+
+
+def _decode(raw: bytes) -> Any:
+    try:
+        return json.loads(raw.decode())
+    except (ValueError, UnicodeDecodeError):
+        return raw.decode(errors="replace")
+
+
+def _declare_table_api(lib: Any) -> None:
+    """BCC's Python bindings leave these untyped; they take the table's index."""
+    import ctypes as ct
+
+    for name, restype in (
+        ("bpf_num_tables", ct.c_size_t),
+        ("bpf_table_name", ct.c_char_p),
+        ("bpf_table_fd_id", ct.c_int),
+        ("bpf_table_type_id", ct.c_int),
+        ("bpf_table_max_entries_id", ct.c_size_t),
+        ("bpf_table_flags_id", ct.c_int),
+        ("bpf_table_key_size_id", ct.c_size_t),
+        ("bpf_table_leaf_size_id", ct.c_size_t),
+        ("bpf_table_key_desc_id", ct.c_char_p),
+        ("bpf_table_leaf_desc_id", ct.c_char_p),
+    ):
+        fn = getattr(lib, name)
+        fn.restype = restype
+        fn.argtypes = [ct.c_void_p] if name == "bpf_num_tables" else [ct.c_void_p, ct.c_size_t]
+
+
+def _map_infos(module: Any, lib: Any, req: BuildRequest) -> list[MapInfo]:
+    _declare_table_api(lib)
+    staged = dict(req.pins.staged_maps)
+    infos = []
+    handle = module.module
+    for index in range(lib.bpf_num_tables(handle)):
+        name = lib.bpf_table_name(handle, index).decode()
+        if name.startswith("nfctl_"):
+            continue
+        folder = staged.get(name, req.pins.maps_dir)
+        type_id = lib.bpf_table_type_id(handle, index)
+        infos.append(
+            MapInfo(
+                name=name,
+                map_type=bpf.MAP_TYPE_NAMES.get(type_id, str(type_id)),
+                type_id=type_id,
+                key_size=lib.bpf_table_key_size_id(handle, index),
+                value_size=lib.bpf_table_leaf_size_id(handle, index),
+                max_entries=lib.bpf_table_max_entries_id(handle, index),
+                flags=lib.bpf_table_flags_id(handle, index),
+                key_desc=_decode(lib.bpf_table_key_desc_id(handle, index) or b""),
+                value_desc=_decode(lib.bpf_table_leaf_desc_id(handle, index) or b""),
+                pin_path=os.path.join(folder, name) if req.install and folder else None,
+            )
+        )
+    return infos
+
+
+def _mismatches(
+    module: Any, lib: Any, maps: list[MapInfo], created: list[str]
+) -> list[MapMismatch]:
+    """Compare every reused pin with the declaration: BCC reuses pins without checking."""
+    found = []
+    for info in maps:
+        fd = lib.bpf_table_fd(module.module, info.name.encode())
+        if fd < 0 or info.pin_path in created:
+            continue
+        kernel = bpf.map_info(fd)
+        declared = {
+            "type": info.type_id,
+            "key_size": info.key_size,
+            "value_size": info.value_size,
+            "max_entries": info.max_entries,
+            "flags": info.flags,
+        }
+        pinned = {
+            "type": kernel.map_type,
+            "key_size": kernel.key_size,
+            "value_size": kernel.value_size,
+            "max_entries": kernel.max_entries,
+            "flags": kernel.flags,
+        }
+        if declared != pinned:
+            found.append(
+                MapMismatch(
+                    name=info.name, pin_path=info.pin_path or "", declared=declared, pinned=pinned
+                )
+            )
+    return found
+
+
+def main() -> int:
+    requests = [BuildRequest.from_json(r) for r in json.load(sys.stdin)]
+    # Anything BCC or LLVM prints must not corrupt the JSON answer on stdout.
+    answer = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    results = []
+    for req in requests:
+        try:
+            results.append(build_one(req).to_json())
+        except Exception as exc:  # report, never crash the batch
+            results.append(
+                BuildResult(
+                    nf=req.nf,
+                    build_hash=req.build_hash,
+                    ok=False,
+                    diagnostics=[
+                        Diagnostic(file=req.source_rel, message=f"internal build error: {exc!r}")
+                    ],
+                ).to_json()
+            )
+    json.dump(results, answer)
+    answer.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

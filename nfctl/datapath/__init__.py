@@ -1,0 +1,1 @@
+"""Kernel side effects: bpf() syscalls, XDP/TC attachment, chains, pinned maps."""

@@ -1,0 +1,437 @@
+"""A small typed wrapper over the bpf() syscall.
+
+Neither BCC nor pyroute2 exposes pin lookup, object info or map iteration without
+loading LLVM; the agent needs them in a small process, so they are done here directly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import platform
+from dataclasses import dataclass
+from typing import ClassVar
+
+_SYSCALL_NR = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x": 351}
+
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
+BPF_MAP_GET_NEXT_KEY = 4
+BPF_OBJ_PIN = 6
+BPF_OBJ_GET = 7
+BPF_PROG_GET_NEXT_ID = 11
+BPF_PROG_GET_FD_BY_ID = 13
+BPF_MAP_GET_FD_BY_ID = 14
+BPF_OBJ_GET_INFO_BY_FD = 15
+
+BPF_ANY = 0
+BPF_NOEXIST = 1
+BPF_EXIST = 2
+
+MAP_TYPE_NAMES = {
+    1: "hash",
+    2: "array",
+    3: "prog",
+    4: "perf_output",
+    5: "percpu_hash",
+    6: "percpu_array",
+    7: "stacktrace",
+    9: "lru_hash",
+    10: "lru_percpu_hash",
+    11: "lpm_trie",
+    22: "queue",
+    23: "stack",
+    27: "ringbuf",
+}
+MAP_TYPE_IDS = {v: k for k, v in MAP_TYPE_NAMES.items()}
+PERCPU_MAP_TYPES = {5, 6, 10}
+PROG_TYPE_NAMES = {6: "xdp", 3: "sched_cls", 4: "sched_act"}
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class BpfError(OSError):
+    def __init__(self, err: int, operation: str) -> None:
+        super().__init__(err, f"{operation}: {os.strerror(err)}")
+        self.operation = operation
+
+
+class _ElemAttr(ctypes.Structure):
+    _fields_: ClassVar = [
+        ("map_fd", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("key", ctypes.c_uint64),
+        ("value", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+    ]
+
+
+class _ObjAttr(ctypes.Structure):
+    _fields_: ClassVar = [
+        ("pathname", ctypes.c_uint64),
+        ("bpf_fd", ctypes.c_uint32),
+        ("file_flags", ctypes.c_uint32),
+        ("path_fd", ctypes.c_int32),
+    ]
+
+
+class _IdAttr(ctypes.Structure):
+    _fields_: ClassVar = [
+        ("id", ctypes.c_uint32),
+        ("next_id", ctypes.c_uint32),
+        ("open_flags", ctypes.c_uint32),
+    ]
+
+
+class _InfoAttr(ctypes.Structure):
+    _fields_: ClassVar = [
+        ("bpf_fd", ctypes.c_uint32),
+        ("info_len", ctypes.c_uint32),
+        ("info", ctypes.c_uint64),
+    ]
+
+
+class _ProgInfo(ctypes.Structure):
+    _fields_: ClassVar = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", ctypes.c_uint32),
+        ("xlated_prog_len", ctypes.c_uint32),
+        ("jited_prog_insns", ctypes.c_uint64),
+        ("xlated_prog_insns", ctypes.c_uint64),
+        ("load_time", ctypes.c_uint64),
+        ("created_by_uid", ctypes.c_uint32),
+        ("nr_map_ids", ctypes.c_uint32),
+        ("map_ids", ctypes.c_uint64),
+        ("name", ctypes.c_char * 16),
+        ("ifindex", ctypes.c_uint32),
+        ("gpl_compatible", ctypes.c_uint32),
+        ("netns_dev", ctypes.c_uint64),
+        ("netns_ino", ctypes.c_uint64),
+        ("nr_jited_ksyms", ctypes.c_uint32),
+        ("nr_jited_func_lens", ctypes.c_uint32),
+        ("jited_ksyms", ctypes.c_uint64),
+        ("jited_func_lens", ctypes.c_uint64),
+        ("btf_id", ctypes.c_uint32),
+        ("func_info_rec_size", ctypes.c_uint32),
+        ("func_info", ctypes.c_uint64),
+        ("nr_func_info", ctypes.c_uint32),
+        ("nr_line_info", ctypes.c_uint32),
+        ("line_info", ctypes.c_uint64),
+        ("jited_line_info", ctypes.c_uint64),
+        ("nr_jited_line_info", ctypes.c_uint32),
+        ("line_info_rec_size", ctypes.c_uint32),
+        ("jited_line_info_rec_size", ctypes.c_uint32),
+        ("nr_prog_tags", ctypes.c_uint32),
+        ("prog_tags", ctypes.c_uint64),
+        ("run_time_ns", ctypes.c_uint64),
+        ("run_cnt", ctypes.c_uint64),
+        ("recursion_misses", ctypes.c_uint64),
+        ("verified_insns", ctypes.c_uint32),
+    ]
+
+
+class _MapInfo(ctypes.Structure):
+    _fields_: ClassVar = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
+        ("ifindex", ctypes.c_uint32),
+        ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+        ("netns_dev", ctypes.c_uint64),
+        ("netns_ino", ctypes.c_uint64),
+        ("btf_id", ctypes.c_uint32),
+        ("btf_key_type_id", ctypes.c_uint32),
+        ("btf_value_type_id", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("map_extra", ctypes.c_uint64),
+    ]
+
+
+def _bpf(cmd: int, attr: ctypes.Structure, operation: str) -> int:
+    nr = _SYSCALL_NR.get(platform.machine())
+    if nr is None:
+        raise BpfError(errno.ENOSYS, f"bpf() syscall number unknown for {platform.machine()}")
+    ret = _libc.syscall(nr, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+    if ret < 0:
+        raise BpfError(ctypes.get_errno(), operation)
+    return int(ret)
+
+
+@dataclass(frozen=True)
+class ProgInfo:
+    prog_id: int
+    prog_type: int
+    name: str
+    tag: str
+    map_ids: tuple[int, ...]
+    run_count: int
+    run_time_ns: int
+
+
+@dataclass(frozen=True)
+class MapKernelInfo:
+    map_id: int
+    map_type: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    flags: int
+    name: str
+
+    @property
+    def type_name(self) -> str:
+        return MAP_TYPE_NAMES.get(self.map_type, str(self.map_type))
+
+    @property
+    def is_percpu(self) -> bool:
+        return self.map_type in PERCPU_MAP_TYPES
+
+
+def obj_get(path: str) -> int:
+    encoded = ctypes.create_string_buffer(os.fsencode(path))
+    attr = _ObjAttr(pathname=ctypes.addressof(encoded))
+    return _bpf(BPF_OBJ_GET, attr, f"open pin {path}")
+
+
+def obj_pin(fd: int, path: str) -> None:
+    encoded = ctypes.create_string_buffer(os.fsencode(path))
+    attr = _ObjAttr(pathname=ctypes.addressof(encoded), bpf_fd=fd)
+    _bpf(BPF_OBJ_PIN, attr, f"pin {path}")
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    return _bpf(BPF_PROG_GET_FD_BY_ID, _IdAttr(id=prog_id), f"open program id {prog_id}")
+
+
+def map_fd_by_id(map_id: int) -> int:
+    return _bpf(BPF_MAP_GET_FD_BY_ID, _IdAttr(id=map_id), f"open map id {map_id}")
+
+
+def prog_ids() -> list[int]:
+    """All program ids loaded in the kernel."""
+    ids: list[int] = []
+    attr = _IdAttr(id=0)
+    while True:
+        try:
+            _bpf(BPF_PROG_GET_NEXT_ID, attr, "list programs")
+        except BpfError as exc:
+            if exc.errno == errno.ENOENT:
+                return ids
+            raise
+        ids.append(attr.next_id)
+        attr = _IdAttr(id=attr.next_id)
+
+
+def prog_info(fd: int) -> ProgInfo:
+    info = _ProgInfo()
+    attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, "program info")
+    count = info.nr_map_ids
+    map_ids: tuple[int, ...] = ()
+    if count:
+        ids = (ctypes.c_uint32 * count)()
+        info2 = _ProgInfo(nr_map_ids=count, map_ids=ctypes.addressof(ids))
+        attr2 = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info2), info=ctypes.addressof(info2))
+        _bpf(BPF_OBJ_GET_INFO_BY_FD, attr2, "program map ids")
+        map_ids = tuple(ids[: info2.nr_map_ids])
+    return ProgInfo(
+        prog_id=info.id,
+        prog_type=info.type,
+        name=info.name.decode(errors="replace"),
+        tag=bytes(info.tag).hex(),
+        map_ids=map_ids,
+        run_count=info.run_cnt,
+        run_time_ns=info.run_time_ns,
+    )
+
+
+def map_info(fd: int) -> MapKernelInfo:
+    info = _MapInfo()
+    attr = _InfoAttr(bpf_fd=fd, info_len=ctypes.sizeof(info), info=ctypes.addressof(info))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, "map info")
+    return MapKernelInfo(
+        map_id=info.id,
+        map_type=info.type,
+        key_size=info.key_size,
+        value_size=info.value_size,
+        max_entries=info.max_entries,
+        flags=info.map_flags,
+        name=info.name.decode(errors="replace"),
+    )
+
+
+def possible_cpus() -> int:
+    """Per-CPU map values hold one slot per possible CPU (not online CPU)."""
+    try:
+        text = open("/sys/devices/system/cpu/possible").read().strip()
+    except OSError:
+        return os.cpu_count() or 1
+    total = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        total += (int(hi) - int(lo) + 1) if hi else 1
+    return total
+
+
+class BpfMap:
+    """An open map fd with byte-level element operations."""
+
+    def __init__(self, fd: int, info: MapKernelInfo | None = None) -> None:
+        self.fd = fd
+        self.info = info or map_info(fd)
+
+    @classmethod
+    def from_pin(cls, path: str) -> BpfMap:
+        return cls(obj_get(path))
+
+    @classmethod
+    def from_id(cls, map_id: int) -> BpfMap:
+        return cls(map_fd_by_id(map_id))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> BpfMap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def value_buffer_size(self) -> int:
+        if self.info.is_percpu:
+            return ((self.info.value_size + 7) // 8 * 8) * possible_cpus()
+        if self.info.map_type == 3:  # prog array: userspace sees u32 fds / ids
+            return 4
+        return self.info.value_size
+
+    def lookup(self, key: bytes) -> bytes | None:
+        kbuf = ctypes.create_string_buffer(key, self.info.key_size)
+        vbuf = ctypes.create_string_buffer(self.value_buffer_size)
+        attr = _ElemAttr(map_fd=self.fd, key=ctypes.addressof(kbuf), value=ctypes.addressof(vbuf))
+        try:
+            _bpf(BPF_MAP_LOOKUP_ELEM, attr, f"lookup in map {self.info.name}")
+        except BpfError as exc:
+            if exc.errno == errno.ENOENT:
+                return None
+            raise
+        return vbuf.raw
+
+    def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+        kbuf = ctypes.create_string_buffer(key, self.info.key_size)
+        vbuf = ctypes.create_string_buffer(value, max(len(value), 1))
+        attr = _ElemAttr(
+            map_fd=self.fd, key=ctypes.addressof(kbuf), value=ctypes.addressof(vbuf), flags=flags
+        )
+        _bpf(BPF_MAP_UPDATE_ELEM, attr, f"update map {self.info.name}")
+
+    def delete(self, key: bytes) -> bool:
+        kbuf = ctypes.create_string_buffer(key, self.info.key_size)
+        attr = _ElemAttr(map_fd=self.fd, key=ctypes.addressof(kbuf))
+        try:
+            _bpf(BPF_MAP_DELETE_ELEM, attr, f"delete from map {self.info.name}")
+        except BpfError as exc:
+            if exc.errno == errno.ENOENT:
+                return False
+            raise
+        return True
+
+    def keys(self, limit: int = 1 << 20) -> list[bytes]:
+        out: list[bytes] = []
+        prev: ctypes.Array[ctypes.c_char] | None = None
+        nbuf = ctypes.create_string_buffer(self.info.key_size)
+        while len(out) < limit:
+            attr = _ElemAttr(
+                map_fd=self.fd,
+                key=ctypes.addressof(prev) if prev is not None else 0,
+                value=ctypes.addressof(nbuf),
+            )
+            try:
+                _bpf(BPF_MAP_GET_NEXT_KEY, attr, f"iterate map {self.info.name}")
+            except BpfError as exc:
+                if exc.errno == errno.ENOENT:
+                    break
+                raise
+            out.append(nbuf.raw)
+            prev = ctypes.create_string_buffer(nbuf.raw, self.info.key_size)
+        return out
+
+    def items(self) -> list[tuple[bytes, bytes]]:
+        out = []
+        for key in self.keys():
+            value = self.lookup(key)
+            if value is not None:
+                out.append((key, value))
+        return out
+
+    def count(self) -> int:
+        if self.info.map_type in (2, 6):  # arrays always hold max_entries elements
+            return self.info.max_entries
+        return len(self.keys())
+
+
+class BpfProgram:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.info = prog_info(fd)
+
+    @classmethod
+    def from_pin(cls, path: str) -> BpfProgram:
+        return cls(obj_get(path))
+
+    @classmethod
+    def from_id(cls, prog_id: int) -> BpfProgram:
+        return cls(prog_fd_by_id(prog_id))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> BpfProgram:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+BPF_MAP_CREATE = 0
+
+
+class _MapCreateAttr(ctypes.Structure):
+    _fields_: ClassVar = [
+        ("map_type", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("inner_map_fd", ctypes.c_uint32),
+        ("numa_node", ctypes.c_uint32),
+        ("map_name", ctypes.c_char * 16),
+    ]
+
+
+def map_create(
+    map_type: int, key_size: int, value_size: int, max_entries: int, flags: int = 0, name: str = ""
+) -> int:
+    attr = _MapCreateAttr(
+        map_type=map_type,
+        key_size=key_size,
+        value_size=value_size,
+        max_entries=max_entries,
+        map_flags=flags,
+        map_name=name.encode()[:15],
+    )
+    return _bpf(BPF_MAP_CREATE, attr, f"create map {name or map_type}")

@@ -1,0 +1,57 @@
+"""Netlink handles (optionally inside a named network namespace) and interface listing."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from pyroute2 import IPRoute
+
+
+@dataclass(frozen=True)
+class Interface:
+    index: int
+    name: str
+    kind: str | None
+    up: bool
+
+
+@contextmanager
+def ipr(netns: str | None = None) -> Iterator[Any]:
+    """An IPRoute socket in this process. With netns, the socket is created inside that
+    namespace but lives here, so program fds passed over it resolve in our fd table."""
+    handle = IPRoute(netns=netns) if netns else IPRoute()
+    try:
+        yield handle
+    finally:
+        handle.close()
+
+
+def _kind(msg: Any) -> str | None:
+    linkinfo = msg.get_attr("IFLA_LINKINFO")
+    if linkinfo is None:
+        return None
+    kind = linkinfo.get_attr("IFLA_INFO_KIND")
+    return str(kind) if kind is not None else None
+
+
+def list_interfaces(handle: Any) -> list[Interface]:
+    out = []
+    for msg in handle.get_links():
+        name = msg.get_attr("IFLA_IFNAME")
+        out.append(
+            Interface(
+                index=int(msg["index"]),
+                name=str(name),
+                kind=_kind(msg),
+                up=bool(msg["flags"] & 1),
+            )
+        )
+    return sorted(out, key=lambda i: i.index)
+
+
+def interface_index(handle: Any, name: str) -> int | None:
+    found = handle.link_lookup(ifname=name)
+    return int(found[0]) if found else None

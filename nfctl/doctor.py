@@ -1,0 +1,196 @@
+"""`nfctl doctor`: can this machine compile, load and attach eBPF network functions?"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from nfctl import kernel_headers
+from nfctl.system import bcc_version, kernel_release
+
+CAPABILITIES = {"CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38, "CAP_BPF": 39}
+BPFFS = Path("/sys/fs/bpf")
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    message: str
+    fix: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def _effective_caps() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+def check_capabilities() -> Check:
+    caps = _effective_caps()
+    missing = [name for name, bit in CAPABILITIES.items() if not caps & (1 << bit)]
+    if missing:
+        return Check(
+            "capabilities",
+            False,
+            f"missing {', '.join(missing)}",
+            fix="run as root, or grant CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN and CAP_PERFMON",
+        )
+    return Check("capabilities", True, "CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON")
+
+
+def check_bpf_syscall() -> Check:
+    from nfctl.datapath import bpf
+
+    try:
+        fd = bpf.map_create(2, 4, 8, 1, name="nfctl_doctor")
+    except OSError as exc:
+        return Check(
+            "bpf-syscall",
+            False,
+            f"bpf(BPF_MAP_CREATE) failed: {exc}",
+            fix="run as root; check kernel.unprivileged_bpf_disabled and seccomp/LSM policy",
+        )
+    os.close(fd)
+    return Check("bpf-syscall", True, "bpf() works")
+
+
+def bpffs_mounted(path: Path = BPFFS) -> bool:
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return False
+    return any(line.split()[1:3] == [str(path), "bpf"] for line in mounts if len(line.split()) > 2)
+
+
+def check_bpffs() -> Check:
+    if bpffs_mounted():
+        return Check("bpffs", True, f"bpffs mounted at {BPFFS}")
+    return Check(
+        "bpffs",
+        False,
+        f"no bpffs at {BPFFS}: pinned programs and maps cannot outlive the agent",
+        fix=f"mount -t bpf bpf {BPFFS} (or `nfctl doctor --fix`)",
+    )
+
+
+def check_btf() -> Check:
+    if Path("/sys/kernel/btf/vmlinux").exists():
+        return Check("btf", True, "kernel BTF at /sys/kernel/btf/vmlinux")
+    return Check(
+        "btf",
+        False,
+        "no kernel BTF: verifier messages lose detail",
+        fix="use a kernel built with CONFIG_DEBUG_INFO_BTF=y",
+    )
+
+
+def check_headers() -> Check:
+    st = kernel_headers.status()
+    return Check("kernel-headers", st.ok, st.message, fix=st.fix)
+
+
+def check_bcc_compile() -> Check:
+    """Compile and verifier-check a tiny XDP and TC program through the real worker."""
+    from nfctl.compiler.build import BuildRequest
+    from nfctl.compiler.client import run_worker
+
+    version = bcc_version()
+    if version == "missing":
+        return Check(
+            "bcc",
+            False,
+            "BCC's Python module is not importable",
+            fix="apt-get install python3-bpfcc; use a venv made with --system-site-packages",
+        )
+    requests = [
+        BuildRequest(
+            nf=f"doctor-{hook}",
+            hook=hook,
+            function="doctor_nf",
+            cflags=[],
+            source_rel="doctor.c",
+            source_text=f"int doctor_nf({ctx} *ctx) {{ return {verdict}; }}\n",
+            quote_dir="",
+            build_hash="d0c70r" + "0" * 58,
+        )
+        for hook, ctx, verdict in (
+            ("xdp", "struct xdp_md", "XDP_PASS"),
+            ("tc-ingress", "struct __sk_buff", "TC_ACT_OK"),
+        )
+    ]
+    results = run_worker(requests, timeout=120)
+    failed = [r for r in results if not r.ok]
+    if failed:
+        message = "; ".join(str(d) for r in failed for d in r.diagnostics)[:800]
+        return Check(
+            "bcc",
+            False,
+            f"BCC {version} could not compile and load a test program: {message}",
+            fix="check the kernel-headers result above; then `make setup`",
+        )
+    seconds = max(r.compile_seconds + r.load_seconds for r in results)
+    return Check("bcc", True, f"BCC {version} compiled and loaded XDP and TC programs ({seconds:.2f}s)")
+
+
+def check_netlink_hooks() -> Check:
+    """clsact qdisc and XDP attach on a veth pair in a throwaway network namespace."""
+    from nfctl.datapath.hookcheck import probe_hooks
+
+    try:
+        message = probe_hooks()
+    except Exception as exc:
+        return Check(
+            "xdp-tc",
+            False,
+            f"cannot attach at XDP/TC: {exc}",
+            fix="needs root, network namespaces, the veth and sch_clsact modules",
+        )
+    return Check("xdp-tc", True, message)
+
+
+ALL_CHECKS: list[Callable[[], Check]] = [
+    check_capabilities,
+    check_bpf_syscall,
+    check_bpffs,
+    check_btf,
+    check_headers,
+    check_bcc_compile,
+    check_netlink_hooks,
+]
+
+
+def run_checks() -> list[Check]:
+    checks = []
+    for fn in ALL_CHECKS:
+        try:
+            checks.append(fn())
+        except Exception as exc:  # a check that crashes is a failed check, not a traceback
+            checks.append(Check(fn.__name__.removeprefix("check_"), False, f"check crashed: {exc}"))
+    return checks
+
+
+def apply_fixes() -> list[str]:
+    """What doctor --fix can repair safely: kernel header links and the bpffs mount."""
+    done = []
+    st = kernel_headers.link()
+    done.append(st.message)
+    if not bpffs_mounted():
+        proc = subprocess.run(
+            ["mount", "-t", "bpf", "bpf", str(BPFFS)], capture_output=True, text=True, check=False
+        )
+        done.append(
+            f"mounted bpffs at {BPFFS}" if proc.returncode == 0 else f"mount failed: {proc.stderr}"
+        )
+    return done
+
+
+def summary() -> dict[str, str]:
+    return {"kernel": kernel_release(), "bcc": bcc_version()}

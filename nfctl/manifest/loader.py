@@ -1,0 +1,207 @@
+"""Load one manifest file: bytes -> YAML (with line marks) -> validated NetworkFunction.
+
+Every failure becomes a Diagnostic naming the file, the field path and the line.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from nfctl.diagnostics import Diagnostic
+from nfctl.manifest.model import NetworkFunction
+from nfctl.manifest.paths import PathEscapeError, resolve_inside
+
+MAX_MANIFEST_BYTES = 1 << 20
+
+
+@dataclass
+class LoadedManifest:
+    path: Path  # absolute path of the manifest file
+    rel_path: str  # path relative to the repository root, as shown to users
+    nf: NetworkFunction | None
+    source_path: Path | None = None  # resolved, inside the repo
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+    lines: dict[str, int] = field(default_factory=dict)  # field path -> line
+
+    @property
+    def ok(self) -> bool:
+        return self.nf is not None and not self.diagnostics
+
+    def line_of(self, field_path: str) -> int | None:
+        while field_path:
+            if field_path in self.lines:
+                return self.lines[field_path]
+            field_path = field_path.rpartition(".")[0]
+        return None
+
+
+def load_manifest(path: Path, repo_root: Path) -> LoadedManifest:
+    repo_root = repo_root.resolve()
+    rel = _relative(path, repo_root)
+    result = LoadedManifest(path=path, rel_path=rel, nf=None)
+
+    def fail(message: str, line: int | None = None, field_path: str | None = None) -> None:
+        result.diagnostics.append(Diagnostic(file=rel, message=message, line=line, field=field_path))
+
+    try:
+        real = resolve_inside(path, repo_root)
+    except PathEscapeError as exc:
+        fail(str(exc))
+        return result
+    try:
+        size = real.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            fail(f"manifest is {size} bytes; the limit is {MAX_MANIFEST_BYTES} bytes")
+            return result
+        raw = real.read_bytes()
+    except OSError as exc:
+        fail(f"cannot read manifest: {exc.strerror}")
+        return result
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        fail(f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at offset {exc.start})", line=line)
+        return result
+
+    try:
+        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        fail(f"YAML syntax error: {problem}", line=line)
+        return result
+    nodes = [n for n in nodes if n is not None]
+    if not nodes:
+        fail("manifest is empty")
+        return result
+    if len(nodes) > 1:
+        fail(
+            "a manifest file holds exactly one NetworkFunction (found several YAML documents)",
+            line=nodes[1].start_mark.line + 1,
+        )
+        return result
+    root = nodes[0]
+    duplicates = _find_duplicate_keys(root, "")
+    for dup_path, line in duplicates:
+        fail(f"duplicate key {dup_path.rpartition('.')[2]!r}", line=line, field_path=dup_path)
+    if duplicates:
+        return result
+    _collect_lines(root, "", result.lines)
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:  # pragma: no cover - compose succeeded, construct may not
+        fail(f"YAML error: {exc}")
+        return result
+    if not isinstance(data, dict):
+        fail("a manifest must be a YAML mapping with apiVersion, kind, metadata and spec", line=1)
+        return result
+
+    try:
+        nf = NetworkFunction.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc = _loc_to_path(err["loc"], data)
+            result.diagnostics.append(
+                Diagnostic(
+                    file=rel,
+                    message=_message(err),
+                    line=result.line_of(loc) if loc else None,
+                    field=loc or None,
+                )
+            )
+        return result
+
+    source_rel = nf.spec.program.source
+    try:
+        source_path = resolve_inside(real.parent / source_rel, repo_root)
+    except PathEscapeError as exc:
+        fail(str(exc), line=result.line_of("spec.program.source"), field_path="spec.program.source")
+        return result
+    if not source_path.is_file():
+        fail(
+            f"program source {source_rel!r} not found next to the manifest",
+            line=result.line_of("spec.program.source"),
+            field_path="spec.program.source",
+        )
+        return result
+    result.nf = nf
+    result.source_path = source_path
+    return result
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return os.path.relpath(os.path.abspath(path), root)
+    except ValueError:
+        return str(path)
+
+
+def _message(err: Any) -> str:
+    msg = str(err.get("msg", "invalid"))
+    if err.get("type") == "extra_forbidden":
+        return "unknown field (check the spelling; see docs/manifest.md)"
+    if err.get("type") == "missing":
+        return "required field is missing"
+    if err.get("type") == "literal_error":
+        return msg.replace("Input should be", "must be")
+    return msg.removeprefix("Value error, ").replace("Input should be", "must be")
+
+
+_ALIASES = {
+    "api_version": "apiVersion",
+    "exclude_interfaces": "excludeInterfaces",
+    "xdp_mode": "xdpMode",
+    "node_selector": "nodeSelector",
+    "on_incompatible": "onIncompatible",
+}
+
+
+def _loc_to_path(loc: tuple[Any, ...], data: Any) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(str(item))
+        else:
+            parts.append(_ALIASES.get(str(item), str(item)))
+    return ".".join(parts)
+
+
+def _collect_lines(node: yaml.Node, prefix: str, out: dict[str, int]) -> None:
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            path = f"{prefix}.{key}" if prefix else key
+            out[path] = key_node.start_mark.line + 1
+            _collect_lines(value_node, path, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            path = f"{prefix}.{index}" if prefix else str(index)
+            out[path] = item.start_mark.line + 1
+            _collect_lines(item, path, out)
+
+
+def _find_duplicate_keys(node: yaml.Node, prefix: str) -> list[tuple[str, int]]:
+    found: list[tuple[str, int]] = []
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            path = f"{prefix}.{key}" if prefix else key
+            if key in seen:
+                found.append((path, key_node.start_mark.line + 1))
+            seen.add(key)
+            found.extend(_find_duplicate_keys(value_node, path))
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            found.extend(_find_duplicate_keys(item, f"{prefix}.{index}" if prefix else str(index)))
+    return found
