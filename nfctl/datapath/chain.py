@@ -1,0 +1,139 @@
+"""Chains of NFs on one attach point, changed atomically.
+
+The chain prog array of a hook type is cut into ranges of RANGE_SIZE slots. An attach
+point's chain lives in one range; the heads map says which. To change a chain (replace
+a version, add, remove, reorder), the new chain is written into a free range and the
+head is switched with one map update: a packet sees the old chain or the new one, never
+a mix and never none. The old range is cleared only after a quarantine, so packets
+still walking it finish on the programs they started with.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nfctl.compiler.codegen import CHAIN_SLOTS, HOOK_IDS, RANGE_SIZE
+from nfctl.datapath.bpf import BpfMap
+from nfctl.manifest.model import Hook
+
+MAX_CHAIN_LENGTH = RANGE_SIZE - 1  # the slot after the last NF must stay empty
+QUARANTINE_SECONDS = 0.25
+RANGE_COUNT = CHAIN_SLOTS // RANGE_SIZE
+
+
+class ChainError(RuntimeError):
+    pass
+
+
+def head_key(ifindex: int, hook: Hook) -> bytes:
+    return struct.pack("<II", ifindex, HOOK_IDS[hook])
+
+
+def parse_head_key(raw: bytes) -> tuple[int, Hook]:
+    ifindex, hook_id = struct.unpack("<II", raw[:8])
+    hook = next(h for h, i in HOOK_IDS.items() if i == hook_id)
+    return ifindex, hook
+
+
+@dataclass
+class ChainTable:
+    """The chain prog array and heads map of one hook type (xdp or tc)."""
+
+    chain: BpfMap
+    heads: BpfMap
+    quarantine: dict[int, float] = field(default_factory=dict)  # base -> released at
+
+    @classmethod
+    def open(cls, chain_pin: Path, heads_pin: Path) -> ChainTable:
+        return cls(chain=BpfMap.from_pin(str(chain_pin)), heads=BpfMap.from_pin(str(heads_pin)))
+
+    def close(self) -> None:
+        self.chain.close()
+        self.heads.close()
+
+    def head(self, ifindex: int, hook: Hook) -> int | None:
+        raw = self.heads.lookup(head_key(ifindex, hook))
+        return struct.unpack("<I", raw[:4])[0] if raw is not None else None
+
+    def all_heads(self) -> dict[tuple[int, Hook], int]:
+        out = {}
+        for key, value in self.heads.items():
+            try:
+                out[parse_head_key(key)] = struct.unpack("<I", value[:4])[0]
+            except StopIteration:
+                continue
+        return out
+
+    def slot_prog_ids(self, base: int) -> list[int]:
+        """Program ids in a range, up to the first empty slot."""
+        ids = []
+        for offset in range(RANGE_SIZE):
+            raw = self.chain.lookup(struct.pack("<I", base + offset))
+            if raw is None:
+                break
+            ids.append(struct.unpack("<I", raw[:4])[0])
+        return ids
+
+    def chain_prog_ids(self, ifindex: int, hook: Hook) -> list[int] | None:
+        base = self.head(ifindex, hook)
+        return None if base is None else self.slot_prog_ids(base)
+
+    def install(self, ifindex: int, hook: Hook, prog_fds: list[int]) -> int:
+        """Make prog_fds (in order) the chain of (ifindex, hook); returns the new base."""
+        if not prog_fds:
+            raise ChainError("an empty chain is removed with remove(), not installed")
+        if len(prog_fds) > MAX_CHAIN_LENGTH:
+            raise ChainError(
+                f"{len(prog_fds)} NFs on one hook; at most {MAX_CHAIN_LENGTH} can be chained"
+            )
+        old = self.head(ifindex, hook)
+        base = self._allocate()
+        self._clear(base)
+        for offset, fd in enumerate(prog_fds):
+            self.chain.update(struct.pack("<I", base + offset), struct.pack("<I", fd))
+        # The switch: one element update, atomic for every packet that reads the head next.
+        self.heads.update(head_key(ifindex, hook), struct.pack("<I", base))
+        if old is not None:
+            self.quarantine[old] = time.monotonic()
+        return base
+
+    def remove(self, ifindex: int, hook: Hook) -> None:
+        old = self.head(ifindex, hook)
+        self.heads.delete(head_key(ifindex, hook))
+        if old is not None:
+            self.quarantine[old] = time.monotonic()
+
+    def reap(self, force: bool = False) -> int:
+        """Clear ranges whose quarantine is over (drops their program references)."""
+        now = time.monotonic()
+        done = [
+            base
+            for base, released in self.quarantine.items()
+            if force or now - released >= QUARANTINE_SECONDS
+        ]
+        in_use = set(self.all_heads().values())
+        for base in done:
+            if base not in in_use:
+                self._clear(base)
+            del self.quarantine[base]
+        return len(done)
+
+    def _clear(self, base: int) -> None:
+        for offset in range(RANGE_SIZE):
+            self.chain.delete(struct.pack("<I", base + offset))
+
+    def _allocate(self) -> int:
+        deadline = time.monotonic() + QUARANTINE_SECONDS * 4
+        while True:
+            self.reap()
+            busy = set(self.all_heads().values()) | set(self.quarantine)
+            for index in range(RANGE_COUNT):
+                base = index * RANGE_SIZE
+                if base not in busy:
+                    return base
+            if time.monotonic() > deadline:
+                raise ChainError("no free chain range (too many attach points or updates)")
+            time.sleep(QUARANTINE_SECONDS / 10)

@@ -1,0 +1,72 @@
+"""Pure planning for managed map entries and map migration (no kernel calls here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from nfctl.datapath.layout import LayoutError, TypeLayout
+
+ARRAY_TYPES = {"array", "percpu_array"}
+
+
+@dataclass
+class EntryPlan:
+    upserts: dict[bytes, bytes] = field(default_factory=dict)
+    deletes: list[bytes] = field(default_factory=list)
+    added: int = 0
+    updated: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not self.upserts and not self.deletes
+
+
+def encode_entries(
+    entries: list[tuple[Any, Any]], key_layout: TypeLayout, value_layout: TypeLayout
+) -> dict[bytes, bytes]:
+    return {key_layout.encode(k): value_layout.encode(v) for k, v in entries}
+
+
+def plan_entries(
+    current: dict[bytes, bytes], desired: dict[bytes, bytes], map_type: str, value_size: int
+) -> EntryPlan:
+    """Make current equal desired. Arrays cannot lose elements: unlisted ones are zeroed."""
+    plan = EntryPlan()
+    for key, value in desired.items():
+        have = current.get(key)
+        if have is None:
+            plan.upserts[key] = value
+            plan.added += 1
+        elif have != value:
+            plan.upserts[key] = value
+            plan.updated += 1
+    zero = bytes(value_size)
+    for key, value in current.items():
+        if key in desired:
+            continue
+        if map_type in ARRAY_TYPES:
+            if value != zero:
+                plan.upserts[key] = zero
+                plan.updated += 1
+        else:
+            plan.deletes.append(key)
+    return plan
+
+
+def convert_value(old: TypeLayout, new: TypeLayout, raw: bytes) -> bytes:
+    """Re-encode a stored element for a changed C type: fields are matched by name, new
+    fields start at zero, dropped fields are dropped, integers must still fit."""
+    decoded = old.decode(raw)
+    return new.encode(_project(decoded, new.desc))
+
+
+def _project(value: Any, desc: Any) -> Any:
+    if isinstance(desc, str) or not isinstance(value, dict):
+        if isinstance(value, dict):
+            raise LayoutError("a struct cannot become a scalar; use onIncompatible: recreate")
+        return value
+    if isinstance(desc, list) and len(desc) == 2 and isinstance(desc[1], list) and desc[1] and isinstance(desc[1][0], int):
+        return value
+    names = {f[0] for f in desc[1]}
+    return {k: v for k, v in value.items() if k in names}
