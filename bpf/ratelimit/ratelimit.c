@@ -11,6 +11,7 @@
 #include <linux/ipv6.h>
 
 #define NSEC_PER_SEC 1000000000ULL
+#define MAX_IDLE_NS (60 * NSEC_PER_SEC)
 
 struct limit {
     u32 rate_pps;
@@ -73,14 +74,18 @@ int xdp_ratelimit(struct xdp_md *ctx)
         return verdict(0, XDP_PASS);  /* not configured: never drop */
 
     u64 now = bpf_ktime_get_ns();
-    u64 cap = (u64)limit->burst * NSEC_PER_SEC;
+    u32 burst = limit->burst ? limit->burst : 1;
+    u64 cap = (u64)burst * NSEC_PER_SEC;
     struct bucket *b = buckets.lookup(&src);
     if (!b) {
         struct bucket fresh = { .tokens_ns = cap - NSEC_PER_SEC, .last_ns = now };
         buckets.update(&src, &fresh);
         return verdict(0, XDP_PASS);
     }
-    u64 tokens = b->tokens_ns + (now - b->last_ns) * limit->rate_pps;
+    u64 elapsed = now - b->last_ns;
+    if (elapsed > MAX_IDLE_NS)
+        elapsed = MAX_IDLE_NS;  /* a full bucket anyway; keeps the product below 2^64 */
+    u64 tokens = b->tokens_ns + elapsed * limit->rate_pps;
     if (tokens > cap)
         tokens = cap;
     b->last_ns = now;

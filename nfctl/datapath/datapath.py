@@ -23,6 +23,7 @@ from nfctl.datapath.bpf import BpfError, BpfMap, BpfProgram, possible_cpus
 from nfctl.datapath.chain import ChainTable
 from nfctl.datapath.entries import EntryPlan, convert_value, encode_entries, plan_entries
 from nfctl.datapath.layout import LayoutError, TypeLayout, declared_types, network_order_fields
+from nfctl.datapath.observe import AttachPointState
 from nfctl.datapath.pins import BpffsLayout, hook_kind, remove_tree
 from nfctl.datapath.records import BuildRecord, RecordStore, write_json_atomic
 from nfctl.diagnostics import Diagnostic
@@ -331,7 +332,8 @@ class Datapath:
     def commit(self, loaded: LoadedBuild) -> None:
         """After the new version is live everywhere: put its fresh maps in place."""
         for swap in loaded.swaps:
-            retired = swap.final_pin.with_name(f".retired-{swap.name}-{int(time.time() * 1000)}")
+            # bpffs refuses names with a dot
+            retired = swap.final_pin.with_name(f"retired-{swap.name}-{int(time.time() * 1000)}")
             if swap.final_pin.exists():
                 os.rename(swap.final_pin, retired)
             os.rename(swap.staged_pin, swap.final_pin)
@@ -424,6 +426,41 @@ class Datapath:
         if index is None or not self.has_tables(hook):
             return None
         return self.table(hook).chain_prog_ids(index, hook)
+
+    def observe(
+        self, desired: dict[tuple[str, Hook], list[str]] | None = None
+    ) -> list[AttachPointState]:
+        """The kernel's view of every attach point we track or want (desired: NF names in
+        order per (interface, hook)); drift lists what differs from desired."""
+        from nfctl.datapath.observe import observe_attach_point, pinned_programs
+
+        known = pinned_programs(self.layout)
+        points: dict[tuple[str, Hook], list[str] | None] = {}
+        for ifname, entry in self.tracked_interfaces().items():
+            for hook_name in entry.get("hooks", []):
+                points[(ifname, Hook(hook_name))] = [] if desired is not None else None
+        for key, names in (desired or {}).items():
+            points[key] = names
+        out = []
+        for (ifname, hook), names in sorted(points.items(), key=lambda kv: (kv[0][0], kv[0][1].value)):
+            ifindex = netlink.interface_index(self.ipr, ifname)
+            table = self.table(hook) if self.has_tables(hook) else None
+            dispatcher_id = self.dispatcher(hook).info.prog_id if table is not None else None
+            out.append(
+                observe_attach_point(
+                    self.ipr,
+                    self.layout,
+                    table,
+                    dispatcher_id,
+                    ifname,
+                    ifindex,
+                    hook,
+                    known,
+                    self.tc_settings,
+                    names,
+                )
+            )
+        return out
 
     def reap(self, force: bool = False) -> None:
         for table in self._tables.values():

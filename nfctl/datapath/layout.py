@@ -285,6 +285,8 @@ def _read(desc: Any, raw: bytes, offset: int, path: str, be: frozenset[str]) -> 
             return str(ipaddress.IPv6Address(chunk))
         if desc == "_Bool":
             return bool(chunk[0])
+        if size == 4 and path in be and _looks_like_address(path):
+            return str(ipaddress.IPv4Address(chunk))
         order = "big" if path in be else "little"
         return int.from_bytes(chunk, order, signed=desc in _SIGNED)
     ctype = ctype_from_desc(desc)
@@ -309,9 +311,22 @@ def _read_array(
     chunk = raw[offset : offset + esize * count]
     if elem in ("char", "unsigned char") and count == 6:
         return ":".join(f"{b:02x}" for b in chunk)
+    if elem == "unsigned char" and count == 16:
+        return str(ipaddress.IPv6Address(chunk))
+    if elem == "unsigned char" and count == 4:
+        return str(ipaddress.IPv4Address(chunk))
     if elem == "char":
         return chunk.split(b"\0", 1)[0].decode(errors="replace")
     return [_read(elem, raw, offset + i * esize, f"{path}[{i}]", be) for i in range(count)]
+
+
+_ADDRESS_NAME_RE = re.compile(r"(^|[._])(s|d)?(addr|ip|ipv4|ip4|src|dst|saddr|daddr|address)\d*$")
+
+
+def _looks_like_address(path: str) -> bool:
+    """A network-order 32-bit value reads back as a dotted IPv4 address when it is the whole
+    key/value or its field is named like one (addr, saddr, ip, src, ...)."""
+    return path == "" or _ADDRESS_NAME_RE.search(path) is not None
 
 
 def render_key(value: Any) -> str:

@@ -95,12 +95,14 @@ class VethPair:
             run("ip", "addr", "add", f"{ip}/24", "dev", ifname, netns=ns)
             run("ip", "-6", "addr", "add", f"{ip6}/64", "dev", ifname, "nodad", netns=ns)
             run("ip", "link", "set", ifname, "up", netns=ns)
-            # GRO on the receiving veth lets native XDP see every frame as sent
-            run("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=0", netns=ns, check=False)
 
     def add_b_address(self, ip: str) -> None:
-        """An extra source address on b (to test per-source behaviour)."""
-        run("ip", "addr", "add", f"{ip}/32", "dev", self.b_if, netns=self.ns_b)
+        """An extra source address on b (to test per-source behaviour). It must lie in the
+        pair's subnet (a has no route elsewhere); IPv6 ones skip duplicate detection."""
+        if ":" in ip:
+            run("ip", "-6", "addr", "add", f"{ip}/128", "dev", self.b_if, "nodad", netns=self.ns_b)
+        else:
+            run("ip", "addr", "add", f"{ip}/32", "dev", self.b_if, netns=self.ns_b)
         self.extra_b_ips.append(ip)
 
     def destroy(self) -> None:
@@ -144,15 +146,25 @@ class VethPair:
         return self.ping(self.ns_b, self.a_ip, count, **kwargs)  # type: ignore[arg-type]
 
 
-def cleanup_stale(prefix: str = PREFIX) -> list[str]:
-    """Remove namespaces a crashed run left behind."""
+def cleanup_stale(prefix: str = PREFIX, older_than: float = 900.0) -> list[str]:
+    """Remove namespaces a crashed run left behind. Only old ones: another test run may
+    be using fresh ones right now."""
+    import time
+
     removed = []
     try:
         names = os.listdir("/run/netns")
     except OSError:
         return removed
+    now = time.time()
     for name in names:
-        if name.startswith(prefix + "-"):
+        if not name.startswith(prefix + "-"):
+            continue
+        try:
+            age = now - os.stat(f"/run/netns/{name}").st_mtime
+        except OSError:
+            continue
+        if age > older_than:
             delete_netns(name)
             removed.append(name)
     return removed

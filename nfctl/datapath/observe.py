@@ -1,0 +1,136 @@
+"""What the kernel has right now, per attach point, and how it differs from what we
+want (drift). Read-only: correcting drift is the agent's decision."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from nfctl.datapath import dispatcher as disp
+from nfctl.datapath.bpf import BpfError, BpfProgram
+from nfctl.datapath.chain import ChainTable
+from nfctl.datapath.pins import BpffsLayout
+from nfctl.manifest.model import Hook
+
+
+@dataclass(frozen=True)
+class ProgramRef:
+    prog_id: int
+    name: str
+    tag: str
+    nf: str | None = None  # known when the program is one of our pinned NF versions
+    build_prefix: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "progId": self.prog_id,
+            "name": self.name,
+            "tag": self.tag,
+            "nf": self.nf,
+            "build": self.build_prefix,
+        }
+
+
+@dataclass
+class AttachPointState:
+    ifname: str
+    ifindex: int | None
+    hook: Hook
+    hook_prog: ProgramRef | None  # what sits on the hook (ideally our dispatcher)
+    ours: bool  # the hook holds our current dispatcher
+    chain: list[ProgramRef] = field(default_factory=list)
+    has_head: bool = False
+    xdp_mode: str | None = None
+    drift: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "interface": self.ifname,
+            "ifindex": self.ifindex,
+            "hook": self.hook.value,
+            "hookProgram": self.hook_prog.to_dict() if self.hook_prog else None,
+            "ours": self.ours,
+            "xdpMode": self.xdp_mode,
+            "chain": [p.to_dict() for p in self.chain],
+            "drift": self.drift,
+        }
+
+
+def pinned_programs(layout: BpffsLayout) -> dict[int, ProgramRef]:
+    """prog id -> our pinned NF program versions."""
+    out: dict[int, ProgramRef] = {}
+    for nf in layout.pinned_nfs():
+        for pin in layout.pinned_progs(nf):
+            try:
+                with BpfProgram.from_pin(str(pin)) as prog:
+                    out[prog.info.prog_id] = ProgramRef(
+                        prog.info.prog_id, prog.info.name, prog.info.tag, nf, pin.name
+                    )
+            except OSError:
+                continue
+    return out
+
+
+def _program_ref(prog_id: int, known: dict[int, ProgramRef]) -> ProgramRef:
+    if prog_id in known:
+        return known[prog_id]
+    try:
+        with BpfProgram.from_id(prog_id) as prog:
+            return ProgramRef(prog_id, prog.info.name, prog.info.tag)
+    except BpfError:
+        return ProgramRef(prog_id, "?", "")
+
+
+def observe_attach_point(
+    handle: Any,
+    layout: BpffsLayout,
+    table: ChainTable | None,
+    dispatcher_id: int | None,
+    ifname: str,
+    ifindex: int | None,
+    hook: Hook,
+    known: dict[int, ProgramRef],
+    tc_settings: disp.TcSettings,
+    desired: list[str] | None = None,
+) -> AttachPointState:
+    """desired: the NF names expected on this attach point, in order (None: not checked)."""
+    state = AttachPointState(ifname=ifname, ifindex=ifindex, hook=hook, hook_prog=None, ours=False)
+    if ifindex is None:
+        if desired:
+            state.drift.append(f"interface {ifname} is gone")
+        return state
+    prog_id = disp.attached_prog_id(handle, ifindex, hook, tc_settings)
+    if hook is Hook.XDP and prog_id:
+        from nfctl.datapath import xdp
+
+        state.xdp_mode = xdp.query(handle, ifindex).mode
+    if prog_id:
+        state.hook_prog = _program_ref(prog_id, known)
+        state.ours = prog_id == dispatcher_id
+    if table is not None:
+        ids = table.chain_prog_ids(ifindex, hook)
+        state.has_head = ids is not None
+        state.chain = [_program_ref(i, known) for i in ids or []]
+    if desired is None:
+        return state
+    if desired:
+        if not prog_id:
+            state.drift.append(f"nothing attached at {hook.value} (our program was removed)")
+        elif not state.ours:
+            name = state.hook_prog.name if state.hook_prog else "?"
+            if disp.is_dispatcher_name(name):
+                state.drift.append(f"an outdated nfctl dispatcher (id {prog_id}) is attached")
+            else:
+                state.drift.append(
+                    f"another program {name!r} (id {prog_id}) replaced ours at {hook.value}"
+                )
+        actual = [p.nf or f"{p.name}#{p.prog_id}" for p in state.chain]
+        if actual != desired:
+            state.drift.append(f"chain is {actual or 'empty'}, expected {desired}")
+        for ref in state.chain:
+            if ref.nf is None:
+                state.drift.append(f"chain holds unpinned program {ref.name} (id {ref.prog_id})")
+    else:
+        if state.ours:
+            state.drift.append(f"our dispatcher is attached at {hook.value} but no NF should be")
+    return state
