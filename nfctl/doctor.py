@@ -137,7 +137,9 @@ def check_bcc_compile() -> Check:
             fix="check the kernel-headers result above; then `make setup`",
         )
     seconds = max(r.compile_seconds + r.load_seconds for r in results)
-    return Check("bcc", True, f"BCC {version} compiled and loaded XDP and TC programs ({seconds:.2f}s)")
+    return Check(
+        "bcc", True, f"BCC {version} compiled and loaded XDP and TC programs ({seconds:.2f}s)"
+    )
 
 
 def check_netlink_hooks() -> Check:

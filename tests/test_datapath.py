@@ -91,8 +91,19 @@ class PingFlood:
 
     def _run(self) -> None:
         self.output = run(
-            "ping", "-n", "-q", "-c", str(self.count), "-i", str(self.interval), "-W", "2",
-            self.veth.a_ip, netns=self.veth.ns_b, check=False, timeout=120,
+            "ping",
+            "-n",
+            "-q",
+            "-c",
+            str(self.count),
+            "-i",
+            str(self.interval),
+            "-W",
+            "2",
+            self.veth.a_ip,
+            netns=self.veth.ns_b,
+            check=False,
+            timeout=120,
         )
 
     def __enter__(self) -> PingFlood:
@@ -135,7 +146,9 @@ def test_replace_under_traffic_loses_and_bypasses_nothing(
     assert counted == sent, f"{sent - counted} packets bypassed the NF"
 
 
-@pytest.mark.parametrize("bad_source", [SYNTAX_ERROR_NF, VERIFIER_REJECT_NF], ids=["clang", "verifier"])
+@pytest.mark.parametrize(
+    "bad_source", [SYNTAX_ERROR_NF, VERIFIER_REJECT_NF], ids=["clang", "verifier"]
+)
 def test_failed_new_version_keeps_the_old_one(
     datapath: Datapath, veth: VethPair, tmp_path: Path, bad_source: str
 ) -> None:
@@ -188,7 +201,9 @@ int xdp_main(struct xdp_md *ctx)
 
 
 def _stats_nf(tmp_path: Path, source: str, max_entries: int, version: str) -> None:
-    write_nf(tmp_path, "stats", source, "xdp_main", version=version, cflags=[f"-DMAX={max_entries}"])
+    write_nf(
+        tmp_path, "stats", source, "xdp_main", version=version, cflags=[f"-DMAX={max_entries}"]
+    )
 
 
 @pytest.mark.parametrize("policy", list(IncompatibleMapPolicy), ids=lambda p: p.value)
@@ -321,7 +336,16 @@ def test_survives_kill_and_is_adopted_without_compiling(
     write_nf(tmp_path, "survivor", source, function, cflags=cflags)
     state = tmp_path / "state"
     proc = subprocess.Popen(
-        [sys.executable, "-c", ATTACHER, str(bpffs_root), str(state), veth.ns_a, veth.a_if, str(tmp_path)],
+        [
+            sys.executable,
+            "-c",
+            ATTACHER,
+            str(bpffs_root),
+            str(state),
+            veth.ns_a,
+            veth.a_if,
+            str(tmp_path),
+        ],
         stdout=subprocess.PIPE,
         text=True,
         cwd=Path(__file__).resolve().parents[1],
@@ -359,9 +383,7 @@ def _interface_snapshot(veth: VethPair) -> tuple[str, str]:
     return qdiscs.strip(), xdp
 
 
-def test_detach_restores_the_interface(
-    datapath: Datapath, veth: VethPair, tmp_path: Path
-) -> None:
+def test_detach_restores_the_interface(datapath: Datapath, veth: VethPair, tmp_path: Path) -> None:
     before = _interface_snapshot(veth)
     loaded = {h: load_counting(datapath, tmp_path, f"d-{h.value}", h) for h in HOOKS}
     for hook, build in loaded.items():
@@ -378,8 +400,22 @@ def test_detach_keeps_foreign_tc_filters(
 ) -> None:
     run("tc", "qdisc", "add", "dev", veth.a_if, "clsact", netns=veth.ns_a)
     run(
-        "tc", "filter", "add", "dev", veth.a_if, "ingress", "prio", "20", "u32",
-        "match", "u32", "0", "0", "classid", "1:1", netns=veth.ns_a,
+        "tc",
+        "filter",
+        "add",
+        "dev",
+        veth.a_if,
+        "ingress",
+        "prio",
+        "20",
+        "u32",
+        "match",
+        "u32",
+        "0",
+        "0",
+        "classid",
+        "1:1",
+        netns=veth.ns_a,
     )
     build = load_counting(datapath, tmp_path, "guest", Hook.TC_INGRESS)
     datapath.set_chain(veth.a_if, Hook.TC_INGRESS, [member(build)])
@@ -421,11 +457,23 @@ def test_foreign_program_and_removed_filter_are_drift(
                                                         ["IFLA_XDP_FLAGS", {flag}]]}})
         """
     )
-    subprocess.run([sys.executable, "-c", loader], check=True, cwd=Path(__file__).resolve().parents[1])
+    subprocess.run(
+        [sys.executable, "-c", loader], check=True, cwd=Path(__file__).resolve().parents[1]
+    )
     # ... and someone deletes our tc filter
     run(
-        "tc", "filter", "del", "dev", veth.a_if, "ingress", "prio", "10", "handle", "0x4e46",
-        "bpf", netns=veth.ns_a,
+        "tc",
+        "filter",
+        "del",
+        "dev",
+        veth.a_if,
+        "ingress",
+        "prio",
+        "10",
+        "handle",
+        "0x4e46",
+        "bpf",
+        netns=veth.ns_a,
     )
     states = {p.hook: p for p in datapath.observe(desired)}
     assert any("foreign_pass" in d for d in states[Hook.XDP].drift), states[Hook.XDP].drift

@@ -14,9 +14,7 @@ from nfctl.manifest.model import Hook
 from nfctl.system import bcc_version, kernel_release
 
 
-def build_hash(
-    bundle: SourceBundle, function: str, cflags: list[str], hook: Hook
-) -> str:
+def build_hash(bundle: SourceBundle, function: str, cflags: list[str], hook: Hook) -> str:
     """Content hash of everything that changes the compiled program.
 
     Map entries are not part of it: they are data, applied without a rebuild.

@@ -93,13 +93,17 @@ def _section_macros(pins: PinLayout) -> str:
     elif pins.staged_maps:
         staged = dict(pins.staged_maps)
         for name in pins.all_map_names:
-            lines.append(f"#define NFCTL_MAP_DIR_{name} {_c_string(staged.get(name, pins.maps_dir))}")
+            lines.append(
+                f"#define NFCTL_MAP_DIR_{name} {_c_string(staged.get(name, pins.maps_dir))}"
+            )
         lines.append(
             '#define NFCTL_MAP_SECTION(_t, _name) "maps/" _t ":" NFCTL_MAP_DIR_##_name "/" #_name'
         )
     else:
         lines.append(f"#define NFCTL_MAPS_DIR {_c_string(pins.maps_dir)}")
-        lines.append('#define NFCTL_MAP_SECTION(_t, _name) "maps/" _t ":" NFCTL_MAPS_DIR "/" #_name')
+        lines.append(
+            '#define NFCTL_MAP_SECTION(_t, _name) "maps/" _t ":" NFCTL_MAPS_DIR "/" #_name'
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -149,9 +153,7 @@ def nf_program(
         user_fn = function
     else:
         # A non-static function would become its own BPF program, which BCC cannot call.
-        rename = (
-            f"#define {function} __attribute__((always_inline)) static inline nfctl_user_fn\n"
-        )
+        rename = f"#define {function} __attribute__((always_inline)) static inline nfctl_user_fn\n"
         user_fn = "nfctl_user_fn"
     if hook is Hook.XDP:
         go_on = "verdict == XDP_PASS"

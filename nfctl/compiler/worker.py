@@ -125,7 +125,7 @@ def build_one(req: BuildRequest) -> BuildResult:
                     Diagnostic(file=req.source_rel, message=load_error, detail=log.strip() or None)
                 ]
             return result
-        info = bpf.prog_info(fn.fd)
+        prog = bpf.prog_info(fn.fd)
         pin_path = None
         if req.install and req.prog_pin_path:
             os.makedirs(os.path.dirname(req.prog_pin_path), exist_ok=True)
@@ -134,7 +134,7 @@ def build_one(req: BuildRequest) -> BuildResult:
             bpf.obj_pin(fn.fd, req.prog_pin_path)
             pin_path = req.prog_pin_path
         result.program = ProgramInfo(
-            name=info.name, prog_id=info.prog_id, tag=info.tag, pin_path=pin_path
+            name=prog.name, prog_id=prog.prog_id, tag=prog.tag, pin_path=pin_path
         )
         result.ok = True
         created = []  # keep what this build pinned

@@ -12,6 +12,7 @@ import errno
 import os
 import platform
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 _SYSCALL_NR = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x": 351}
@@ -273,7 +274,7 @@ def map_info(fd: int) -> MapKernelInfo:
 def possible_cpus() -> int:
     """Per-CPU map values hold one slot per possible CPU (not online CPU)."""
     try:
-        text = open("/sys/devices/system/cpu/possible").read().strip()
+        text = Path("/sys/devices/system/cpu/possible").read_text().strip()
     except OSError:
         return os.cpu_count() or 1
     total = 0
@@ -435,3 +436,47 @@ def map_create(
         map_name=name.encode()[:15],
     )
     return _bpf(BPF_MAP_CREATE, attr, f"create map {name or map_type}")
+
+
+BPF_PROG_LOAD = 5
+PROG_TYPE_SCHED_CLS = 3
+PROG_TYPE_XDP = 6
+
+
+class _ProgLoadAttr(ctypes.Structure):
+    _fields_: ClassVar = [
+        ("prog_type", ctypes.c_uint32),
+        ("insn_cnt", ctypes.c_uint32),
+        ("insns", ctypes.c_uint64),
+        ("license", ctypes.c_uint64),
+        ("log_level", ctypes.c_uint32),
+        ("log_size", ctypes.c_uint32),
+        ("log_buf", ctypes.c_uint64),
+        ("kern_version", ctypes.c_uint32),
+        ("prog_flags", ctypes.c_uint32),
+        ("prog_name", ctypes.c_char * 16),
+    ]
+
+
+def load_return_program(prog_type: int, verdict: int, name: str) -> int:
+    """Load `r0 = verdict; exit` (no compiler needed): probes and foreign-program tests."""
+    insns = struct_pack_insns([(0xB7, 0, 0, 0, verdict), (0x95, 0, 0, 0, 0)])
+    license_buf = ctypes.create_string_buffer(b"GPL")
+    attr = _ProgLoadAttr(
+        prog_type=prog_type,
+        insn_cnt=2,
+        insns=ctypes.addressof(insns),
+        license=ctypes.addressof(license_buf),
+        prog_name=name.encode()[:15],
+    )
+    return _bpf(BPF_PROG_LOAD, attr, f"load program {name}")
+
+
+def struct_pack_insns(insns: list[tuple[int, int, int, int, int]]) -> ctypes.Array[ctypes.c_char]:
+    """Encode eBPF instructions (opcode, dst, src, offset, imm) into a buffer."""
+    import struct
+
+    raw = b"".join(
+        struct.pack("<BBhi", op, (src << 4) | dst, off, imm) for op, dst, src, off, imm in insns
+    )
+    return ctypes.create_string_buffer(raw, len(raw))

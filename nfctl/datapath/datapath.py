@@ -203,8 +203,9 @@ class Datapath:
         if result.mismatches:
             policy = policy or {}
             refuse = [
-                m for m in result.mismatches if policy.get(m.name, IncompatibleMapPolicy.MIGRATE)
-                is IncompatibleMapPolicy.FAIL
+                m
+                for m in result.mismatches
+                if policy.get(m.name, IncompatibleMapPolicy.MIGRATE) is IncompatibleMapPolicy.FAIL
             ]
             if refuse:
                 raise DatapathError(
@@ -212,7 +213,9 @@ class Datapath:
                     [
                         Diagnostic(
                             file=prepared.bundle.main_rel if prepared.bundle else nf,
-                            message=f"{m.describe()}; onIncompatible: fail keeps the running version",
+                            message=(
+                                f"{m.describe()}; onIncompatible: fail keeps the running version"
+                            ),
                         )
                         for m in refuse
                     ],
@@ -298,7 +301,8 @@ class Datapath:
         candidates = [r for r in self.records.all() if r.nf == nf and r.build_hash != exclude]
         live = {p.name for p in self.layout.pinned_progs(nf)}
         pinned = [r for r in candidates if r.build_hash[:32] in live]
-        return (pinned or candidates or [None])[-1]
+        best = pinned or candidates
+        return best[-1] if best else None
 
     def _migrate(self, nf: str, swap: MapSwap, new_record: BuildRecord) -> int:
         old_record = self._previous_record(nf, new_record.build_hash)
@@ -310,20 +314,24 @@ class Datapath:
             return 0
         new_key, new_value = new_record.layouts(swap.name)
         copied = 0
-        with BpfMap.from_pin(str(swap.final_pin)) as old, BpfMap.from_pin(
-            str(swap.staged_pin)
-        ) as new:
+        with (
+            BpfMap.from_pin(str(swap.final_pin)) as old,
+            BpfMap.from_pin(str(swap.staged_pin)) as new,
+        ):
             items = old.items()
-            if len(items) > new.info.max_entries and new.info.type_name not in ("array", "percpu_array"):
+            if len(items) > new.info.max_entries and new.info.type_name not in (
+                "array",
+                "percpu_array",
+            ):
                 raise LayoutError(
                     f"map {swap.name!r} holds {len(items)} entries, the new max_entries is "
                     f"{new.info.max_entries}"
                 )
             for raw_key, raw_value in items:
                 key = _convert(old_key, new_key, raw_key, 1)
-                if new.info.type_name in ("array", "percpu_array"):
-                    if int.from_bytes(key[:4], "little") >= new.info.max_entries:
-                        continue
+                is_array = new.info.type_name in ("array", "percpu_array")
+                if is_array and int.from_bytes(key[:4], "little") >= new.info.max_entries:
+                    continue  # an array that shrank: indexes past the end have no slot
                 value = _convert_values(old, new, old_value, new_value, raw_value)
                 new.update(key, value)
                 copied += 1
@@ -439,10 +447,12 @@ class Datapath:
         for ifname, entry in self.tracked_interfaces().items():
             for hook_name in entry.get("hooks", []):
                 points[(ifname, Hook(hook_name))] = [] if desired is not None else None
-        for key, names in (desired or {}).items():
-            points[key] = names
+        for key, wanted in (desired or {}).items():
+            points[key] = wanted
         out = []
-        for (ifname, hook), names in sorted(points.items(), key=lambda kv: (kv[0][0], kv[0][1].value)):
+        for (ifname, hook), names in sorted(
+            points.items(), key=lambda kv: (kv[0][0], kv[0][1].value)
+        ):
             ifindex = netlink.interface_index(self.ipr, ifname)
             table = self.table(hook) if self.has_tables(hook) else None
             dispatcher_id = self.dispatcher(hook).info.prog_id if table is not None else None
@@ -479,6 +489,9 @@ class Datapath:
 
     def _note_interface(self, ifname: str, ifindex: int, hook: Hook) -> None:
         state = self._iface_state()
+        entry = state.get(ifname)
+        if entry and entry.get("ifindex") == ifindex and hook.value in entry.get("hooks", []):
+            return  # already recorded: no write on the hot path of a chain update
         entry = state.setdefault(ifname, {"ifindex": ifindex, "hooks": [], "created_clsact": False})
         if entry.get("ifindex") != ifindex:
             entry.update({"ifindex": ifindex, "hooks": [], "created_clsact": False})
@@ -580,7 +593,9 @@ def _convert_values(
 ) -> bytes:
     if not old_map.info.is_percpu:
         converted = convert_value(old, new, raw[: old.size])
-        return _replicate(converted, new_map.info.value_size) if new_map.info.is_percpu else converted
+        return (
+            _replicate(converted, new_map.info.value_size) if new_map.info.is_percpu else converted
+        )
     old_slot = (old_map.info.value_size + 7) // 8 * 8
     slots = [raw[i * old_slot : i * old_slot + old.size] for i in range(possible_cpus())]
     if not new_map.info.is_percpu:

@@ -24,7 +24,9 @@ TC_DIRECTION = {Hook.TC_INGRESS: "ingress", Hook.TC_EGRESS: "egress"}
 
 
 def dispatcher_build(hook: Hook) -> str:
-    material = f"{DISPATCHER_VERSION}|{CODEGEN_VERSION}|{hook.value}|{bcc_version()}|{kernel_release()}"
+    material = (
+        f"{DISPATCHER_VERSION}|{CODEGEN_VERSION}|{hook.value}|{bcc_version()}|{kernel_release()}"
+    )
     return hashlib.sha256(material.encode()).hexdigest()
 
 
@@ -144,9 +146,9 @@ def detach(
         return
     direction = TC_DIRECTION[hook]
     for flt in tc.list_filters(handle, ifindex, direction):
-        if flt.prio == tc_settings.prio and flt.handle == tc_settings.handle:
-            if is_dispatcher_name(flt.name) or (program and flt.prog_id == program.info.prog_id):
-                tc.delete_filter(handle, ifindex, direction, tc_settings.prio, tc_settings.handle)
+        ours = is_dispatcher_name(flt.name) or (program and flt.prog_id == program.info.prog_id)
+        if flt.prio == tc_settings.prio and flt.handle == tc_settings.handle and ours:
+            tc.delete_filter(handle, ifindex, direction, tc_settings.prio, tc_settings.handle)
     if remove_clsact and not any(
         tc.list_filters(handle, ifindex, d) for d in ("ingress", "egress")
     ):

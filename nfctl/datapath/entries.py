@@ -66,7 +66,13 @@ def _project(value: Any, desc: Any) -> Any:
         if isinstance(value, dict):
             raise LayoutError("a struct cannot become a scalar; use onIncompatible: recreate")
         return value
-    if isinstance(desc, list) and len(desc) == 2 and isinstance(desc[1], list) and desc[1] and isinstance(desc[1][0], int):
+    if (
+        isinstance(desc, list)
+        and len(desc) == 2
+        and isinstance(desc[1], list)
+        and desc[1]
+        and isinstance(desc[1][0], int)
+    ):
         return value
     names = {f[0] for f in desc[1]}
     return {k: v for k, v in value.items() if k in names}

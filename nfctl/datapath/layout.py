@@ -14,7 +14,7 @@ import ctypes
 import ipaddress
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 _BASIC: dict[str, Any] = {
     "_Bool": ctypes.c_bool,
@@ -70,12 +70,15 @@ def ctype_from_desc(desc: Any) -> Any:
             return _BASIC[desc]
         except KeyError:
             raise LayoutError(f"unsupported C type {desc!r}") from None
-    if isinstance(desc, list) and len(desc) == 2 and isinstance(desc[0], str) and (
-        isinstance(desc[1], list) and desc[1] and isinstance(desc[1][0], int)
+    if (
+        isinstance(desc, list)
+        and len(desc) == 2
+        and isinstance(desc[0], str)
+        and (isinstance(desc[1], list) and desc[1] and isinstance(desc[1][0], int))
     ):
         return ctype_from_desc(desc[0]) * desc[1][0]  # top-level array: ["type", [n]]
     fields: list[tuple[Any, ...]] = []
-    anonymous = []
+    anonymous: list[str] = []
     for field in desc[1]:
         fname, ftype = field[0], field[1]
         if len(field) == 3 and isinstance(field[2], list):
@@ -99,7 +102,7 @@ def ctype_from_desc(desc: Any) -> Any:
 
 def _members(desc: Any) -> list[tuple[str, Any, int | None, int | None]]:
     """(name, element desc, array length or None, bitfield width or None) per field."""
-    out = []
+    out: list[tuple[str, Any, int | None, int | None]] = []
     anon = 0
     for field in desc[1]:
         fname, ftype = field[0], field[1]
@@ -254,12 +257,14 @@ def _write_scalar(
             return
     number = _int_value(value, path)
     signed = ctype_name in _SIGNED
-    lo, hi = (-(1 << (size * 8 - 1)), (1 << (size * 8 - 1)) - 1) if signed else (0, (1 << size * 8) - 1)
+    lo, hi = (
+        (-(1 << (size * 8 - 1)), (1 << (size * 8 - 1)) - 1) if signed else (0, (1 << size * 8) - 1)
+    )
     if not lo <= number <= hi:
         raise LayoutError(
             f"{_where(path)}: {number} does not fit in {ctype_name} ({size} bytes, {lo}..{hi})"
         )
-    order = "big" if network else "little"
+    order: Literal["big", "little"] = "big" if network else "little"
     buf[offset : offset + size] = list(number.to_bytes(size, order, signed=signed))
 
 
@@ -287,7 +292,7 @@ def _read(desc: Any, raw: bytes, offset: int, path: str, be: frozenset[str]) -> 
             return bool(chunk[0])
         if size == 4 and path in be and _looks_like_address(path):
             return str(ipaddress.IPv4Address(chunk))
-        order = "big" if path in be else "little"
+        order: Literal["big", "little"] = "big" if path in be else "little"
         return int.from_bytes(chunk, order, signed=desc in _SIGNED)
     ctype = ctype_from_desc(desc)
     out: dict[str, Any] = {}
@@ -342,7 +347,9 @@ _STRUCT_RE = re.compile(r"\bstruct\s+(\w+)\s*\{([^{}]*)\}", re.S)
 _BE_FIELD_RE = re.compile(r"\b__be(?:16|32|64)\s+(\w+)\s*(?:\[[^\]]*\])?\s*[;,:]")
 
 
-def network_order_fields(source: str, desc: Any, declared_type: str | None = None) -> frozenset[str]:
+def network_order_fields(
+    source: str, desc: Any, declared_type: str | None = None
+) -> frozenset[str]:
     """Field paths of desc declared __be16/__be32/__be64 in the C source.
 
     declared_type is the type written in the map declaration (e.g. '__be32'), which BCC's
@@ -383,7 +390,9 @@ _DECL_ARGS: dict[str, tuple[int, int | None, int | None]] = {
 
 
 def _split_args(text: str, start: int) -> list[str]:
-    args, depth, current = [], 0, []
+    args: list[str] = []
+    current: list[str] = []
+    depth = 0
     for ch in text[start:]:
         if ch == "(":
             depth += 1

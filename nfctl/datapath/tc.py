@@ -48,10 +48,7 @@ class TcFilter:
 
 
 def has_clsact(handle: Any, ifindex: int) -> bool:
-    for msg in handle.get_qdiscs(index=ifindex):
-        if msg.get_attr("TCA_KIND") == "clsact":
-            return True
-    return False
+    return any(msg.get_attr("TCA_KIND") == "clsact" for msg in handle.get_qdiscs(index=ifindex))
 
 
 def ensure_clsact(handle: Any, ifindex: int) -> bool:
@@ -139,4 +136,6 @@ def delete_filter(handle: Any, ifindex: int, direction: str, prio: int, filter_h
     except NetlinkError as exc:
         if exc.code in (errno.ENOENT, errno.EINVAL):
             return
-        raise TcError(f"tc {direction} filter delete on ifindex {ifindex} failed: {exc}", exc.code) from exc
+        raise TcError(
+            f"tc {direction} filter delete on ifindex {ifindex} failed: {exc}", exc.code
+        ) from exc

@@ -1,7 +1,7 @@
 """Throwaway network namespaces joined by veth pairs, always removed.
 
-    with VethPair.create("t1") as pair:   # netns nfct-t1-a / nfct-t1-b, 10.77.x.1/.2
-        pair.ping_from_b(count=5)
+with VethPair.create("t1") as pair:   # netns nfct-t1-a / nfct-t1-b, 10.77.x.1/.2
+    pair.ping_from_b(count=5)
 """
 
 from __future__ import annotations
@@ -151,7 +151,7 @@ def cleanup_stale(prefix: str = PREFIX, older_than: float = 900.0) -> list[str]:
     be using fresh ones right now."""
     import time
 
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir("/run/netns")
     except OSError:
