@@ -71,6 +71,11 @@ class ValidationReport:
         }
 
 
+MANAGEABLE_MAP_TYPES = frozenset(
+    {"hash", "array", "lru_hash", "lpm_trie", "percpu_hash", "percpu_array", "lru_percpu_hash"}
+)
+
+
 def map_layouts(info: MapInfo, source: str) -> tuple[TypeLayout, TypeLayout]:
     key_type, value_type = declared_types(source).get(info.name, (None, None))
     return (
@@ -85,6 +90,7 @@ def check_entries(prepared: PreparedNF, result: BuildResult) -> list[Diagnostic]
     nf = prepared.nf
     manifest = prepared.manifest
     source = prepared.bundle.main_text if prepared.bundle else ""
+    source_rel = prepared.bundle.main_rel if prepared.bundle else "the source"
     declared = {m.name: m for m in result.maps}
     for map_name, spec in nf.spec.maps.items():
         field_base = f"spec.maps.{map_name}"
@@ -96,15 +102,13 @@ def check_entries(prepared: PreparedNF, result: BuildResult) -> list[Diagnostic]
                     line=manifest.line_of(field_base),
                     field=field_base,
                     message=(
-                        f"map {map_name!r} is not declared in {prepared.bundle.main_rel if prepared.bundle else 'the source'}"
+                        f"map {map_name!r} is not declared in {source_rel}"
                         f" (declared: {', '.join(sorted(declared)) or 'none'})"
                     ),
                 )
             )
             continue
-        if spec.managed and info.map_type not in (
-            "hash", "array", "lru_hash", "lpm_trie", "percpu_hash", "percpu_array", "lru_percpu_hash"
-        ):
+        if spec.managed and info.map_type not in MANAGEABLE_MAP_TYPES:
             problems.append(
                 Diagnostic(
                     file=manifest.rel_path,
@@ -117,7 +121,10 @@ def check_entries(prepared: PreparedNF, result: BuildResult) -> list[Diagnostic]
         key_layout, value_layout = map_layouts(info, source)
         seen_keys: dict[bytes, int] = {}
         for index, entry in enumerate(spec.entries):
-            for part, layout, value in (("key", key_layout, entry.key), ("value", value_layout, entry.value)):
+            for part, layout, value in (
+                ("key", key_layout, entry.key),
+                ("value", value_layout, entry.value),
+            ):
                 field_path = f"{field_base}.entries.{index}.{part}"
                 try:
                     encoded = layout.encode(value)
@@ -150,7 +157,10 @@ def check_entries(prepared: PreparedNF, result: BuildResult) -> list[Diagnostic]
                                     file=manifest.rel_path,
                                     line=manifest.line_of(field_path),
                                     field=field_path,
-                                    message=f"array index {index_value} is out of range (max_entries {info.max_entries})",
+                                    message=(
+                                        f"array index {index_value} is out of range "
+                                        f"(max_entries {info.max_entries})"
+                                    ),
                                 )
                             )
         if len(spec.entries) > info.max_entries:
@@ -162,13 +172,14 @@ def check_entries(prepared: PreparedNF, result: BuildResult) -> list[Diagnostic]
                     message=f"{len(spec.entries)} entries exceed max_entries {info.max_entries}",
                 )
             )
-        for export in spec.export:
+        for export_index, export in enumerate(spec.export):
             if export.field and not _has_field(info.value_desc, export.field):
+                export_path = f"{field_base}.export.{export_index}.field"
                 problems.append(
                     Diagnostic(
                         file=manifest.rel_path,
-                        line=manifest.line_of(f"{field_base}.export"),
-                        field=f"{field_base}.export",
+                        line=manifest.line_of(export_path),
+                        field=export_path,
                         message=f"value type has no field {export.field!r}",
                     )
                 )
@@ -192,8 +203,8 @@ def validate_path(path: Path, compile_programs: bool = True) -> ValidationReport
     results: dict[int, BuildResult] = {}
     if compile_programs and to_build:
         built = run_worker([build_request(p) for p in to_build])
-        for prepared, result in zip(to_build, built, strict=True):
-            results[id(prepared)] = result
+        for prepared, built_one in zip(to_build, built, strict=True):
+            results[id(prepared)] = built_one
     for prepared in prepared_list:
         nf = prepared.manifest.nf
         nf_report = NFReport(
@@ -204,7 +215,7 @@ def validate_path(path: Path, compile_programs: bool = True) -> ValidationReport
             build_hash=prepared.build_hash or None,
             errors=list(prepared.diagnostics),
         )
-        result = results.get(id(prepared))
+        result: BuildResult | None = results.get(id(prepared))
         if result is not None:
             nf_report.compile_seconds = result.compile_seconds
             nf_report.load_seconds = result.load_seconds
@@ -222,7 +233,15 @@ def validate_path(path: Path, compile_programs: bool = True) -> ValidationReport
                 for m in result.maps
             ]
             if result.ok:
-                nf_report.errors.extend(check_entries(prepared, result))
+                try:
+                    nf_report.errors.extend(check_entries(prepared, result))
+                except Exception as exc:  # report, never a traceback in a user's CI
+                    nf_report.errors.append(
+                        Diagnostic(
+                            file=prepared.manifest.rel_path,
+                            message=f"internal error while checking map entries: {exc!r}",
+                        )
+                    )
         report.nfs.append(nf_report)
     report.seconds = time.monotonic() - start
     return report

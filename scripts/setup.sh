@@ -32,6 +32,24 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# ---- deployment tooling (tests/test_deploy.py) ------------------------------------------
+# vagrant for `vagrant validate`; Debian's kubernetes-client (kubectl) for `kubectl kustomize`,
+# only when no kubectl is on PATH already. NFCTL_SKIP_DEPLOY_TOOLS=1 skips this (the
+# Vagrant lab's VMs set it: they run agents, not deployment checks).
+if [ "${NFCTL_SKIP_DEPLOY_TOOLS:-0}" != 1 ]; then
+  deploy_tools=()
+  command -v vagrant >/dev/null || deploy_tools+=(vagrant)
+  command -v kubectl >/dev/null || deploy_tools+=(kubernetes-client)
+  if [ ${#deploy_tools[@]} -gt 0 ]; then
+    echo "setup: installing ${deploy_tools[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${deploy_tools[@]}" >/dev/null \
+      || echo "setup: warning: could not install ${deploy_tools[*]}; tests/test_deploy.py needs them" >&2
+  fi
+fi
+# ---- end of deployment tooling -----------------------------------------------------------
+
 # BCC compiles against /lib/modules/$(uname -r)/build. Kernels built outside
 # Debian (cloud/VM kernels) ship no headers there: link the nearest Debian ones.
 PYTHONPATH="$ROOT" /usr/bin/python3 -m nfctl.kernel_headers --link || die "no usable kernel headers (see above)"

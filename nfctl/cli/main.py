@@ -49,26 +49,38 @@ def validate(
     """Validate manifests, compile every program and check it with the kernel verifier.
 
     Exit code 0 only when every NF is valid. Designed for the CI of an NF repository."""
+    import dataclasses
+
+    from rich.markup import escape
+
+    from nfctl.diagnostics import Diagnostic
     from nfctl.validate import validate_path
 
     report = validate_path(path, compile_programs=not no_compile)
     if output is not OutputFormat.TEXT:
         emit_data(report.to_dict(), output)
         raise typer.Exit(0 if report.ok else 1)
+
+    def show(diag: Diagnostic) -> None:
+        # file names and field paths come from the repository: never read them as markup
+        field = escape(diag.field) if diag.field else None
+        print_diagnostic(dataclasses.replace(diag, file=escape(diag.file), field=field), show_logs)
+
     for diag in report.errors + report.warnings:
-        print_diagnostic(diag, show_logs)
+        show(diag)
     for nf in report.nfs:
-        label = nf.name or "(unnamed)"
+        label = escape(nf.name or "(unnamed)")
+        manifest = escape(nf.manifest)
         if nf.ok:
             timing = f"{nf.compile_seconds + nf.load_seconds:.2f}s" if nf.program_name else "-"
             console.print(
-                f"[green]✓[/green] {label} [dim]{nf.manifest}[/dim] {nf.hook} v{nf.version} "
-                f"build {(nf.build_hash or '')[:12]} ({timing})"
+                f"[green]✓[/green] {label} [dim]{manifest}[/dim] {nf.hook} "
+                f"v{escape(nf.version or '')} build {(nf.build_hash or '')[:12]} ({timing})"
             )
         else:
-            console.print(f"[red]✗[/red] {label} [dim]{nf.manifest}[/dim]")
+            console.print(f"[red]✗[/red] {label} [dim]{manifest}[/dim]")
             for diag in nf.errors:
-                print_diagnostic(diag, show_logs)
+                show(diag)
     bad = sum(1 for nf in report.nfs if not nf.ok)
     summary = f"{len(report.nfs)} network function(s), {bad} invalid, {report.seconds:.2f}s"
     console.print(f"[{'green' if report.ok else 'red'}]{summary}[/]")
@@ -101,3 +113,15 @@ def doctor(
         if not check.ok and check.fix:
             console.print(f"    fix: {check.fix}", markup=False, highlight=False)
     raise typer.Exit(0 if ok else 1)
+
+
+def _register_agent_commands() -> None:
+    from nfctl.cli import agent_cmd
+
+    app.command(name="agent")(agent_cmd.agent)
+    app.command(name="status")(agent_cmd.status)
+    app.command(name="suspend")(agent_cmd.suspend)
+    app.command(name="resume")(agent_cmd.resume)
+
+
+_register_agent_commands()

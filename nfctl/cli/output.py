@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from enum import StrEnum
 from typing import Any
@@ -12,8 +13,14 @@ from rich.console import Console
 
 from nfctl.diagnostics import Diagnostic
 
-console = Console()
-err_console = Console(stderr=True)
+
+def _width() -> int | None:
+    # Piped output (CI logs, `| less`) gets a wide table instead of rich's 80 columns.
+    return None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", "160"))
+
+
+console = Console(width=_width())
+err_console = Console(stderr=True, width=_width())
 
 
 class OutputFormat(StrEnum):

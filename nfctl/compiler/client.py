@@ -11,6 +11,7 @@ from pathlib import Path
 
 from nfctl.compiler.build import BuildRequest, BuildResult, build_hash
 from nfctl.compiler.codegen import PinLayout, function_is_defined
+from nfctl.compiler.sandbox import worker_env, worker_prefix
 from nfctl.compiler.source_guard import SourceBundle, read_source
 from nfctl.diagnostics import Diagnostic
 from nfctl.manifest.loader import LoadedManifest
@@ -86,7 +87,7 @@ def build_request(
 
 
 def worker_command() -> list[str]:
-    return [sys.executable, "-m", "nfctl.compiler.worker"]
+    return [*worker_prefix(), sys.executable, "-m", "nfctl.compiler.worker"]
 
 
 def run_worker(
@@ -97,7 +98,7 @@ def run_worker(
     if not requests:
         return []
     payload = json.dumps([r.to_json() for r in requests])
-    env = dict(os.environ)
+    env = worker_env(dict(os.environ))
     package_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     try:

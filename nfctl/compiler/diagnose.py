@@ -6,7 +6,7 @@ import os
 import re
 
 from nfctl.compiler.codegen import WRAPPER_FILE
-from nfctl.compiler.source_guard import logical_lines
+from nfctl.compiler.source_guard import strip_comments
 from nfctl.diagnostics import Diagnostic
 
 _CLANG_RE = re.compile(
@@ -14,7 +14,7 @@ _CLANG_RE = re.compile(
     r"(?P<msg>.*)$"
 )
 _VERIFIER_LINE_RE = re.compile(r"^;.*@ (?P<file>[^:\s]+):(?P<line>\d+)\s*$")
-_TABLE_DECL_RE = re.compile(r"^\s*BPF_[A-Z0-9_]+\s*\(")
+_DIRECTIVE_START_RE = re.compile(r"^[ \t]*(#|%:)")
 _VERIFIER_NOISE = ("processed ", "HINT:", "bpf: Failed to load program", "verification time")
 MAX_DETAIL_CHARS = 16_000
 
@@ -54,9 +54,7 @@ def clang_diagnostics(output: str, main_rel: str, repo_root: str | None) -> list
             )
         )
     if not found and output.strip():
-        found.append(
-            Diagnostic(file=main_rel, message="compilation failed", detail=_tail(output))
-        )
+        found.append(Diagnostic(file=main_rel, message="compilation failed", detail=_tail(output)))
     return found
 
 
@@ -71,7 +69,7 @@ def verifier_diagnostic(log: str, main_rel: str, main_text: str, program: str) -
         if match and match.group("file") == base and int(match.group("line")) > 0:
             source_line = int(match.group("line"))
     if source_line is not None:
-        source_line = _undo_table_shift(main_text, source_line)
+        source_line = _undo_rewriter_shift(main_text, source_line)
     return Diagnostic(
         file=main_rel,
         line=source_line,
@@ -94,15 +92,118 @@ def _verifier_reason(lines: list[str]) -> str:
     return meaningful[-1] if len(meaningful) == 1 else "; ".join(meaningful[-2:])
 
 
-def _undo_table_shift(main_text: str, reported: int) -> int:
-    """BCC's rewriter adds one line per map declaration to the text it compiles, so line
-    info after N declarations is N lines late. Find the author's line that maps to it."""
-    decl_lines = [n for n, text in logical_lines(main_text) if _TABLE_DECL_RE.match(text)]
+def _undo_rewriter_shift(main_text: str, reported: int) -> int:
+    """BCC's rewriter inserts one line before every declaration of a function that has a
+    body, in the main file (a section attribute before programs, ``always_inline`` before
+    static helpers; prototypes of such functions count too), so the line info of a line
+    is late by the number of those declarations starting at or before it. Map a line
+    from the verifier log back to the author's line."""
+    starts = function_start_lines(main_text)
     for actual in range(1, reported + 1):
-        shift = sum(1 for d in decl_lines if d < actual)
-        if actual + shift == reported:
+        shifted = actual + sum(1 for start in starts if start <= actual)
+        if shifted >= reported:
+            # '>' only when the log names an inserted line: it belongs to the next function
             return actual
     return reported
+
+
+def function_start_lines(text: str) -> list[int]:
+    """Lines where top-level declarations of functions defined in text begin: every
+    definition, and every prototype of a function the text defines.
+
+    A lexical scan: comments, strings and preprocessor lines are ignored; a top-level
+    declaration is a function when it ends in a parameter list (optionally followed by
+    __attribute__((...))) and holds no '=' before it; '{' after it opens the body."""
+    code = _blank_directives(strip_comments(text))
+    definitions: list[tuple[int, str]] = []
+    prototypes: list[tuple[int, str]] = []
+    depth = 0
+    decl_start: int | None = None
+    line = 1
+    decl_line = 1
+    i, n = 0, len(code)
+    while i < n:
+        ch = code[i]
+        if ch == "\n":
+            line += 1
+        elif ch in "\"'":
+            j = i + 1
+            while j < n and code[j] != ch and code[j] != "\n":
+                j += 2 if code[j] == "\\" else 1
+            if decl_start is None and depth == 0:
+                decl_start, decl_line = i, line
+            line += code.count("\n", i, j)  # escaped newlines inside the literal
+            i = j if j < n and code[j] == "\n" else j + 1
+            continue
+        elif depth == 0 and not ch.isspace():
+            if ch in ";{":
+                name = _function_name(code[decl_start:i]) if decl_start is not None else None
+                if name is not None:
+                    (prototypes if ch == ";" else definitions).append((decl_line, name))
+                decl_start = None
+                depth = 1 if ch == "{" else 0
+            elif decl_start is None:
+                decl_start, decl_line = i, line
+        elif ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+        i += 1
+    defined = {name for _, name in definitions}
+    return sorted(
+        [start for start, _ in definitions]
+        + [start for start, name in prototypes if name in defined]
+    )
+
+
+_ATTRIBUTE_TAIL_RE = re.compile(r"(__attribute__|__attribute)\s*$")
+_NAME_TAIL_RE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*$")
+
+
+def _function_name(header: str) -> str | None:
+    """The declared name when header (a top-level declaration up to its ';' or '{')
+    declares a function, else None."""
+    header = header.strip()
+    while header.endswith(")"):
+        opening = _matching_open_paren(header)
+        if opening is None:
+            return None
+        before = header[:opening]
+        if _ATTRIBUTE_TAIL_RE.search(before):
+            header = _ATTRIBUTE_TAIL_RE.sub("", before).strip()
+            continue
+        match = _NAME_TAIL_RE.search(before)
+        if "=" in before or match is None or match.group(1) in _NOT_FUNCTION_NAMES:
+            return None
+        return match.group(1)
+    return None
+
+
+# "BPF_HASH(name, ...);" and friends look like prototypes but are macro calls
+_NOT_FUNCTION_NAMES = frozenset({"sizeof", "typeof", "__typeof__", "_Static_assert"})
+
+
+def _matching_open_paren(text: str) -> int | None:
+    depth = 0
+    for index in range(len(text) - 1, -1, -1):
+        if text[index] == ")":
+            depth += 1
+        elif text[index] == "(":
+            depth -= 1
+            if depth == 0:
+                return index
+    return None
+
+
+def _blank_directives(text: str) -> str:
+    """Replace preprocessor lines (with their continuations) by empty lines."""
+    out: list[str] = []
+    continued = False
+    for raw in text.split("\n"):
+        is_directive = continued or _DIRECTIVE_START_RE.match(raw) is not None
+        out.append("" if is_directive else raw)
+        continued = is_directive and raw.endswith("\\")
+    return "\n".join(out)
 
 
 def _tail(text: str) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,7 @@ MAX_SOURCE_BYTES = 1 << 20
 MAX_INCLUDE_DEPTH = 16
 
 # '#' or the '%:' digraph, optional spaces, then the directive name.
-_DIRECTIVE_RE = re.compile(r"^[ \t]*(?:#|%:)[ \t]*(include_next|include|import)\b(.*)$")
+_DIRECTIVE_RE = re.compile(r"^[ \t]*(?:#|%:)[ \t]*(include_next|include|import|embed)\b(.*)$")
 _QUOTED_RE = re.compile(r'^\s*"([^"\n]*)"\s*$')
 _ANGLED_RE = re.compile(r"^\s*<([^>\n]*)>\s*$")
 _FORBIDDEN_MACROS = {
@@ -28,6 +29,10 @@ _FORBIDDEN_MACROS = {
 }
 _FORBIDDEN_RE = re.compile(r"\b(" + "|".join(_FORBIDDEN_MACROS) + r")\b")
 _EXTERN_TABLE_RE = re.compile(r"\bBPF_TABLE\s*\(\s*\"extern\"")
+# Inline assembly can pull any file into the program (`.incbin "/etc/shadow"`), out of
+# reach of the include checks: NF sources may not use it (kernel headers still may).
+_INLINE_ASM_RE = re.compile(r"\b(asm|__asm|__asm__|asm_[A-Za-z0-9_]+)\b")
+_LITERAL_RE = re.compile(r"\"(?:[^\"\\\n]|\\.)*\"|'(?:[^'\\\n]|\\.)*'")
 
 
 @dataclass
@@ -54,7 +59,7 @@ def read_source(source_path: Path, repo_root: Path) -> SourceBundle:
     bundle.main_text = text
     _check_forbidden(text, main_rel, bundle.diagnostics)
     quote_dir = source_path.parent  # passed to clang as -iquote
-    _walk_includes(source_path, text, repo_root, bundle, 0, {source_path}, quote_dir)
+    _walk_includes(source_path, (), text, repo_root, bundle, 0, {source_path}, quote_dir)
     return bundle
 
 
@@ -69,7 +74,14 @@ def _read_text(path: Path, rel: str, diags: list[Diagnostic]) -> str | None:
             Diagnostic(file=rel, message=f"file is {size} bytes; the limit is {MAX_SOURCE_BYTES}")
         )
         return None
-    raw = path.read_bytes()
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            diags.append(Diagnostic(file=rel, message="not a regular file"))
+            return None
+        raw = path.read_bytes()
+    except OSError as exc:
+        diags.append(Diagnostic(file=rel, message=f"cannot read: {exc.strerror}"))
+        return None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -87,7 +99,7 @@ def _read_text(path: Path, rel: str, diags: list[Diagnostic]) -> str | None:
 
 def logical_lines(text: str) -> list[tuple[int, str]]:
     """Join backslash continuations and blank out comments, keeping original line numbers."""
-    stripped = _strip_comments(text)
+    stripped = strip_comments(text)
     out: list[tuple[int, str]] = []
     buf = ""
     start = 0
@@ -104,7 +116,7 @@ def logical_lines(text: str) -> list[tuple[int, str]]:
     return out
 
 
-def _strip_comments(text: str) -> str:
+def strip_comments(text: str) -> str:
     result: list[str] = []
     i, n = 0, len(text)
     while i < n:
@@ -142,10 +154,25 @@ def _check_forbidden(text: str, rel: str, diags: list[Diagnostic]) -> None:
             diags.append(
                 Diagnostic(file=rel, line=number, message="extern tables are not supported")
             )
+        # (#include <asm/...> names a header folder, not inline assembly)
+        code = "" if _DIRECTIVE_RE.match(line) else _LITERAL_RE.sub('""', line)
+        asm = _INLINE_ASM_RE.search(code)
+        if asm:
+            diags.append(
+                Diagnostic(
+                    file=rel,
+                    line=number,
+                    message=(
+                        f"inline assembly is not allowed in NF sources ({asm.group(1)!r}): "
+                        "it can read files into the program"
+                    ),
+                )
+            )
 
 
 def _walk_includes(
     path: Path,
+    aliases: tuple[Path, ...],
     text: str,
     repo_root: Path,
     bundle: SourceBundle,
@@ -167,7 +194,7 @@ def _walk_includes(
             bundle.diagnostics.append(Diagnostic(file=rel, line=number, message=message))
 
         if directive != "include":
-            fail(f"#{directive} is not allowed in NF sources; use #include")
+            fail(f"#{directive} is not allowed in NF sources (only #include)")
             continue
         quoted = _QUOTED_RE.match(operand)
         angled = _ANGLED_RE.match(operand)
@@ -183,18 +210,22 @@ def _walk_includes(
             if ".." in parts:
                 fail(f"#include <{target}>: '..' is not allowed in system includes")
             continue  # resolved against the kernel headers only
-        # clang looks next to the including file, then in the -iquote folder
-        candidates = [path.parent / target, quote_dir / target]
-        local = next((c for c in candidates if os.path.lexists(c)), None)
-        if local is None:
+        # clang looks next to the including file (by the path it opened it with, which
+        # may differ from the resolved one), then in the -iquote folder: check them all
+        folders = [p.parent for p in (*aliases, path)] + [quote_dir]
+        found = [f / target for f in dict.fromkeys(folders) if os.path.lexists(f / target)]
+        if not found:
             if ".." in parts:
                 fail(f'#include "{target}": not found inside the repository')
             continue  # falls through to the kernel headers, like <...>
         try:
-            real = resolve_inside(local, repo_root)
+            real = resolve_inside(found[0], repo_root)
+            for other in found[1:]:
+                resolve_inside(other, repo_root)
         except PathEscapeError as exc:
             fail(f'#include "{target}": {exc}')
             continue
+        local = found[0]
         if real in seen:
             continue
         seen.add(real)
@@ -204,4 +235,5 @@ def _walk_includes(
             continue
         bundle.local_files[inc_rel] = inc_text
         _check_forbidden(inc_text, inc_rel, bundle.diagnostics)
-        _walk_includes(real, inc_text, repo_root, bundle, depth + 1, seen, quote_dir)
+        opened_as = (local,) if local != real else ()
+        _walk_includes(real, opened_as, inc_text, repo_root, bundle, depth + 1, seen, quote_dir)

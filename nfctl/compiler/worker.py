@@ -20,6 +20,7 @@ from typing import Any
 from nfctl.compiler.build import BuildRequest, BuildResult, MapInfo, MapMismatch, ProgramInfo
 from nfctl.compiler.codegen import dispatcher_name, dispatcher_program, entry_name, nf_program
 from nfctl.compiler.diagnose import clang_diagnostics, verifier_diagnostic
+from nfctl.compiler.sandbox import confine
 from nfctl.datapath import bpf
 from nfctl.diagnostics import Diagnostic
 from nfctl.manifest.model import Hook
@@ -247,6 +248,9 @@ def _mismatches(
 
 def main() -> int:
     requests = [BuildRequest.from_json(r) for r in json.load(sys.stdin)]
+    import bcc  # noqa: F401  - load LLVM and BCC before secrets disappear from view
+
+    confine([r.quote_dir for r in requests if r.quote_dir])
     # Anything BCC or LLVM prints must not corrupt the JSON answer on stdout.
     answer = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)

@@ -543,6 +543,15 @@ class Datapath:
             total = len(desired)
         return EntrySyncResult(map_name, plan.added, plan.updated, len(plan.deletes), total)
 
+    def entries_diff(
+        self, loaded: LoadedBuild, map_name: str, entries: list[tuple[Any, Any]]
+    ) -> EntryPlan:
+        """What sync_entries would change, without changing it (drift in warn mode)."""
+        key_layout, value_layout = loaded.record.layouts(map_name)
+        desired = encode_entries(entries, key_layout, value_layout)
+        with BpfMap.from_pin(str(loaded.map_pin(self.layout, map_name))) as bmap:
+            return self._plan(bmap, desired)
+
     def _plan(self, bmap: BpfMap, desired: dict[bytes, bytes]) -> EntryPlan:
         info = bmap.info
         if info.is_percpu:

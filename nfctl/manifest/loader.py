@@ -6,6 +6,7 @@ Every failure becomes a Diagnostic naming the file, the field path and the line.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from nfctl.manifest.model import NetworkFunction
 from nfctl.manifest.paths import PathEscapeError, resolve_inside
 
 MAX_MANIFEST_BYTES = 1 << 20
+MAX_YAML_DEPTH = 64
+MAX_YAML_NODES = 250_000
 
 
 @dataclass
@@ -47,7 +50,9 @@ def load_manifest(path: Path, repo_root: Path) -> LoadedManifest:
     result = LoadedManifest(path=path, rel_path=rel, nf=None)
 
     def fail(message: str, line: int | None = None, field_path: str | None = None) -> None:
-        result.diagnostics.append(Diagnostic(file=rel, message=message, line=line, field=field_path))
+        result.diagnostics.append(
+            Diagnostic(file=rel, message=message, line=line, field=field_path)
+        )
 
     try:
         real = resolve_inside(path, repo_root)
@@ -55,7 +60,11 @@ def load_manifest(path: Path, repo_root: Path) -> LoadedManifest:
         fail(str(exc))
         return result
     try:
-        size = real.stat().st_size
+        info = real.stat()
+        if not stat.S_ISREG(info.st_mode):
+            fail("manifest is not a regular file")
+            return result
+        size = info.st_size
         if size > MAX_MANIFEST_BYTES:
             fail(f"manifest is {size} bytes; the limit is {MAX_MANIFEST_BYTES} bytes")
             return result
@@ -72,12 +81,14 @@ def load_manifest(path: Path, repo_root: Path) -> LoadedManifest:
         return result
 
     try:
+        shape_problem = _check_yaml_shape(text)
+        if shape_problem is not None:
+            fail(shape_problem[0], line=shape_problem[1])
+            return result
         nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(exc, "problem", None) or str(exc)
-        fail(f"YAML syntax error: {problem}", line=line)
+        problem, yaml_line = _yaml_problem(exc)
+        fail(f"YAML syntax error: {problem}", line=yaml_line)
         return result
     nodes = [n for n in nodes if n is not None]
     if not nodes:
@@ -99,8 +110,9 @@ def load_manifest(path: Path, repo_root: Path) -> LoadedManifest:
 
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:  # pragma: no cover - compose succeeded, construct may not
-        fail(f"YAML error: {exc}")
+    except yaml.YAMLError as exc:  # compose succeeded; construction fails on unknown tags
+        problem, yaml_line = _yaml_problem(exc)
+        fail(f"YAML error: {problem}", line=yaml_line)
         return result
     if not isinstance(data, dict):
         fail("a manifest must be a YAML mapping with apiVersion, kind, metadata and spec", line=1)
@@ -137,6 +149,59 @@ def load_manifest(path: Path, repo_root: Path) -> LoadedManifest:
     result.nf = nf
     result.source_path = source_path
     return result
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> tuple[str, int | None]:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    line: int | None = mark.line + 1 if mark is not None else None
+    problem = getattr(exc, "problem", None) or str(exc)
+    return str(problem), line
+
+
+def _check_yaml_shape(text: str) -> tuple[str, int | None] | None:
+    """Refuse, in one linear pass over the parser's events, YAML whose tree is too deep
+    (the composer recurses) or whose aliases expand it beyond MAX_YAML_NODES (an alias
+    bomb, or a recursive alias that would make every later walk loop forever).
+
+    Returns (message, line) for the first problem, None when the shape is fine."""
+    expanded_size: dict[str, int] = {}  # anchor -> node count with aliases expanded
+    open_collections: list[list[Any]] = []  # [anchor, node count so far] per open level
+    total = 0
+
+    def add(count: int) -> None:
+        nonlocal total
+        total += count
+        if open_collections:
+            open_collections[-1][1] += count
+
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        line = event.start_mark.line + 1 if event.start_mark is not None else None
+        if isinstance(event, yaml.CollectionStartEvent):
+            if len(open_collections) >= MAX_YAML_DEPTH:
+                return f"YAML nested deeper than {MAX_YAML_DEPTH} levels", line
+            total += 1
+            open_collections.append([event.anchor, 1])
+        elif isinstance(event, yaml.CollectionEndEvent):
+            anchor, count = open_collections.pop()
+            if anchor is not None:
+                expanded_size[anchor] = count
+            if open_collections:
+                open_collections[-1][1] += count
+        elif isinstance(event, yaml.ScalarEvent):
+            if event.anchor is not None:
+                expanded_size[event.anchor] = 1
+            add(1)
+        elif isinstance(event, yaml.AliasEvent):
+            size = expanded_size.get(event.anchor or "")
+            if size is None:
+                return f"YAML alias *{event.anchor} refers to itself or to no anchor", line
+            add(size)
+        if total > MAX_YAML_NODES:
+            return (
+                f"YAML expands to more than {MAX_YAML_NODES} nodes (aliases used as a bomb?)",
+                line,
+            )
+    return None
 
 
 def _relative(path: Path, root: Path) -> str:

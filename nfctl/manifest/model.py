@@ -6,7 +6,14 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 API_VERSION = "nfctl.io/v1alpha1"
 KIND = "NetworkFunction"
@@ -22,6 +29,8 @@ IFACE_GLOB_CHARS_RE = re.compile(r"^[A-Za-z0-9_.@*?\[\]!^-]{1,64}$")
 CFLAG_DEFINE_RE = re.compile(r"^-D[A-Za-z_][A-Za-z0-9_]*(=[A-Za-z0-9_.+\-*/()<>|&~^:,\"]*)?$")
 CFLAG_UNDEF_RE = re.compile(r"^-U[A-Za-z_][A-Za-z0-9_]*$")
 CFLAG_WARNING_RE = re.compile(r"^-Wno-[a-z0-9-]+$")
+# A -D value expanding to inline assembly would bypass the source check (.incbin reads files)
+CFLAG_ASM_RE = re.compile(r"\b(asm|__asm|__asm__|asm_[A-Za-z0-9_]+)\b")
 
 MAX_CHAIN_PRIORITY = 65535
 
@@ -70,7 +79,8 @@ def validate_interface_glob(pattern: str) -> str:
     return pattern
 
 
-InterfaceGlob = Annotated[str, Field(min_length=1)]
+# Validated one by one so that an error names the item: spec.attach.interfaces.1
+InterfaceGlob = Annotated[str, AfterValidator(validate_interface_glob)]
 
 
 class Metadata(_Strict):
@@ -103,10 +113,29 @@ def _check_labels(labels: dict[str, str]) -> dict[str, str]:
     return labels
 
 
+def validate_cflag(flag: str) -> str:
+    if not (
+        CFLAG_DEFINE_RE.match(flag) or CFLAG_UNDEF_RE.match(flag) or CFLAG_WARNING_RE.match(flag)
+    ):
+        raise ValueError(
+            f"cflag {flag!r} is not allowed: only -DNAME[=VALUE], -UNAME and -Wno-* "
+            "(include paths and other compiler options are set by nfctl)"
+        )
+    if flag.startswith(("-DNFCTL_", "-UNFCTL_")):
+        raise ValueError(f"cflag {flag!r} touches a macro reserved for nfctl")
+    if CFLAG_ASM_RE.search(flag.partition("=")[2]):
+        raise ValueError(f"cflag {flag!r}: inline assembly is not allowed")
+    return flag
+
+
+# Validated one by one so that an error names the item: spec.program.cflags.2
+CFlag = Annotated[str, AfterValidator(validate_cflag)]
+
+
 class Program(_Strict):
     source: str = Field(min_length=1, description="C file, relative to the manifest")
     function: str = Field(description="the NF's entry function in the C source")
-    cflags: list[str] = Field(default_factory=list, max_length=64)
+    cflags: list[CFlag] = Field(default_factory=list, max_length=64)
 
     @field_validator("source")
     @classmethod
@@ -128,23 +157,6 @@ class Program(_Strict):
             raise ValueError("names starting with 'nf_' or 'nfctl_' are reserved for nfctl")
         return v
 
-    @field_validator("cflags")
-    @classmethod
-    def _cflags(cls, flags: list[str]) -> list[str]:
-        for flag in flags:
-            if not (
-                CFLAG_DEFINE_RE.match(flag)
-                or CFLAG_UNDEF_RE.match(flag)
-                or CFLAG_WARNING_RE.match(flag)
-            ):
-                raise ValueError(
-                    f"cflag {flag!r} is not allowed: only -DNAME[=VALUE], -UNAME and -Wno-* "
-                    "(include paths and other compiler options are set by nfctl)"
-                )
-            if flag.startswith(("-DNFCTL_", "-UNFCTL_")):
-                raise ValueError(f"cflag {flag!r} touches a macro reserved for nfctl")
-        return flags
-
 
 class Attach(_Strict):
     hook: Hook
@@ -154,11 +166,6 @@ class Attach(_Strict):
     )
     priority: int = Field(default=1000, ge=0, le=MAX_CHAIN_PRIORITY)
     xdp_mode: XdpMode = Field(default=XdpMode.AUTO, alias="xdpMode")
-
-    @field_validator("interfaces", "exclude_interfaces")
-    @classmethod
-    def _globs(cls, v: list[str]) -> list[str]:
-        return [validate_interface_glob(p) for p in v]
 
     @model_validator(mode="after")
     def _xdp_mode_only_for_xdp(self) -> Attach:

@@ -1,0 +1,1 @@
+"""The node agent: Git -> desired state -> plan -> datapath, with status and events."""

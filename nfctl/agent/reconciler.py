@@ -1,0 +1,808 @@
+"""One agent's reconcile loop body.
+
+sync():     source -> desired NFs -> builds (compile only what changed; a failure keeps
+            the last good version) -> converge().
+converge(): desired chains for the node's current interfaces -> atomic chain changes ->
+            map swaps committed -> managed entries synced -> removed NFs pruned.
+check_drift(): compare the kernel with what converge() would produce; correct or warn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from nfctl import __version__
+from nfctl.agent.plan import (
+    AttachPoint,
+    ChainEntry,
+    Placement,
+    plan_chain_changes,
+    prune_candidates,
+    selects_node,
+    target_chains,
+)
+from nfctl.agent.source import GitSource, Revision, SourceError, UntrustedRevisionError, redact
+from nfctl.agent.status import (
+    AttachPointStatus,
+    ConditionType,
+    ErrorInfo,
+    Event,
+    EventType,
+    MapStatus,
+    NFState,
+    NFStatus,
+    NodeStatus,
+    SourceStatus,
+)
+from nfctl.agent.store import AppliedNF, StateStore, Suspensions
+from nfctl.compiler.client import PreparedNF, prepare
+from nfctl.datapath.bpf import BpfMap
+from nfctl.datapath.datapath import ChainMember, Datapath, DatapathError, LoadedBuild
+from nfctl.datapath.layout import LayoutError
+from nfctl.diagnostics import Diagnostic
+from nfctl.manifest.model import Hook, NetworkFunction
+from nfctl.manifest.repo import scan_repo
+from nfctl.system import kernel_release
+
+log = logging.getLogger(__name__)
+
+
+class Metrics(Protocol):
+    def fetch(self, seconds: float, ok: bool) -> None: ...
+    def compile(self, seconds: float) -> None: ...
+    def reconcile(self, seconds: float, ok: bool) -> None: ...
+    def drift(self, kind: str, corrected: bool) -> None: ...
+    def update(self, status: NodeStatus) -> None: ...
+
+
+@dataclass
+class AgentSettings:
+    node: str
+    labels: dict[str, str]
+    repo_url: str
+    ref: str
+    path: str = "."
+    drift_mode: str = "correct"  # correct | warn
+    verify_signatures: bool = False
+
+
+@dataclass
+class _NFRuntime:
+    """What this process knows about an NF beyond the persisted applied state."""
+
+    error: ErrorInfo | None = None
+    error_key: str = ""
+    attach_errors: dict[AttachPoint, str] = field(default_factory=dict)
+    selected: bool = True
+    in_git: bool = False
+
+
+def _entries_digest(nf: NetworkFunction) -> str:
+    data = {
+        name: spec.model_dump(mode="json") for name, spec in nf.spec.maps.items() if spec.managed
+    }
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _error_from(diags: list[Diagnostic], revision: str | None) -> ErrorInfo:
+    first = diags[0] if diags else Diagnostic(file="", message="unknown error")
+    extra = f" (+{len(diags) - 1} more)" if len(diags) > 1 else ""
+    return ErrorInfo(
+        message=first.message + extra,
+        file=first.file or None,
+        line=first.line,
+        log=first.detail,
+        revision=revision,
+    )
+
+
+class Reconciler:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        datapath: Datapath,
+        source: GitSource,
+        store: StateStore,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.datapath = datapath
+        self.source = source
+        self.store = store
+        self.metrics = metrics
+        self.lock = threading.RLock()
+        self.applied: dict[str, AppliedNF] = store.load_applied()
+        self.runtime: dict[str, _NFRuntime] = {}
+        self.loaded: dict[str, LoadedBuild] = {}
+        self.pending_commit: dict[str, LoadedBuild] = {}
+        self.revision: Revision | None = None
+        self.source_error: str | None = None
+        self.stalled: tuple[str, str] | None = None  # (reason, message)
+        self.unparsed: dict[str, ErrorInfo] = {}  # manifest path -> error (no NF name known)
+        self.listeners: list[Callable[[Event], None]] = []
+        self.status_listeners: list[Callable[[NodeStatus], None]] = []
+        self._last_drift: dict[str, str] = {}
+        self._pruned: list[AppliedNF] = []
+        self._changes: list[tuple[str, str]] = []
+        self._entry_changes: list[tuple[str, str]] = []
+        self._modes: dict[AttachPoint, str | None] = {}
+        self._target: dict[AttachPoint, list[ChainEntry]] = {}
+        self._converged = False
+        self._synced: dict[str, tuple[str, str]] = {}
+        previous = store.load_status()
+        self.status = previous or NodeStatus(node=settings.node)
+        self.status.node = settings.node
+        self.status.labels = dict(settings.labels)
+        self.status.kernel = kernel_release()
+        self.status.agent_version = __version__
+        self.status.drift_mode = settings.drift_mode
+        self.status.source = SourceStatus(
+            url=redact(settings.repo_url), ref=settings.ref, path=settings.path
+        )
+
+    # -- events ----------------------------------------------------------------------
+    def event(
+        self,
+        reason: str,
+        message: str,
+        nf: str | None = None,
+        warning: bool = False,
+        revision: Revision | None = None,
+    ) -> Event:
+        rev = revision or self.revision
+        event = Event(
+            type=EventType.WARNING if warning else EventType.NORMAL,
+            reason=reason,
+            message=message,
+            node=self.settings.node,
+            nf=nf,
+            revision=rev.sha if rev else None,
+            author=f"{rev.author} <{rev.author_email}>" if rev else None,
+            commit_time=rev.committed_at if rev else None,
+        )
+        self.store.append_event(event)
+        (log.warning if warning else log.info)(
+            "%s%s: %s", reason, f" [{nf}]" if nf else "", message
+        )
+        for listener in self.listeners:
+            try:
+                listener(event)
+            except Exception:  # a listener never breaks reconciliation
+                log.exception("event listener failed")
+        return event
+
+    def _nf(self, name: str) -> _NFRuntime:
+        return self.runtime.setdefault(name, _NFRuntime())
+
+    def _fail(self, name: str, error: ErrorInfo, reason: str = "Failed") -> None:
+        rt = self._nf(name)
+        key = f"{reason}|{error.revision}|{error.message}"
+        rt.error = error
+        if rt.error_key != key:
+            rt.error_key = key
+            where = (
+                f" ({error.file}:{error.line})"
+                if error.file and error.line
+                else (f" ({error.file})" if error.file else "")
+            )
+            kept = self.applied.get(name)
+            keep = f"; keeping version {kept.version} ({kept.revision[:12]})" if kept else ""
+            self.event(reason, f"{error.message}{where}{keep}", nf=name, warning=True)
+
+    # -- sync: source to builds ------------------------------------------------------------
+    def sync(self, fetch: bool = True) -> bool:
+        """One full reconcile. Returns whether the node is Ready afterwards."""
+        started = time.monotonic()
+        with self.lock:
+            suspensions = self.store.suspensions()
+            self.status.suspended = suspensions.node
+            if suspensions.node:
+                self.status.set_condition(
+                    ConditionType.RECONCILING, False, "Suspended", "node suspended"
+                )
+                self._publish()
+                return self.status.ready
+            self.status.set_condition(ConditionType.RECONCILING, True, "Progressing", "reconciling")
+            revision = self._fetch() if fetch else self.revision
+            if revision is not None:
+                self._apply_revision(revision, suspensions)
+            self.converge(suspensions)
+            ok = self._finish(revision)
+        if self.metrics:
+            self.metrics.reconcile(time.monotonic() - started, ok)
+        return ok
+
+    def _fetch(self) -> Revision | None:
+        started = time.monotonic()
+        sha: str | None = None
+        try:
+            sha = self.source.fetch()
+            if self.source_error is not None:
+                self.event("SourceAvailable", f"fetched {self.settings.ref} again")
+            self.source_error = None
+            if self.metrics:
+                self.metrics.fetch(time.monotonic() - started, True)
+        except SourceError as exc:
+            if self.metrics:
+                self.metrics.fetch(time.monotonic() - started, False)
+            message = str(exc)
+            if message != self.source_error:
+                kept = self.revision.short if self.revision else "nothing"
+                self.event("SourceUnavailable", f"{message}; keeping {kept}", warning=True)
+            self.source_error = message
+            return self.revision or self._last_fetched()
+        try:
+            if self.settings.verify_signatures:
+                signer = self.source.verify(sha)
+                log.debug("revision %s signed by %s", sha[:12], signer)
+            revision = self.source.revision(sha)
+        except UntrustedRevisionError as exc:
+            if self.stalled != ("UntrustedRevision", str(exc)):
+                self.event("RevisionRefused", str(exc), warning=True)
+            self.stalled = ("UntrustedRevision", str(exc))
+            self.status.last_attempted_revision = sha
+            return None
+        except SourceError as exc:
+            self.source_error = str(exc)
+            return self.revision
+        self.stalled = None
+        self.revision = revision
+        if self.status.source:
+            self.status.source.last_fetched_revision = revision.sha
+        return revision
+
+    def _last_fetched(self) -> Revision | None:
+        """After a restart with Git unreachable: the last revision in the local mirror."""
+        try:
+            sha = self.source._git("rev-parse", "refs/nfctl/target^{commit}").strip()
+            self.revision = self.source.revision(sha)
+        except (SourceError, OSError):
+            return None
+        return self.revision
+
+    def _apply_revision(self, revision: Revision, suspensions: Suspensions) -> None:
+        self.status.last_attempted_revision = revision.sha
+        folder = revision.snapshot / self.settings.path
+        if not folder.is_dir():
+            message = f"path {self.settings.path!r} does not exist in {revision.describe()}"
+            if self.stalled != ("PathNotFound", message):
+                self.event("Failed", message, warning=True)
+            self.stalled = ("PathNotFound", message)
+            return
+        scan = scan_repo(folder, repo_root=revision.snapshot)
+        in_git: set[str] = set()
+        failing_owners: set[str] = set()
+        self.unparsed = {}
+        for rt in self.runtime.values():
+            rt.in_git = False
+        for manifest in scan.manifests:
+            nf = manifest.nf
+            if nf is None:
+                error = _error_from(manifest.diagnostics, revision.sha)
+                owner = next(
+                    (a.name for a in self.applied.values() if a.manifest_path == manifest.rel_path),
+                    None,
+                )
+                if owner is not None:
+                    failing_owners.add(owner)
+                    self._nf(owner).in_git = True
+                    self._fail(owner, error)
+                else:
+                    self.unparsed[manifest.rel_path] = error
+                continue
+            in_git.add(nf.name)
+            rt = self._nf(nf.name)
+            rt.in_git = True
+            rt.selected = selects_node(nf.spec.node_selector, self.settings.labels)
+            if not rt.selected:
+                continue
+            if nf.name in suspensions.nfs or nf.spec.suspend:
+                continue  # frozen: whatever runs keeps running
+            if manifest.diagnostics:  # e.g. duplicate names
+                self._fail(nf.name, _error_from(manifest.diagnostics, revision.sha))
+                failing_owners.add(nf.name)
+                continue
+            self._build(nf, prepare(manifest, revision.snapshot), revision, manifest.rel_path)
+        for path, error in self.unparsed.items():
+            key = f"unparsed|{path}|{error.revision}|{error.message}"
+            if self._nf(f"<{path}>").error_key != key:
+                self._nf(f"<{path}>").error_key = key
+                self.event("Failed", f"{path}: {error.message}", warning=True)
+        selected_in_git = {n for n in in_git if self._nf(n).selected}
+        frozen = {n for n in self.applied if n in suspensions.nfs}
+        for name in prune_candidates(self.applied, selected_in_git | frozen, failing_owners):
+            gone = self.applied.pop(name)
+            self.loaded.pop(name, None)
+            self._pruned.append(gone)
+        self.store.save_applied(self.applied)
+
+    def _build(
+        self, nf: NetworkFunction, prepared: PreparedNF, revision: Revision, manifest_path: str
+    ) -> None:
+        name = nf.name
+        if not prepared.ok:
+            self._fail(name, _error_from(prepared.diagnostics, revision.sha))
+            return
+        current = self.applied.get(name)
+        loaded = self.loaded.get(name)
+        if loaded is None or loaded.build_hash != prepared.build_hash:
+            loaded = self.datapath.find_loaded(name, prepared.build_hash)
+        if loaded is None:
+            policies = {m: spec.on_incompatible for m, spec in nf.spec.maps.items()}
+            started = time.monotonic()
+            try:
+                loaded = self.datapath.load(prepared, policies)
+            except DatapathError as exc:
+                self._fail(
+                    name,
+                    _error_from(
+                        exc.diagnostics or [Diagnostic(file="", message=str(exc))], revision.sha
+                    ),
+                )
+                return
+            finally:
+                if self.metrics:
+                    self.metrics.compile(time.monotonic() - started)
+        problems = self._entry_problems(nf, loaded, manifest_path)
+        if problems:
+            if loaded.compiled and (current is None or current.build_hash != loaded.build_hash):
+                self.datapath.discard(loaded)
+            self._fail(name, _error_from(problems, revision.sha))
+            return
+        rt = self._nf(name)
+        rt.error, rt.error_key = None, ""
+        self.loaded[name] = loaded
+        if loaded.swaps:
+            self.pending_commit[name] = loaded
+        changed = current is None or current.build_hash != loaded.build_hash
+        entries_changed = current is None or current.entries_digest != _entries_digest(nf)
+        spec_changed = current is None or current.spec != nf.model_dump(mode="json", by_alias=True)
+        self.applied[name] = AppliedNF(
+            name=name,
+            manifest_path=manifest_path,
+            build_hash=loaded.build_hash,
+            version=nf.spec.version,
+            revision=revision.sha
+            if (changed or spec_changed or current is None)
+            else current.revision,
+            spec=nf.model_dump(mode="json", by_alias=True),
+            applied_at=time.time()
+            if (changed or spec_changed)
+            else (current.applied_at if current else time.time()),
+            entries_digest=_entries_digest(nf),
+        )
+        if changed:
+            verb = "compiled and loaded" if loaded.compiled else "adopted"
+            previous = f" (was {current.version}, {current.build_hash[:12]})" if current else ""
+            self._changes.append(
+                (name, f"version {nf.spec.version} build {loaded.build_hash[:12]} {verb}{previous}")
+            )
+        elif entries_changed or spec_changed:
+            self._changes.append(
+                (name, f"manifest changes applied at {revision.short} (program unchanged)")
+            )
+
+    def _entry_problems(
+        self, nf: NetworkFunction, loaded: LoadedBuild, manifest_path: str
+    ) -> list[Diagnostic]:
+        problems = []
+        declared = {m.name for m in loaded.record.maps}
+        for map_name, spec in nf.spec.maps.items():
+            field_path = f"spec.maps.{map_name}"
+            if map_name not in declared:
+                problems.append(
+                    Diagnostic(
+                        file=manifest_path,
+                        field=field_path,
+                        message=f"map {map_name!r} is not declared in the C source",
+                    )
+                )
+                continue
+            key_layout, value_layout = loaded.record.layouts(map_name)
+            for index, entry in enumerate(spec.entries):
+                try:
+                    key_layout.encode(entry.key)
+                    value_layout.encode(entry.value)
+                except LayoutError as exc:
+                    problems.append(
+                        Diagnostic(
+                            file=manifest_path,
+                            field=f"{field_path}.entries.{index}",
+                            message=str(exc),
+                        )
+                    )
+        return problems
+
+    # -- converge: desired chains to the kernel -------------------------------------------
+    def _placements(self) -> list[Placement]:
+        out = []
+        for applied in self.applied.values():
+            nf = NetworkFunction.model_validate(applied.spec)
+            out.append(Placement.of(nf, applied.build_hash))
+        return out
+
+    def desired_chains(self) -> dict[AttachPoint, list[ChainEntry]]:
+        interfaces = [i.name for i in self.datapath.interfaces()]
+        return target_chains(self._placements(), interfaces)
+
+    def _observe(
+        self, target: dict[AttachPoint, list[ChainEntry]], points: list[AttachPoint]
+    ) -> tuple[
+        dict[AttachPoint, list[ChainEntry] | None],
+        dict[AttachPoint, str | None],
+        dict[AttachPoint, list[str]],
+    ]:
+        """Per attach point: the chain the kernel runs (None: our dispatcher is not on the
+        hook), the XDP mode, and how it differs from target (drift descriptions)."""
+        desired = {(p.ifname, p.hook): [e.nf for e in target.get(p, [])] for p in points}
+        actual: dict[AttachPoint, list[ChainEntry] | None] = {}
+        modes: dict[AttachPoint, str | None] = {}
+        drift: dict[AttachPoint, list[str]] = {}
+        for state in self.datapath.observe(desired):
+            point = AttachPoint(state.ifname, state.hook)
+            modes[point] = state.xdp_mode if state.hook is Hook.XDP else "tc"
+            drift[point] = [d for d in state.drift if "is gone" not in d]
+            if state.ours:
+                actual[point] = [
+                    ChainEntry(ref.nf or f"?{ref.prog_id}", ref.build_prefix or "")
+                    for ref in state.chain
+                ]
+            else:
+                actual[point] = None
+        return actual, modes, drift
+
+    def converge(self, suspensions: Suspensions | None = None) -> list[str]:
+        """Make the kernel match the applied NFs. A difference where the desired state did
+        not change since the last converge is drift: corrected (mode correct, event
+        DriftCorrected) or only reported (mode warn, event DriftDetected). Returns the
+        drift found."""
+        with self.lock:
+            suspensions = suspensions or self.store.suspensions()
+            if suspensions.node:
+                return []
+            correct = self.settings.drift_mode == "correct"
+            target = self.desired_chains()
+            tracked = [
+                AttachPoint(ifname, Hook(h))
+                for ifname, entry in self.datapath.tracked_interfaces().items()
+                for h in entry.get("hooks", [])
+            ]
+            points = sorted(set(target) | set(tracked))
+            actual, modes, drift = self._observe(target, points)
+            frozen = {
+                point
+                for point, entries in target.items()
+                if any(e.nf in suspensions.nfs for e in entries) and actual.get(point) is not None
+            }
+            changes = plan_chain_changes(target, actual, frozen)
+            found: list[str] = []
+            for rt in self.runtime.values():
+                rt.attach_errors = {}
+            for point, entries in changes.set.items():
+                unchanged = self._converged and self._target.get(point) == entries
+                is_drift = unchanged and bool(drift.get(point))
+                if is_drift:
+                    found.extend(f"{point}: {d}" for d in drift[point])
+                    if not correct:
+                        self._report_drift(point, drift[point])
+                        continue
+                members = [
+                    ChainMember(
+                        e.nf, e.build_hash, self.datapath.layout.prog_pin(e.nf, e.build_hash)
+                    )
+                    for e in entries
+                ]
+                try:
+                    modes[point] = self.datapath.set_chain(
+                        point.ifname,
+                        point.hook,
+                        members,
+                        xdp_mode=self._xdp_mode(entries),
+                        take_over=correct,
+                    )
+                except Exception as exc:
+                    for e in entries:
+                        self._nf(e.nf).attach_errors[point] = str(exc)
+                    log.warning("cannot set chain on %s: %s", point, exc)
+                    continue
+                if is_drift:
+                    for d in drift[point]:
+                        self.event("DriftCorrected", f"{point}: {d}", warning=True)
+                        if self.metrics:
+                            self.metrics.drift("chain", True)
+            for point in changes.clear:
+                try:
+                    self.datapath.clear_chain(point.ifname, point.hook)
+                except Exception as exc:
+                    log.warning("cannot clear %s: %s", point, exc)
+            self.datapath.reap()
+            self._commit_swaps()
+            self._prune()
+            self._entry_changes = []
+            found.extend(self._sync_entries(suspensions, correct))
+            self._release_old_versions()
+            for name, message in self._changes + self._entry_changes:
+                self.event("Applied", message, nf=name)
+            self._changes = []
+            self._entry_changes = []
+            self._modes = modes
+            self._target = target
+            self._converged = True
+            return found
+
+    def _report_drift(self, point: AttachPoint, problems: list[str]) -> None:
+        for problem in problems:
+            key = f"{point}: {problem}"
+            if self._last_drift.get(key) != "reported":
+                self._last_drift[key] = "reported"
+                self.event("DriftDetected", key, warning=True)
+                if self.metrics:
+                    self.metrics.drift("chain", False)
+
+    def _xdp_mode(self, entries: list[ChainEntry]) -> str:
+        for entry in entries:
+            applied = self.applied.get(entry.nf)
+            if applied:
+                mode = applied.spec.get("spec", {}).get("attach", {}).get("xdpMode", "auto")
+                if mode != "auto":
+                    return str(mode)
+        return "auto"
+
+    def _commit_swaps(self) -> None:
+        for name, loaded in list(self.pending_commit.items()):
+            if self._nf(name).attach_errors:
+                continue  # not live everywhere yet: the old maps stay in place
+            try:
+                swaps = ", ".join(
+                    f"{w.name} ({w.migrated_entries} entries carried over)" for w in loaded.swaps
+                )
+                self.datapath.commit(loaded)
+                self.event("MapsReplaced", f"incompatible maps replaced: {swaps}", nf=name)
+            except OSError as exc:
+                self._fail(name, ErrorInfo(message=f"committing new maps failed: {exc}"))
+            del self.pending_commit[name]
+
+    def _prune(self) -> None:
+        for gone in self._pruned:
+            self.datapath.remove_nf(gone.name)
+            self.runtime.pop(gone.name, None)
+            self.event(
+                "Pruned",
+                f"removed from Git; detached and unpinned (was {gone.version})",
+                nf=gone.name,
+            )
+        self._pruned = []
+
+    def _loaded(self, name: str) -> LoadedBuild | None:
+        applied = self.applied.get(name)
+        if applied is None:
+            return None
+        loaded = self.loaded.get(name)
+        if loaded is None or loaded.build_hash != applied.build_hash:
+            loaded = self.datapath.find_loaded(name, applied.build_hash)
+            if loaded is not None:
+                self.loaded[name] = loaded
+        return loaded
+
+    def _sync_entries(self, suspensions: Suspensions, correct: bool = True) -> list[str]:
+        """Managed entries to the kernel. A change the manifest did not ask for is drift."""
+        drifted: list[str] = []
+        for name, applied in self.applied.items():
+            if name in suspensions.nfs:
+                continue
+            loaded = self._loaded(name)
+            if loaded is None:
+                continue
+            nf = NetworkFunction.model_validate(applied.spec)
+            manifest_changed = self._synced.get(name) != (
+                applied.build_hash,
+                applied.entries_digest,
+            )
+            ok = True
+            for map_name, spec in nf.spec.maps.items():
+                if not spec.managed:
+                    continue
+                entries = [(e.key, e.value) for e in spec.entries]
+                try:
+                    if not manifest_changed and not correct:
+                        plan = self.datapath.entries_diff(loaded, map_name, entries)
+                        if not plan.empty:
+                            drifted.append(f"{name}/{map_name}")
+                            key = f"{name}/{map_name} entries differ from Git"
+                            if self._last_drift.get(key) != "reported":
+                                self._last_drift[key] = "reported"
+                                self.event("DriftDetected", key, nf=name, warning=True)
+                        continue
+                    result = self.datapath.sync_entries(loaded, map_name, entries)
+                except (OSError, LayoutError, KeyError) as exc:
+                    self._fail(name, ErrorInfo(message=f"map {map_name}: {exc}"))
+                    ok = False
+                    continue
+                changed = result.added + result.updated + result.deleted
+                if not changed:
+                    continue
+                message = (
+                    f"map {map_name}: +{result.added} ~{result.updated} -{result.deleted} "
+                    f"entries ({result.total} total)"
+                )
+                if manifest_changed:
+                    self._entry_changes.append((name, message))
+                else:
+                    drifted.append(f"{name}/{map_name}")
+                    self.event(
+                        "DriftCorrected", f"{message} restored to match Git", nf=name, warning=True
+                    )
+                    if self.metrics:
+                        self.metrics.drift("map", True)
+            if ok:
+                self._synced[name] = (applied.build_hash, applied.entries_digest)
+        return drifted
+
+    def _release_old_versions(self) -> None:
+        in_chains = {
+            (e.nf, e.build_hash[:32])
+            for entries in self._target_snapshot().values()
+            for e in entries
+        }
+        for name, applied in self.applied.items():
+            keep = {applied.build_hash}
+            keep |= {h for n, h in in_chains if n == name}
+            if name in self.pending_commit:
+                continue
+            self.datapath.release_versions(name, keep)
+
+    def _target_snapshot(self) -> dict[AttachPoint, list[ChainEntry]]:
+        return self._target
+
+    # -- drift -------------------------------------------------------------------------
+    def check_drift(self) -> list[str]:
+        """Periodic: the same convergence without fetching; returns the drift found."""
+        with self.lock:
+            found = self.converge()
+            self._publish()
+            return found
+
+    # -- status ------------------------------------------------------------------------
+    def _finish(self, revision: Revision | None) -> bool:
+        status = self.status
+        failed = [
+            s
+            for s in self.build_nf_statuses()
+            if s.state in (NFState.FAILED, NFState.DEGRADED, NFState.PENDING)
+        ]
+        all_applied = not failed and not self.unparsed
+        if revision is not None and all_applied and self.stalled is None:
+            status.last_applied_revision = revision.sha
+        status.set_condition(ConditionType.RECONCILING, False, "Idle", "")
+        if self.stalled is not None:
+            reason, message = self.stalled
+            status.set_condition(ConditionType.STALLED, True, reason, message)
+            status.set_condition(ConditionType.READY, False, reason, message)
+        elif self.source_error is not None:
+            status.set_condition(ConditionType.STALLED, False, "SourceUnavailable", "")
+            status.set_condition(
+                ConditionType.READY,
+                False,
+                "SourceUnavailable",
+                f"{self.source_error}; datapath keeps {status.last_applied_revision or 'nothing'}",
+            )
+        elif failed or self.unparsed:
+            names = ", ".join(f"{s.name} ({s.state.value})" for s in failed)
+            names += ", ".join(self.unparsed)
+            status.set_condition(ConditionType.STALLED, False, "ReconciliationFailed", "")
+            status.set_condition(ConditionType.READY, False, "ReconciliationFailed", names)
+        else:
+            status.set_condition(ConditionType.STALLED, False, "Succeeded", "")
+            rev = revision.short if revision else (status.last_applied_revision or "")[:12]
+            status.set_condition(
+                ConditionType.READY, True, "ReconciliationSucceeded", f"applied revision {rev}"
+            )
+        self._publish()
+        return status.ready
+
+    def build_nf_statuses(self) -> list[NFStatus]:
+        suspensions = self.store.suspensions()
+        names = set(self.applied) | {n for n, rt in self.runtime.items() if rt.in_git or rt.error}
+        names = {n for n in names if not n.startswith("<")}
+        statuses = []
+        modes = self._modes
+        target = self._target
+        for name in sorted(names):
+            rt = self._nf(name)
+            applied = self.applied.get(name)
+            loaded = self._loaded(name) if applied else None
+            points = [p for p, entries in target.items() if any(e.nf == name for e in entries)]
+            spec_suspend = bool(applied and applied.spec.get("spec", {}).get("suspend"))
+            if name in suspensions.nfs or spec_suspend:
+                state = NFState.SUSPENDED
+            elif rt.in_git and not rt.selected:
+                state = NFState.NOT_SELECTED
+            elif rt.error is not None:
+                state = NFState.FAILED
+            elif applied is None:
+                state = NFState.PENDING
+            elif rt.attach_errors:
+                state = NFState.DEGRADED
+            else:
+                state = NFState.APPLIED
+            status = NFStatus(
+                name=name,
+                state=state,
+                version=applied.version if applied else None,
+                revision=applied.revision if applied else None,
+                build_hash=applied.build_hash if applied else None,
+                program_id=loaded.prog_id if loaded else None,
+                program_tag=loaded.tag if loaded else None,
+                hook=applied.spec.get("spec", {}).get("attach", {}).get("hook")
+                if applied
+                else None,
+                attach_points=[
+                    AttachPointStatus(
+                        interface=p.ifname,
+                        hook=p.hook.value,
+                        mode=modes.get(p),
+                        error=rt.attach_errors.get(p),
+                    )
+                    for p in points
+                ],
+                maps=self._map_statuses(name, loaded, applied),
+                last_error=rt.error,
+                suspended=state is NFState.SUSPENDED,
+                applied_at=applied.applied_at if applied else None,
+            )
+            if rt.attach_errors and not status.last_error:
+                first = next(iter(rt.attach_errors.items()))
+                status.last_error = ErrorInfo(message=f"{first[0]}: {first[1]}")
+            statuses.append(status)
+        return statuses
+
+    def _map_statuses(
+        self, name: str, loaded: LoadedBuild | None, applied: AppliedNF | None
+    ) -> list[MapStatus]:
+        if loaded is None or applied is None:
+            return []
+        managed = {
+            m
+            for m, spec in applied.spec.get("spec", {}).get("maps", {}).items()
+            if spec.get("managed")
+        }
+        out = []
+        for info in loaded.record.maps:
+            pin = loaded.map_pin(self.datapath.layout, info.name)
+            try:
+                with BpfMap.from_pin(str(pin)) as bmap:
+                    count = bmap.count()
+            except OSError:
+                count = -1
+            out.append(
+                MapStatus(
+                    name=info.name,
+                    type=info.map_type,
+                    entries=count,
+                    max_entries=info.max_entries,
+                    managed=info.name in managed,
+                )
+            )
+        return out
+
+    def _publish(self) -> None:
+        self.status.functions = self.build_nf_statuses()
+        self.status.observed_at = time.time()
+        self.store.save_status(self.status)
+        if self.metrics:
+            self.metrics.update(self.status)
+        for listener in self.status_listeners:
+            try:
+                listener(self.status)
+            except Exception:
+                log.exception("status listener failed")
+
+
+__all__ = ["AgentSettings", "Reconciler"]

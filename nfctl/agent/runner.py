@@ -1,0 +1,229 @@
+"""The agent process: timers, signals, interface events, metrics server, lock.
+
+SIGTERM/SIGINT: exit without touching the datapath (programs stay attached).
+SIGHUP: reconcile now (also sent by `nfctl reconcile --local` and `nfctl suspend`).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from nfctl.agent.config import AgentConfig
+from nfctl.agent.metrics import AgentMetrics, ExportedValue, serve
+from nfctl.agent.reconciler import AgentSettings, Reconciler
+from nfctl.agent.source import GitSource, SourceSettings
+from nfctl.agent.store import StateStore
+from nfctl.datapath.datapath import Datapath
+from nfctl.datapath.dispatcher import TcSettings
+from nfctl.manifest.model import NetworkFunction
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF_SECONDS = 300.0
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.store = StateStore(config.state_dir)
+        self.metrics = AgentMetrics()
+        self.datapath = Datapath(
+            config.bpffs_dir, config.state_dir, tc_settings=TcSettings(prio=config.tc_priority)
+        )
+        self.source = GitSource(
+            SourceSettings(
+                url=config.repo,
+                ref=config.ref,
+                timeout=config.timeout,
+                https_token_file=config.https_token_file,
+                ssh_key_file=config.ssh_key_file,
+                verify_signatures=config.verify_signatures,
+                trusted_keys=config.trusted_keys,
+            ),
+            config.state_dir,
+        )
+        self.reconciler = Reconciler(
+            AgentSettings(
+                node=config.node,
+                labels=config.all_labels(),
+                repo_url=config.repo,
+                ref=config.ref,
+                path=config.path,
+                drift_mode=config.drift,
+                verify_signatures=config.verify_signatures,
+            ),
+            self.datapath,
+            self.source,
+            self.store,
+            self.metrics,
+        )
+        self.metrics.register_exports(self._exports)
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.sync_requested = threading.Event()
+        self.links_changed = threading.Event()
+        self._failures = 0
+        self._suspend_mtime = 0.0
+        self.controller: Any = None
+
+    # -- triggers ----------------------------------------------------------------------
+    def request_sync(self) -> None:
+        self.sync_requested.set()
+        self.wake.set()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.wake.set()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            log.info("SIGHUP: reconciling now")
+            self.request_sync()
+        else:
+            log.info("signal %d: exiting; attached programs stay in place", signum)
+            self.stop()
+
+    def _watch_links(self) -> None:
+        """Interfaces that appear or vanish are reconciled at once, not at the next tick."""
+        try:
+            from pyroute2 import IPRoute
+            from pyroute2.netlink.rtnl import RTMGRP_LINK
+
+            with IPRoute() as ipr:
+                ipr.bind(groups=RTMGRP_LINK)
+                while not self.stopping.is_set():
+                    for msg in ipr.get():
+                        if msg.get("event") in ("RTM_NEWLINK", "RTM_DELLINK"):
+                            self.links_changed.set()
+                            self.wake.set()
+        except Exception as exc:  # polling in the drift loop still catches changes
+            log.debug("link watcher stopped: %s", exc)
+
+    # -- exported NF counters ----------------------------------------------------------------
+    def _exports(self) -> Iterator[ExportedValue]:
+        for name, applied in list(self.reconciler.applied.items()):
+            nf = NetworkFunction.model_validate(applied.spec)
+            loaded = self.reconciler.loaded.get(name)
+            if loaded is None:
+                continue
+            for map_name, spec in nf.spec.maps.items():
+                if not spec.export:
+                    continue
+                for key, value in self.datapath.map_entries(loaded, map_name):
+                    for export in spec.export:
+                        number = (
+                            value.get(export.field)
+                            if isinstance(value, dict) and export.field
+                            else value
+                        )
+                        if isinstance(number, int | float):
+                            yield (
+                                export.metric,
+                                export.type,
+                                export.help,
+                                name,
+                                map_name,
+                                key,
+                                number,
+                            )
+
+    # -- loop ------------------------------------------------------------------------------
+    def readiness(self) -> tuple[bool, str]:
+        status = self.reconciler.status
+        cond = next((c for c in status.conditions if c.type.value == "Ready"), None)
+        if cond is None:
+            return False, "not reconciled yet"
+        return cond.status, f"{cond.reason}: {cond.message}"
+
+    def _next_interval(self) -> float:
+        base = self.config.interval
+        if self.reconciler.source_error is not None:
+            base = min(MAX_BACKOFF_SECONDS, base * (2 ** min(self._failures, 10)))
+        return base * (1 + random.uniform(-self.config.jitter, self.config.jitter))
+
+    def run_once(self) -> bool:
+        self.store.lock()
+        try:
+            return self.reconciler.sync()
+        finally:
+            self.store.unlock()
+            self.datapath.close()
+
+    def run(self) -> None:
+        self.store.lock()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+        http = (
+            serve(self.config.metrics_addr, self.metrics, self.readiness)
+            if self.config.metrics_addr
+            else None
+        )
+        threading.Thread(target=self._watch_links, name="link-watch", daemon=True).start()
+        log.info(
+            "agent %s: %s %s path %s every %.1fs, drift %s",
+            self.config.node,
+            self.source.settings.url,
+            self.config.ref,
+            self.config.path,
+            self.config.interval,
+            self.config.drift,
+        )
+        next_sync = 0.0
+        next_drift = time.monotonic() + self.config.drift_interval
+        try:
+            while not self.stopping.is_set():
+                now = time.monotonic()
+                if self.sync_requested.is_set() or now >= next_sync or self._suspend_changed():
+                    self.sync_requested.clear()
+                    self._guarded(self.reconciler.sync)
+                    self._failures = self._failures + 1 if self.reconciler.source_error else 0
+                    next_sync = time.monotonic() + self._next_interval()
+                    next_drift = time.monotonic() + self.config.drift_interval
+                elif self.links_changed.is_set() or now >= next_drift:
+                    self.links_changed.clear()
+                    self._guarded(self.reconciler.check_drift)
+                    next_drift = time.monotonic() + self.config.drift_interval
+                timeout = max(0.0, min(next_sync, next_drift) - time.monotonic())
+                self.wake.wait(timeout=min(timeout, 1.0))
+                self.wake.clear()
+        finally:
+            if self.controller is not None:
+                self.controller.stop()
+            if http is not None:
+                http.shutdown()
+            self.datapath.close()
+            self.store.unlock()
+            log.info("agent stopped")
+
+    def _guarded(self, step: Callable[[], object]) -> None:
+        """A bug in one pass must not take the agent (and its reporting) down: the
+        datapath keeps running regardless, and the next pass may succeed."""
+        try:
+            step()
+        except Exception as exc:
+            log.exception("reconcile pass failed")
+            try:
+                self.reconciler.event(
+                    "InternalError", f"reconcile pass failed: {exc!r}", warning=True
+                )
+            except Exception:
+                log.exception("cannot record the failure")
+
+    def _suspend_changed(self) -> bool:
+        path: Path = self.store.dir / "suspend.json"
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            mtime = 0.0
+        if mtime != self._suspend_mtime:
+            self._suspend_mtime = mtime
+            return True
+        return False

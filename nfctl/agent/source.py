@@ -1,0 +1,275 @@
+"""The Git source: fetch a ref into a local mirror and materialise revisions as
+immutable snapshots that the compiler reads.
+
+Shallow fetches where the server allows; a timeout on every Git command; credentials
+from files, passed through the environment so they never appear in argv or logs."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import git
+
+log = logging.getLogger(__name__)
+
+SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+KEEP_SNAPSHOTS = 3
+
+
+class SourceError(RuntimeError):
+    """Fetching or reading the source failed (unreachable, bad ref, timeout, ...)."""
+
+
+class UntrustedRevisionError(SourceError):
+    """The revision is not signed by a trusted key."""
+
+
+@dataclass(frozen=True)
+class Revision:
+    sha: str
+    ref: str
+    author: str
+    author_email: str
+    committed_at: float  # unix time
+    message: str
+    snapshot: Path  # a checkout of the whole tree at sha
+
+    @property
+    def short(self) -> str:
+        return self.sha[:12]
+
+    def describe(self) -> str:
+        return f"{self.ref}@{self.short}"
+
+
+@dataclass
+class SourceSettings:
+    url: str
+    ref: str = "main"
+    timeout: float = 60.0
+    https_token_file: Path | None = None
+    ssh_key_file: Path | None = None
+    verify_signatures: bool = False
+    trusted_keys: Path | None = None  # folder of *.asc/*.gpg OpenPGP keys, allowed_signers
+
+
+def redact(text: str) -> str:
+    """Strip credentials that may appear in URLs inside error messages."""
+    return re.sub(r"(https?://)[^/@\s]+@", r"\1***@", text)
+
+
+class GitSource:
+    def __init__(self, settings: SourceSettings, state_dir: Path) -> None:
+        self.settings = settings
+        self.mirror = state_dir / "git" / "mirror.git"
+        self.snapshots = state_dir / "git" / "snapshots"
+        self._gnupg_home: Path | None = None
+
+    # -- environment -------------------------------------------------------------------
+    def _env(self) -> dict[str, str]:
+        env = {
+            "GIT_TERMINAL_PROMPT": "0",
+            "GIT_ASKPASS": "/bin/true",
+            "LC_ALL": "C",
+        }
+        s = self.settings
+        if s.ssh_key_file:
+            env["GIT_SSH_COMMAND"] = (
+                f"ssh -i {s.ssh_key_file} -o IdentitiesOnly=yes -o BatchMode=yes "
+                "-o StrictHostKeyChecking=accept-new"
+            )
+        if s.https_token_file:
+            token = s.https_token_file.read_text().strip()
+            # git reads extra config from the environment: the token stays out of argv
+            env.update(
+                {
+                    "GIT_CONFIG_COUNT": "1",
+                    "GIT_CONFIG_KEY_0": "http.extraHeader",
+                    "GIT_CONFIG_VALUE_0": f"Authorization: Bearer {token}",
+                }
+            )
+        if self._gnupg_home is not None:
+            env["GNUPGHOME"] = str(self._gnupg_home)
+        return env
+
+    def _git(self, *args: str, cwd: Path | None = None) -> str:
+        repo = git.Git(str(cwd or self.mirror))
+        try:
+            with repo.custom_environment(**self._env()):
+                out = repo.execute(
+                    ["git", *args],
+                    kill_after_timeout=self.settings.timeout,
+                    with_extended_output=False,
+                )
+        except git.GitCommandError as exc:
+            stderr = (exc.stderr or "").strip().removeprefix("stderr: ").strip("'\n ")
+            raise SourceError(redact(f"git {args[0]} failed: {stderr or exc}")) from None
+        return str(out)
+
+    # -- fetch -------------------------------------------------------------------------
+    def _ensure_mirror(self) -> None:
+        if (self.mirror / "HEAD").exists():
+            current = self._git("config", "--get", "remote.origin.url").strip()
+            if current != self.settings.url:
+                self._git("remote", "set-url", "origin", self.settings.url)
+            return
+        self.mirror.mkdir(parents=True, exist_ok=True)
+        self._git("init", "--bare", "--quiet", str(self.mirror), cwd=self.mirror.parent)
+        self._git("remote", "add", "origin", self.settings.url)
+
+    def fetch(self) -> str:
+        """Fetch the configured ref; returns the commit sha it points to."""
+        self._ensure_mirror()
+        ref = self.settings.ref
+        target = "refs/nfctl/target"
+        if SHA_RE.match(ref):
+            try:
+                self._git("fetch", "--quiet", "--depth=1", "origin", f"+{ref}:{target}")
+            except SourceError:
+                # servers without allowReachableSHA1InWant need a full fetch
+                self._git("fetch", "--quiet", "origin", "+refs/heads/*:refs/nfctl/heads/*")
+                self._git("update-ref", target, ref)
+        else:
+            try:
+                self._git("fetch", "--quiet", "--depth=1", "--force", "origin", f"+{ref}:{target}")
+            except SourceError as exc:
+                if "couldn't find remote ref" in str(exc):
+                    raise SourceError(
+                        f"ref {ref!r} not found in {redact(self.settings.url)}"
+                    ) from None
+                raise
+        return self._git("rev-parse", f"{target}^{{commit}}").strip()
+
+    # -- revisions -----------------------------------------------------------------------
+    def revision(self, sha: str) -> Revision:
+        """Materialise sha as a snapshot (once) and describe its commit."""
+        fmt = "%H%x00%an%x00%ae%x00%ct%x00%B"
+        raw = self._git("show", "-s", f"--format={fmt}", sha)
+        full, author, email, ctime, message = raw.split("\x00", 4)
+        snapshot = self.snapshots / full
+        if not snapshot.is_dir():
+            self._checkout(full, snapshot)
+        return Revision(
+            sha=full,
+            ref=self.settings.ref,
+            author=author,
+            author_email=email,
+            committed_at=float(ctime),
+            message=message.strip(),
+            snapshot=snapshot,
+        )
+
+    def _checkout(self, sha: str, snapshot: Path) -> None:
+        self.snapshots.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=self.snapshots, prefix=".tmp-"))
+        try:
+            index = tmp / ".nfctl-index"
+            repo = git.Git(str(self.mirror))
+            env = {**self._env(), "GIT_INDEX_FILE": str(index), "GIT_WORK_TREE": str(tmp)}
+            with repo.custom_environment(**env):
+                repo.execute(["git", "read-tree", sha], kill_after_timeout=self.settings.timeout)
+                repo.execute(
+                    ["git", "checkout-index", "--all", "--force"],
+                    kill_after_timeout=self.settings.timeout,
+                )
+            index.unlink(missing_ok=True)
+            os.rename(tmp, snapshot)
+        except (git.GitCommandError, OSError) as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise SourceError(f"cannot check out {sha[:12]}: {exc}") from None
+        self._prune_snapshots(keep={sha})
+
+    def _prune_snapshots(self, keep: set[str]) -> None:
+        entries = sorted(
+            (p for p in self.snapshots.iterdir() if SHA_RE.match(p.name)),
+            key=lambda p: p.stat().st_mtime,
+            reverse=True,
+        )
+        for old in entries[KEEP_SNAPSHOTS:]:
+            if old.name not in keep:
+                shutil.rmtree(old, ignore_errors=True)
+        for tmp in self.snapshots.glob(".tmp-*"):
+            if time.time() - tmp.stat().st_mtime > 600:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def keep_snapshot(self, sha: str) -> None:
+        with contextlib.suppress(OSError):
+            os.utime(self.snapshots / sha)
+
+    # -- signatures ------------------------------------------------------------------------
+    def verify(self, sha: str) -> str:
+        """Require a good signature by a trusted key; returns the signer's key id."""
+        keys = self.settings.trusted_keys
+        if keys is None or not keys.is_dir():
+            raise UntrustedRevisionError(
+                "--verify-signatures needs --trusted-keys: a folder of OpenPGP public keys "
+                "(*.asc, *.gpg) and/or an SSH allowed_signers file"
+            )
+        self._prepare_keyring(keys)
+        ssh_allowed = keys / "allowed_signers"
+        extra: list[str] = []
+        if ssh_allowed.is_file():
+            extra = ["-c", f"gpg.ssh.allowedSignersFile={ssh_allowed}"]
+        out = self._git(*extra, "log", "-1", "--format=%G?%x00%GK%x00%GS", sha)
+        status, key, signer = [*out.strip().split("\x00"), "", "", ""][:3]
+        if status == "G":
+            return key or signer
+        reasons = {
+            "N": "the commit is not signed",
+            "B": "the signature is bad",
+            "U": "the signature's validity is unknown",
+            "X": "the signature has expired",
+            "Y": "the signing key has expired",
+            "R": "the signing key was revoked",
+            "E": "the signing key is not among the trusted keys",
+        }
+        raise UntrustedRevisionError(
+            f"commit {sha[:12]} refused: {reasons.get(status, f'signature status {status!r}')}"
+        )
+
+    def _prepare_keyring(self, keys: Path) -> None:
+        if self._gnupg_home is None:
+            self._gnupg_home = Path(tempfile.mkdtemp(prefix="nfctl-gnupg-"))
+            os.chmod(self._gnupg_home, 0o700)
+        files = sorted(p for p in keys.iterdir() if p.suffix in (".asc", ".gpg", ".pub", ".key"))
+        for key_file in files:
+            proc = subprocess.run(
+                ["gpg", "--batch", "--quiet", "--import", str(key_file)],
+                env={**os.environ, "GNUPGHOME": str(self._gnupg_home)},
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=30,
+            )
+            if proc.returncode != 0:
+                log.warning("cannot import trusted key %s: %s", key_file, proc.stderr.strip())
+        # every imported key is trusted: the operator chose the folder
+        listing = subprocess.run(
+            ["gpg", "--batch", "--with-colons", "--list-keys"],
+            env={**os.environ, "GNUPGHOME": str(self._gnupg_home)},
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        fingerprints = [
+            line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:")
+        ]
+        if fingerprints:
+            ownertrust = "".join(f"{fp}:6:\n" for fp in fingerprints)
+            subprocess.run(
+                ["gpg", "--batch", "--import-ownertrust"],
+                input=ownertrust,
+                env={**os.environ, "GNUPGHOME": str(self._gnupg_home)},
+                capture_output=True,
+                text=True,
+                check=False,
+            )

@@ -1,0 +1,139 @@
+"""Agent status and events, in the Flux vocabulary (conditions Ready / Reconciling /
+Stalled; lastAppliedRevision / lastAttemptedRevision)."""
+
+from __future__ import annotations
+
+import time
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(populate_by_name=True, extra="ignore")
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, mode="json")
+
+
+class ConditionType(StrEnum):
+    READY = "Ready"
+    RECONCILING = "Reconciling"
+    STALLED = "Stalled"
+
+
+class Condition(_Model):
+    type: ConditionType
+    status: bool
+    reason: str
+    message: str = ""
+    last_transition_time: float = Field(default_factory=time.time, alias="lastTransitionTime")
+
+
+class NFState(StrEnum):
+    APPLIED = "Applied"  # the desired version runs on every matched attach point
+    DEGRADED = "Degraded"  # runs, but not everywhere (an attach point failed)
+    FAILED = "Failed"  # the new version failed; the last good one (if any) still runs
+    PENDING = "Pending"  # selected but nothing applied yet
+    SUSPENDED = "Suspended"  # frozen by an operator or spec.suspend
+    NOT_SELECTED = "NotSelected"  # nodeSelector does not match this node
+
+
+class ErrorInfo(_Model):
+    message: str
+    file: str | None = None
+    line: int | None = None
+    log: str | None = None
+    revision: str | None = None
+
+
+class AttachPointStatus(_Model):
+    interface: str
+    hook: str
+    mode: str | None = None
+    error: str | None = None
+
+
+class MapStatus(_Model):
+    name: str
+    type: str
+    entries: int
+    max_entries: int = Field(alias="maxEntries")
+    managed: bool = False
+
+
+class NFStatus(_Model):
+    name: str
+    state: NFState
+    version: str | None = None
+    revision: str | None = None
+    build_hash: str | None = Field(default=None, alias="buildHash")
+    program_id: int | None = Field(default=None, alias="programId")
+    program_tag: str | None = Field(default=None, alias="programTag")
+    hook: str | None = None
+    attach_points: list[AttachPointStatus] = Field(default_factory=list, alias="attachPoints")
+    maps: list[MapStatus] = Field(default_factory=list)
+    last_error: ErrorInfo | None = Field(default=None, alias="lastError")
+    suspended: bool = False
+    applied_at: float | None = Field(default=None, alias="appliedAt")
+
+
+class SourceStatus(_Model):
+    url: str
+    ref: str
+    path: str
+    last_fetched_revision: str | None = Field(default=None, alias="lastFetchedRevision")
+    last_fetch_error: str | None = Field(default=None, alias="lastFetchError")
+
+
+class NodeStatus(_Model):
+    node: str
+    labels: dict[str, str] = Field(default_factory=dict)
+    kernel: str = ""
+    agent_version: str = Field(default="", alias="agentVersion")
+    source: SourceStatus | None = None
+    last_applied_revision: str | None = Field(default=None, alias="lastAppliedRevision")
+    last_attempted_revision: str | None = Field(default=None, alias="lastAttemptedRevision")
+    conditions: list[Condition] = Field(default_factory=list)
+    functions: list[NFStatus] = Field(default_factory=list)
+    suspended: bool = False
+    drift_mode: str = Field(default="correct", alias="driftMode")
+    observed_at: float = Field(default_factory=time.time, alias="observedAt")
+
+    def condition(self, kind: ConditionType) -> Condition | None:
+        return next((c for c in self.conditions if c.type is kind), None)
+
+    def set_condition(
+        self, kind: ConditionType, status: bool, reason: str, message: str = ""
+    ) -> None:
+        current = self.condition(kind)
+        if current is not None and current.status == status:
+            current.reason, current.message = reason, message
+            return
+        self.conditions = [c for c in self.conditions if c.type is not kind]
+        self.conditions.append(Condition(type=kind, status=status, reason=reason, message=message))
+        self.conditions.sort(key=lambda c: c.type.value)
+
+    @property
+    def ready(self) -> bool:
+        cond = self.condition(ConditionType.READY)
+        return bool(cond and cond.status)
+
+
+class EventType(StrEnum):
+    NORMAL = "Normal"
+    WARNING = "Warning"
+
+
+class Event(_Model):
+    time: float = Field(default_factory=time.time)
+    type: EventType = EventType.NORMAL
+    reason: str  # Applied, Failed, Pruned, DriftCorrected, DriftDetected, SourceUnavailable, ...
+    message: str
+    node: str = ""
+    nf: str | None = None
+    revision: str | None = None
+    author: str | None = None
+    commit_time: float | None = Field(default=None, alias="commitTime")
+    sequence: int = 0

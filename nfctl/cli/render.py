@@ -1,0 +1,84 @@
+"""Human-readable renderings (rich tables) of statuses and events."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+from rich.table import Table
+
+from nfctl.agent.status import NodeStatus
+from nfctl.cli.output import console
+
+STATE_COLORS = {
+    "Applied": "green",
+    "Degraded": "yellow",
+    "Failed": "red",
+    "Pending": "cyan",
+    "Suspended": "magenta",
+    "NotSelected": "dim",
+}
+
+
+def ago(ts: float | None) -> str:
+    if not ts:
+        return "-"
+    seconds = max(0, int(time.time() - ts))
+    if seconds < 120:
+        return f"{seconds}s ago"
+    if seconds < 7200:
+        return f"{seconds // 60}m ago"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def render_node_status(status: NodeStatus) -> None:
+    ready = status.condition(status.conditions[0].type) if status.conditions else None
+    console.print(
+        f"[bold]node[/bold] {status.node}  kernel {status.kernel}  agent {status.agent_version}"
+        + ("  [magenta]SUSPENDED[/magenta]" if status.suspended else "")
+    )
+    if status.source:
+        console.print(
+            f"source {status.source.url} {status.source.ref} path {status.source.path}",
+            markup=False,
+        )
+    console.print(
+        f"lastAppliedRevision {(status.last_applied_revision or '-')[:12]}  "
+        f"lastAttemptedRevision {(status.last_attempted_revision or '-')[:12]}"
+    )
+    for cond in status.conditions:
+        color = "green" if cond.status == (cond.type.value != "Stalled") else "red"
+        console.print(
+            f"  [{color}]{cond.type.value}={cond.status}[/{color}] {cond.reason} ", end=""
+        )
+        console.print(cond.message, markup=False, highlight=False)
+    del ready
+    table = Table(show_edge=False, header_style="bold")
+    for column in ("NF", "STATE", "VERSION", "REVISION", "PROG ID", "ATTACHED", "MAPS", "ERROR"):
+        table.add_column(column)
+    for nf in status.functions:
+        color = STATE_COLORS.get(nf.state.value, "white")
+        attached = ", ".join(
+            f"{a.interface}/{a.hook}" + (f"({a.mode})" if a.mode and a.mode != "tc" else "")
+            for a in nf.attach_points
+        )
+        maps = ", ".join(f"{m.name}:{m.entries}" for m in nf.maps)
+        error = ""
+        if nf.last_error:
+            where = (
+                f"{nf.last_error.file}:{nf.last_error.line} "
+                if nf.last_error.file and nf.last_error.line
+                else ""
+            )
+            error = where + nf.last_error.message
+        table.add_row(
+            nf.name,
+            f"[{color}]{nf.state.value}[/{color}]",
+            nf.version or "-",
+            (nf.revision or "-")[:12],
+            str(nf.program_id or "-"),
+            attached or "-",
+            maps or "-",
+            error,
+        )
+    console.print(table)

@@ -1,0 +1,5 @@
+#include "lib"
+int xdp_prog(struct xdp_md *ctx)
+{
+    return XDP_PASS;
+}

@@ -1,0 +1,7 @@
+#include <linux/if_ether.h>
+
+#include "../../../../../../../../../../../../../../../../etc/passwd"
+int xdp_prog(struct xdp_md *ctx)
+{
+    return XDP_PASS;
+}

@@ -1,0 +1,5 @@
+#include "secret.h"
+int xdp_prog(struct xdp_md *ctx)
+{
+    return XDP_PASS;
+}

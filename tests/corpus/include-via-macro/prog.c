@@ -1,0 +1,6 @@
+#define SECRET "/etc/shadow"
+#include SECRET
+int xdp_prog(struct xdp_md *ctx)
+{
+    return XDP_PASS;
+}

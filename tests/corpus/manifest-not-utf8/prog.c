@@ -1,0 +1,4 @@
+int xdp_prog(struct xdp_md *ctx)
+{
+    return XDP_PASS;
+}

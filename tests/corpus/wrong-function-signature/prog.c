@@ -1,0 +1,4 @@
+int xdp_prog(void)
+{
+    return XDP_PASS;
+}

@@ -1,0 +1,345 @@
+"""The node agent end to end: real Git (git daemon over the veth), real agent processes,
+real traffic through the NFs it attaches."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nfctl.testing.netns import VethPair, run
+from tests.agent_harness import AgentProcess, GitDaemon, GitRepo, wait_until
+
+pytestmark = pytest.mark.kernel
+
+
+@pytest.fixture
+def gitdir(tmp_path: Path) -> Path:
+    base = tmp_path / "git"
+    base.mkdir()
+    return base
+
+
+@pytest.fixture
+def daemon(gitdir: Path, veth: VethPair) -> Iterator[GitDaemon]:
+    server = GitDaemon(gitdir, veth.ns_b, veth.b_ip)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def xdp_prog_id(veth: VethPair) -> int:
+    from nfctl.datapath.netlink import ipr
+    from nfctl.datapath.xdp import query
+
+    with ipr(veth.ns_a) as handle:
+        index = handle.link_lookup(ifname=veth.a_if)[0]
+        return query(handle, index).prog_id
+
+
+def tc_filter_present(veth: VethPair, direction: str = "ingress") -> bool:
+    out = run("tc", "filter", "show", "dev", veth.a_if, direction, netns=veth.ns_a)
+    return "nfctl_tc" in out
+
+
+def blocklist_with(repo: GitRepo, sources: list[str]) -> None:
+    entries = "\n".join(f"        - {{key: {ip}, value: 1}}" for ip in sources)
+    text = repo.read("nfs/blocklist/nf.yaml")
+    start = text.index("    blocked_v4:")
+    end = text.index("    blocked_v6:")
+    block = f"    blocked_v4:\n      managed: true\n      entries:\n{entries}\n"
+    repo.write("nfs/blocklist/nf.yaml", text[:start] + block + text[end:])
+
+
+def events_of(agent: AgentProcess, reason: str, nf: str | None = None) -> list[dict[str, Any]]:
+    return [
+        e for e in agent.events() if e["reason"] == reason and (nf is None or e.get("nf") == nf)
+    ]
+
+
+def test_gitops_lifecycle(
+    veth: VethPair, daemon: GitDaemon, gitdir: Path, tmp_path: Path, bpffs_root: Path
+) -> None:
+    repo = GitRepo(gitdir / "nfs-repo")
+    repo.add_library_nf("blocklist")
+    repo.add_library_nf("counter")
+    blocked = veth.b_ip.rsplit(".", 1)[0] + ".66"
+    veth.add_b_address(blocked)
+    c1 = repo.commit("add blocklist and counter")
+    agent = AgentProcess(veth, daemon.url("nfs-repo"), tmp_path / "state", bpffs_root).start()
+    try:
+        # 1. deploy
+        status = agent.wait_ready(c1)
+        assert {nf["name"]: nf["state"] for nf in status["functions"]} == {
+            "blocklist": "Applied",
+            "counter": "Applied",
+        }
+        p1 = agent.nf("blocklist")["programId"]
+        assert agent.nf("blocklist")["revision"] == c1
+        assert veth.ping(veth.ns_b, veth.a_ip, 3, source=blocked) == 3
+        applied = events_of(agent, "Applied", "blocklist")
+        assert applied and applied[0]["revision"] == c1
+        assert applied[0]["author"] == "Alice Operator <alice@example.org>"
+
+        # 2. map-only change: enforced live, same program
+        blocklist_with(repo, ["203.0.113.7", blocked])
+        c2 = repo.commit("block a noisy source")
+        agent.wait_ready(c2)
+        assert veth.ping(veth.ns_b, veth.a_ip, 3, source=blocked, timeout_s=0.3) == 0
+        assert veth.ping_a_from_b(2) == 2
+        assert agent.nf("blocklist")["programId"] == p1
+        assert xdp_prog_id(veth) != 0
+
+        # 3. new program version: replaced live, blocklist entries and counters kept
+        source = repo.read("nfs/blocklist/blocklist.c")
+        repo.write(
+            "nfs/blocklist/blocklist.c",
+            source.replace("#ifndef MAX_RULES", "#define REV 3\n#ifndef MAX_RULES"),
+        )
+        repo.write(
+            "nfs/blocklist/nf.yaml",
+            repo.read("nfs/blocklist/nf.yaml").replace("version: 1.0.0", "version: 1.1.0"),
+        )
+        c3 = repo.commit("blocklist 1.1.0")
+        agent.wait_ready(c3)
+        p2 = agent.nf("blocklist")["programId"]
+        assert p2 != p1 and agent.nf("blocklist")["version"] == "1.1.0"
+        assert veth.ping(veth.ns_b, veth.a_ip, 2, source=blocked, timeout_s=0.3) == 0
+        drops = next(m for m in agent.nf("blocklist")["maps"] if m["name"] == "blocked_v4")
+        assert drops["entries"] == 2
+
+        # 4. a compile error: refused, last good version keeps running, error located
+        repo.write(
+            "nfs/blocklist/blocklist.c", source.replace("return XDP_PASS;\n}", "return XDP_PASS\n}")
+        )
+        c4 = repo.commit("oops: syntax error")
+        wait_until(
+            lambda: (
+                agent.status().get("lastAttemptedRevision") == c4
+                and agent.nf("blocklist")["state"] == "Failed"
+            ),
+            60,
+            what="failed",
+        )
+        nf = agent.nf("blocklist")
+        assert nf["programId"] == p2 and nf["version"] == "1.1.0" and nf["revision"] == c3
+        assert nf["lastError"]["file"] == "nfs/blocklist/blocklist.c" and nf["lastError"]["line"]
+        assert "expected ';'" in nf["lastError"]["message"]
+        status = agent.status()
+        assert status["lastAppliedRevision"] == c3
+        assert not next(c for c in status["conditions"] if c["type"] == "Ready")["status"]
+        failed = events_of(agent, "Failed", "blocklist")
+        assert failed and failed[-1]["revision"] == c4
+        assert veth.ping(veth.ns_b, veth.a_ip, 2, source=blocked, timeout_s=0.3) == 0
+
+        # 5. git revert brings the good version back (same build: adopted, not recompiled)
+        repo.git("revert", "--no-edit", "HEAD")
+        c5 = repo.head()
+        agent.wait_ready(c5)
+        assert agent.nf("blocklist")["programId"] == p2
+        assert agent.nf("blocklist").get("lastError") is None
+
+        # 6. a verifier rejection and 7. broken YAML: both keep the running version
+        bad = source.replace(
+            "if ((void *)(eth + 1) > data_end)\n        return XDP_PASS;\n\n    if (eth->h_proto",
+            "if (eth->h_proto",
+            1,
+        )
+        assert bad != source
+        repo.write(
+            "nfs/blocklist/blocklist.c",
+            bad.replace("#ifndef MAX_RULES", "#define REV 3\n#ifndef MAX_RULES"),
+        )
+        c6 = repo.commit("unchecked packet access")
+        wait_until(
+            lambda: (
+                agent.status().get("lastAttemptedRevision") == c6
+                and agent.nf("blocklist")["state"] == "Failed"
+            ),
+            60,
+            what="verifier failure",
+        )
+        assert "verifier" in agent.nf("blocklist")["lastError"]["message"]
+        assert agent.nf("blocklist")["programId"] == p2
+        repo.git("revert", "--no-edit", "HEAD")
+        agent.wait_ready(repo.head())
+
+        repo.write(
+            "nfs/blocklist/nf.yaml",
+            repo.read("nfs/blocklist/nf.yaml").replace("  attach:\n", "  attach: [\n", 1),
+        )
+        c7 = repo.commit("broken yaml")
+        wait_until(
+            lambda: (
+                agent.status().get("lastAttemptedRevision") == c7
+                and agent.nf("blocklist")["state"] == "Failed"
+            ),
+            60,
+            what="yaml failure",
+        )
+        error = agent.nf("blocklist")["lastError"]
+        assert (
+            error["file"] == "nfs/blocklist/nf.yaml"
+            and error["line"]
+            and "YAML" in error["message"]
+        )
+        assert agent.nf("blocklist")["programId"] == p2  # not pruned: a typo never detaches
+        assert veth.ping(veth.ns_b, veth.a_ip, 2, source=blocked, timeout_s=0.3) == 0
+        repo.git("revert", "--no-edit", "HEAD")
+        c8 = repo.head()
+        agent.wait_ready(c8)
+
+        # 8. drift: someone deletes our tc filter, another tool replaces our XDP program
+        run(
+            "tc",
+            "filter",
+            "del",
+            "dev",
+            veth.a_if,
+            "ingress",
+            "prio",
+            "10",
+            "handle",
+            "0x4e46",
+            "bpf",
+            netns=veth.ns_a,
+        )
+        force_foreign_xdp(veth)
+        wait_until(lambda: tc_filter_present(veth), 15, what="tc filter restored")
+        wait_until(lambda: len(events_of(agent, "DriftCorrected")) >= 2, 15, what="drift events")
+        wait_until(
+            lambda: veth.ping(veth.ns_b, veth.a_ip, 1, source=blocked, timeout_s=0.3) == 0,
+            15,
+            what="XDP restored",
+        )
+
+        # 9. Git unreachable: keeps running the last revision, reports it, recovers
+        daemon.stop()
+        wait_until(lambda: events_of(agent, "SourceUnavailable"), 30, what="source unavailable")
+        ready = next(c for c in agent.status()["conditions"] if c["type"] == "Ready")
+        assert not ready["status"] and ready["reason"] == "SourceUnavailable"
+        assert veth.ping(veth.ns_b, veth.a_ip, 2, source=blocked, timeout_s=0.3) == 0
+        daemon.start()
+        agent.wait_ready(c8, timeout=60)
+
+        # 10. restart: SIGTERM leaves everything attached; the new agent recompiles nothing
+        ids_before = {nf["name"]: nf["programId"] for nf in agent.status()["functions"]}
+        assert agent.stop(signal.SIGTERM) == 0
+        assert veth.ping(veth.ns_b, veth.a_ip, 2, source=blocked, timeout_s=0.3) == 0
+        assert tc_filter_present(veth) and xdp_prog_id(veth) != 0
+        compiled_before = len([e for e in agent.events() if "compiled" in e["message"]])
+        restart = time.monotonic()
+        agent.start()
+        wait_until(
+            lambda: agent.status().get("observedAt", 0) > time.time() - 1 and agent.ready_at(c8),
+            30,
+            what="ready after restart",
+        )
+        assert time.monotonic() - restart < 10
+        assert {nf["name"]: nf["programId"] for nf in agent.status()["functions"]} == ids_before
+        assert len([e for e in agent.events() if "compiled" in e["message"]]) == compiled_before
+
+        # 11. SIGKILL in the middle of applying a new version: never a hook without a program
+        watch = HookWatch(veth)
+        with watch:
+            repo.write(
+                "nfs/counter/counter.c",
+                repo.read("nfs/counter/counter.c").replace(
+                    "struct proto_key {", "#define REV 11\nstruct proto_key {"
+                ),
+            )
+            repo.write(
+                "nfs/blocklist/blocklist.c",
+                repo.read("nfs/blocklist/blocklist.c").replace("#define REV 3", "#define REV 11"),
+            )
+            c11 = repo.commit("new versions of both")
+            time.sleep(1.0)  # the agent is fetching / compiling now
+            agent.stop(signal.SIGKILL)
+            agent.start()
+            agent.wait_ready(c11, timeout=90)
+        assert watch.gaps == 0, f"{watch.gaps} samples without a program on a hook"
+        assert agent.nf("blocklist")["programId"] not in (p1, p2)
+
+        # 12. prune: an NF removed from Git is detached and its pins removed
+        repo.remove("nfs/counter")
+        c12 = repo.commit("retire the counter")
+        agent.wait_ready(c12)
+        assert [nf["name"] for nf in agent.status()["functions"]] == ["blocklist"]
+        wait_until(lambda: not tc_filter_present(veth), 10, what="counter detached")
+        assert not (bpffs_root / "nfs" / "counter").exists()
+        assert events_of(agent, "Pruned", "counter")
+        assert "clsact" not in run("tc", "qdisc", "show", "dev", veth.a_if, netns=veth.ns_a)
+    finally:
+        agent.stop(signal.SIGTERM)
+        from nfctl.datapath.datapath import Datapath
+
+        Datapath(bpffs_root, tmp_path / "state", netns=veth.ns_a).teardown()
+
+
+def force_foreign_xdp(veth: VethPair) -> None:
+    """Another tool attaching its own XDP program over ours (no compare-and-swap)."""
+    code = textwrap.dedent(
+        f"""
+        from pyroute2 import IPRoute
+        from nfctl.datapath import bpf, xdp
+        fd = bpf.load_return_program(bpf.PROG_TYPE_XDP, 2, "other_tool")
+        with IPRoute(netns={veth.ns_a!r}) as ipr:
+            index = ipr.link_lookup(ifname={veth.a_if!r})[0]
+            mode = xdp.query(ipr, index).mode
+            flag = xdp.XDP_FLAGS_DRV_MODE if mode == "native" else xdp.XDP_FLAGS_SKB_MODE
+            attrs = [["IFLA_XDP_FD", fd], ["IFLA_XDP_FLAGS", flag]]
+            ipr.link("set", index=index, xdp={{"attrs": attrs}})
+        """
+    )
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1]
+    )
+
+
+class HookWatch:
+    """Samples XDP and tc ingress of a's veth every few ms; counts samples with no program."""
+
+    def __init__(self, veth: VethPair) -> None:
+        self.veth = veth
+        self.gaps = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        from nfctl.datapath import tc as tcmod
+        from nfctl.datapath.netlink import ipr
+        from nfctl.datapath.xdp import query
+
+        with ipr(self.veth.ns_a) as handle:
+            index = handle.link_lookup(ifname=self.veth.a_if)[0]
+            while not self._stop.is_set():
+                xdp_ok = query(handle, index).prog_id != 0
+                tc_ok = any(f.prog_id for f in tcmod.list_filters(handle, index, "ingress"))
+                self.samples += 1
+                if not (xdp_ok and tc_ok):
+                    self.gaps += 1
+                time.sleep(0.005)
+
+    def __enter__(self) -> HookWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        assert self.samples > 50
+
+
+os.environ.setdefault("PYTHONUNBUFFERED", "1")
