@@ -167,6 +167,11 @@ class Agent:
             else None
         )
         threading.Thread(target=self._watch_links, name="link-watch", daemon=True).start()
+        if self.config.controller:
+            from nfctl.agent.controller_link import ControllerLink
+
+            self.controller = ControllerLink(self, self.config)
+            self.controller.start()
         log.info(
             "agent %s: %s %s path %s every %.1fs, drift %s",
             self.config.node,

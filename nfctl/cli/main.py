@@ -115,13 +115,20 @@ def doctor(
     raise typer.Exit(0 if ok else 1)
 
 
-def _register_agent_commands() -> None:
-    from nfctl.cli import agent_cmd
+def _register_commands() -> None:
+    from nfctl.cli import agent_cmd, controller_cmd, fleet_cmd, ops_cmd
 
     app.command(name="agent")(agent_cmd.agent)
     app.command(name="status")(agent_cmd.status)
-    app.command(name="suspend")(agent_cmd.suspend)
-    app.command(name="resume")(agent_cmd.resume)
+    app.command(name="controller")(controller_cmd.controller)
+    app.add_typer(controller_cmd.certs_app, name="certs")
+    app.add_typer(fleet_cmd.get_app, name="get")
+    app.command(name="events", help="Events from the controller; --watch streams them.")(
+        fleet_cmd.get_events
+    )
+    app.command(name="reconcile")(ops_cmd.reconcile)
+    app.command(name="suspend")(ops_cmd.suspend)
+    app.command(name="resume")(ops_cmd.resume)
 
 
-_register_agent_commands()
+_register_commands()

@@ -1,0 +1,1 @@
+"""The controller: fleet status, events and commands over gRPC, a webhook receiver."""

@@ -1,0 +1,103 @@
+"""Who is calling: agents by client certificate (O=nfctl-nodes, CN=<node name>), operators
+by client certificate (O=nfctl-operators) or bearer token."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+NODES_ORG = "nfctl-nodes"
+OPERATORS_ORG = "nfctl-operators"
+
+
+@dataclass(frozen=True)
+class Identity:
+    common_name: str | None
+    organization: str | None
+
+    @property
+    def is_node(self) -> bool:
+        return self.organization == NODES_ORG and bool(self.common_name)
+
+    @property
+    def is_operator(self) -> bool:
+        return self.organization == OPERATORS_ORG
+
+
+def identity(context: Any) -> Identity:
+    auth = context.auth_context()
+    subject = b",".join(auth.get("x509_subject", [])).decode(errors="replace")
+    fields = dict(part.split("=", 1) for part in subject.split(",") if "=" in part)
+    cn = auth.get("x509_common_name", [b""])[0].decode(errors="replace") or fields.get("CN")
+    return Identity(common_name=cn or None, organization=fields.get("O"))
+
+
+@dataclass
+class AuthPolicy:
+    tls: bool
+    operator_token: str | None = None
+
+    @classmethod
+    def create(cls, tls: bool, token_file: Path | None) -> AuthPolicy:
+        token = token_file.read_text().strip() if token_file else None
+        return cls(tls=tls, operator_token=token or None)
+
+    def bearer_ok(self, context: Any) -> bool:
+        if not self.operator_token:
+            return False
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+                return hmac.compare_digest(value[7:].strip(), self.operator_token)
+        return False
+
+    async def require_operator(self, context: Any) -> None:
+        if self.bearer_ok(context):
+            return
+        if self.tls and identity(context).is_operator:
+            return
+        if not self.tls and not self.operator_token:
+            return  # --insecure on loopback without a token: open by explicit choice
+        await context.abort(
+            grpc.StatusCode.UNAUTHENTICATED,
+            "operator calls need a client certificate of the nfctl-operators group "
+            "or 'authorization: Bearer <token>'",
+        )
+
+    async def require_node(self, context: Any, claimed: str) -> None:
+        if not self.tls:
+            return  # --insecure: no identities to check
+        who = identity(context)
+        if not who.is_node:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "agents need a client certificate of the nfctl-nodes group",
+            )
+        if who.common_name != claimed:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"certificate is for node {who.common_name!r}, not {claimed!r}",
+            )
+
+
+def server_credentials(
+    ca: Path, cert: Path, key: Path, require_client_cert: bool
+) -> grpc.ServerCredentials:
+    return grpc.ssl_server_credentials(
+        [(key.read_bytes(), cert.read_bytes())],
+        root_certificates=ca.read_bytes(),
+        require_client_auth=require_client_cert,
+    )
+
+
+def channel_credentials(
+    ca: Path | None, cert: Path | None = None, key: Path | None = None
+) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(
+        root_certificates=ca.read_bytes() if ca else None,
+        private_key=key.read_bytes() if key else None,
+        certificate_chain=cert.read_bytes() if cert else None,
+    )

@@ -1,0 +1,233 @@
+"""gRPC services: AgentService (one stream per agent) and FleetService (operators)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
+from nfctl.api.nfctl.v1 import nfctl_pb2_grpc as pbg
+from nfctl.controller.auth import AuthPolicy
+from nfctl.controller.fleet import Fleet, NodeEntry, Session, Watcher
+from nfctl.controller.metrics import ControllerMetrics
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class AgentService(pbg.AgentServiceServicer):
+    def __init__(self, fleet: Fleet, auth: AuthPolicy, metrics: ControllerMetrics) -> None:
+        self.fleet = fleet
+        self.auth = auth
+        self.metrics = metrics
+
+    async def Connect(
+        self, request_iterator: AsyncIterator[pb.AgentMessage], context: Any
+    ) -> AsyncIterator[pb.ControllerMessage]:
+        try:
+            first = await request_iterator.__anext__()
+        except StopAsyncIteration:
+            return
+        if first.WhichOneof("body") != "register" or not first.register.node:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "the first message must be Register"
+            )
+        await self.auth.require_node(context, first.register.node)
+        entry, session, previous = self.fleet.connect(first.register, context.peer())
+        if previous is not None:
+            previous.closed.set()  # an older stream of the same node ends
+        log.info("agent %s connected from %s", entry.name, session.peer)
+        yield pb.ControllerMessage(
+            registered=pb.Registered(
+                session_id=session.id,
+                acked_event_sequence=entry.max_event_sequence,
+                heartbeat_seconds=max(0.5, self.fleet.stale_after / 3),
+            )
+        )
+        reader = asyncio.create_task(self._read(request_iterator, entry))
+        closed = asyncio.create_task(session.closed.wait())
+        try:
+            while True:
+                command = asyncio.create_task(session.commands.get())
+                done, _ = await asyncio.wait(
+                    {command, reader, closed}, return_when=asyncio.FIRST_COMPLETED
+                )
+                if command in done:
+                    yield pb.ControllerMessage(command=command.result())
+                    continue
+                command.cancel()
+                if reader in done and reader.exception() is not None:
+                    log.info("agent %s stream error: %s", entry.name, reader.exception())
+                break
+        finally:
+            reader.cancel()
+            closed.cancel()
+            self.fleet.disconnect(entry, session)
+            log.info("agent %s disconnected", entry.name)
+
+    async def _read(
+        self, request_iterator: AsyncIterator[pb.AgentMessage], entry: NodeEntry
+    ) -> None:
+        async for message in request_iterator:
+            kind = message.WhichOneof("body")
+            if kind == "status":
+                self.fleet.report_status(entry, message.status.status)
+                self.metrics.reports.inc()
+            elif kind == "events":
+                fresh = self.fleet.add_events(entry, message.events.events)
+                self.metrics.events.inc(len(fresh))
+            elif kind == "result":
+                log.info(
+                    "agent %s command %s: %s %s",
+                    entry.name,
+                    message.result.command_id,
+                    "ok" if message.result.ok else "failed",
+                    message.result.message,
+                )
+                entry.last_seen = time.time()
+
+
+class FleetService(pbg.FleetServiceServicer):
+    def __init__(self, fleet: Fleet, auth: AuthPolicy, metrics: ControllerMetrics) -> None:
+        self.fleet = fleet
+        self.auth = auth
+        self.metrics = metrics
+
+    async def _call(self, method: str, context: Any, handler: Callable[[], Awaitable[T]]) -> T:
+        start = time.perf_counter()
+        code = "OK"
+        try:
+            await self.auth.require_operator(context)
+            return await handler()
+        except BaseException:
+            code = "ERROR"
+            raise
+        finally:
+            self.metrics.rpc_seconds.labels(method=method, code=code).observe(
+                time.perf_counter() - start
+            )
+
+    async def ListNodes(self, request: pb.ListNodesRequest, context: Any) -> pb.ListNodesResponse:
+        async def handle() -> pb.ListNodesResponse:
+            now = time.time()
+            nodes = [
+                e.to_proto(self.fleet.stale_after, now) for e in self.fleet.select(request.selector)
+            ]
+            if request.only_stale:
+                nodes = [n for n in nodes if n.stale]
+            return pb.ListNodesResponse(nodes=nodes)
+
+        return await self._call("ListNodes", context, handle)
+
+    async def GetNode(self, request: pb.GetNodeRequest, context: Any) -> pb.GetNodeResponse:
+        async def handle() -> pb.GetNodeResponse:
+            entry = self.fleet.nodes.get(request.name)
+            if entry is None:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"no node {request.name!r}")
+            assert entry is not None
+            return pb.GetNodeResponse(node=entry.to_proto(self.fleet.stale_after))
+
+        return await self._call("GetNode", context, handle)
+
+    async def ListFunctions(
+        self, request: pb.ListFunctionsRequest, context: Any
+    ) -> pb.ListFunctionsResponse:
+        async def handle() -> pb.ListFunctionsResponse:
+            return pb.ListFunctionsResponse(functions=self.fleet.functions(request.name))
+
+        return await self._call("ListFunctions", context, handle)
+
+    async def GetHistory(
+        self, request: pb.GetHistoryRequest, context: Any
+    ) -> pb.GetHistoryResponse:
+        async def handle() -> pb.GetHistoryResponse:
+            self.fleet.store.write(*self.fleet.take_dirty())  # include what is not flushed yet
+            events = await asyncio.to_thread(
+                self.fleet.store.history,
+                node=request.node,
+                nf=request.nf,
+                revision=request.revision,
+                since=request.since,
+                until=request.until,
+                limit=request.limit or 500,
+            )
+            return pb.GetHistoryResponse(events=events)
+
+        return await self._call("GetHistory", context, handle)
+
+    async def WatchEvents(
+        self, request: pb.WatchEventsRequest, context: Any
+    ) -> AsyncIterator[pb.Event]:
+        await self.auth.require_operator(context)
+        watcher = Watcher(request)
+        self.fleet.watchers.add(watcher)
+        try:
+            if request.include_history:
+                self.fleet.store.write(*self.fleet.take_dirty())
+                for event in self.fleet.store.history(
+                    node=request.node, nf=request.nf, reason=request.reason, limit=100
+                ):
+                    yield event
+            while watcher in self.fleet.watchers:
+                yield await watcher.queue.get()
+        finally:
+            self.fleet.watchers.discard(watcher)
+
+    def _send(
+        self, entries: list[NodeEntry], command: pb.Command, kind: str
+    ) -> tuple[list[str], list[str]]:
+        sent, offline = [], []
+        for entry in entries:
+            session: Session | None = entry.session
+            if session is None:
+                offline.append(entry.name)
+                continue
+            session.commands.put_nowait(command)
+            sent.append(entry.name)
+        self.metrics.commands.labels(kind=kind).inc(len(sent))
+        return sent, offline
+
+    def reconcile(
+        self, entries: list[NodeEntry], revision: str, reason: str
+    ) -> tuple[list[str], list[str]]:
+        command = pb.Command(
+            id=self.fleet.next_command_id(),
+            reconcile=pb.ReconcileNow(revision=revision, reason=reason),
+        )
+        return self._send(entries, command, "reconcile")
+
+    async def Reconcile(self, request: pb.ReconcileRequest, context: Any) -> pb.ReconcileResponse:
+        async def handle() -> pb.ReconcileResponse:
+            sent, offline = self.reconcile(
+                self.fleet.select(request.selector), request.revision, "operator request"
+            )
+            return pb.ReconcileResponse(nodes=sent, offline=offline)
+
+        return await self._call("Reconcile", context, handle)
+
+    async def Suspend(self, request: pb.SuspendRequest, context: Any) -> pb.SuspendResponse:
+        async def handle() -> pb.SuspendResponse:
+            command = pb.Command(
+                id=self.fleet.next_command_id(),
+                suspend=pb.SetSuspended(nf=request.nf, suspended=True),
+            )
+            sent, offline = self._send(self.fleet.select(request.selector), command, "suspend")
+            return pb.SuspendResponse(nodes=sent, offline=offline)
+
+        return await self._call("Suspend", context, handle)
+
+    async def Resume(self, request: pb.ResumeRequest, context: Any) -> pb.ResumeResponse:
+        async def handle() -> pb.ResumeResponse:
+            command = pb.Command(
+                id=self.fleet.next_command_id(),
+                suspend=pb.SetSuspended(nf=request.nf, suspended=False),
+            )
+            sent, offline = self._send(self.fleet.select(request.selector), command, "resume")
+            return pb.ResumeResponse(nodes=sent, offline=offline)
+
+        return await self._call("Resume", context, handle)

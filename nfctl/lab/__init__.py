@@ -1,0 +1,1 @@
+"""A multi-node lab on one machine: network namespaces on a bridge."""
