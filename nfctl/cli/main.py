@@ -116,13 +116,14 @@ def doctor(
 
 
 def _register_commands() -> None:
-    from nfctl.cli import agent_cmd, controller_cmd, fleet_cmd, ops_cmd
+    from nfctl.cli import agent_cmd, controller_cmd, fleet_cmd, lab_cmd, ops_cmd
 
     app.command(name="agent")(agent_cmd.agent)
     app.command(name="status")(agent_cmd.status)
     app.command(name="controller")(controller_cmd.controller)
     app.add_typer(controller_cmd.certs_app, name="certs")
     app.add_typer(fleet_cmd.get_app, name="get")
+    app.add_typer(lab_cmd.lab_app, name="lab")
     app.command(name="events", help="Events from the controller; --watch streams them.")(
         fleet_cmd.get_events
     )

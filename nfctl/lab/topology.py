@@ -32,14 +32,18 @@ class Topology:
     hub: str
     hub_ip: str
     nodes: list[Node] = field(default_factory=list)
+    host_link: str | None = None  # veth in the host namespace into the hub bridge
+    host_ip: str | None = None
 
     @classmethod
-    def create(cls, tag: str, count: int, subnet: int = 99) -> Topology:
+    def create(cls, tag: str, count: int, subnet: int = 99, host_link: bool = False) -> Topology:
         if not re.fullmatch(r"[a-z0-9]{1,8}", tag):
             raise ValueError(f"lab tag {tag!r}: 1-8 lowercase letters/digits")
         topo = cls(tag=tag, subnet=subnet, hub=f"nfl-{tag}-hub", hub_ip=f"10.{subnet}.0.254")
         try:
             topo._setup(count)
+            if host_link:
+                topo._link_host()
         except BaseException:
             topo.destroy()
             raise
@@ -95,6 +99,18 @@ class Topology:
             run("ip", "link", "set", "eth0", "up", netns=node.netns)
             self.nodes.append(node)
 
+    def _link_host(self) -> None:
+        """The host reaches the hub (controller, webhook) at 10.N.0.254 through this."""
+        self.host_link = f"nfl-{self.tag}"[:15]
+        self.host_ip = f"10.{self.subnet}.0.253"
+        hub_side = f"h{self.tag}"[:15]
+        run("ip", "link", "del", self.host_link, check=False)
+        run("ip", "link", "add", self.host_link, "type", "veth", "peer", "name", hub_side)
+        run("ip", "link", "set", hub_side, "netns", self.hub)
+        run("ip", "link", "set", hub_side, "master", "br0", "up", netns=self.hub)
+        run("ip", "addr", "add", f"{self.host_ip}/24", "dev", self.host_link)
+        run("ip", "link", "set", self.host_link, "up")
+
     def node(self, name: str) -> Node:
         return next(n for n in self.nodes if n.name == name)
 
@@ -102,6 +118,8 @@ class Topology:
         return [self.hub, *(n.netns for n in self.nodes)]
 
     def destroy(self) -> None:
+        if self.host_link:
+            run("ip", "link", "del", self.host_link, check=False)
         for node in self.nodes:
             delete_netns(node.netns)
         for index in range(1, 64):

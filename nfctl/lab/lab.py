@@ -1,0 +1,462 @@
+"""`nfctl lab`: N nodes (network namespaces) on a bridge, a Git server, the controller
+with mTLS, one agent per node, and a host link to reach them. Everything it starts is
+recorded under its workspace so `lab down` can remove it, also after a crash."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
+from nfctl.api.nfctl.v1 import nfctl_pb2_grpc as pbg
+from nfctl.controller.auth import channel_credentials
+from nfctl.lab.topology import Topology, leftover_namespaces, nsenter
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+WORKSPACES = Path("/var/lib/nfctl-lab")
+LAB_NFS = ("blocklist", "ratelimit", "counter", "dscp")
+
+
+class LabError(RuntimeError):
+    pass
+
+
+@dataclass
+class LabPaths:
+    root: Path
+
+    @property
+    def pki(self) -> Path:
+        return self.root / "pki"
+
+    @property
+    def bare(self) -> Path:
+        return self.root / "git" / "nfs.git"
+
+    @property
+    def work(self) -> Path:
+        return self.root / "work"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def run(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def secret(self) -> Path:
+        return self.root / "webhook.secret"
+
+    def state(self, node: str) -> Path:
+        return self.root / "state" / node
+
+
+def _git(cwd: Path, *args: str) -> str:
+    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise LabError(f"git {' '.join(args)}: {proc.stderr.strip()}")
+    return proc.stdout.strip()
+
+
+class Lab:
+    def __init__(self, tag: str = "lab", say: Callable[[str], None] = print) -> None:
+        self.tag = tag
+        self.paths = LabPaths(WORKSPACES / tag)
+        self.say = say
+        self.topo: Topology | None = Topology.load(tag)
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def bpffs(self, node: str) -> Path:
+        return Path("/sys/fs/bpf") / f"nfctl-lab-{self.tag}-{node}"
+
+    def is_up(self) -> bool:
+        return self.topo is not None and all(
+            self._alive(name) for name in ("git", "controller", *(n.name for n in self.topo.nodes))
+        )
+
+    def up(self, nodes: int = 3, subnet: int = 99, timeout: float = 180) -> Topology:
+        if os.geteuid() != 0:
+            raise LabError("the lab needs root (network namespaces, BPF)")
+        if self.is_up():
+            assert self.topo is not None
+            self.say(f"lab {self.tag!r} is already up ({len(self.topo.nodes)} nodes)")
+            return self.topo
+        self.down(quiet=True)
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+        for folder in (self.paths.logs, self.paths.run):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.say(f"creating {nodes} nodes on a bridge (10.{subnet}.0.0/24) ...")
+        self.topo = Topology.create(self.tag, nodes, subnet=subnet, host_link=True)
+        self._pki()
+        self._git_repo()
+        self._start_git()
+        self._start_controller()
+        for node in self.topo.nodes:
+            self._start_agent(node.name)
+        head = _git(self.paths.work, "rev-parse", "HEAD")
+        self.say("waiting for every node to compile, attach and report ...")
+        self.wait_applied(head, timeout=timeout)
+        return self.topo
+
+    def _pki(self) -> None:
+        from nfctl.controller.certs import init
+
+        assert self.topo is not None
+        names = [self.topo.hub_ip, "localhost"]
+        init(self.paths.pki, names, [n.name for n in self.topo.nodes], ["operator"])
+        self.paths.secret.write_text(os.urandom(16).hex())
+        os.chmod(self.paths.secret, 0o600)
+
+    def _git_repo(self) -> None:
+        assert self.topo is not None
+        bare = self.paths.bare
+        bare.parent.mkdir(parents=True, exist_ok=True)
+        _git(bare.parent, "init", "-q", "--bare", "-b", "main", str(bare))
+        (bare / "git-daemon-export-ok").touch()
+        hook = bare / "hooks" / "post-receive"
+        hook.write_text(
+            "#!/bin/sh\n"
+            f"exec env PYTHONPATH={REPO_ROOT} {sys.executable} -m nfctl.lab.hook "
+            f"http://{self.topo.hub_ip}:9080/hooks/github {self.paths.secret} nfs\n"
+        )
+        hook.chmod(0o755)
+        work = self.paths.work
+        _git(self.paths.root, "clone", "-q", str(bare), str(work))
+        _git(work, "config", "user.name", "Lab Operator")
+        _git(work, "config", "user.email", "operator@nfctl.lab")
+        for name in LAB_NFS:
+            shutil.copytree(REPO_ROOT / "bpf" / name, work / "nfs" / name)
+        ratelimit = work / "nfs" / "ratelimit" / "nf.yaml"
+        text = ratelimit.read_text().replace(
+            "rate_pps: 1000, burst: 2000", "rate_pps: 20000, burst: 40000"
+        )
+        ratelimit.write_text(text)
+        (work / "README.md").write_text(
+            "# Lab NF repository\n\nEvery nf.yaml under nfs/ is a NetworkFunction; "
+            "push to main and every node applies it.\n"
+        )
+        self.commit("Seed the lab with the nfctl NF library")
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        log = (self.paths.logs / f"{name}.log").open("a")
+        proc = subprocess.Popen(
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=REPO_ROOT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"},
+        )
+        (self.paths.run / f"{name}.pid").write_text(str(proc.pid))
+
+    def _alive(self, name: str) -> bool:
+        try:
+            pid = int((self.paths.run / f"{name}.pid").read_text())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def _start_git(self) -> None:
+        assert self.topo is not None
+        self._spawn(
+            "git",
+            [
+                *nsenter(self.topo.hub),
+                "git",
+                "daemon",
+                "--reuseaddr",
+                "--export-all",
+                f"--base-path={self.paths.bare.parent}",
+                f"--listen={self.topo.hub_ip}",
+                str(self.paths.bare.parent),
+            ],
+        )
+
+    def _start_controller(self) -> None:
+        assert self.topo is not None
+        pki = self.paths.pki
+        self._spawn(
+            "controller",
+            [
+                *nsenter(self.topo.hub),
+                sys.executable,
+                "-m",
+                "nfctl",
+                "controller",
+                "--listen",
+                f"{self.topo.hub_ip}:9443",
+                "--db",
+                str(self.paths.root / "controller.db"),
+                "--tls-ca",
+                str(pki / "ca.crt"),
+                "--tls-cert",
+                str(pki / "controller.crt"),
+                "--tls-key",
+                str(pki / "controller.key"),
+                "--webhook-addr",
+                f"{self.topo.hub_ip}:9080",
+                "--webhook-secret-file",
+                str(self.paths.secret),
+                "--metrics-addr",
+                f"{self.topo.hub_ip}:9102",
+                "--stale-after",
+                "30",
+            ],
+        )
+        self._wait_port(self.topo.hub_ip, 9443)
+
+    def _start_agent(self, node: str) -> None:
+        assert self.topo is not None
+        pki = self.paths.pki
+        netns = self.topo.node(node).netns
+        self._spawn(
+            node,
+            [
+                *nsenter(netns),
+                sys.executable,
+                "-m",
+                "nfctl",
+                "agent",
+                "--repo",
+                f"git://{self.topo.hub_ip}/nfs.git",
+                "--ref",
+                "main",
+                "--path",
+                "nfs",
+                "--node",
+                node,
+                "--labels",
+                f"lab={self.tag},role=edge",
+                "--state-dir",
+                str(self.paths.state(node)),
+                "--bpffs-dir",
+                str(self.bpffs(node)),
+                "--interval",
+                "60",
+                "--drift-interval",
+                "2",
+                "--metrics-addr",
+                "127.0.0.1:9101",
+                "--controller",
+                f"{self.topo.hub_ip}:9443",
+                "--tls-ca",
+                str(pki / "ca.crt"),
+                "--tls-cert",
+                str(pki / f"{node}.crt"),
+                "--tls-key",
+                str(pki / f"{node}.key"),
+            ],
+        )
+
+    def _wait_port(self, host: str, port: int, timeout: float = 20) -> None:
+        import socket
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
+                return
+            time.sleep(0.1)
+        raise LabError(f"nothing listens on {host}:{port}; see {self.paths.logs}")
+
+    def down(self, quiet: bool = False) -> list[str]:
+        """Remove everything the lab created (processes, pins, namespaces, workspace)."""
+        removed: list[str] = []
+        if self.paths.run.is_dir():
+            for pidfile in self.paths.run.glob("*.pid"):
+                with contextlib.suppress(OSError, ValueError):
+                    os.killpg(int(pidfile.read_text()), signal.SIGTERM)
+                    removed.append(f"process {pidfile.stem}")
+        # processes of a crashed run whose pidfiles are gone
+        subprocess.run(["pkill", "-f", f"nfctl-lab/{self.tag}/"], check=False, capture_output=True)
+        time.sleep(0.5)
+        subprocess.run(
+            ["pkill", "-9", "-f", f"nfctl-lab/{self.tag}/"], check=False, capture_output=True
+        )
+        for pins in Path("/sys/fs/bpf").glob(f"nfctl-lab-{self.tag}-*"):
+            from nfctl.datapath.pins import remove_tree
+
+            remove_tree(pins)
+            removed.append(f"pins {pins}")
+        topo = self.topo or Topology(
+            self.tag, 0, f"nfl-{self.tag}-hub", "", host_link=f"nfl-{self.tag}"[:15]
+        )
+        topo.host_link = topo.host_link or f"nfl-{self.tag}"[:15]
+        namespaces = leftover_namespaces(self.tag)
+        topo.destroy()
+        removed.extend(f"netns {n}" for n in namespaces)
+        if self.paths.root.exists():
+            shutil.rmtree(self.paths.root, ignore_errors=True)
+            removed.append(f"workspace {self.paths.root}")
+        self.topo = None
+        if not quiet:
+            for item in removed:
+                self.say(f"removed {item}")
+        return removed
+
+    # -- Git ---------------------------------------------------------------------------------
+    def commit(self, message: str) -> str:
+        work = self.paths.work
+        _git(work, "add", "-A")
+        _git(work, "commit", "-q", "-m", message)
+        _git(work, "push", "-q", "origin", "HEAD:main")
+        return _git(work, "rev-parse", "HEAD")
+
+    def revert_last(self) -> str:
+        _git(self.paths.work, "revert", "--no-edit", "HEAD")
+        _git(self.paths.work, "push", "-q", "origin", "HEAD:main")
+        return _git(self.paths.work, "rev-parse", "HEAD")
+
+    def edit(self, relpath: str, change: Callable[[str], str]) -> None:
+        path = self.paths.work / relpath
+        new = change(path.read_text())
+        if new == path.read_text():
+            raise LabError(f"edit of {relpath} changed nothing")
+        path.write_text(new)
+
+    # -- the controller, as an operator -------------------------------------------------------
+    @contextlib.contextmanager
+    def fleet(self) -> Iterator[pbg.FleetServiceStub]:
+        assert self.topo is not None
+        pki = self.paths.pki
+        creds = channel_credentials(pki / "ca.crt", pki / "operator.crt", pki / "operator.key")
+        with grpc.secure_channel(f"{self.topo.hub_ip}:9443", creds) as channel:
+            yield pbg.FleetServiceStub(channel)
+
+    def nodes(self) -> list[pb.Node]:
+        with self.fleet() as stub:
+            return list(stub.ListNodes(pb.ListNodesRequest(), timeout=10).nodes)
+
+    def functions(self) -> list[pb.FunctionSummary]:
+        with self.fleet() as stub:
+            return list(stub.ListFunctions(pb.ListFunctionsRequest(), timeout=10).functions)
+
+    def history(self, limit: int = 20) -> list[pb.Event]:
+        with self.fleet() as stub:
+            return list(stub.GetHistory(pb.GetHistoryRequest(limit=limit), timeout=10).events)
+
+    def wait_applied(self, revision: str, timeout: float = 120) -> float:
+        """Until every node reports revision as applied; returns the seconds it took."""
+        assert self.topo is not None
+        start = time.monotonic()
+        expected = {n.name for n in self.topo.nodes}
+        last: dict[str, str] = {}
+        while time.monotonic() - start < timeout:
+            with contextlib.suppress(grpc.RpcError):
+                nodes = self.nodes()
+                last = {n.status.node: n.status.last_applied_revision for n in nodes}
+                if expected <= {name for name, rev in last.items() if rev == revision}:
+                    return time.monotonic() - start
+            time.sleep(0.1)
+        raise LabError(
+            f"not every node applied {revision[:12]} within {timeout:.0f}s: "
+            + ", ".join(f"{k}={v[:12] or '-'}" for k, v in sorted(last.items()))
+            + f" (logs in {self.paths.logs})"
+        )
+
+    def wait_attempted(self, revision: str, timeout: float = 120) -> float:
+        assert self.topo is not None
+        start = time.monotonic()
+        expected = {n.name for n in self.topo.nodes}
+        while time.monotonic() - start < timeout:
+            with contextlib.suppress(grpc.RpcError):
+                seen = {
+                    n.status.node
+                    for n in self.nodes()
+                    if n.status.last_attempted_revision == revision
+                }
+                if expected <= seen:
+                    return time.monotonic() - start
+            time.sleep(0.1)
+        raise LabError(f"not every node attempted {revision[:12]} within {timeout:.0f}s")
+
+    def program_ids(self, nf: str) -> dict[str, int]:
+        out = {}
+        for node in self.nodes():
+            for fn in node.status.functions:
+                if fn.name == nf:
+                    out[node.status.node] = fn.program_id
+        return out
+
+    # -- traffic -------------------------------------------------------------------------
+    def ping(
+        self, src: str, dst: str, count: int = 3, interval: float = 0.05, timeout: float = 0.5
+    ) -> int:
+        assert self.topo is not None
+        ip = self.topo.node(dst).ip
+        proc = subprocess.run(
+            [
+                *nsenter(self.topo.node(src).netns),
+                "ping",
+                "-n",
+                "-q",
+                "-c",
+                str(count),
+                "-i",
+                str(interval),
+                "-W",
+                str(timeout),
+                ip,
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+        )
+        import re
+
+        match = re.search(r"(\d+) received", proc.stdout)
+        return int(match.group(1)) if match else 0
+
+    def flood(self, src: str, dst: str, count: int, interval: float) -> subprocess.Popen[str]:
+        assert self.topo is not None
+        return subprocess.Popen(
+            [
+                *nsenter(self.topo.node(src).netns),
+                "ping",
+                "-n",
+                "-q",
+                "-c",
+                str(count),
+                "-i",
+                str(interval),
+                "-W",
+                "2",
+                self.topo.node(dst).ip,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        assert self.topo is not None
+        pki = self.paths.pki
+        return {
+            "controller": f"{self.topo.hub_ip}:9443",
+            "operator_flags": (
+                f"--controller {self.topo.hub_ip}:9443 --tls-ca {pki / 'ca.crt'} "
+                f"--tls-cert {pki / 'operator.crt'} --tls-key {pki / 'operator.key'}"
+            ),
+            "repo": str(self.paths.work),
+            "nodes": {n.name: {"netns": n.netns, "ip": n.ip} for n in self.topo.nodes},
+            "logs": str(self.paths.logs),
+        }
+
+    def save_info(self) -> None:
+        (self.paths.root / "lab.json").write_text(json.dumps(self.describe(), indent=1))
