@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from nfctl.compiler.build import BuildResult, MapInfo
-from nfctl.compiler.client import PreparedNF, build_request, prepare, run_worker
+from nfctl.compiler.client import PreparedNF, build_request, prepare, run_parallel
 from nfctl.datapath.layout import LayoutError, TypeLayout, declared_types, network_order_fields
 from nfctl.diagnostics import Diagnostic
 from nfctl.manifest.repo import scan_repo
@@ -202,7 +202,7 @@ def validate_path(path: Path, compile_programs: bool = True) -> ValidationReport
     to_build = [p for p in prepared_list if p.ok]
     results: dict[int, BuildResult] = {}
     if compile_programs and to_build:
-        built = run_worker([build_request(p) for p in to_build])
+        built = run_parallel([build_request(p) for p in to_build])
         for prepared, built_one in zip(to_build, built, strict=True):
             results[id(prepared)] = built_one
     for prepared in prepared_list:

@@ -131,6 +131,23 @@ def run_worker(
         return _all_failed(requests, f"unreadable answer from the compile worker: {exc}")
 
 
+def run_parallel(requests: list[BuildRequest], workers: int | None = None) -> list[BuildResult]:
+    """Independent builds across one worker per CPU (results in request order)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    count = max(1, min(workers or os.cpu_count() or 1, len(requests)))
+    if count == 1:
+        return run_worker(requests)
+    batches = [requests[i::count] for i in range(count)]
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        answers = list(pool.map(run_worker, batches))
+    by_request: dict[int, BuildResult] = {}
+    for batch, results in zip(batches, answers, strict=True):
+        for request, result in zip(batch, results, strict=True):
+            by_request[id(request)] = result
+    return [by_request[id(r)] for r in requests]
+
+
 def _all_failed(
     requests: list[BuildRequest], message: str, detail: str | None = None
 ) -> list[BuildResult]:
