@@ -66,7 +66,10 @@ def test_ipv6_cidr_nested_unknown_fields_and_sizes() -> None:
 
 
 def test_source_hints_for_byte_order() -> None:
-    source = "struct key4 { __be32 addr; __be16 port; u8 mac[6]; };\nBPF_HASH(blocked, __be32, u8, 16);\n"
+    source = (
+        "struct key4 { __be32 addr; __be16 port; u8 mac[6]; };\n"
+        "BPF_HASH(blocked, __be32, u8, 16);\n"
+    )
     assert network_order_fields(source, KEY4) == {"addr", "port"}
     assert declared_types(source)["blocked"] == ("__be32", "u8")
     assert network_order_fields(source, "unsigned int", "__be32") == {""}
