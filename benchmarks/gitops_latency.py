@@ -143,7 +143,11 @@ def run(commits: int, nfs_at_rest: int) -> dict[str, Any]:
                 repo.write("nfs/bench/nf.yaml", manifest("bench", rev, []))
                 start = time.perf_counter()
                 sha = repo.commit(f"rev {rev}")
-                wait_until(lambda before=before: chain() and chain() != before, 30, every=0.002)
+                def replaced(before: list[int] = before) -> bool:
+                    now = chain()
+                    return bool(now) and now != before
+
+                wait_until(replaced, 30, every=0.002)
                 totals.append(time.perf_counter() - start)
                 agent.wait_ready(sha, timeout=30)
                 m1 = metrics()

@@ -247,9 +247,11 @@ def _mismatches(
 
 
 def main() -> int:
-    requests = [BuildRequest.from_json(r) for r in json.load(sys.stdin)]
-    import bcc  # noqa: F401  - load LLVM and BCC before secrets disappear from view
+    # Load LLVM and BCC first: a warm standby worker does this before any request arrives,
+    # and it must happen before secrets disappear from view.
+    import bcc  # noqa: F401
 
+    requests = [BuildRequest.from_json(r) for r in json.load(sys.stdin)]
     confine([r.quote_dir for r in requests if r.quote_dir])
     # Anything BCC or LLVM prints must not corrupt the JSON answer on stdout.
     answer = os.fdopen(os.dup(1), "w")
