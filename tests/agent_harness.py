@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -10,6 +11,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -80,6 +83,39 @@ class GitRepo:
     def commit(self, message: str, *extra: str) -> str:
         self.git("add", "-A")
         self.git("commit", "-q", "--allow-empty", "-m", message, *extra)
+        return self.head()
+
+    def commit_gpg_signed(self, message: str, key: GpgKey) -> str:
+        """`git commit -S` with an OpenPGP key (its own GNUPGHOME)."""
+        self.git("add", "-A")
+        self.git(
+            "-c",
+            f"user.signingkey={key.fingerprint}",
+            "commit",
+            "-q",
+            "--allow-empty",
+            "-S",
+            "-m",
+            message,
+            env={"GNUPGHOME": str(key.home)},
+        )
+        return self.head()
+
+    def commit_ssh_signed(self, message: str, private_key: Path) -> str:
+        """`git commit -S` with an SSH key (gpg.format=ssh)."""
+        self.git("add", "-A")
+        self.git(
+            "-c",
+            "gpg.format=ssh",
+            "-c",
+            f"user.signingkey={private_key}",
+            "commit",
+            "-q",
+            "--allow-empty",
+            "-S",
+            "-m",
+            message,
+        )
         return self.head()
 
     def head(self) -> str:
@@ -186,14 +222,23 @@ class AgentProcess:
         self.log.close()
         return code
 
+    def wait(self, timeout: float = 60) -> int:
+        """Wait for the agent to exit by itself (--once); returns its exit code."""
+        assert self.proc is not None
+        code = self.proc.wait(timeout=timeout)
+        self.proc = None
+        self.log.close()
+        return code
+
     def output(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
     def status(self) -> dict[str, Any]:
         try:
-            return json.loads((self.state_dir / "status.json").read_text())
+            data: dict[str, Any] = json.loads((self.state_dir / "status.json").read_text())
         except (OSError, ValueError):
             return {}
+        return data
 
     def events(self) -> list[dict[str, Any]]:
         try:
@@ -238,3 +283,311 @@ class AgentProcess:
         ).stdout
         status, _, body = out.partition("\n")
         return int(status), body
+
+
+def nfctl(
+    *args: str, netns: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m nfctl ARGS` (in a network namespace if given); never raises."""
+    prefix = ["nsenter", f"--net=/run/netns/{netns}"] if netns else []
+    return subprocess.run(
+        [*prefix, *NFCTL, *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
+        cwd=REPO_ROOT,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+
+
+# -- small probes shared by agent tests ------------------------------------------------------
+
+
+def xdp_prog_id(veth: VethPair, ifname: str | None = None) -> int:
+    """The id of the program on the XDP hook of an interface in namespace a (0: none)."""
+    from nfctl.datapath.netlink import ipr
+    from nfctl.datapath.xdp import query
+
+    with ipr(veth.ns_a) as handle:
+        index = handle.link_lookup(ifname=ifname or veth.a_if)[0]
+        return int(query(handle, index).prog_id)
+
+
+def tc_filter_present(
+    veth: VethPair, ifname: str | None = None, direction: str = "ingress"
+) -> bool:
+    """Whether nfctl's tc dispatcher filter sits on an interface in namespace a."""
+    out = run_in(veth.ns_a, "tc", "filter", "show", "dev", ifname or veth.a_if, direction)
+    return "nfctl_tc" in out
+
+
+def delete_tc_filter(veth: VethPair, ifname: str | None = None) -> None:
+    """What a careless operator does: remove nfctl's ingress filter by hand."""
+    run_in(
+        veth.ns_a,
+        "tc",
+        "filter",
+        "del",
+        "dev",
+        ifname or veth.a_if,
+        "ingress",
+        "prio",
+        "10",
+        "handle",
+        "0x4e46",
+        "bpf",
+    )
+
+
+def run_in(netns: str, *args: str) -> str:
+    from nfctl.testing.netns import run
+
+    return run(*args, netns=netns)
+
+
+def set_blocked_v4(repo: GitRepo, sources: list[str], folder: str = "nfs") -> None:
+    """Rewrite the library blocklist's managed IPv4 entries."""
+    path = f"{folder}/blocklist/nf.yaml"
+    entries = "\n".join(f"        - {{key: {ip}, value: 1}}" for ip in sources)
+    text = repo.read(path)
+    start = text.index("    blocked_v4:")
+    end = text.index("    blocked_v6:")
+    block = f"    blocked_v4:\n      managed: true\n      entries:\n{entries}\n"
+    repo.write(path, text[:start] + block + text[end:])
+
+
+def events_of(agent: AgentProcess, reason: str, nf: str | None = None) -> list[dict[str, Any]]:
+    return [
+        e for e in agent.events() if e["reason"] == reason and (nf is None or e.get("nf") == nf)
+    ]
+
+
+def condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
+    return next((c for c in status.get("conditions", []) if c["type"] == kind), {})
+
+
+# -- commit signing keys ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GpgKey:
+    """An OpenPGP key pair living in its own GNUPGHOME."""
+
+    home: Path
+    fingerprint: str
+    uid: str
+
+    @classmethod
+    def generate(cls, home: Path, name: str, email: str) -> GpgKey:
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        spec = (
+            "%no-protection\n"
+            "Key-Type: eddsa\nKey-Curve: ed25519\n"
+            f"Name-Real: {name}\nName-Email: {email}\nExpire-Date: 0\n%commit\n"
+        )
+        env = {**os.environ, "GNUPGHOME": str(home)}
+        subprocess.run(
+            ["gpg", "--batch", "--quiet", "--gen-key"],
+            input=spec,
+            text=True,
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        listing = subprocess.run(
+            ["gpg", "--batch", "--with-colons", "--list-keys"],
+            text=True,
+            env=env,
+            check=True,
+            capture_output=True,
+        ).stdout
+        fpr = next(line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:"))
+        return cls(home, fpr, f"{name} <{email}>")
+
+    def export(self, target: Path) -> Path:
+        """The armored public key, as an operator would drop it into --trusted-keys."""
+        armored = subprocess.run(
+            ["gpg", "--batch", "--armor", "--export", self.fingerprint],
+            text=True,
+            env={**os.environ, "GNUPGHOME": str(self.home)},
+            check=True,
+            capture_output=True,
+        ).stdout
+        assert "BEGIN PGP PUBLIC KEY BLOCK" in armored
+        target.write_text(armored)
+        return target
+
+    def stop_agent(self) -> None:
+        subprocess.run(
+            ["gpgconf", "--kill", "all"],
+            env={**os.environ, "GNUPGHOME": str(self.home)},
+            check=False,
+            capture_output=True,
+        )
+
+
+def ssh_signing_key(path: Path, comment: str) -> Path:
+    """An ed25519 SSH key pair without passphrase; returns the private key's path."""
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+        check=True,
+        capture_output=True,
+    )
+    return path
+
+
+# -- smart HTTP Git with authentication ------------------------------------------------------
+
+
+class GitHttpServer:
+    """`git http-backend` behind a tiny HTTP server inside a network namespace. With
+    credentials configured, a request without them gets 401 (Basic challenge): an agent
+    that fetches successfully did send them."""
+
+    def __init__(
+        self,
+        base: Path,
+        netns: str,
+        address: str,
+        port: int = 8080,
+        basic: tuple[str, str] | None = None,
+        token: str | None = None,
+    ) -> None:
+        self.base = base
+        self.netns = netns
+        self.address = address
+        self.port = port
+        self.accepted: list[str] = []
+        if basic is not None:
+            raw = f"{basic[0]}:{basic[1]}".encode()
+            self.accepted.append("Basic " + base64.b64encode(raw).decode())
+        if token is not None:
+            self.accepted.append(f"Bearer {token}")
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.netns,
+                sys.executable,
+                "-m",
+                "tests.agent_harness",
+                "serve-git-http",
+                str(self.base),
+                self.address,
+                str(self.port),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            cwd=REPO_ROOT,
+            env={**os.environ, "GIT_HTTP_ACCEPT": json.dumps(self.accepted)},
+        )
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().strip() == "ready"
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def url(self, repo: str, userinfo: str = "") -> str:
+        auth = f"{userinfo}@" if userinfo else ""
+        return f"http://{auth}{self.address}:{self.port}/{repo}"
+
+
+def _serve_git_http(base: str, address: str, port: int, accepted: list[str]) -> None:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self._cgi()
+
+        def do_POST(self) -> None:
+            self._cgi()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def _body(self) -> bytes:
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                chunks: list[bytes] = []
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                    if size == 0:
+                        self.rfile.readline()
+                        return b"".join(chunks)
+                    chunks.append(self.rfile.read(size))
+                    self.rfile.readline()
+            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+        def _cgi(self) -> None:
+            body = self._body()
+            if accepted and self.headers.get("Authorization") not in accepted:
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Basic realm="git"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            path, _, query = self.path.partition("?")
+            env = {
+                "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                "GIT_PROJECT_ROOT": base,
+                "GIT_HTTP_EXPORT_ALL": "1",
+                "REQUEST_METHOD": self.command,
+                "PATH_INFO": path,
+                "QUERY_STRING": query,
+                "CONTENT_TYPE": self.headers.get("Content-Type", ""),
+                "CONTENT_LENGTH": str(len(body)),
+                "REMOTE_ADDR": self.client_address[0],
+                "REMOTE_USER": "agent",
+                "GIT_PROTOCOL": self.headers.get("Git-Protocol", ""),
+                "HTTP_CONTENT_ENCODING": self.headers.get("Content-Encoding", ""),
+            }
+            proc = subprocess.run(
+                ["git", "http-backend"], input=body, env=env, capture_output=True, check=False
+            )
+            head, _, payload = proc.stdout.partition(b"\r\n\r\n")
+            status, headers = 200, []
+            for line in head.decode("latin-1").split("\r\n"):
+                name, _, value = line.partition(":")
+                if name.lower() == "status":
+                    status = int(value.split()[0])
+                elif name:
+                    headers.append((name, value.strip()))
+            self.send_response(status)
+            for name, value in headers:
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+    server = HTTPServer((address, port), Handler)
+    print("ready", flush=True)
+    server.serve_forever()
+
+
+# -- Prometheus text -------------------------------------------------------------------------
+
+
+def metric_samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """(labels, value) of every sample called name in a /metrics scrape."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return [
+        (dict(sample.labels), float(sample.value))
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    ]
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["serve-git-http"]:
+    _serve_git_http(
+        sys.argv[2], sys.argv[3], int(sys.argv[4]), json.loads(os.environ["GIT_HTTP_ACCEPT"])
+    )

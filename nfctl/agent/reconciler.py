@@ -9,6 +9,7 @@ check_drift(): compare the kernel with what converge() would produce; correct or
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -136,6 +137,7 @@ class Reconciler:
         self._target: dict[AttachPoint, list[ChainEntry]] = {}
         self._converged = False
         self._synced: dict[str, tuple[str, str]] = {}
+        self._spec_suspended: set[str] = set()  # NFs with spec.suspend in the last revision
         previous = store.load_status()
         self.status = previous or NodeStatus(node=settings.node)
         self.status.node = settings.node
@@ -234,6 +236,11 @@ class Reconciler:
                 self.metrics.fetch(time.monotonic() - started, False)
             message = str(exc)
             if message != self.source_error:
+                self.source_error = message
+                if self.stalled is None:
+                    # status first: whoever reads the event finds the status saying so too
+                    self._source_unavailable_conditions()
+                    self._publish()
                 kept = self.revision.short if self.revision else "nothing"
                 self.event("SourceUnavailable", f"{message}; keeping {kept}", warning=True)
             self.source_error = message
@@ -245,7 +252,10 @@ class Reconciler:
             revision = self.source.revision(sha)
         except UntrustedRevisionError as exc:
             if self.stalled != ("UntrustedRevision", str(exc)):
-                self.event("RevisionRefused", str(exc), warning=True)
+                refused: Revision | None = None
+                with contextlib.suppress(SourceError):  # name the refused commit
+                    refused = self.source.commit_info(sha)
+                self.event("RevisionRefused", str(exc), warning=True, revision=refused)
             self.stalled = ("UntrustedRevision", str(exc))
             self.status.last_attempted_revision = sha
             return None
@@ -262,6 +272,9 @@ class Reconciler:
         """After a restart with Git unreachable: the last revision in the local mirror."""
         try:
             sha = self.source._git("rev-parse", "refs/nfctl/target^{commit}").strip()
+            if self.settings.verify_signatures:
+                # the mirror also holds fetched revisions that were refused
+                self.source.verify(sha)
             self.revision = self.source.revision(sha)
         except (SourceError, OSError):
             return None
@@ -279,6 +292,7 @@ class Reconciler:
         scan = scan_repo(folder, repo_root=revision.snapshot)
         in_git: set[str] = set()
         failing_owners: set[str] = set()
+        spec_suspended: set[str] = set()
         self.unparsed = {}
         for rt in self.runtime.values():
             rt.in_git = False
@@ -303,6 +317,8 @@ class Reconciler:
             rt.selected = selects_node(nf.spec.node_selector, self.settings.labels)
             if not rt.selected:
                 continue
+            if nf.spec.suspend:
+                spec_suspended.add(nf.name)
             if nf.name in suspensions.nfs or nf.spec.suspend:
                 continue  # frozen: whatever runs keeps running
             if manifest.diagnostics:  # e.g. duplicate names
@@ -315,6 +331,7 @@ class Reconciler:
             if self._nf(f"<{path}>").error_key != key:
                 self._nf(f"<{path}>").error_key = key
                 self.event("Failed", f"{path}: {error.message}", warning=True)
+        self._spec_suspended = spec_suspended
         selected_in_git = {n for n in in_git if self._nf(n).selected}
         frozen = {n for n in self.applied if n in suspensions.nfs}
         for name in prune_candidates(self.applied, selected_in_git | frozen, failing_owners):
@@ -476,10 +493,11 @@ class Reconciler:
             ]
             points = sorted(set(target) | set(tracked))
             actual, modes, drift = self._observe(target, points)
+            suspended_nfs = self._suspended_nfs(suspensions)
             frozen = {
                 point
                 for point, entries in target.items()
-                if any(e.nf in suspensions.nfs for e in entries) and actual.get(point) is not None
+                if any(e.nf in suspended_nfs for e in entries) and actual.get(point) is not None
             }
             changes = plan_chain_changes(target, actual, frozen)
             found: list[str] = []
@@ -536,6 +554,10 @@ class Reconciler:
             self._target = target
             self._converged = True
             return found
+
+    def _suspended_nfs(self, suspensions: Suspensions) -> set[str]:
+        """NFs frozen by `nfctl suspend --nf` or by spec.suspend in Git."""
+        return set(suspensions.nfs) | self._spec_suspended
 
     def _report_drift(self, point: AttachPoint, problems: list[str]) -> None:
         for problem in problems:
@@ -594,8 +616,9 @@ class Reconciler:
     def _sync_entries(self, suspensions: Suspensions, correct: bool = True) -> list[str]:
         """Managed entries to the kernel. A change the manifest did not ask for is drift."""
         drifted: list[str] = []
+        suspended_nfs = self._suspended_nfs(suspensions)
         for name, applied in self.applied.items():
-            if name in suspensions.nfs:
+            if name in suspended_nfs:
                 continue
             loaded = self._loaded(name)
             if loaded is None:
@@ -686,13 +709,7 @@ class Reconciler:
             status.set_condition(ConditionType.STALLED, True, reason, message)
             status.set_condition(ConditionType.READY, False, reason, message)
         elif self.source_error is not None:
-            status.set_condition(ConditionType.STALLED, False, "SourceUnavailable", "")
-            status.set_condition(
-                ConditionType.READY,
-                False,
-                "SourceUnavailable",
-                f"{self.source_error}; datapath keeps {status.last_applied_revision or 'nothing'}",
-            )
+            self._source_unavailable_conditions()
         elif failed or self.unparsed:
             names = ", ".join(f"{s.name} ({s.state.value})" for s in failed)
             names += ", ".join(self.unparsed)
@@ -707,6 +724,16 @@ class Reconciler:
         self._publish()
         return status.ready
 
+    def _source_unavailable_conditions(self) -> None:
+        status = self.status
+        status.set_condition(ConditionType.STALLED, False, "SourceUnavailable", "")
+        status.set_condition(
+            ConditionType.READY,
+            False,
+            "SourceUnavailable",
+            f"{self.source_error}; datapath keeps {status.last_applied_revision or 'nothing'}",
+        )
+
     def build_nf_statuses(self) -> list[NFStatus]:
         suspensions = self.store.suspensions()
         names = set(self.applied) | {n for n, rt in self.runtime.items() if rt.in_git or rt.error}
@@ -719,7 +746,9 @@ class Reconciler:
             applied = self.applied.get(name)
             loaded = self._loaded(name) if applied else None
             points = [p for p, entries in target.items() if any(e.nf == name for e in entries)]
-            spec_suspend = bool(applied and applied.spec.get("spec", {}).get("suspend"))
+            spec_suspend = name in self._spec_suspended or bool(
+                applied and applied.spec.get("spec", {}).get("suspend")
+            )
             if name in suspensions.nfs or spec_suspend:
                 state = NFState.SUSPENDED
             elif rt.in_git and not rt.selected:

@@ -19,7 +19,7 @@ from typing import Any
 from nfctl.agent.config import AgentConfig
 from nfctl.agent.metrics import AgentMetrics, ExportedValue, serve
 from nfctl.agent.reconciler import AgentSettings, Reconciler
-from nfctl.agent.source import GitSource, SourceSettings
+from nfctl.agent.source import GitSource, SourceSettings, redact
 from nfctl.agent.store import StateStore
 from nfctl.datapath.datapath import Datapath
 from nfctl.datapath.dispatcher import TcSettings
@@ -114,17 +114,14 @@ class Agent:
             loaded = self.reconciler.loaded.get(name)
             if loaded is None:
                 continue
+            percpu = {m.name for m in loaded.record.maps if "percpu" in m.map_type.lower()}
             for map_name, spec in nf.spec.maps.items():
                 if not spec.export:
                     continue
                 for key, value in self.datapath.map_entries(loaded, map_name):
                     for export in spec.export:
-                        number = (
-                            value.get(export.field)
-                            if isinstance(value, dict) and export.field
-                            else value
-                        )
-                        if isinstance(number, int | float):
+                        number = _export_number(value, export.field, map_name in percpu)
+                        if number is not None:
                             yield (
                                 export.metric,
                                 export.type,
@@ -156,6 +153,7 @@ class Agent:
         finally:
             self.store.unlock()
             self.datapath.close()
+            self.source.close()
 
     def run(self) -> None:
         self.store.lock()
@@ -175,7 +173,7 @@ class Agent:
         log.info(
             "agent %s: %s %s path %s every %.1fs, drift %s",
             self.config.node,
-            self.source.settings.url,
+            redact(self.source.settings.url),
             self.config.ref,
             self.config.path,
             self.config.interval,
@@ -205,6 +203,7 @@ class Agent:
             if http is not None:
                 http.shutdown()
             self.datapath.close()
+            self.source.close()
             self.store.unlock()
             log.info("agent stopped")
 
@@ -232,3 +231,17 @@ class Agent:
             self._suspend_mtime = mtime
             return True
         return False
+
+
+def _export_number(value: Any, field: str | None, percpu: bool) -> int | float | None:
+    """The number an export reads from a decoded map value: the value itself or one field
+    of a struct; per-CPU maps decode to one value per CPU (summed here)."""
+    if percpu and isinstance(value, list):
+        parts = [_export_number(v, field, False) for v in value]
+        numbers = [p for p in parts if p is not None]
+        return sum(numbers) if numbers and len(numbers) == len(parts) else None
+    if isinstance(value, dict) and field:
+        value = value.get(field)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return value

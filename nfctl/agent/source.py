@@ -62,9 +62,32 @@ class SourceSettings:
     trusted_keys: Path | None = None  # folder of *.asc/*.gpg OpenPGP keys, allowed_signers
 
 
+_USERINFO_RE = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.-]*://)([^/@\s]+)@")
+
+
+def _mask_userinfo(match: re.Match[str]) -> str:
+    scheme, userinfo = match.group(1), match.group(2)
+    if ":" in userinfo or scheme.lower().startswith("http"):
+        return f"{scheme}***@"  # a password, or an HTTP(S) token used as user name
+    return match.group(0)  # ssh://git@host: a user name, not a secret
+
+
 def redact(text: str) -> str:
-    """Strip credentials that may appear in URLs inside error messages."""
-    return re.sub(r"(https?://)[^/@\s]+@", r"\1***@", text)
+    """Strip credentials that may appear in URLs (any scheme) inside messages."""
+    return _USERINFO_RE.sub(_mask_userinfo, text)
+
+
+def url_secrets(url: str) -> list[str]:
+    """The secret parts of a URL's user info (password, or an HTTP(S) token)."""
+    match = _USERINFO_RE.search(url)
+    if match is None:
+        return []
+    userinfo = match.group(2)
+    _user, sep, password = userinfo.partition(":")
+    secrets = [userinfo] if sep or match.group(1).lower().startswith("http") else []
+    if sep and password:
+        secrets.append(password)
+    return secrets
 
 
 class GitSource:
@@ -73,6 +96,7 @@ class GitSource:
         self.mirror = state_dir / "git" / "mirror.git"
         self.snapshots = state_dir / "git" / "snapshots"
         self._gnupg_home: Path | None = None
+        self._keyring_files: tuple[tuple[str, int, int], ...] | None = None
 
     # -- environment -------------------------------------------------------------------
     def _env(self) -> dict[str, str]:
@@ -112,8 +136,19 @@ class GitSource:
                 )
         except git.GitCommandError as exc:
             stderr = (exc.stderr or "").strip().removeprefix("stderr: ").strip("'\n ")
-            raise SourceError(redact(f"git {args[0]} failed: {stderr or exc}")) from None
+            raise SourceError(self.scrub(f"git {args[0]} failed: {stderr or exc}")) from None
         return str(out)
+
+    def scrub(self, text: str) -> str:
+        """Remove every credential this source knows from a message: git's own errors may
+        quote a URL in forms redact() does not recognise (e.g. a git:// host name)."""
+        secrets = url_secrets(self.settings.url)
+        if self.settings.https_token_file:
+            with contextlib.suppress(OSError):
+                secrets.append(self.settings.https_token_file.read_text().strip())
+        for secret in sorted(filter(None, secrets), key=len, reverse=True):
+            text = text.replace(secret, "***")
+        return redact(text)
 
     # -- fetch -------------------------------------------------------------------------
     def _ensure_mirror(self) -> None:
@@ -150,14 +185,12 @@ class GitSource:
         return self._git("rev-parse", f"{target}^{{commit}}").strip()
 
     # -- revisions -----------------------------------------------------------------------
-    def revision(self, sha: str) -> Revision:
-        """Materialise sha as a snapshot (once) and describe its commit."""
+    def commit_info(self, sha: str) -> Revision:
+        """Describe sha's commit without materialising its snapshot (e.g. to report a
+        refused revision)."""
         fmt = "%H%x00%an%x00%ae%x00%ct%x00%B"
         raw = self._git("show", "-s", f"--format={fmt}", sha)
         full, author, email, ctime, message = raw.split("\x00", 4)
-        snapshot = self.snapshots / full
-        if not snapshot.is_dir():
-            self._checkout(full, snapshot)
         return Revision(
             sha=full,
             ref=self.settings.ref,
@@ -165,8 +198,15 @@ class GitSource:
             author_email=email,
             committed_at=float(ctime),
             message=message.strip(),
-            snapshot=snapshot,
+            snapshot=self.snapshots / full,
         )
+
+    def revision(self, sha: str) -> Revision:
+        """Materialise sha as a snapshot (once) and describe its commit."""
+        revision = self.commit_info(sha)
+        if not revision.snapshot.is_dir():
+            self._checkout(revision.sha, revision.snapshot)
+        return revision
 
     def _checkout(self, sha: str, snapshot: Path) -> None:
         self.snapshots.mkdir(parents=True, exist_ok=True)
@@ -185,7 +225,7 @@ class GitSource:
             os.rename(tmp, snapshot)
         except (git.GitCommandError, OSError) as exc:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise SourceError(f"cannot check out {sha[:12]}: {exc}") from None
+            raise SourceError(self.scrub(f"cannot check out {sha[:12]}: {exc}")) from None
         self._prune_snapshots(keep={sha})
 
     def _prune_snapshots(self, keep: set[str]) -> None:
@@ -236,11 +276,36 @@ class GitSource:
             f"commit {sha[:12]} refused: {reasons.get(status, f'signature status {status!r}')}"
         )
 
-    def _prepare_keyring(self, keys: Path) -> None:
+    def close(self) -> None:
+        """Remove the private keyring (and the gpg-agent that importing keys may start)."""
         if self._gnupg_home is None:
-            self._gnupg_home = Path(tempfile.mkdtemp(prefix="nfctl-gnupg-"))
-            os.chmod(self._gnupg_home, 0o700)
+            return
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(
+                ["gpgconf", "--kill", "all"],
+                env={**os.environ, "GNUPGHOME": str(self._gnupg_home)},
+                capture_output=True,
+                check=False,
+                timeout=30,
+            )
+        shutil.rmtree(self._gnupg_home, ignore_errors=True)
+        self._gnupg_home = None
+        self._keyring_files = None
+
+    def _prepare_keyring(self, keys: Path) -> None:
+        """A private keyring holding exactly the trusted folder's OpenPGP keys. Rebuilt
+        from scratch when the folder changes: a key the operator removes is no longer
+        trusted (importing into the old keyring would keep it forever)."""
         files = sorted(p for p in keys.iterdir() if p.suffix in (".asc", ".gpg", ".pub", ".key"))
+        fingerprint = tuple(
+            (p.name, st.st_mtime_ns, st.st_size) for p in files for st in [p.stat()]
+        )
+        if self._gnupg_home is not None and fingerprint == self._keyring_files:
+            return
+        self.close()
+        self._gnupg_home = Path(tempfile.mkdtemp(prefix="nfctl-gnupg-"))
+        os.chmod(self._gnupg_home, 0o700)
+        self._keyring_files = fingerprint
         for key_file in files:
             proc = subprocess.run(
                 ["gpg", "--batch", "--quiet", "--import", str(key_file)],
