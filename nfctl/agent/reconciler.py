@@ -13,9 +13,11 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -293,6 +295,7 @@ class Reconciler:
         in_git: set[str] = set()
         failing_owners: set[str] = set()
         spec_suspended: set[str] = set()
+        to_build: list[tuple[NetworkFunction, PreparedNF, str]] = []
         self.unparsed = {}
         for rt in self.runtime.values():
             rt.in_git = False
@@ -325,13 +328,16 @@ class Reconciler:
                 self._fail(nf.name, _error_from(manifest.diagnostics, revision.sha))
                 failing_owners.add(nf.name)
                 continue
-            self._build(nf, prepare(manifest, revision.snapshot), revision, manifest.rel_path)
+            to_build.append((nf, prepare(manifest, revision.snapshot), manifest.rel_path))
         for path, error in self.unparsed.items():
             key = f"unparsed|{path}|{error.revision}|{error.message}"
             if self._nf(f"<{path}>").error_key != key:
                 self._nf(f"<{path}>").error_key = key
                 self.event("Failed", f"{path}: {error.message}", warning=True)
         self._spec_suspended = spec_suspended
+        compiled = self._compile_changed(to_build, revision)
+        for nf, prepared, manifest_path in to_build:
+            self._build(nf, prepared, revision, manifest_path, compiled.get(nf.name))
         selected_in_git = {n for n in in_git if self._nf(n).selected}
         frozen = {n for n in self.applied if n in suspensions.nfs}
         for name in prune_candidates(self.applied, selected_in_git | frozen, failing_owners):
@@ -340,33 +346,67 @@ class Reconciler:
             self._pruned.append(gone)
         self.store.save_applied(self.applied)
 
+    def _adoptable(self, name: str, prepared: PreparedNF) -> LoadedBuild | None:
+        loaded = self.loaded.get(name)
+        if loaded is None or loaded.build_hash != prepared.build_hash:
+            loaded = self.datapath.find_loaded(name, prepared.build_hash)
+        return loaded
+
+    def _compile_changed(
+        self, items: list[tuple[NetworkFunction, PreparedNF, str]], revision: Revision
+    ) -> dict[str, LoadedBuild | DatapathError]:
+        """Compile every NF whose build is not loaded yet, in parallel (one worker per CPU):
+        a revision touching several NFs costs about one compile, not the sum."""
+        pending = [
+            (nf, prepared)
+            for nf, prepared, _ in items
+            if prepared.ok and self._adoptable(nf.name, prepared) is None
+        ]
+        if not pending:
+            return {}
+        for hook in {nf.spec.attach.hook for nf, _ in pending}:
+            self.datapath.dispatcher(hook)  # shared chain maps first, then builds in parallel
+
+        def build(item: tuple[NetworkFunction, PreparedNF]) -> LoadedBuild | DatapathError:
+            nf, prepared = item
+            policies = {m: spec.on_incompatible for m, spec in nf.spec.maps.items()}
+            started = time.monotonic()
+            try:
+                return self.datapath.load(prepared, policies)
+            except DatapathError as exc:
+                return exc
+            finally:
+                if self.metrics:
+                    self.metrics.compile(time.monotonic() - started)
+
+        workers = max(1, min(len(pending), os.cpu_count() or 1))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="compile") as pool:
+            results = list(pool.map(build, pending))
+        return {nf.name: result for (nf, _), result in zip(pending, results, strict=True)}
+
     def _build(
-        self, nf: NetworkFunction, prepared: PreparedNF, revision: Revision, manifest_path: str
+        self,
+        nf: NetworkFunction,
+        prepared: PreparedNF,
+        revision: Revision,
+        manifest_path: str,
+        compiled: LoadedBuild | DatapathError | None = None,
     ) -> None:
         name = nf.name
         if not prepared.ok:
             self._fail(name, _error_from(prepared.diagnostics, revision.sha))
             return
         current = self.applied.get(name)
-        loaded = self.loaded.get(name)
-        if loaded is None or loaded.build_hash != prepared.build_hash:
-            loaded = self.datapath.find_loaded(name, prepared.build_hash)
+        if isinstance(compiled, DatapathError):
+            diags = compiled.diagnostics or [Diagnostic(file="", message=str(compiled))]
+            self._fail(name, _error_from(diags, revision.sha))
+            return
+        loaded = compiled or self._adoptable(name, prepared)
         if loaded is None:
-            policies = {m: spec.on_incompatible for m, spec in nf.spec.maps.items()}
-            started = time.monotonic()
-            try:
-                loaded = self.datapath.load(prepared, policies)
-            except DatapathError as exc:
-                self._fail(
-                    name,
-                    _error_from(
-                        exc.diagnostics or [Diagnostic(file="", message=str(exc))], revision.sha
-                    ),
-                )
-                return
-            finally:
-                if self.metrics:
-                    self.metrics.compile(time.monotonic() - started)
+            self._fail(
+                name, ErrorInfo(message="build missing after compile", revision=revision.sha)
+            )
+            return
         problems = self._entry_problems(nf, loaded, manifest_path)
         if problems:
             if loaded.compiled and (current is None or current.build_hash != loaded.build_hash):

@@ -21,6 +21,7 @@ from nfctl.agent.metrics import AgentMetrics, ExportedValue, serve
 from nfctl.agent.reconciler import AgentSettings, Reconciler
 from nfctl.agent.source import GitSource, SourceSettings, redact
 from nfctl.agent.store import StateStore
+from nfctl.compiler.client import standby as compile_standby
 from nfctl.datapath.datapath import Datapath
 from nfctl.datapath.dispatcher import TcSettings
 from nfctl.manifest.model import NetworkFunction
@@ -165,6 +166,7 @@ class Agent:
             else None
         )
         threading.Thread(target=self._watch_links, name="link-watch", daemon=True).start()
+        compile_standby.enable()  # a worker with BCC loaded waits for the next commit
         if self.config.controller:
             from nfctl.agent.controller_link import ControllerLink
 
@@ -200,6 +202,7 @@ class Agent:
         finally:
             if self.controller is not None:
                 self.controller.stop()
+            compile_standby.disable()
             if http is not None:
                 http.shutdown()
             self.datapath.close()
