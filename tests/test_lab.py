@@ -45,6 +45,7 @@ def leftovers(tag: str) -> list[str]:
     return found
 
 
+@pytest.mark.timeout(1200)
 def test_lab_demo_tells_the_whole_story() -> None:
     tag = "t" + uuid.uuid4().hex[:5]
     try:
