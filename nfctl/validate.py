@@ -3,15 +3,19 @@ and check managed map entries against the C types. Loads nothing permanently."""
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nfctl.compiler.build import BuildResult, MapInfo
-from nfctl.compiler.client import PreparedNF, build_request, prepare, run_parallel
+from nfctl.compiler.client import build_request, prepare, run_parallel
 from nfctl.datapath.layout import LayoutError, TypeLayout, declared_types, network_order_fields
 from nfctl.diagnostics import Diagnostic
+from nfctl.manifest.loader import LoadedManifest
+from nfctl.manifest.model import NetworkFunction
 from nfctl.manifest.repo import scan_repo
 
 
@@ -84,24 +88,29 @@ def map_layouts(info: MapInfo, source: str) -> tuple[TypeLayout, TypeLayout]:
     )
 
 
-def check_entries(prepared: PreparedNF, result: BuildResult) -> list[Diagnostic]:
-    """Every managed entry must encode into the map's C key and value types."""
+LayoutsOf = Callable[[MapInfo], tuple[TypeLayout, TypeLayout]]
+
+
+def check_entries(
+    manifest: LoadedManifest,
+    nf: NetworkFunction,
+    source_rel: str,
+    maps: list[MapInfo],
+    layouts_of: LayoutsOf,
+) -> list[Diagnostic]:
+    """Every map the manifest names exists; every managed entry encodes into the map's C key
+    and value types, once per key, within array bounds; exported fields exist. Used by
+    `nfctl validate` and by the agent before a new version goes live."""
     problems: list[Diagnostic] = []
-    nf = prepared.nf
-    manifest = prepared.manifest
-    source = prepared.bundle.main_text if prepared.bundle else ""
-    source_rel = prepared.bundle.main_rel if prepared.bundle else "the source"
-    declared = {m.name: m for m in result.maps}
+    declared = {m.name: m for m in maps}
     for map_name, spec in nf.spec.maps.items():
         field_base = f"spec.maps.{map_name}"
         info = declared.get(map_name)
         if info is None:
             problems.append(
-                Diagnostic(
-                    file=manifest.rel_path,
-                    line=manifest.line_of(field_base),
-                    field=field_base,
-                    message=(
+                manifest.diagnostic(
+                    field_base,
+                    (
                         f"map {map_name!r} is not declared in {source_rel}"
                         f" (declared: {', '.join(sorted(declared)) or 'none'})"
                     ),
@@ -110,15 +119,10 @@ def check_entries(prepared: PreparedNF, result: BuildResult) -> list[Diagnostic]
             continue
         if spec.managed and info.map_type not in MANAGEABLE_MAP_TYPES:
             problems.append(
-                Diagnostic(
-                    file=manifest.rel_path,
-                    line=manifest.line_of(field_base),
-                    field=field_base,
-                    message=f"a {info.map_type} map cannot be managed from Git",
-                )
+                manifest.diagnostic(field_base, f"a {info.map_type} map cannot be managed from Git")
             )
             continue
-        key_layout, value_layout = map_layouts(info, source)
+        key_layout, value_layout = layouts_of(info)
         seen_keys: dict[bytes, int] = {}
         for index, entry in enumerate(spec.entries):
             for part, layout, value in (
@@ -129,23 +133,13 @@ def check_entries(prepared: PreparedNF, result: BuildResult) -> list[Diagnostic]
                 try:
                     encoded = layout.encode(value)
                 except LayoutError as exc:
-                    problems.append(
-                        Diagnostic(
-                            file=manifest.rel_path,
-                            line=manifest.line_of(field_path),
-                            field=field_path,
-                            message=str(exc),
-                        )
-                    )
+                    problems.append(manifest.diagnostic(field_path, str(exc)))
                     continue
                 if part == "key":
                     if encoded in seen_keys:
                         problems.append(
-                            Diagnostic(
-                                file=manifest.rel_path,
-                                line=manifest.line_of(field_path),
-                                field=field_path,
-                                message=f"duplicate key (same as entry {seen_keys[encoded]})",
+                            manifest.diagnostic(
+                                field_path, f"duplicate key (same as entry {seen_keys[encoded]})"
                             )
                         )
                     seen_keys[encoded] = index
@@ -153,11 +147,9 @@ def check_entries(prepared: PreparedNF, result: BuildResult) -> list[Diagnostic]
                         index_value = int.from_bytes(encoded[:4], "little")
                         if index_value >= info.max_entries:
                             problems.append(
-                                Diagnostic(
-                                    file=manifest.rel_path,
-                                    line=manifest.line_of(field_path),
-                                    field=field_path,
-                                    message=(
+                                manifest.diagnostic(
+                                    field_path,
+                                    (
                                         f"array index {index_value} is out of range "
                                         f"(max_entries {info.max_entries})"
                                     ),
@@ -165,23 +157,16 @@ def check_entries(prepared: PreparedNF, result: BuildResult) -> list[Diagnostic]
                             )
         if len(spec.entries) > info.max_entries:
             problems.append(
-                Diagnostic(
-                    file=manifest.rel_path,
-                    line=manifest.line_of(f"{field_base}.entries"),
-                    field=f"{field_base}.entries",
-                    message=f"{len(spec.entries)} entries exceed max_entries {info.max_entries}",
+                manifest.diagnostic(
+                    f"{field_base}.entries",
+                    f"{len(spec.entries)} entries exceed max_entries {info.max_entries}",
                 )
             )
         for export_index, export in enumerate(spec.export):
             if export.field and not _has_field(info.value_desc, export.field):
                 export_path = f"{field_base}.export.{export_index}.field"
                 problems.append(
-                    Diagnostic(
-                        file=manifest.rel_path,
-                        line=manifest.line_of(export_path),
-                        field=export_path,
-                        message=f"value type has no field {export.field!r}",
-                    )
+                    manifest.diagnostic(export_path, f"value type has no field {export.field!r}")
                 )
     return problems
 
@@ -234,7 +219,17 @@ def validate_path(path: Path, compile_programs: bool = True) -> ValidationReport
             ]
             if result.ok:
                 try:
-                    nf_report.errors.extend(check_entries(prepared, result))
+                    source = prepared.bundle.main_text if prepared.bundle else ""
+                    source_rel = prepared.bundle.main_rel if prepared.bundle else "the source"
+                    nf_report.errors.extend(
+                        check_entries(
+                            prepared.manifest,
+                            prepared.nf,
+                            source_rel,
+                            result.maps,
+                            functools.partial(map_layouts, source=source),
+                        )
+                    )
                 except Exception as exc:  # report, never a traceback in a user's CI
                     nf_report.errors.append(
                         Diagnostic(

@@ -324,20 +324,9 @@ def tc_filter_present(
 
 def delete_tc_filter(veth: VethPair, ifname: str | None = None) -> None:
     """What a careless operator does: remove nfctl's ingress filter by hand."""
-    run_in(
-        veth.ns_a,
-        "tc",
-        "filter",
-        "del",
-        "dev",
-        ifname or veth.a_if,
-        "ingress",
-        "prio",
-        "10",
-        "handle",
-        "0x4e46",
-        "bpf",
-    )
+    from nfctl.testing import foreign
+
+    foreign.delete_tc_filter(veth.ns_a, ifname or veth.a_if)
 
 
 def run_in(netns: str, *args: str) -> str:

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -16,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from nfctl.testing.foreign import delete_tc_filter, force_foreign_xdp
 from nfctl.testing.netns import VethPair, run
 from tests.agent_harness import AgentProcess, GitDaemon, GitRepo, wait_until
 
@@ -201,21 +199,8 @@ def test_gitops_lifecycle(
         agent.wait_ready(c8)
 
         # 8. drift: someone deletes our tc filter, another tool replaces our XDP program
-        run(
-            "tc",
-            "filter",
-            "del",
-            "dev",
-            veth.a_if,
-            "ingress",
-            "prio",
-            "10",
-            "handle",
-            "0x4e46",
-            "bpf",
-            netns=veth.ns_a,
-        )
-        force_foreign_xdp(veth)
+        delete_tc_filter(veth.ns_a, veth.a_if)
+        force_foreign_xdp(veth.ns_a, veth.a_if)
         wait_until(lambda: tc_filter_present(veth), 15, what="tc filter restored")
         wait_until(lambda: len(events_of(agent, "DriftCorrected")) >= 2, 15, what="drift events")
         wait_until(
@@ -285,26 +270,6 @@ def test_gitops_lifecycle(
         from nfctl.datapath.datapath import Datapath
 
         Datapath(bpffs_root, tmp_path / "state", netns=veth.ns_a).teardown()
-
-
-def force_foreign_xdp(veth: VethPair) -> None:
-    """Another tool attaching its own XDP program over ours (no compare-and-swap)."""
-    code = textwrap.dedent(
-        f"""
-        from pyroute2 import IPRoute
-        from nfctl.datapath import bpf, xdp
-        fd = bpf.load_return_program(bpf.PROG_TYPE_XDP, 2, "other_tool")
-        with IPRoute(netns={veth.ns_a!r}) as ipr:
-            index = ipr.link_lookup(ifname={veth.a_if!r})[0]
-            mode = xdp.query(ipr, index).mode
-            flag = xdp.XDP_FLAGS_DRV_MODE if mode == "native" else xdp.XDP_FLAGS_SKB_MODE
-            attrs = [["IFLA_XDP_FD", fd], ["IFLA_XDP_FLAGS", flag]]
-            ipr.link("set", index=index, xdp={{"attrs": attrs}})
-        """
-    )
-    subprocess.run(
-        [sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1]
-    )
 
 
 class HookWatch:

@@ -16,6 +16,7 @@ import pytest
 
 from nfctl.datapath.datapath import ChainMember, Datapath, DatapathError, LoadedBuild
 from nfctl.manifest.model import Hook, IncompatibleMapPolicy
+from nfctl.testing.foreign import delete_tc_filter, force_foreign_xdp
 from nfctl.testing.netns import VethPair, run
 from tests.helpers import prepare_nf, write_nf
 from tests.nfsources import SYNTAX_ERROR_NF, VERIFIER_REJECT_NF, counting_nf
@@ -427,11 +428,6 @@ def test_detach_keeps_foreign_tc_filters(
     assert "u32" in filters and "bpf" not in filters
 
 
-FOREIGN_XDP = r"""
-int foreign_pass(struct xdp_md *ctx) { return XDP_PASS; }
-"""
-
-
 def test_foreign_program_and_removed_filter_are_drift(
     datapath: Datapath, veth: VethPair, tmp_path: Path
 ) -> None:
@@ -442,39 +438,9 @@ def test_foreign_program_and_removed_filter_are_drift(
     desired = {(veth.a_if, Hook.XDP): ["xdpnf"], (veth.a_if, Hook.TC_INGRESS): ["tcnf"]}
     assert all(p.drift == [] for p in datapath.observe(desired))
 
-    # another tool force-replaces our XDP program (plain netlink, no compare-and-swap)
-    mode = datapath.observe(desired)[1].xdp_mode or "native"
-    flag = 4 if mode == "native" else 2  # XDP_FLAGS_DRV_MODE / XDP_FLAGS_SKB_MODE
-    loader = textwrap.dedent(
-        f"""
-        from bcc import BPF
-        from pyroute2 import IPRoute
-        b = BPF(text={FOREIGN_XDP!r})
-        fn = b.load_func("foreign_pass", BPF.XDP)
-        with IPRoute(netns={veth.ns_a!r}) as ipr:
-            index = ipr.link_lookup(ifname={veth.a_if!r})[0]
-            ipr.link("set", index=index, xdp={{"attrs": [["IFLA_XDP_FD", fn.fd],
-                                                        ["IFLA_XDP_FLAGS", {flag}]]}})
-        """
-    )
-    subprocess.run(
-        [sys.executable, "-c", loader], check=True, cwd=Path(__file__).resolve().parents[1]
-    )
-    # ... and someone deletes our tc filter
-    run(
-        "tc",
-        "filter",
-        "del",
-        "dev",
-        veth.a_if,
-        "ingress",
-        "prio",
-        "10",
-        "handle",
-        "0x4e46",
-        "bpf",
-        netns=veth.ns_a,
-    )
+    # another tool force-replaces our XDP program; someone deletes our tc filter
+    force_foreign_xdp(veth.ns_a, veth.a_if, name="foreign_pass")
+    delete_tc_filter(veth.ns_a, veth.a_if)
     states = {p.hook: p for p in datapath.observe(desired)}
     assert any("foreign_pass" in d for d in states[Hook.XDP].drift), states[Hook.XDP].drift
     assert any("nothing attached" in d for d in states[Hook.TC_INGRESS].drift)

@@ -50,9 +50,11 @@ from nfctl.datapath.bpf import BpfMap
 from nfctl.datapath.datapath import ChainMember, Datapath, DatapathError, LoadedBuild
 from nfctl.datapath.layout import LayoutError
 from nfctl.diagnostics import Diagnostic
+from nfctl.manifest.loader import LoadedManifest
 from nfctl.manifest.model import Hook, NetworkFunction
 from nfctl.manifest.repo import scan_repo
 from nfctl.system import kernel_release
+from nfctl.validate import check_entries
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +297,7 @@ class Reconciler:
         in_git: set[str] = set()
         failing_owners: set[str] = set()
         spec_suspended: set[str] = set()
-        to_build: list[tuple[NetworkFunction, PreparedNF, str]] = []
+        to_build: list[tuple[NetworkFunction, PreparedNF, LoadedManifest]] = []
         self.unparsed = {}
         for rt in self.runtime.values():
             rt.in_git = False
@@ -328,7 +330,7 @@ class Reconciler:
                 self._fail(nf.name, _error_from(manifest.diagnostics, revision.sha))
                 failing_owners.add(nf.name)
                 continue
-            to_build.append((nf, prepare(manifest, revision.snapshot), manifest.rel_path))
+            to_build.append((nf, prepare(manifest, revision.snapshot), manifest))
         for path, error in self.unparsed.items():
             key = f"unparsed|{path}|{error.revision}|{error.message}"
             if self._nf(f"<{path}>").error_key != key:
@@ -336,8 +338,8 @@ class Reconciler:
                 self.event("Failed", f"{path}: {error.message}", warning=True)
         self._spec_suspended = spec_suspended
         compiled = self._compile_changed(to_build, revision)
-        for nf, prepared, manifest_path in to_build:
-            self._build(nf, prepared, revision, manifest_path, compiled.get(nf.name))
+        for nf, prepared, manifest in to_build:
+            self._build(nf, prepared, revision, manifest, compiled.get(nf.name))
         selected_in_git = {n for n in in_git if self._nf(n).selected}
         frozen = {n for n in self.applied if n in suspensions.nfs}
         for name in prune_candidates(self.applied, selected_in_git | frozen, failing_owners):
@@ -353,7 +355,7 @@ class Reconciler:
         return loaded
 
     def _compile_changed(
-        self, items: list[tuple[NetworkFunction, PreparedNF, str]], revision: Revision
+        self, items: list[tuple[NetworkFunction, PreparedNF, LoadedManifest]], revision: Revision
     ) -> dict[str, LoadedBuild | DatapathError]:
         """Compile every NF whose build is not loaded yet, in parallel (one worker per CPU):
         a revision touching several NFs costs about one compile, not the sum."""
@@ -389,10 +391,11 @@ class Reconciler:
         nf: NetworkFunction,
         prepared: PreparedNF,
         revision: Revision,
-        manifest_path: str,
+        manifest: LoadedManifest,
         compiled: LoadedBuild | DatapathError | None = None,
     ) -> None:
         name = nf.name
+        manifest_path = manifest.rel_path
         if not prepared.ok:
             self._fail(name, _error_from(prepared.diagnostics, revision.sha))
             return
@@ -407,7 +410,14 @@ class Reconciler:
                 name, ErrorInfo(message="build missing after compile", revision=revision.sha)
             )
             return
-        problems = self._entry_problems(nf, loaded, manifest_path)
+        source_rel = prepared.bundle.main_rel if prepared.bundle else "the source"
+        problems = check_entries(
+            manifest,
+            nf,
+            source_rel,
+            loaded.record.maps,
+            lambda info: loaded.record.layouts(info.name),
+        )
         if problems:
             if loaded.compiled and (current is None or current.build_hash != loaded.build_hash):
                 self.datapath.discard(loaded)
@@ -445,37 +455,6 @@ class Reconciler:
             self._changes.append(
                 (name, f"manifest changes applied at {revision.short} (program unchanged)")
             )
-
-    def _entry_problems(
-        self, nf: NetworkFunction, loaded: LoadedBuild, manifest_path: str
-    ) -> list[Diagnostic]:
-        problems = []
-        declared = {m.name for m in loaded.record.maps}
-        for map_name, spec in nf.spec.maps.items():
-            field_path = f"spec.maps.{map_name}"
-            if map_name not in declared:
-                problems.append(
-                    Diagnostic(
-                        file=manifest_path,
-                        field=field_path,
-                        message=f"map {map_name!r} is not declared in the C source",
-                    )
-                )
-                continue
-            key_layout, value_layout = loaded.record.layouts(map_name)
-            for index, entry in enumerate(spec.entries):
-                try:
-                    key_layout.encode(entry.key)
-                    value_layout.encode(entry.value)
-                except LayoutError as exc:
-                    problems.append(
-                        Diagnostic(
-                            file=manifest_path,
-                            field=f"{field_path}.entries.{index}",
-                            message=str(exc),
-                        )
-                    )
-        return problems
 
     # -- converge: desired chains to the kernel -------------------------------------------
     def _placements(self) -> list[Placement]:

@@ -352,38 +352,30 @@ class Lab:
 
     def wait_applied(self, revision: str, timeout: float = 120) -> float:
         """Until every node reports revision as applied; returns the seconds it took."""
+        return self._wait_revision(revision, "applied", timeout)
+
+    def wait_attempted(self, revision: str, timeout: float = 120) -> float:
+        """Until every node has tried revision (applied or refused)."""
+        return self._wait_revision(revision, "attempted", timeout)
+
+    def _wait_revision(self, revision: str, which: str, timeout: float) -> float:
         assert self.topo is not None
         start = time.monotonic()
         expected = {n.name for n in self.topo.nodes}
         last: dict[str, str] = {}
         while time.monotonic() - start < timeout:
             with contextlib.suppress(grpc.RpcError):
-                nodes = self.nodes()
-                last = {n.status.node: n.status.last_applied_revision for n in nodes}
+                last = {
+                    n.status.node: getattr(n.status, f"last_{which}_revision") for n in self.nodes()
+                }
                 if expected <= {name for name, rev in last.items() if rev == revision}:
                     return time.monotonic() - start
             time.sleep(0.1)
         raise LabError(
-            f"not every node applied {revision[:12]} within {timeout:.0f}s: "
+            f"not every node {which} {revision[:12]} within {timeout:.0f}s: "
             + ", ".join(f"{k}={v[:12] or '-'}" for k, v in sorted(last.items()))
             + f" (logs in {self.paths.logs})"
         )
-
-    def wait_attempted(self, revision: str, timeout: float = 120) -> float:
-        assert self.topo is not None
-        start = time.monotonic()
-        expected = {n.name for n in self.topo.nodes}
-        while time.monotonic() - start < timeout:
-            with contextlib.suppress(grpc.RpcError):
-                seen = {
-                    n.status.node
-                    for n in self.nodes()
-                    if n.status.last_attempted_revision == revision
-                }
-                if expected <= seen:
-                    return time.monotonic() - start
-            time.sleep(0.1)
-        raise LabError(f"not every node attempted {revision[:12]} within {timeout:.0f}s")
 
     def program_ids(self, nf: str) -> dict[str, int]:
         out = {}

@@ -36,6 +36,12 @@ class LoadedManifest:
     def ok(self) -> bool:
         return self.nf is not None and not self.diagnostics
 
+    def diagnostic(self, field_path: str, message: str) -> Diagnostic:
+        """An error about one field of this manifest, located at its line."""
+        return Diagnostic(
+            file=self.rel_path, line=self.line_of(field_path), field=field_path, message=message
+        )
+
     def line_of(self, field_path: str) -> int | None:
         while field_path:
             if field_path in self.lines:

@@ -1,0 +1,47 @@
+"""What other tools (and careless operators) do to our hooks, for drift tests."""
+
+from __future__ import annotations
+
+import os
+
+from nfctl.datapath import bpf, xdp
+from nfctl.datapath.dispatcher import TcSettings
+from nfctl.testing.netns import run
+
+XDP_PASS = 2
+
+
+def force_foreign_xdp(netns: str, ifname: str, name: str = "other_tool") -> None:
+    """Attach another program over ours with plain netlink (no compare-and-swap)."""
+    from pyroute2 import IPRoute
+
+    fd = bpf.load_return_program(bpf.PROG_TYPE_XDP, XDP_PASS, name)
+    try:
+        with IPRoute(netns=netns) as ipr:
+            index = ipr.link_lookup(ifname=ifname)[0]
+            mode = xdp.query(ipr, index).mode
+            flag = xdp.XDP_FLAGS_DRV_MODE if mode == "native" else xdp.XDP_FLAGS_SKB_MODE
+            attrs = [["IFLA_XDP_FD", fd], ["IFLA_XDP_FLAGS", flag]]
+            ipr.link("set", index=index, xdp={"attrs": attrs})
+    finally:
+        os.close(fd)  # the interface holds the program now
+
+
+def delete_tc_filter(
+    netns: str, ifname: str, direction: str = "ingress", settings: TcSettings = TcSettings()
+) -> None:
+    """Remove nfctl's tc filter by hand, as an operator might."""
+    run(
+        "tc",
+        "filter",
+        "del",
+        "dev",
+        ifname,
+        direction,
+        "prio",
+        str(settings.prio),
+        "handle",
+        hex(settings.handle),
+        "bpf",
+        netns=netns,
+    )
