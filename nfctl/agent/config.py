@@ -40,6 +40,7 @@ class AgentConfig(BaseModel):
     tls_key: Path | None = Field(default=None, alias="tlsKey")
     insecure: bool = False
     tc_priority: int = Field(default=10, ge=1, le=0xFFFF, alias="tcPriority")
+    compile_standby: bool = Field(default=True, alias="compileStandby")
 
     @field_validator("bpffs_dir")
     @classmethod

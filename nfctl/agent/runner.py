@@ -166,7 +166,8 @@ class Agent:
             else None
         )
         threading.Thread(target=self._watch_links, name="link-watch", daemon=True).start()
-        compile_standby.enable()  # a worker with BCC loaded waits for the next commit
+        if self.config.compile_standby:
+            compile_standby.enable()  # a worker with BCC loaded waits for the next commit
         if self.config.controller:
             from nfctl.agent.controller_link import ControllerLink
 

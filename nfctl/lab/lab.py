@@ -72,6 +72,17 @@ def _git(cwd: Path, *args: str) -> str:
     return proc.stdout.strip()
 
 
+def seed_library(work: Path) -> None:
+    """The NF library, with a rate limit high enough for the demo's traffic."""
+    for name in LAB_NFS:
+        shutil.copytree(REPO_ROOT / "bpf" / name, work / "nfs" / name)
+    ratelimit = work / "nfs" / "ratelimit" / "nf.yaml"
+    text = ratelimit.read_text()
+    ratelimit.write_text(
+        text.replace("rate_pps: 1000, burst: 2000", "rate_pps: 20000, burst: 40000")
+    )
+
+
 class Lab:
     def __init__(self, tag: str = "lab", say: Callable[[str], None] = print) -> None:
         self.tag = tag
@@ -88,7 +99,16 @@ class Lab:
             self._alive(name) for name in ("git", "controller", *(n.name for n in self.topo.nodes))
         )
 
-    def up(self, nodes: int = 3, subnet: int = 99, timeout: float = 180) -> Topology:
+    def up(
+        self,
+        nodes: int = 3,
+        subnet: int = 99,
+        timeout: float = 180,
+        seed: Callable[[Path], None] | None = None,
+        agent_args: list[str] | None = None,
+    ) -> Topology:
+        """seed fills the NF repository's work tree (default: the NF library); agent_args
+        are added to every agent's command line."""
         if os.geteuid() != 0:
             raise LabError("the lab needs root (network namespaces, BPF)")
         if self.is_up():
@@ -102,11 +122,11 @@ class Lab:
         self.say(f"creating {nodes} nodes on a bridge (10.{subnet}.0.0/24) ...")
         self.topo = Topology.create(self.tag, nodes, subnet=subnet, host_link=True)
         self._pki()
-        self._git_repo()
+        self._git_repo(seed)
         self._start_git()
         self._start_controller()
         for node in self.topo.nodes:
-            self._start_agent(node.name)
+            self._start_agent(node.name, agent_args or [])
         head = _git(self.paths.work, "rev-parse", "HEAD")
         self.say("waiting for every node to compile, attach and report ...")
         self.wait_applied(head, timeout=timeout)
@@ -121,7 +141,7 @@ class Lab:
         self.paths.secret.write_text(os.urandom(16).hex())
         os.chmod(self.paths.secret, 0o600)
 
-    def _git_repo(self) -> None:
+    def _git_repo(self, seed: Callable[[Path], None] | None = None) -> None:
         assert self.topo is not None
         bare = self.paths.bare
         bare.parent.mkdir(parents=True, exist_ok=True)
@@ -138,13 +158,7 @@ class Lab:
         _git(self.paths.root, "clone", "-q", str(bare), str(work))
         _git(work, "config", "user.name", "Lab Operator")
         _git(work, "config", "user.email", "operator@nfctl.lab")
-        for name in LAB_NFS:
-            shutil.copytree(REPO_ROOT / "bpf" / name, work / "nfs" / name)
-        ratelimit = work / "nfs" / "ratelimit" / "nf.yaml"
-        text = ratelimit.read_text().replace(
-            "rate_pps: 1000, burst: 2000", "rate_pps: 20000, burst: 40000"
-        )
-        ratelimit.write_text(text)
+        (seed or seed_library)(work)
         (work / "README.md").write_text(
             "# Lab NF repository\n\nEvery nf.yaml under nfs/ is a NetworkFunction; "
             "push to main and every node applies it.\n"
@@ -221,7 +235,7 @@ class Lab:
         )
         self._wait_port(self.topo.hub_ip, 9443)
 
-    def _start_agent(self, node: str) -> None:
+    def _start_agent(self, node: str, extra: list[str]) -> None:
         assert self.topo is not None
         pki = self.paths.pki
         netns = self.topo.node(node).netns
@@ -261,6 +275,7 @@ class Lab:
                 str(pki / f"{node}.crt"),
                 "--tls-key",
                 str(pki / f"{node}.key"),
+                *extra,
             ],
         )
 
