@@ -60,7 +60,7 @@ def run(nodes: int, rounds: int, tag: str, subnet: int) -> dict[str, Any]:
         agent_args=["--no-compile-standby", "--drift-interval", "30", "--interval", "600"],
     )
     setup = time.monotonic() - setup_start
-    rounds_out = []
+    rounds_out: list[dict[str, Any]] = []
     try:
         for entries in range(1, rounds + 1):
             (lab.paths.work / "nfs" / "allow" / "nf.yaml").write_text(manifest(entries))
