@@ -143,6 +143,7 @@ def run(commits: int, nfs_at_rest: int) -> dict[str, Any]:
                 repo.write("nfs/bench/nf.yaml", manifest("bench", rev, []))
                 start = time.perf_counter()
                 sha = repo.commit(f"rev {rev}")
+
                 def replaced(before: list[int] = before) -> bool:
                     now = chain()
                     return bool(now) and now != before
