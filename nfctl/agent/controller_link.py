@@ -80,6 +80,9 @@ class ControllerLink:
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.max_receive_message_length", 16 << 20),
+            # commands are a few bytes: no flow-control window probing (each probe is a
+            # PING the controller must answer, 10,000 at once on a fleet-wide reconcile)
+            ("grpc.http2.bdp_probe", 0),
         ]
         target = self.config.controller or ""
         if self.config.insecure:

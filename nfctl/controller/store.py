@@ -49,6 +49,7 @@ class StoredNode:
     registered_at: float
     last_seen: float
     features: list[str]
+    blob: bytes | None = None  # the serialized status, when already at hand
 
 
 class ControllerStore:
@@ -89,6 +90,11 @@ class ControllerStore:
         """One transaction for a batch of node snapshots and new events."""
         if not nodes and not events:
             return
+        features: dict[tuple[str, ...], str] = {}  # the same few lists on every node
+        for n in nodes:
+            key = tuple(n.features)
+            if key not in features:
+                features[key] = json.dumps(n.features)
         with self._lock:
             self._db.execute("BEGIN")
             try:
@@ -100,10 +106,10 @@ class ControllerStore:
                     [
                         (
                             n.name,
-                            n.status.SerializeToString(),
+                            n.blob if n.blob is not None else n.status.SerializeToString(),
                             n.registered_at,
                             n.last_seen,
-                            json.dumps(n.features),
+                            features[tuple(n.features)],
                         )
                         for n in nodes
                     ],
