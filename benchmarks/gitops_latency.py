@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import random
 import re
 import signal
 import struct
@@ -124,7 +125,10 @@ def run(commits: int, nfs_at_rest: int) -> dict[str, Any]:
         daemon = GitDaemon(tmp / "git", pair.ns_b, pair.b_ip)
         daemon.start()
         state = tmp / "state"
-        agent = AgentProcess(pair, daemon.url("nfs-repo"), state, root, "--interval", "0.2").start()
+        # the agent's defaults except the 0.2 s fetch interval the target is stated for
+        agent = AgentProcess(
+            pair, daemon.url("nfs-repo"), state, root, "--interval", "0.2", "--drift-interval", "5"
+        ).start()
         dp = Datapath(root, state, netns=pair.ns_a)
         try:
             agent.wait_ready(first, timeout=120)
@@ -141,8 +145,9 @@ def run(commits: int, nfs_at_rest: int) -> dict[str, Any]:
                 before = chain()
                 m0 = metrics()
                 repo.write("nfs/bench/nf.yaml", manifest("bench", rev, []))
-                start = time.perf_counter()
+                time.sleep(random.uniform(0.2, 0.6))  # commits land at any phase of the poll
                 sha = repo.commit(f"rev {rev}")
+                start = time.perf_counter()  # the commit exists: from here it is the agent
 
                 def replaced(before: list[int] = before) -> bool:
                     now = chain()
@@ -175,8 +180,9 @@ def run(commits: int, nfs_at_rest: int) -> dict[str, Any]:
             map_times = []
             for n in range(1, commits + 1):
                 repo.write("nfs/bench/nf.yaml", manifest("bench", commits, list(range(1, n + 1))))
-                start = time.perf_counter()
+                time.sleep(random.uniform(0.2, 0.6))
                 repo.commit(f"allow {n}")
+                start = time.perf_counter()
                 key = struct.pack("<I", n)
 
                 def present(key: bytes = key) -> bool:

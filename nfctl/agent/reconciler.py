@@ -42,6 +42,7 @@ from nfctl.agent.status import (
     NFState,
     NFStatus,
     NodeStatus,
+    ReconcileTimings,
     SourceStatus,
 )
 from nfctl.agent.store import AppliedNF, StateStore, Suspensions
@@ -216,10 +217,22 @@ class Reconciler:
                 self._publish()
                 return self.status.ready
             self.status.set_condition(ConditionType.RECONCILING, True, "Progressing", "reconciling")
+            wall = time.time()
             revision = self._fetch() if fetch else self.revision
+            fetched = time.monotonic()
             if revision is not None:
                 self._apply_revision(revision, suspensions)
+            built = time.monotonic()
             self.converge(suspensions)
+            applied = time.monotonic()
+            self.status.last_reconcile = ReconcileTimings(
+                started_at=wall,
+                fetch=round(fetched - started, 4),
+                build=round(built - fetched, 4),
+                apply=round(applied - built, 4),
+                total=round(applied - started, 4),
+                revision=revision.sha if revision else None,
+            )
             ok = self._finish(revision)
         if self.metrics:
             self.metrics.reconcile(time.monotonic() - started, ok)
@@ -504,6 +517,11 @@ class Reconciler:
             if suspensions.node:
                 return []
             correct = self.settings.drift_mode == "correct"
+            # Entries first: they live in pinned maps that old and new programs share, so a
+            # map-only change is in the kernel before any netlink work, and a new NF starts
+            # with its entries in place.
+            self._entry_changes = []
+            found: list[str] = self._sync_entries(suspensions, correct)
             target = self.desired_chains()
             tracked = [
                 AttachPoint(ifname, Hook(h))
@@ -519,7 +537,6 @@ class Reconciler:
                 if any(e.nf in suspended_nfs for e in entries) and actual.get(point) is not None
             }
             changes = plan_chain_changes(target, actual, frozen)
-            found: list[str] = []
             for rt in self.runtime.values():
                 rt.attach_errors = {}
             for point, entries in changes.set.items():
@@ -562,8 +579,6 @@ class Reconciler:
             self.datapath.reap()
             self._commit_swaps()
             self._prune()
-            self._entry_changes = []
-            found.extend(self._sync_entries(suspensions, correct))
             self._release_old_versions()
             for name, message in self._changes + self._entry_changes:
                 self.event("Applied", message, nf=name)

@@ -191,7 +191,9 @@ class Agent:
                     self.sync_requested.clear()
                     self._guarded(self.reconciler.sync)
                     self._failures = self._failures + 1 if self.reconciler.source_error else 0
-                    next_sync = time.monotonic() + self._next_interval()
+                    # every interval from the start of a pass, not from its end: a commit
+                    # waits at most one interval before a fetch sees it
+                    next_sync = max(time.monotonic(), now + self._next_interval())
                     next_drift = time.monotonic() + self.config.drift_interval
                 elif self.links_changed.is_set() or now >= next_drift:
                     self.links_changed.clear()

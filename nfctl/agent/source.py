@@ -96,6 +96,8 @@ class GitSource:
         self.mirror = state_dir / "git" / "mirror.git"
         self.snapshots = state_dir / "git" / "snapshots"
         self._gnupg_home: Path | None = None
+        self._seeded = False  # the mirror holds the ref: fetch incrementally, not shallow
+        self._mirror_ready = False  # checked once per process
         self._keyring_files: tuple[tuple[str, int, int], ...] | None = None
 
     # -- environment -------------------------------------------------------------------
@@ -152,14 +154,17 @@ class GitSource:
 
     # -- fetch -------------------------------------------------------------------------
     def _ensure_mirror(self) -> None:
+        if self._mirror_ready:
+            return
         if (self.mirror / "HEAD").exists():
             current = self._git("config", "--get", "remote.origin.url").strip()
             if current != self.settings.url:
                 self._git("remote", "set-url", "origin", self.settings.url)
-            return
-        self.mirror.mkdir(parents=True, exist_ok=True)
-        self._git("init", "--bare", "--quiet", str(self.mirror), cwd=self.mirror.parent)
-        self._git("remote", "add", "origin", self.settings.url)
+        else:
+            self.mirror.mkdir(parents=True, exist_ok=True)
+            self._git("init", "--bare", "--quiet", str(self.mirror), cwd=self.mirror.parent)
+            self._git("remote", "add", "origin", self.settings.url)
+        self._mirror_ready = True
 
     def fetch(self) -> str:
         """Fetch the configured ref; returns the commit sha it points to."""
@@ -174,15 +179,30 @@ class GitSource:
                 self._git("fetch", "--quiet", "origin", "+refs/heads/*:refs/nfctl/heads/*")
                 self._git("update-ref", target, ref)
         else:
+            # Shallow only for the first fetch (a big history is never downloaded); later
+            # fetches are incremental, which git answers twice as fast as shallow ones.
+            if not self._seeded:
+                self._seeded = self._has(target)
+            depth = [] if self._seeded else ["--depth=1"]
             try:
-                self._git("fetch", "--quiet", "--depth=1", "--force", "origin", f"+{ref}:{target}")
+                self._git(
+                    "fetch", "--quiet", "--no-tags", *depth, "--force", "origin", f"+{ref}:{target}"
+                )
             except SourceError as exc:
                 if "couldn't find remote ref" in str(exc):
                     raise SourceError(
                         f"ref {ref!r} not found in {redact(self.settings.url)}"
                     ) from None
                 raise
+        self._seeded = True
         return self._git("rev-parse", f"{target}^{{commit}}").strip()
+
+    def _has(self, ref: str) -> bool:
+        try:
+            self._git("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
+        except SourceError:
+            return False
+        return True
 
     # -- revisions -----------------------------------------------------------------------
     def commit_info(self, sha: str) -> Revision:

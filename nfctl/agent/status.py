@@ -87,6 +87,17 @@ class SourceStatus(_Model):
     last_fetch_error: str | None = Field(default=None, alias="lastFetchError")
 
 
+class ReconcileTimings(_Model):
+    """Where the last full reconcile spent its time (seconds)."""
+
+    started_at: float = Field(alias="startedAt")
+    fetch: float = 0.0
+    build: float = 0.0
+    apply: float = 0.0
+    total: float = 0.0
+    revision: str | None = None
+
+
 class NodeStatus(_Model):
     node: str
     labels: dict[str, str] = Field(default_factory=dict)
@@ -99,6 +110,7 @@ class NodeStatus(_Model):
     functions: list[NFStatus] = Field(default_factory=list)
     suspended: bool = False
     drift_mode: str = Field(default="correct", alias="driftMode")
+    last_reconcile: ReconcileTimings | None = Field(default=None, alias="lastReconcile")
     observed_at: float = Field(default_factory=time.time, alias="observedAt")
 
     def condition(self, kind: ConditionType) -> Condition | None:
