@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -308,3 +310,48 @@ class HookWatch:
 
 
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+
+def test_failed_fetch_is_retried_soon_not_after_an_interval(
+    veth: VethPair, daemon: GitDaemon, gitdir: Path, tmp_path: Path, bpffs_root: Path
+) -> None:
+    """A Git server that drops connections (busy, restarting) must not leave the node a
+    whole interval behind: the agent retries a failed fetch within seconds."""
+    repo = GitRepo(gitdir / "nfs-repo")
+    repo.add_library_nf("counter")
+    c1 = repo.commit("counter")
+    agent = AgentProcess(
+        veth, daemon.url("nfs-repo"), tmp_path / "state", bpffs_root, "--interval", "300"
+    ).start()
+    try:
+        agent.wait_ready(c1, timeout=90)
+        daemon.stop()
+        repo.write(
+            "nfs/counter/nf.yaml", repo.read("nfs/counter/nf.yaml").replace("1.0.0", "1.0.1")
+        )
+        c2 = repo.commit("counter 1.0.1")
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "nfctl",
+                "reconcile",
+                "--local",
+                "--state-dir",
+                str(agent.state_dir),
+            ],
+            check=True,
+            capture_output=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        wait_until(lambda: events_of(agent, "SourceUnavailable"), 30, what="fetch failure")
+        daemon.start()
+        start = time.monotonic()
+        agent.wait_ready(c2, timeout=30)  # with a 300 s interval, only a quick retry gets here
+        assert time.monotonic() - start < 15
+        assert events_of(agent, "SourceAvailable")
+    finally:
+        agent.stop(signal.SIGTERM)
+        from nfctl.datapath.datapath import Datapath
+
+        Datapath(bpffs_root, tmp_path / "state", netns=veth.ns_a).teardown()

@@ -142,9 +142,13 @@ class Agent:
         return cond.status, f"{cond.reason}: {cond.message}"
 
     def _next_interval(self) -> float:
+        """The next fetch: one interval after this pass started; after a failed fetch a
+        quick retry instead (1 s, doubling up to 5 min) with wide jitter, so a fleet that
+        hit a busy Git server at once does not come back at once."""
+        if self.reconciler.source_error is not None and self._failures > 0:
+            retry = min(self.config.interval, 1.0) * 2.0 ** min(self._failures - 1, 16)
+            return min(MAX_BACKOFF_SECONDS, retry) * random.uniform(0.8, 1.2)
         base = self.config.interval
-        if self.reconciler.source_error is not None:
-            base = min(MAX_BACKOFF_SECONDS, base * (2 ** min(self._failures, 10)))
         return base * (1 + random.uniform(-self.config.jitter, self.config.jitter))
 
     def run_once(self) -> bool:

@@ -196,6 +196,7 @@ class Lab:
                 "daemon",
                 "--reuseaddr",
                 "--export-all",
+                "--max-connections=0",
                 f"--base-path={self.paths.bare.parent}",
                 f"--listen={self.topo.hub_ip}",
                 str(self.paths.bare.parent),
