@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from nfctl import __version__
@@ -31,23 +31,20 @@ from nfctl.agent.plan import (
     selects_node,
     target_chains,
 )
+from nfctl.agent.reporting import NFRuntime as _NFRuntime
+from nfctl.agent.reporting import StatusReporting
 from nfctl.agent.source import GitSource, Revision, SourceError, UntrustedRevisionError, redact
 from nfctl.agent.status import (
-    AttachPointStatus,
     ConditionType,
     ErrorInfo,
     Event,
     EventType,
-    MapStatus,
-    NFState,
-    NFStatus,
     NodeStatus,
     ReconcileTimings,
     SourceStatus,
 )
 from nfctl.agent.store import AppliedNF, StateStore, Suspensions
 from nfctl.compiler.client import PreparedNF, prepare
-from nfctl.datapath.bpf import BpfMap
 from nfctl.datapath.datapath import ChainMember, Datapath, DatapathError, LoadedBuild
 from nfctl.datapath.layout import LayoutError
 from nfctl.diagnostics import Diagnostic
@@ -79,17 +76,6 @@ class AgentSettings:
     verify_signatures: bool = False
 
 
-@dataclass
-class _NFRuntime:
-    """What this process knows about an NF beyond the persisted applied state."""
-
-    error: ErrorInfo | None = None
-    error_key: str = ""
-    attach_errors: dict[AttachPoint, str] = field(default_factory=dict)
-    selected: bool = True
-    in_git: bool = False
-
-
 def _entries_digest(nf: NetworkFunction) -> str:
     data = {
         name: spec.model_dump(mode="json") for name, spec in nf.spec.maps.items() if spec.managed
@@ -109,7 +95,7 @@ def _error_from(diags: list[Diagnostic], revision: str | None) -> ErrorInfo:
     )
 
 
-class Reconciler:
+class Reconciler(StatusReporting):
     def __init__(
         self,
         settings: AgentSettings,
@@ -184,9 +170,6 @@ class Reconciler:
             except Exception:  # a listener never breaks reconciliation
                 log.exception("event listener failed")
         return event
-
-    def _nf(self, name: str) -> _NFRuntime:
-        return self.runtime.setdefault(name, _NFRuntime())
 
     def _fail(self, name: str, error: ErrorInfo, reason: str = "Failed") -> None:
         rt = self._nf(name)
@@ -725,147 +708,6 @@ class Reconciler:
             found = self.converge()
             self._publish()
             return found
-
-    # -- status ------------------------------------------------------------------------
-    def _finish(self, revision: Revision | None) -> bool:
-        status = self.status
-        failed = [
-            s
-            for s in self.build_nf_statuses()
-            if s.state in (NFState.FAILED, NFState.DEGRADED, NFState.PENDING)
-        ]
-        all_applied = not failed and not self.unparsed
-        if revision is not None and all_applied and self.stalled is None:
-            status.last_applied_revision = revision.sha
-        status.set_condition(ConditionType.RECONCILING, False, "Idle", "")
-        if self.stalled is not None:
-            reason, message = self.stalled
-            status.set_condition(ConditionType.STALLED, True, reason, message)
-            status.set_condition(ConditionType.READY, False, reason, message)
-        elif self.source_error is not None:
-            self._source_unavailable_conditions()
-        elif failed or self.unparsed:
-            names = ", ".join(f"{s.name} ({s.state.value})" for s in failed)
-            names += ", ".join(self.unparsed)
-            status.set_condition(ConditionType.STALLED, False, "ReconciliationFailed", "")
-            status.set_condition(ConditionType.READY, False, "ReconciliationFailed", names)
-        else:
-            status.set_condition(ConditionType.STALLED, False, "Succeeded", "")
-            rev = revision.short if revision else (status.last_applied_revision or "")[:12]
-            status.set_condition(
-                ConditionType.READY, True, "ReconciliationSucceeded", f"applied revision {rev}"
-            )
-        self._publish()
-        return status.ready
-
-    def _source_unavailable_conditions(self) -> None:
-        status = self.status
-        status.set_condition(ConditionType.STALLED, False, "SourceUnavailable", "")
-        status.set_condition(
-            ConditionType.READY,
-            False,
-            "SourceUnavailable",
-            f"{self.source_error}; datapath keeps {status.last_applied_revision or 'nothing'}",
-        )
-
-    def build_nf_statuses(self) -> list[NFStatus]:
-        suspensions = self.store.suspensions()
-        names = set(self.applied) | {n for n, rt in self.runtime.items() if rt.in_git or rt.error}
-        names = {n for n in names if not n.startswith("<")}
-        statuses = []
-        modes = self._modes
-        target = self._target
-        for name in sorted(names):
-            rt = self._nf(name)
-            applied = self.applied.get(name)
-            loaded = self._loaded(name) if applied else None
-            points = [p for p, entries in target.items() if any(e.nf == name for e in entries)]
-            spec_suspend = name in self._spec_suspended or bool(
-                applied and applied.spec.get("spec", {}).get("suspend")
-            )
-            if name in suspensions.nfs or spec_suspend:
-                state = NFState.SUSPENDED
-            elif rt.in_git and not rt.selected:
-                state = NFState.NOT_SELECTED
-            elif rt.error is not None:
-                state = NFState.FAILED
-            elif applied is None:
-                state = NFState.PENDING
-            elif rt.attach_errors:
-                state = NFState.DEGRADED
-            else:
-                state = NFState.APPLIED
-            status = NFStatus(
-                name=name,
-                state=state,
-                version=applied.version if applied else None,
-                revision=applied.revision if applied else None,
-                build_hash=applied.build_hash if applied else None,
-                program_id=loaded.prog_id if loaded else None,
-                program_tag=loaded.tag if loaded else None,
-                hook=applied.spec.get("spec", {}).get("attach", {}).get("hook")
-                if applied
-                else None,
-                attach_points=[
-                    AttachPointStatus(
-                        interface=p.ifname,
-                        hook=p.hook.value,
-                        mode=modes.get(p),
-                        error=rt.attach_errors.get(p),
-                    )
-                    for p in points
-                ],
-                maps=self._map_statuses(name, loaded, applied),
-                last_error=rt.error,
-                suspended=state is NFState.SUSPENDED,
-                applied_at=applied.applied_at if applied else None,
-            )
-            if rt.attach_errors and not status.last_error:
-                first = next(iter(rt.attach_errors.items()))
-                status.last_error = ErrorInfo(message=f"{first[0]}: {first[1]}")
-            statuses.append(status)
-        return statuses
-
-    def _map_statuses(
-        self, name: str, loaded: LoadedBuild | None, applied: AppliedNF | None
-    ) -> list[MapStatus]:
-        if loaded is None or applied is None:
-            return []
-        managed = {
-            m
-            for m, spec in applied.spec.get("spec", {}).get("maps", {}).items()
-            if spec.get("managed")
-        }
-        out = []
-        for info in loaded.record.maps:
-            pin = loaded.map_pin(self.datapath.layout, info.name)
-            try:
-                with BpfMap.from_pin(str(pin)) as bmap:
-                    count = bmap.count()
-            except OSError:
-                count = -1
-            out.append(
-                MapStatus(
-                    name=info.name,
-                    type=info.map_type,
-                    entries=count,
-                    max_entries=info.max_entries,
-                    managed=info.name in managed,
-                )
-            )
-        return out
-
-    def _publish(self) -> None:
-        self.status.functions = self.build_nf_statuses()
-        self.status.observed_at = time.time()
-        self.store.save_status(self.status)
-        if self.metrics:
-            self.metrics.update(self.status)
-        for listener in self.status_listeners:
-            try:
-                listener(self.status)
-            except Exception:
-                log.exception("status listener failed")
 
 
 __all__ = ["AgentSettings", "Reconciler"]

@@ -1,0 +1,207 @@
+"""The agent's status in the Flux vocabulary: conditions, per-NF state, map statistics,
+published to the state dir, metrics and listeners (the controller link). Mixed into the
+Reconciler, whose state it reads."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from nfctl.agent.plan import AttachPoint, ChainEntry
+from nfctl.agent.status import (
+    AttachPointStatus,
+    ConditionType,
+    ErrorInfo,
+    MapStatus,
+    NFState,
+    NFStatus,
+    NodeStatus,
+)
+from nfctl.agent.store import AppliedNF, StateStore
+from nfctl.datapath.bpf import BpfMap
+from nfctl.datapath.datapath import Datapath, LoadedBuild
+
+if TYPE_CHECKING:
+    from nfctl.agent.reconciler import Metrics
+    from nfctl.agent.source import Revision
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NFRuntime:
+    """What this process knows about an NF beyond the persisted applied state."""
+
+    error: ErrorInfo | None = None
+    error_key: str = ""
+    attach_errors: dict[AttachPoint, str] = field(default_factory=dict)
+    selected: bool = True
+    in_git: bool = False
+
+
+class StatusReporting:
+    # provided by the Reconciler
+    status: NodeStatus
+    store: StateStore
+    datapath: Datapath
+    metrics: Metrics | None
+    applied: dict[str, AppliedNF]
+    runtime: dict[str, NFRuntime]
+    unparsed: dict[str, ErrorInfo]
+    stalled: tuple[str, str] | None
+    source_error: str | None
+    status_listeners: list[Callable[[NodeStatus], None]]
+    _modes: dict[AttachPoint, str | None]
+    _target: dict[AttachPoint, list[ChainEntry]]
+    _spec_suspended: set[str]
+
+    def _nf(self, name: str) -> NFRuntime:
+        return self.runtime.setdefault(name, NFRuntime())
+
+    def _loaded(self, name: str) -> LoadedBuild | None:
+        raise NotImplementedError
+
+    def _finish(self, revision: Revision | None) -> bool:
+        status = self.status
+        failed = [
+            s
+            for s in self.build_nf_statuses()
+            if s.state in (NFState.FAILED, NFState.DEGRADED, NFState.PENDING)
+        ]
+        all_applied = not failed and not self.unparsed
+        if revision is not None and all_applied and self.stalled is None:
+            status.last_applied_revision = revision.sha
+        status.set_condition(ConditionType.RECONCILING, False, "Idle", "")
+        if self.stalled is not None:
+            reason, message = self.stalled
+            status.set_condition(ConditionType.STALLED, True, reason, message)
+            status.set_condition(ConditionType.READY, False, reason, message)
+        elif self.source_error is not None:
+            self._source_unavailable_conditions()
+        elif failed or self.unparsed:
+            names = ", ".join(
+                [f"{s.name} ({s.state.value})" for s in failed]
+                + [f"{path} (unreadable)" for path in self.unparsed]
+            )
+            status.set_condition(ConditionType.STALLED, False, "ReconciliationFailed", "")
+            status.set_condition(ConditionType.READY, False, "ReconciliationFailed", names)
+        else:
+            status.set_condition(ConditionType.STALLED, False, "Succeeded", "")
+            rev = revision.short if revision else (status.last_applied_revision or "")[:12]
+            status.set_condition(
+                ConditionType.READY, True, "ReconciliationSucceeded", f"applied revision {rev}"
+            )
+        self._publish()
+        return status.ready
+
+    def _source_unavailable_conditions(self) -> None:
+        status = self.status
+        status.set_condition(ConditionType.STALLED, False, "SourceUnavailable", "")
+        status.set_condition(
+            ConditionType.READY,
+            False,
+            "SourceUnavailable",
+            f"{self.source_error}; datapath keeps {status.last_applied_revision or 'nothing'}",
+        )
+
+    def build_nf_statuses(self) -> list[NFStatus]:
+        suspensions = self.store.suspensions()
+        names = set(self.applied) | {n for n, rt in self.runtime.items() if rt.in_git or rt.error}
+        names = {n for n in names if not n.startswith("<")}
+        statuses = []
+        modes = self._modes
+        target = self._target
+        for name in sorted(names):
+            rt = self._nf(name)
+            applied = self.applied.get(name)
+            loaded = self._loaded(name) if applied else None
+            points = [p for p, entries in target.items() if any(e.nf == name for e in entries)]
+            spec_suspend = name in self._spec_suspended or bool(
+                applied and applied.spec.get("spec", {}).get("suspend")
+            )
+            if name in suspensions.nfs or spec_suspend:
+                state = NFState.SUSPENDED
+            elif rt.in_git and not rt.selected:
+                state = NFState.NOT_SELECTED
+            elif rt.error is not None:
+                state = NFState.FAILED
+            elif applied is None:
+                state = NFState.PENDING
+            elif rt.attach_errors:
+                state = NFState.DEGRADED
+            else:
+                state = NFState.APPLIED
+            status = NFStatus(
+                name=name,
+                state=state,
+                version=applied.version if applied else None,
+                revision=applied.revision if applied else None,
+                build_hash=applied.build_hash if applied else None,
+                program_id=loaded.prog_id if loaded else None,
+                program_tag=loaded.tag if loaded else None,
+                hook=applied.spec.get("spec", {}).get("attach", {}).get("hook")
+                if applied
+                else None,
+                attach_points=[
+                    AttachPointStatus(
+                        interface=p.ifname,
+                        hook=p.hook.value,
+                        mode=modes.get(p),
+                        error=rt.attach_errors.get(p),
+                    )
+                    for p in points
+                ],
+                maps=self._map_statuses(name, loaded, applied),
+                last_error=rt.error,
+                suspended=state is NFState.SUSPENDED,
+                applied_at=applied.applied_at if applied else None,
+            )
+            if rt.attach_errors and not status.last_error:
+                first = next(iter(rt.attach_errors.items()))
+                status.last_error = ErrorInfo(message=f"{first[0]}: {first[1]}")
+            statuses.append(status)
+        return statuses
+
+    def _map_statuses(
+        self, name: str, loaded: LoadedBuild | None, applied: AppliedNF | None
+    ) -> list[MapStatus]:
+        if loaded is None or applied is None:
+            return []
+        managed = {
+            m
+            for m, spec in applied.spec.get("spec", {}).get("maps", {}).items()
+            if spec.get("managed")
+        }
+        out = []
+        for info in loaded.record.maps:
+            pin = loaded.map_pin(self.datapath.layout, info.name)
+            try:
+                with BpfMap.from_pin(str(pin)) as bmap:
+                    count = bmap.count()
+            except OSError:
+                count = -1
+            out.append(
+                MapStatus(
+                    name=info.name,
+                    type=info.map_type,
+                    entries=count,
+                    max_entries=info.max_entries,
+                    managed=info.name in managed,
+                )
+            )
+        return out
+
+    def _publish(self) -> None:
+        self.status.functions = self.build_nf_statuses()
+        self.status.observed_at = time.time()
+        self.store.save_status(self.status)
+        if self.metrics:
+            self.metrics.update(self.status)
+        for listener in self.status_listeners:
+            try:
+                listener(self.status)
+            except Exception:
+                log.exception("status listener failed")
