@@ -721,6 +721,7 @@ class Plan:
     keep: bool
     worker_nice: int = 0
     same_session: bool = False
+    split_cpus: bool = False  # controller on CPU 0, simulated agents on the other CPUs
 
 
 class Bench:
@@ -756,8 +757,18 @@ class Bench:
         )
         issue(self.pki, "operator", "operator", OPERATORS_ORG)
 
+    def _cpus(self, controller: bool) -> list[str]:
+        """taskset prefix: with --split-cpus the controller gets CPU 0 to itself, as on a
+        real deployment where agents run on other machines; the simulator the rest."""
+        cpus = sorted(os.sched_getaffinity(0))
+        if not self.plan.split_cpus or len(cpus) < 2:
+            return []
+        chosen = cpus[:1] if controller else cpus[1:]
+        return ["taskset", "-c", ",".join(str(c) for c in chosen)]
+
     async def start_controller(self) -> None:
         args = [
+            *self._cpus(controller=True),
             sys.executable,
             "-m",
             "nfctl",
@@ -820,6 +831,7 @@ class Bench:
                 nice=plan.worker_nice,
             )
             proc = await asyncio.create_subprocess_exec(
+                *self._cpus(controller=False),
                 sys.executable,
                 "-m",
                 "benchmarks.controller_scale",
@@ -1064,7 +1076,12 @@ class Bench:
                 else "controller in the benchmark's session"
             )
             + f" (kernel autogroup {'on' if autogroup() else 'off'})"
-            + (f"; simulated agents at nice {plan.worker_nice}" if plan.worker_nice else ""),
+            + (f"; simulated agents at nice {plan.worker_nice}" if plan.worker_nice else "")
+            + (
+                "; CPUs split: controller on CPU 0 alone, simulated agents on the others"
+                if plan.split_cpus
+                else "; controller and simulated agents share all CPUs"
+            ),
             "transport": (
                 "mTLS: a client certificate per simulated agent, node identity check on"
                 if plan.tls
@@ -1201,6 +1218,11 @@ def main() -> None:
         help="run the controller in this session (one scheduling group with the simulated "
         "agents) instead of its own",
     )
+    parser.add_argument(
+        "--split-cpus",
+        action="store_true",
+        help="pin the controller to CPU 0 and the simulated agents to the other CPUs",
+    )
     parser.add_argument("--connect-timeout", type=float, default=300.0)
     parser.add_argument("--keep", action="store_true", help="keep logs in the temp folder")
     parser.add_argument("--json", action="store_true")
@@ -1231,6 +1253,7 @@ def main() -> None:
         keep=args.keep,
         worker_nice=args.worker_nice,
         same_session=args.same_session,
+        split_cpus=args.split_cpus,
     )
     tmp = Path(tempfile.mkdtemp(prefix="nfctl-scale-"))
     try:
