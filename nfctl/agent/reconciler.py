@@ -687,9 +687,7 @@ class Reconciler(StatusReporting):
 
     def _release_old_versions(self) -> None:
         in_chains = {
-            (e.nf, e.build_hash[:32])
-            for entries in self._target_snapshot().values()
-            for e in entries
+            (e.nf, e.build_hash[:32]) for entries in self._target.values() for e in entries
         }
         for name, applied in self.applied.items():
             keep = {applied.build_hash}
@@ -697,9 +695,6 @@ class Reconciler(StatusReporting):
             if name in self.pending_commit:
                 continue
             self.datapath.release_versions(name, keep)
-
-    def _target_snapshot(self) -> dict[AttachPoint, list[ChainEntry]]:
-        return self._target
 
     # -- drift -------------------------------------------------------------------------
     def check_drift(self) -> list[str]:

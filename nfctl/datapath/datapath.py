@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nfctl.compiler.build import BuildResult, MapInfo
+from nfctl.compiler.build import BuildResult
 from nfctl.compiler.client import PreparedNF, build_request, run_worker
 from nfctl.compiler.codegen import PinLayout, entry_name
 from nfctl.datapath import dispatcher as disp
@@ -621,10 +621,6 @@ def _decode_value(bmap: BpfMap, layout: TypeLayout, raw: bytes) -> Any:
     if all(isinstance(v, int) for v in values):
         return sum(values)
     return values
-
-
-def mapinfo_by_name(maps: list[MapInfo]) -> dict[str, MapInfo]:
-    return {m.name: m for m in maps}
 
 
 __all__ = [
