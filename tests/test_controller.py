@@ -110,6 +110,9 @@ def test_fleet_status_events_and_commands(topo: Topology, tmp_path: Path) -> Non
         assert all(n["connected"] and not n["stale"] for n in nodes.values())
         assert nodes["node1"]["status"]["functions"][0]["state"] == "Applied"
         assert "btf" in nodes["node1"]["bpfFeatures"]
+        timings = nodes["node1"]["status"]["lastReconcile"]
+        assert timings["revision"] == c1 and timings["totalSeconds"] > 0
+        assert timings["totalSeconds"] >= timings["fetchSeconds"] + timings["applySeconds"]
         [counter] = operator(topo, pki, "get", "functions", "-o", "json")
         assert counter["name"] == "counter" and counter["nodes"] == 2
         assert counter["versions"][0]["revision"] == c1 and counter["versions"][0]["states"] == {

@@ -163,6 +163,7 @@ def get_nodes(
         "APPLIED",
         "ATTEMPTED",
         "NFS",
+        "LAST PASS",
         "LAST SEEN",
         "MESSAGE",
     ):
@@ -189,10 +190,18 @@ def get_nodes(
             st.last_applied_revision[:12] or "-",
             st.last_attempted_revision[:12] or "-",
             escape(nfs) or "-",
+            _last_pass(st),
             ago(node.last_seen),
             escape(ready.message if ready else ""),
         )
     console.print(table)
+
+
+def _last_pass(status: Any) -> str:
+    if not status.HasField("last_reconcile"):
+        return "-"
+    timings = status.last_reconcile
+    return f"{timings.total_seconds:.2f}s {ago(timings.started_at)}"
 
 
 @get_app.command("functions")

@@ -46,6 +46,12 @@ def render_node_status(status: NodeStatus) -> None:
         f"lastAppliedRevision {(status.last_applied_revision or '-')[:12]}  "
         f"lastAttemptedRevision {(status.last_attempted_revision or '-')[:12]}"
     )
+    if status.last_reconcile is not None:
+        t = status.last_reconcile
+        console.print(
+            f"lastReconcile {ago(t.started_at)}: fetch {t.fetch:.3f}s  build {t.build:.3f}s  "
+            f"apply {t.apply:.3f}s  total {t.total:.3f}s"
+        )
     for cond in status.conditions:
         color = "green" if cond.status == (cond.type.value != "Stalled") else "red"
         console.print(

@@ -18,6 +18,18 @@ def status_to_proto(status: NodeStatus) -> pb.NodeStatus:
         drift_mode=status.drift_mode,
         observed_at=status.observed_at,
     )
+    if status.last_reconcile is not None:
+        timings = status.last_reconcile
+        msg.last_reconcile.CopyFrom(
+            pb.ReconcileTimings(
+                started_at=timings.started_at,
+                fetch_seconds=timings.fetch,
+                build_seconds=timings.build,
+                apply_seconds=timings.apply,
+                total_seconds=timings.total,
+                revision=timings.revision or "",
+            )
+        )
     if status.source is not None:
         msg.source.CopyFrom(
             pb.SourceStatus(

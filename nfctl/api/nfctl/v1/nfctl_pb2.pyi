@@ -288,6 +288,7 @@ class NodeStatus(_message.Message):
     SUSPENDED_FIELD_NUMBER: _builtins.int
     DRIFT_MODE_FIELD_NUMBER: _builtins.int
     OBSERVED_AT_FIELD_NUMBER: _builtins.int
+    LAST_RECONCILE_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     kernel: _builtins.str
     agent_version: _builtins.str
@@ -304,6 +305,10 @@ class NodeStatus(_message.Message):
     def conditions(self) -> _containers.RepeatedCompositeFieldContainer[Global___Condition]: ...
     @_builtins.property
     def functions(self) -> _containers.RepeatedCompositeFieldContainer[Global___FunctionStatus]: ...
+    @_builtins.property
+    def last_reconcile(self) -> Global___ReconcileTimings:
+        """unset until the agent's first full reconcile"""
+
     def __init__(
         self,
         *,
@@ -319,14 +324,56 @@ class NodeStatus(_message.Message):
         suspended: _builtins.bool = ...,
         drift_mode: _builtins.str = ...,
         observed_at: _builtins.float = ...,
+        last_reconcile: Global___ReconcileTimings | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_reconcile", b"last_reconcile", "source", b"source"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "conditions", b"conditions", "drift_mode", b"drift_mode", "functions", b"functions", "kernel", b"kernel", "labels", b"labels", "last_applied_revision", b"last_applied_revision", "last_attempted_revision", b"last_attempted_revision", "node", b"node", "observed_at", b"observed_at", "source", b"source", "suspended", b"suspended"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "conditions", b"conditions", "drift_mode", b"drift_mode", "functions", b"functions", "kernel", b"kernel", "labels", b"labels", "last_applied_revision", b"last_applied_revision", "last_attempted_revision", b"last_attempted_revision", "last_reconcile", b"last_reconcile", "node", b"node", "observed_at", b"observed_at", "source", b"source", "suspended", b"suspended"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___NodeStatus: _TypeAlias = NodeStatus  # noqa: Y015
+
+@_typing.final
+class ReconcileTimings(_message.Message):
+    """Where an agent's last full reconcile (fetch, build, apply) spent its time."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    FETCH_SECONDS_FIELD_NUMBER: _builtins.int
+    BUILD_SECONDS_FIELD_NUMBER: _builtins.int
+    APPLY_SECONDS_FIELD_NUMBER: _builtins.int
+    TOTAL_SECONDS_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    started_at: _builtins.float
+    """unix seconds (the agent's clock)"""
+    fetch_seconds: _builtins.float
+    """Git fetch and checkout"""
+    build_seconds: _builtins.float
+    """manifests, compiles, loads"""
+    apply_seconds: _builtins.float
+    """map entries and chains to the kernel"""
+    total_seconds: _builtins.float
+    revision: _builtins.str
+    """the commit it reconciled to"""
+    def __init__(
+        self,
+        *,
+        started_at: _builtins.float = ...,
+        fetch_seconds: _builtins.float = ...,
+        build_seconds: _builtins.float = ...,
+        apply_seconds: _builtins.float = ...,
+        total_seconds: _builtins.float = ...,
+        revision: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["apply_seconds", b"apply_seconds", "build_seconds", b"build_seconds", "fetch_seconds", b"fetch_seconds", "revision", b"revision", "started_at", b"started_at", "total_seconds", b"total_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReconcileTimings: _TypeAlias = ReconcileTimings  # noqa: Y015
 
 @_typing.final
 class Event(_message.Message):
