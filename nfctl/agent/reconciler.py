@@ -271,7 +271,9 @@ class Reconciler(StatusReporting):
     def _last_fetched(self) -> Revision | None:
         """After a restart with Git unreachable: the last revision in the local mirror."""
         try:
-            sha = self.source._git("rev-parse", "refs/nfctl/target^{commit}").strip()
+            sha = self.source.fetched_sha()
+            if sha is None:
+                return None
             if self.settings.verify_signatures:
                 # the mirror also holds fetched revisions that were refused
                 self.source.verify(sha)

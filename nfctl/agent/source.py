@@ -18,11 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import git
+from git.exc import ODBError
+
+from nfctl.agent.snapshot import UnsafeTreeError, write_tree
 
 log = logging.getLogger(__name__)
 
 SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 KEEP_SNAPSHOTS = 3
+TARGET_REF = "refs/nfctl/target"
+MAINTAIN_EVERY = 50  # fetches
+# Reading objects fails with these (missing, corrupt or unparsable objects).
+OBJECT_ERRORS = (ODBError, git.GitError, ValueError, OSError)
 
 
 class SourceError(RuntimeError):
@@ -99,6 +106,8 @@ class GitSource:
         self._seeded = False  # the mirror holds the ref: fetch incrementally, not shallow
         self._mirror_ready = False  # checked once per process
         self._keyring_files: tuple[tuple[str, int, int], ...] | None = None
+        self._objects: git.Repo | None = None
+        self._fetches = 0
 
     # -- environment -------------------------------------------------------------------
     def _env(self) -> dict[str, str]:
@@ -164,13 +173,16 @@ class GitSource:
             self.mirror.mkdir(parents=True, exist_ok=True)
             self._git("init", "--bare", "--quiet", str(self.mirror), cwd=self.mirror.parent)
             self._git("remote", "add", "origin", self.settings.url)
+        # git fetch would start `git maintenance run --auto` after every fetch: a process
+        # per pass for nothing most of the time. The agent runs it every MAINTAIN_EVERY.
+        self._git("config", "maintenance.auto", "false")
         self._mirror_ready = True
 
     def fetch(self) -> str:
         """Fetch the configured ref; returns the commit sha it points to."""
         self._ensure_mirror()
         ref = self.settings.ref
-        target = "refs/nfctl/target"
+        target = TARGET_REF
         if SHA_RE.match(ref):
             try:
                 self._git("fetch", "--quiet", "--depth=1", "origin", f"+{ref}:{target}")
@@ -195,12 +207,40 @@ class GitSource:
                     ) from None
                 raise
         self._seeded = True
-        return self._git("rev-parse", f"{target}^{{commit}}").strip()
+        self._fetches += 1
+        if self._fetches % MAINTAIN_EVERY == 0:
+            self._maintain()
+        sha = self.fetched_sha()
+        if sha is None:
+            raise SourceError(f"fetched {ref!r} but {target} names no commit")
+        return sha
+
+    def _maintain(self) -> None:
+        """Pack loose objects once enough fetches have left some (git decides)."""
+        try:
+            self._git("maintenance", "run", "--auto", "--quiet")
+        except SourceError as exc:
+            log.warning("git maintenance of the mirror failed: %s", exc)
+
+    def fetched_sha(self) -> str | None:
+        """The commit the last successful fetch brought (None before any)."""
+        try:
+            return str(git.Reference(self._repo(), TARGET_REF).commit.hexsha)
+        except OBJECT_ERRORS:
+            return None
+
+    def _repo(self) -> git.Repo:
+        """The mirror as a GitPython repository: its objects are read by long-lived
+        `git cat-file` processes, one per agent, not a process per question."""
+        if self._objects is None:
+            self._ensure_mirror()
+            self._objects = git.Repo(self.mirror)
+        return self._objects
 
     def _has(self, ref: str) -> bool:
         try:
-            self._git("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
-        except SourceError:
+            git.Reference(self._repo(), ref).commit  # noqa: B018 (resolving is the check)
+        except OBJECT_ERRORS:
             return False
         return True
 
@@ -208,18 +248,22 @@ class GitSource:
     def commit_info(self, sha: str) -> Revision:
         """Describe sha's commit without materialising its snapshot (e.g. to report a
         refused revision)."""
-        fmt = "%H%x00%an%x00%ae%x00%ct%x00%B"
-        raw = self._git("show", "-s", f"--format={fmt}", sha)
-        full, author, email, ctime, message = raw.split("\x00", 4)
-        return Revision(
-            sha=full,
-            ref=self.settings.ref,
-            author=author,
-            author_email=email,
-            committed_at=float(ctime),
-            message=message.strip(),
-            snapshot=self.snapshots / full,
-        )
+        try:
+            commit = self._repo().commit(sha)
+            message = commit.message
+            return Revision(
+                sha=commit.hexsha,
+                ref=self.settings.ref,
+                author=str(commit.author.name or ""),
+                author_email=str(commit.author.email or ""),
+                committed_at=float(commit.committed_date),
+                message=(
+                    message.decode(errors="replace") if isinstance(message, bytes) else message
+                ).strip(),
+                snapshot=self.snapshots / commit.hexsha,
+            )
+        except OBJECT_ERRORS as exc:
+            raise SourceError(self.scrub(f"cannot read commit {sha[:12]}: {exc}")) from None
 
     def revision(self, sha: str) -> Revision:
         """Materialise sha as a snapshot (once) and describe its commit."""
@@ -232,18 +276,9 @@ class GitSource:
         self.snapshots.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=self.snapshots, prefix=".tmp-"))
         try:
-            index = tmp / ".nfctl-index"
-            repo = git.Git(str(self.mirror))
-            env = {**self._env(), "GIT_INDEX_FILE": str(index), "GIT_WORK_TREE": str(tmp)}
-            with repo.custom_environment(**env):
-                repo.execute(["git", "read-tree", sha], kill_after_timeout=self.settings.timeout)
-                repo.execute(
-                    ["git", "checkout-index", "--all", "--force"],
-                    kill_after_timeout=self.settings.timeout,
-                )
-            index.unlink(missing_ok=True)
+            write_tree(self._repo().commit(sha).tree, tmp)
             os.rename(tmp, snapshot)
-        except (git.GitCommandError, OSError) as exc:
+        except (UnsafeTreeError, *OBJECT_ERRORS) as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise SourceError(self.scrub(f"cannot check out {sha[:12]}: {exc}")) from None
         self._prune_snapshots(keep={sha})
@@ -297,7 +332,11 @@ class GitSource:
         )
 
     def close(self) -> None:
-        """Remove the private keyring (and the gpg-agent that importing keys may start)."""
+        """Stop the object readers; remove the private keyring (and the gpg-agent that
+        importing keys may start)."""
+        if self._objects is not None:
+            self._objects.close()
+            self._objects = None
         if self._gnupg_home is None:
             return
         with contextlib.suppress(OSError, subprocess.SubprocessError):
