@@ -52,6 +52,7 @@ class StateStore:
         self._events_lock = threading.Lock()
         self._sequence = self._last_sequence()
         self._lock_fd: int | None = None
+        self._applied_saved: dict[str, Any] | None = None
 
     # -- single agent per state folder ---------------------------------------------------
     def lock(self) -> None:
@@ -87,11 +88,15 @@ class StateStore:
             return {}
 
     def save_applied(self, applied: dict[str, AppliedNF]) -> None:
-        write_json_atomic(self.dir / "applied.json", {k: asdict(v) for k, v in applied.items()})
+        data = {k: asdict(v) for k, v in applied.items()}
+        if data != self._applied_saved:  # every pass calls this; most change nothing
+            write_json_atomic(self.dir / "applied.json", data)
+            self._applied_saved = data
 
     # -- status --------------------------------------------------------------------------
     def save_status(self, status: NodeStatus) -> None:
-        write_json_atomic(self.dir / "status.json", status.dump())
+        # rewritten on every pass and at every change: a snapshot, not a record to keep
+        write_json_atomic(self.dir / "status.json", status.dump(), durable=False)
 
     def load_status(self) -> NodeStatus | None:
         try:
