@@ -22,6 +22,7 @@ import grpc
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.api.nfctl.v1 import nfctl_pb2_grpc as pbg
 from nfctl.controller.auth import channel_credentials
+from nfctl.lab.gitserver import GIT_PORT
 from nfctl.lab.topology import Topology, leftover_namespaces, nsenter
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -124,6 +125,7 @@ class Lab:
         self._pki()
         self._git_repo(seed)
         self._start_git()
+        self._wait_port(self.topo.hub_ip, GIT_PORT)
         self._start_controller()
         for node in self.topo.nodes:
             self._start_agent(node.name, agent_args or [])
@@ -192,14 +194,11 @@ class Lab:
             "git",
             [
                 *nsenter(self.topo.hub),
-                "git",
-                "daemon",
-                "--reuseaddr",
-                "--export-all",
-                "--max-connections=0",
-                f"--base-path={self.paths.bare.parent}",
+                sys.executable,
+                "-m",
+                "nfctl.lab.gitserver",
                 f"--listen={self.topo.hub_ip}",
-                str(self.paths.bare.parent),
+                f"--base-path={self.paths.bare.parent}",
             ],
         )
 
