@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -652,6 +653,7 @@ def test_node_selector_and_status_command(lab: Lab) -> None:
     row = next(line for line in text.splitlines() if line.strip().startswith("blocklist"))
     assert "NotSelected" in row
     assert "Ready=True" in text and "node-a" in text
+    assert re.search(r"lastReconcile .*fetch \d+\.\d+s .*total \d+\.\d+s", text, re.S), text
 
     # other labels (from a file): the counter is pruned, the blocklist now applies
     assert agent.stop() == 0
