@@ -11,11 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from nfctl.compiler.build import BuildResult, MapInfo
-from nfctl.compiler.client import build_request, prepare, run_parallel
+from nfctl.compiler.client import PreparedNF, build_request, prepare, run_parallel
 from nfctl.datapath.layout import LayoutError, TypeLayout, declared_types, network_order_fields
 from nfctl.diagnostics import Diagnostic
-from nfctl.manifest.loader import LoadedManifest
-from nfctl.manifest.model import NetworkFunction
 from nfctl.manifest.repo import scan_repo
 
 
@@ -92,15 +90,12 @@ LayoutsOf = Callable[[MapInfo], tuple[TypeLayout, TypeLayout]]
 
 
 def check_entries(
-    manifest: LoadedManifest,
-    nf: NetworkFunction,
-    source_rel: str,
-    maps: list[MapInfo],
-    layouts_of: LayoutsOf,
+    prepared: PreparedNF, maps: list[MapInfo], layouts_of: LayoutsOf
 ) -> list[Diagnostic]:
     """Every map the manifest names exists; every managed entry encodes into the map's C key
     and value types, once per key, within array bounds; exported fields exist. Used by
     `nfctl validate` and by the agent before a new version goes live."""
+    manifest, nf, source_rel = prepared.manifest, prepared.nf, prepared.source_name
     problems: list[Diagnostic] = []
     declared = {m.name: m for m in maps}
     for map_name, spec in nf.spec.maps.items():
@@ -220,14 +215,9 @@ def validate_path(path: Path, compile_programs: bool = True) -> ValidationReport
             if result.ok:
                 try:
                     source = prepared.bundle.main_text if prepared.bundle else ""
-                    source_rel = prepared.bundle.main_rel if prepared.bundle else "the source"
                     nf_report.errors.extend(
                         check_entries(
-                            prepared.manifest,
-                            prepared.nf,
-                            source_rel,
-                            result.maps,
-                            functools.partial(map_layouts, source=source),
+                            prepared, result.maps, functools.partial(map_layouts, source=source)
                         )
                     )
                 except Exception as exc:  # report, never a traceback in a user's CI

@@ -48,7 +48,6 @@ from nfctl.compiler.client import PreparedNF, prepare
 from nfctl.datapath.datapath import ChainMember, Datapath, DatapathError, LoadedBuild
 from nfctl.datapath.layout import LayoutError
 from nfctl.diagnostics import Diagnostic
-from nfctl.manifest.loader import LoadedManifest
 from nfctl.manifest.model import Hook, NetworkFunction
 from nfctl.manifest.repo import scan_repo
 from nfctl.system import kernel_release
@@ -295,7 +294,7 @@ class Reconciler(StatusReporting):
         in_git: set[str] = set()
         failing_owners: set[str] = set()
         spec_suspended: set[str] = set()
-        to_build: list[tuple[NetworkFunction, PreparedNF, LoadedManifest]] = []
+        to_build: list[tuple[NetworkFunction, PreparedNF]] = []
         self.unparsed = {}
         for rt in self.runtime.values():
             rt.in_git = False
@@ -328,7 +327,7 @@ class Reconciler(StatusReporting):
                 self._fail(nf.name, _error_from(manifest.diagnostics, revision.sha))
                 failing_owners.add(nf.name)
                 continue
-            to_build.append((nf, prepare(manifest, revision.snapshot), manifest))
+            to_build.append((nf, prepare(manifest, revision.snapshot)))
         for path, error in self.unparsed.items():
             key = f"unparsed|{path}|{error.revision}|{error.message}"
             if self._nf(f"<{path}>").error_key != key:
@@ -336,8 +335,8 @@ class Reconciler(StatusReporting):
                 self.event("Failed", f"{path}: {error.message}", warning=True)
         self._spec_suspended = spec_suspended
         compiled = self._compile_changed(to_build, revision)
-        for nf, prepared, manifest in to_build:
-            self._build(nf, prepared, revision, manifest, compiled.get(nf.name))
+        for nf, prepared in to_build:
+            self._build(nf, prepared, revision, compiled.get(nf.name))
         selected_in_git = {n for n in in_git if self._nf(n).selected}
         frozen = {n for n in self.applied if n in suspensions.nfs}
         for name in prune_candidates(self.applied, selected_in_git | frozen, failing_owners):
@@ -353,13 +352,13 @@ class Reconciler(StatusReporting):
         return loaded
 
     def _compile_changed(
-        self, items: list[tuple[NetworkFunction, PreparedNF, LoadedManifest]], revision: Revision
+        self, items: list[tuple[NetworkFunction, PreparedNF]], revision: Revision
     ) -> dict[str, LoadedBuild | DatapathError]:
         """Compile every NF whose build is not loaded yet, in parallel (one worker per CPU):
         a revision touching several NFs costs about one compile, not the sum."""
         pending = [
             (nf, prepared)
-            for nf, prepared, _ in items
+            for nf, prepared in items
             if prepared.ok and self._adoptable(nf.name, prepared) is None
         ]
         if not pending:
@@ -389,11 +388,9 @@ class Reconciler(StatusReporting):
         nf: NetworkFunction,
         prepared: PreparedNF,
         revision: Revision,
-        manifest: LoadedManifest,
         compiled: LoadedBuild | DatapathError | None = None,
     ) -> None:
         name = nf.name
-        manifest_path = manifest.rel_path
         if not prepared.ok:
             self._fail(name, _error_from(prepared.diagnostics, revision.sha))
             return
@@ -408,13 +405,8 @@ class Reconciler(StatusReporting):
                 name, ErrorInfo(message="build missing after compile", revision=revision.sha)
             )
             return
-        source_rel = prepared.bundle.main_rel if prepared.bundle else "the source"
         problems = check_entries(
-            manifest,
-            nf,
-            source_rel,
-            loaded.record.maps,
-            lambda info: loaded.record.layouts(info.name),
+            prepared, loaded.record.maps, lambda info: loaded.record.layouts(info.name)
         )
         if problems:
             if loaded.compiled and (current is None or current.build_hash != loaded.build_hash):
@@ -431,7 +423,7 @@ class Reconciler(StatusReporting):
         spec_changed = current is None or current.spec != nf.model_dump(mode="json", by_alias=True)
         self.applied[name] = AppliedNF(
             name=name,
-            manifest_path=manifest_path,
+            manifest_path=prepared.manifest.rel_path,
             build_hash=loaded.build_hash,
             version=nf.spec.version,
             revision=revision.sha

@@ -37,6 +37,11 @@ class PreparedNF:
         assert self.manifest.nf is not None
         return self.manifest.nf
 
+    @property
+    def source_name(self) -> str:
+        """The main C source as diagnostics name it."""
+        return self.bundle.main_rel if self.bundle else "the source"
+
 
 def prepare(manifest: LoadedManifest, repo_root: Path) -> PreparedNF:
     prepared = PreparedNF(manifest=manifest)
