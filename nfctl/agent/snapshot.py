@@ -33,10 +33,9 @@ def safe_name(name: str) -> bool:
     )
 
 
-def write_tree(tree: git.Tree, dest: Path) -> int:
-    """Materialise tree under dest (an empty folder); returns the number of files written.
-    Submodules become empty folders, as in a checkout without --recurse-submodules."""
-    written = 0
+def write_tree(tree: git.Tree, dest: Path) -> None:
+    """Materialise tree under dest (an empty folder). Submodules become empty folders, as
+    in a checkout without --recurse-submodules."""
     pending: list[tuple[git.Tree, Path]] = [(tree, dest)]
     while pending:  # iterative: a hostile tree may nest deeper than Python's recursion
         current, folder = pending.pop()
@@ -54,10 +53,8 @@ def write_tree(tree: git.Tree, dest: Path) -> int:
                 pending.append((item, target))
             elif isinstance(item, git.Blob):
                 _write_blob(item, target)
-                written += 1
             else:  # a submodule (gitlink)
                 target.mkdir()
-    return written
 
 
 def _write_blob(blob: git.Blob, target: Path) -> None:

@@ -194,7 +194,7 @@ class GitSource:
             # Shallow only for the first fetch (a big history is never downloaded); later
             # fetches are incremental, which git answers twice as fast as shallow ones.
             if not self._seeded:
-                self._seeded = self._has(target)
+                self._seeded = self.fetched_sha() is not None
             depth = [] if self._seeded else ["--depth=1"]
             try:
                 self._git(
@@ -236,13 +236,6 @@ class GitSource:
             self._ensure_mirror()
             self._objects = git.Repo(self.mirror)
         return self._objects
-
-    def _has(self, ref: str) -> bool:
-        try:
-            git.Reference(self._repo(), ref).commit  # noqa: B018 (resolving is the check)
-        except OBJECT_ERRORS:
-            return False
-        return True
 
     # -- revisions -----------------------------------------------------------------------
     def commit_info(self, sha: str) -> Revision:
