@@ -49,10 +49,11 @@ class GitRepo:
         self.git("config", "user.email", "alice@example.org")
         self.git("config", "commit.gpgsign", "false")
 
-    def git(self, *args: str, env: dict[str, str] | None = None) -> str:
+    def git(self, *args: str, env: dict[str, str] | None = None, stdin: str | None = None) -> str:
         proc = subprocess.run(
             ["git", *args],
             cwd=self.path,
+            input=stdin,
             capture_output=True,
             text=True,
             check=False,

@@ -12,52 +12,39 @@ import pytest
 
 from nfctl.agent.snapshot import safe_name
 from nfctl.agent.source import GitSource, SourceError, SourceSettings
+from tests.agent_harness import GitRepo
 
-ENV = {
-    **os.environ,
-    "GIT_AUTHOR_NAME": "Alice Operator",
-    "GIT_AUTHOR_EMAIL": "alice@example.org",
-    "GIT_COMMITTER_NAME": "Alice Operator",
-    "GIT_COMMITTER_EMAIL": "alice@example.org",
+FIXED_DATES = {
     "GIT_AUTHOR_DATE": "2026-01-02T03:04:05Z",
     "GIT_COMMITTER_DATE": "2026-01-02T03:04:05Z",
 }
 
 
-def git(cwd: Path, *args: str, stdin: str | None = None) -> str:
-    return subprocess.run(
-        ["git", *args], cwd=cwd, env=ENV, input=stdin, capture_output=True, text=True, check=True
-    ).stdout.strip()
-
-
 @pytest.fixture
-def upstream(tmp_path: Path) -> Path:
-    work = tmp_path / "upstream"
-    work.mkdir()
-    git(work, "init", "-q", "-b", "main")
-    (work / "nfs" / "fw").mkdir(parents=True)
-    (work / "nfs" / "fw" / "nf.c").write_text("int xdp(void *ctx) { return 2; }\n")
-    (work / "nfs" / "fw" / "nf.yaml").write_text("kind: NetworkFunction\n")
-    (work / "tools.sh").write_text("#!/bin/sh\necho hi\n")
-    (work / "tools.sh").chmod(0o755)
-    os.symlink("nfs/fw/nf.c", work / "link.c")
-    os.symlink("/etc/shadow", work / "outside")
-    git(work, "add", "-A")
+def upstream(tmp_path: Path) -> GitRepo:
+    repo = GitRepo(tmp_path / "upstream")
+    repo.write("nfs/fw/nf.c", "int xdp(void *ctx) { return 2; }\n")
+    repo.write("nfs/fw/nf.yaml", "kind: NetworkFunction\n")
+    repo.write("tools.sh", "#!/bin/sh\necho hi\n")
+    (repo.path / "tools.sh").chmod(0o755)
+    os.symlink("nfs/fw/nf.c", repo.path / "link.c")
+    os.symlink("/etc/shadow", repo.path / "outside")
+    repo.git("add", "-A")
     # a submodule entry (gitlink) without a .gitmodules: a checkout leaves an empty folder
-    git(work, "update-index", "--add", "--cacheinfo", f"160000,{'1' * 40},vendor/lib")
-    git(work, "commit", "-q", "-m", "first\n\nwith a body")
-    return work
+    repo.git("update-index", "--add", "--cacheinfo", f"160000,{'1' * 40},vendor/lib")
+    repo.git("commit", "-q", "-m", "first\n\nwith a body", env=FIXED_DATES)
+    return repo
 
 
 def source(tmp_path: Path, url: Path) -> GitSource:
     return GitSource(SourceSettings(url=f"file://{url}", ref="main"), tmp_path / "state")
 
 
-def test_snapshot_matches_the_commit(tmp_path: Path, upstream: Path) -> None:
-    src = source(tmp_path, upstream)
+def test_snapshot_matches_the_commit(tmp_path: Path, upstream: GitRepo) -> None:
+    src = source(tmp_path, upstream.path)
     try:
         sha = src.fetch()
-        assert sha == git(upstream, "rev-parse", "HEAD")
+        assert sha == upstream.head()
         revision = src.revision(sha)
         snap = revision.snapshot
         assert (snap / "nfs/fw/nf.c").read_text() == "int xdp(void *ctx) { return 2; }\n"
@@ -70,27 +57,25 @@ def test_snapshot_matches_the_commit(tmp_path: Path, upstream: Path) -> None:
         assert revision.author_email == "alice@example.org"
         assert revision.message == "first\n\nwith a body"
         assert revision.committed_at == 1767323045.0
-        assert git(src.mirror, "config", "maintenance.auto") == "false"
+        config = ["git", "-C", str(src.mirror), "config", "maintenance.auto"]
+        assert subprocess.run(config, capture_output=True, text=True).stdout.strip() == "false"
     finally:
         src.close()
 
 
-def test_later_fetches_see_new_commits_loose_and_packed(tmp_path: Path, upstream: Path) -> None:
-    src = source(tmp_path, upstream)
+def test_later_fetches_see_new_commits_loose_and_packed(tmp_path: Path, upstream: GitRepo) -> None:
+    src = source(tmp_path, upstream.path)
     try:
         first = src.fetch()
         src.revision(first)
-        (upstream / "nfs/fw/nf.c").write_text("int xdp(void *ctx) { return 1; }\n")
-        git(upstream, "commit", "-q", "-am", "drop all")
+        upstream.write("nfs/fw/nf.c", "int xdp(void *ctx) { return 1; }\n")
+        upstream.commit("drop all")
         second = src.fetch()  # a few objects: unpacked loose in the mirror
         assert second != first
         assert (src.revision(second).snapshot / "nfs/fw/nf.c").read_text().endswith("1; }\n")
-        many = upstream / "many"
-        many.mkdir()
         for i in range(150):  # above git's unpack limit: the mirror keeps a pack
-            (many / f"f{i}.txt").write_text(f"{i}\n")
-        git(upstream, "add", "-A")
-        git(upstream, "commit", "-q", "-m", "many files")
+            upstream.write(f"many/f{i}.txt", f"{i}\n")
+        upstream.commit("many files")
         third = src.fetch()
         assert list((src.mirror / "objects/pack").glob("*.pack"))
         snap = src.revision(third).snapshot
@@ -101,13 +86,15 @@ def test_later_fetches_see_new_commits_loose_and_packed(tmp_path: Path, upstream
 
 
 @pytest.mark.parametrize("hostile", ["..", ".git"])
-def test_a_tree_a_checkout_refuses_is_refused(tmp_path: Path, upstream: Path, hostile: str) -> None:
-    blob = git(upstream, "hash-object", "-w", "--stdin", stdin="pwned\n")
-    inner = git(upstream, "mktree", stdin=f"100644 blob {blob}\t{hostile}\n")
-    root = git(upstream, "mktree", stdin=f"040000 tree {inner}\tnfs\n")
-    commit = git(upstream, "commit-tree", root, "-m", "hostile", "-p", "HEAD")
-    git(upstream, "update-ref", "refs/heads/main", commit)
-    src = source(tmp_path, upstream)
+def test_a_tree_a_checkout_refuses_is_refused(
+    tmp_path: Path, upstream: GitRepo, hostile: str
+) -> None:
+    blob = upstream.git("hash-object", "-w", "--stdin", stdin="pwned\n")
+    inner = upstream.git("mktree", stdin=f"100644 blob {blob}\t{hostile}\n")
+    root = upstream.git("mktree", stdin=f"040000 tree {inner}\tnfs\n")
+    commit = upstream.git("commit-tree", root, "-m", "hostile", "-p", "HEAD")
+    upstream.git("update-ref", "refs/heads/main", commit)
+    src = source(tmp_path, upstream.path)
     try:
         sha = src.fetch()
         with pytest.raises(

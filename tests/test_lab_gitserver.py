@@ -5,11 +5,11 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from nfctl.lab.gitserver import BACKLOG
+from tests.agent_harness import GitRepo, wait_until
 
 
 def free_port() -> int:
@@ -18,24 +18,20 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def can_connect(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
 def test_many_concurrent_fetches(tmp_path: Path) -> None:
-    work = tmp_path / "work"
-    subprocess.run(["git", "init", "-q", "-b", "main", str(work)], check=True)
-    (work / "nf.yaml").write_text("kind: NetworkFunction\n")
-    env = {
-        "GIT_AUTHOR_NAME": "a",
-        "GIT_AUTHOR_EMAIL": "a@x",
-        "GIT_COMMITTER_NAME": "a",
-        "GIT_COMMITTER_EMAIL": "a@x",
-        "PATH": "/usr/bin:/bin",
-    }
-    subprocess.run(["git", "-C", str(work), "add", "-A"], check=True)
-    subprocess.run(["git", "-C", str(work), "commit", "-qm", "one"], check=True, env=env)
-    head = subprocess.run(
-        ["git", "-C", str(work), "rev-parse", "HEAD"], check=True, capture_output=True, text=True
-    ).stdout.strip()
+    work = GitRepo(tmp_path / "work")
+    work.write("nf.yaml", "kind: NetworkFunction\n")
+    head = work.commit("one")
     base = tmp_path / "git"
-    subprocess.run(["git", "clone", "-q", "--bare", str(work), str(base / "nfs.git")], check=True)
+    work.git("clone", "-q", "--bare", str(work.path), str(base / "nfs.git"))
     port = free_port()
     server = subprocess.Popen(
         [
@@ -53,14 +49,7 @@ def test_many_concurrent_fetches(tmp_path: Path) -> None:
         text=True,
     )
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the Git server never listened"
-                time.sleep(0.05)
+        wait_until(lambda: can_connect(port), 20, what="the Git server listening")
         listing = subprocess.run(
             ["ss", "-Hltn", f"sport = :{port}"], check=True, capture_output=True, text=True
         ).stdout.split()
