@@ -40,6 +40,8 @@ if [ "${NFCTL_SKIP_DEPLOY_TOOLS:-0}" != 1 ]; then
   deploy_tools=()
   command -v vagrant >/dev/null || deploy_tools+=(vagrant)
   command -v kubectl >/dev/null || deploy_tools+=(kubernetes-client)
+  # promtool + prometheus for tests/test_monitoring.py (deploy/monitoring rules and config)
+  command -v promtool >/dev/null || deploy_tools+=(prometheus)
   if [ ${#deploy_tools[@]} -gt 0 ]; then
     echo "setup: installing ${deploy_tools[*]}"
     export DEBIAN_FRONTEND=noninteractive
