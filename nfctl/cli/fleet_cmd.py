@@ -18,6 +18,7 @@ from google.protobuf.json_format import MessageToDict
 from rich.markup import escape
 from rich.table import Table
 
+from nfctl.cli.exitcodes import UNAVAILABLE
 from nfctl.cli.output import OutputFormat, console, emit_data, err_console
 from nfctl.cli.render import STATE_COLORS, ago
 
@@ -116,7 +117,7 @@ def fleet_stub(conn: Conn) -> Iterator[tuple[Any, list[tuple[str, str]]]]:
     except grpc.RpcError as exc:
         details = escape(exc.details() or "")
         err_console.print(f"[red]controller {conn.address}: {exc.code().name}: {details}[/red]")
-        raise typer.Exit(1) from None
+        raise typer.Exit(UNAVAILABLE) from None
     finally:
         channel.close()
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from nfctl import __version__
+from nfctl.cli import exitcodes
 from nfctl.cli.output import OutputFormat, console, emit_data, print_diagnostic
 
 app = typer.Typer(
@@ -15,6 +16,7 @@ app = typer.Typer(
     help="GitOps controller for eBPF network functions (XDP/TC, BCC, live updates).",
     no_args_is_help=True,
     add_completion=False,
+    epilog=exitcodes.HELP,
     pretty_exceptions_enable=False,
 )
 
@@ -116,7 +118,7 @@ def doctor(
 
 
 def _register_commands() -> None:
-    from nfctl.cli import agent_cmd, controller_cmd, fleet_cmd, lab_cmd, ops_cmd
+    from nfctl.cli import agent_cmd, completion, controller_cmd, fleet_cmd, lab_cmd, ops_cmd
 
     app.command(name="agent")(agent_cmd.agent)
     app.command(name="status")(agent_cmd.status)
@@ -130,6 +132,8 @@ def _register_commands() -> None:
     app.command(name="reconcile")(ops_cmd.reconcile)
     app.command(name="suspend")(ops_cmd.suspend)
     app.command(name="resume")(ops_cmd.resume)
+    app.command(name="completion")(completion.completion)
+    completion.enable_shell_completion()
 
 
 _register_commands()

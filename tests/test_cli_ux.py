@@ -1,0 +1,128 @@
+"""What people expect of a CLI: shell completion that a real bash loads and uses, -o json|yaml
+on the commands that print tables, and exit codes that mean the same thing everywhere."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nfctl.cli import exitcodes
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+# Commands that print a table in text mode, by their words on the command line.
+TABLE_COMMANDS = [
+    ["status"],
+    ["get", "nodes"],
+    ["get", "functions"],
+    ["get", "events"],
+    ["get", "history"],
+    ["events"],
+    ["validate"],
+    ["doctor"],
+]
+
+
+def nfctl(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(VENV_BIN / "nfctl"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+        check=False,
+    )
+
+
+def bash_complete(words: list[str]) -> list[str]:
+    """Load `nfctl completion bash` in a fresh bash and ask it to complete `words` (the last
+    one being typed), as pressing TAB does."""
+    bash = shutil.which("bash")
+    assert bash, "bash is required"
+    array = " ".join(f"'{w}'" for w in words)
+    script = (
+        'eval "$(nfctl completion bash)"\n'
+        f"COMP_WORDS=({array}); COMP_CWORD={len(words) - 1}\n"
+        "complete -p nfctl >/dev/null || exit 9\n"
+        "_nfctl_completion nfctl\n"
+        'printf "%s\\n" "${COMPREPLY[@]}"\n'
+    )
+    proc = subprocess.run(
+        [bash, "--norc", "--noprofile", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}"},
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return [line for line in proc.stdout.splitlines() if line]
+
+
+def test_bash_completes_subcommands_options_and_values() -> None:
+    assert bash_complete(["nfctl", "ge"]) == ["get"]
+    assert bash_complete(["nfctl", "get", ""]) == ["nodes", "functions", "events", "history"]
+    assert "--output" in bash_complete(["nfctl", "get", "nodes", "--o"])
+    assert bash_complete(["nfctl", "validate", "-o", ""]) == ["text", "json", "yaml"]
+    assert bash_complete(["nfctl", "completion", ""]) == ["bash", "zsh", "fish"]
+
+
+@pytest.mark.parametrize(
+    ("shell", "registration"),
+    [("zsh", "compdef _nfctl_completion nfctl"), ("fish", "complete --command nfctl")],
+)
+def test_zsh_and_fish_scripts_and_answers(shell: str, registration: str) -> None:
+    """The zsh and fish scripts register nfctl and call it back with _NFCTL_COMPLETE; the
+    answer to that call lists the subcommand being typed."""
+    script = nfctl("completion", shell)
+    assert script.returncode == 0 and registration in script.stdout
+    assert f"_NFCTL_COMPLETE=complete_{shell}" in script.stdout
+    answer = nfctl(
+        env={
+            "_NFCTL_COMPLETE": f"complete_{shell}",
+            "_TYPER_COMPLETE_ARGS": "nfctl get fu",
+            "_TYPER_COMPLETE_FISH_ACTION": "get-args",
+        }
+    )
+    assert answer.returncode == 0 and "functions" in answer.stdout
+    assert "nodes" not in answer.stdout
+
+
+def test_unknown_shell_is_a_usage_error() -> None:
+    proc = nfctl("completion", "tcsh")
+    assert proc.returncode == exitcodes.USAGE and "tcsh" in proc.stderr
+
+
+def test_help_documents_exit_codes() -> None:
+    out = nfctl("--help").stdout
+    assert "Exit codes: 0 ok; 1 checked and not ok" in " ".join(out.replace("│", " ").split())
+
+
+@pytest.mark.parametrize("words", TABLE_COMMANDS, ids=" ".join)
+def test_every_table_command_takes_output_json_and_yaml(words: list[str]) -> None:
+    proc = nfctl(*words, "-o", "xml")
+    message = " ".join(proc.stderr.replace("│", " ").split())
+    assert proc.returncode == exitcodes.USAGE, proc.stderr
+    assert "'xml' is not one of 'text', 'json', 'yaml'" in message, message
+
+
+def test_exit_codes_usage_unavailable_and_not_ok(tmp_path: Path) -> None:
+    assert nfctl("get", "nodes", "--no-such-flag").returncode == exitcodes.USAGE
+    # nothing listens on port 1: the controller is unreachable
+    proc = nfctl("get", "nodes", "--controller", "127.0.0.1:1", "--insecure")
+    assert proc.returncode == exitcodes.UNAVAILABLE and "UNAVAILABLE" in proc.stderr
+    # an invalid NF: checked, and the answer is no
+    nf = tmp_path / "nfs" / "broken"
+    nf.mkdir(parents=True)
+    (nf / "nf.yaml").write_text("apiVersion: nfctl.io/v1alpha1\nkind: NetworkFunction\n")
+    proc = nfctl("validate", str(tmp_path / "nfs"), "--no-compile", "-o", "yaml")
+    assert proc.returncode == exitcodes.NOT_OK
+    import yaml
+
+    report = yaml.safe_load(proc.stdout)
+    assert report["ok"] is False
