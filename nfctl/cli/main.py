@@ -118,7 +118,9 @@ def doctor(
 
 
 def _register_commands() -> None:
-    from nfctl.cli import agent_cmd, completion, controller_cmd, fleet_cmd, lab_cmd, ops_cmd
+    from nfctl.cli import agent_cmd, controller_cmd, fleet_cmd, lab_cmd, ops_cmd
+    from nfctl.cli.completion import completion, enable_shell_completion
+    from nfctl.cli.diff_cmd import diff
 
     app.command(name="agent")(agent_cmd.agent)
     app.command(name="status")(agent_cmd.status)
@@ -132,8 +134,9 @@ def _register_commands() -> None:
     app.command(name="reconcile")(ops_cmd.reconcile)
     app.command(name="suspend")(ops_cmd.suspend)
     app.command(name="resume")(ops_cmd.resume)
-    app.command(name="completion")(completion.completion)
-    completion.enable_shell_completion()
+    app.command(name="completion")(completion)
+    app.command(name="diff")(diff)
+    enable_shell_completion()
 
 
 _register_commands()
