@@ -25,6 +25,7 @@ TABLE_COMMANDS = [
     ["events"],
     ["validate"],
     ["doctor"],
+    ["diff"],
 ]
 
 
@@ -116,6 +117,9 @@ def test_exit_codes_usage_unavailable_and_not_ok(tmp_path: Path) -> None:
     # nothing listens on port 1: the controller is unreachable
     proc = nfctl("get", "nodes", "--controller", "127.0.0.1:1", "--insecure")
     assert proc.returncode == exitcodes.UNAVAILABLE and "UNAVAILABLE" in proc.stderr
+    # no agent runs for this state dir: nobody to ask
+    proc = nfctl("reconcile", "--local", "--state-dir", str(tmp_path / "state"))
+    assert proc.returncode == exitcodes.UNAVAILABLE and "no running agent" in proc.stderr
     # an invalid NF: checked, and the answer is no
     nf = tmp_path / "nfs" / "broken"
     nf.mkdir(parents=True)

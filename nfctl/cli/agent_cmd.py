@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 from pydantic import ValidationError
 
+from nfctl.cli.exitcodes import UNAVAILABLE
 from nfctl.cli.output import OutputFormat, console, emit_data, err_console
 
 DEFAULT_STATE = Path("/var/lib/nfctl")
@@ -183,5 +184,5 @@ def _set_suspended(state_dir: Path, nf: str | None, suspended: bool) -> None:
 def reconcile_local(state_dir: Path) -> None:
     if not _signal_agent(state_dir):
         err_console.print(f"no running agent for state dir {state_dir}")
-        sys.exit(1)
+        sys.exit(UNAVAILABLE)
     console.print("agent asked to reconcile now")

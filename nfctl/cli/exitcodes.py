@@ -5,9 +5,10 @@ from __future__ import annotations
 OK = 0  # done; the result is good (valid, Ready, no difference)
 NOT_OK = 1  # done, and the answer is "no": invalid NF, node not Ready, changes pending
 USAGE = 2  # bad flags, arguments or configuration (Click uses 2 for usage errors too)
-UNAVAILABLE = 3  # the controller or agent could not be reached or refused the request
+UNAVAILABLE = 3  # the controller was unreachable or refused; no running agent to ask
 
 HELP = (
     "Exit codes: 0 ok; 1 checked and not ok (invalid NF, node not Ready, `diff` found "
-    "changes); 2 bad usage or configuration; 3 controller or agent unreachable or refused."
+    "changes); 2 bad usage or configuration; 3 controller unreachable or refused the "
+    "request, or no running agent to ask (reconcile --local)."
 )
