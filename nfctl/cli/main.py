@@ -121,6 +121,7 @@ def _register_commands() -> None:
     from nfctl.cli import agent_cmd, controller_cmd, fleet_cmd, lab_cmd, ops_cmd
     from nfctl.cli.completion import completion, enable_shell_completion
     from nfctl.cli.diff_cmd import diff
+    from nfctl.cli.top_cmd import top
 
     app.command(name="agent")(agent_cmd.agent)
     app.command(name="status")(agent_cmd.status)
@@ -136,6 +137,7 @@ def _register_commands() -> None:
     app.command(name="resume")(ops_cmd.resume)
     app.command(name="completion")(completion)
     app.command(name="diff")(diff)
+    app.command(name="top")(top)
     enable_shell_completion()
 
 
