@@ -26,6 +26,7 @@ TABLE_COMMANDS = [
     ["validate"],
     ["doctor"],
     ["diff"],
+    ["top"],
 ]
 
 
@@ -130,3 +131,25 @@ def test_exit_codes_usage_unavailable_and_not_ok(tmp_path: Path) -> None:
 
     report = yaml.safe_load(proc.stdout)
     assert report["ok"] is False
+
+
+def test_top_rates_from_two_scrapes_and_a_counter_reset() -> None:
+    from nfctl.top import parse, rates, select
+
+    def scrape(at: float, passed: int, dropped: int) -> str:
+        return (
+            "# TYPE nfctl_nf_ratelimit_packets_total counter\n"  # as prometheus_client writes it
+            f'nfctl_nf_ratelimit_packets_total{{nf="rl",map="stats",key="0"}} {passed}\n'
+            f'nfctl_nf_ratelimit_packets_total{{nf="rl",map="stats",key="1"}} {dropped}\n'
+            "# TYPE nfctl_agent_function_info gauge\n"
+            'nfctl_agent_function_info{nf="rl",version="1.0.0",revision="abc",build="b",'
+            'hook="xdp",state="Applied"} 1\n'
+        )
+
+    before = parse("edge-1", 10.0, scrape(10.0, 1000, 500))
+    after = parse("edge-1", 12.0, scrape(12.0, 1400, 100))  # slot 1's map was recreated
+    rows = select(rates(before, after), nf="rl", sort="rate")
+    assert [(r.key, r.rate, r.state, r.revision) for r in rows] == [
+        ("0", 200.0, "Applied", "abc"),
+        ("1", 0.0, "Applied", "abc"),
+    ]
