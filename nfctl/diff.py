@@ -135,12 +135,22 @@ ATTACH_FIELDS = ("hook", "interfaces", "excludeInterfaces", "priority", "xdpMode
 def diff_node(node: NodeView, desired: list[DesiredNF], target: str) -> NodeDiff:
     out: list[NFDiff] = []
     seen: set[str] = set()
+    spec_suspended: set[str] = set()
     for want in desired:
         if want.nf is None:
-            out.append(_refused(want.manifest, want, node))
+            # like the agent: a manifest that no longer parses fails the NF applied from it,
+            # which keeps running
+            owner = next(
+                (a.name for a in node.applied.values() if a.manifest == want.manifest), None
+            )
+            if owner is not None:
+                seen.add(owner)
+            out.append(_refused(owner or want.manifest, want, node))
             continue
         name = want.nf.name
         seen.add(name)
+        if want.nf.spec.suspend:
+            spec_suspended.add(name)
         current = node.applied.get(name)
         if want.errors:
             out.append(_refused(name, want, node))
@@ -162,9 +172,11 @@ def diff_node(node: NodeView, desired: list[DesiredNF], target: str) -> NodeDiff
             )
             out.append(gone)
     for d in out:
-        d.suspended = node.suspended or d.name in node.suspended_nfs
+        d.suspended = node.suspended or d.name in node.suspended_nfs | spec_suspended
         if d.suspended and d.change not in (Change.UNCHANGED, Change.NOT_SELECTED):
-            d.notes.append("suspended on this node: nothing changes until `nfctl resume`")
+            d.notes.append(
+                "suspended: nothing changes until resumed (`nfctl resume`, spec.suspend)"
+            )
     out.sort(key=lambda d: d.name)
     return NodeDiff(node.node, node.revision, target, out)
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from nfctl.diagnostics import Diagnostic
 from nfctl.diff import AppliedView, Change, DesiredNF, NodeView, Program, diff_node
 from nfctl.manifest.model import NetworkFunction
 from nfctl.testing.netns import VethPair
@@ -192,3 +193,12 @@ def test_entry_value_change_and_version_bump_without_rebuild() -> None:
     assert fw.version == ("1.0.0", "1.0.1")
     assert fw.entries["rules"].changed == [{"key": 80, "old": 1, "new": 2}]
     assert not fw.entries["rules"].added and not fw.entries["rules"].removed
+
+
+def test_a_manifest_that_stops_parsing_fails_its_nf_which_keeps_running() -> None:
+    applied = AppliedView("fw", "a" * 40, "h", nf(), "nfs/fw/nf.yaml", local_build_hash="h")
+    broken = Diagnostic(file="nfs/fw/nf.yaml", line=3, message="mapping values are not allowed")
+    desired = [DesiredNF("nfs/fw/nf.yaml", None, errors=(broken,))]
+    [fw] = diff_node(node(applied), desired, "HEAD").nfs
+    assert fw.name == "fw" and fw.change is Change.REFUSED
+    assert "keeps running version 1.0.0" in fw.notes[0] and fw.errors == [broken]
