@@ -81,8 +81,8 @@ def test_diff_against_a_real_node_state(veth: VethPair, bpffs_root: Path, tmp_pa
         # a working tree with one change of each kind
         repo.write("nfs/counter/counter.c", repo.read("nfs/counter/counter.c") + "\n// v2\n")
         set_blocked_v4(repo, ["198.51.100.9"])
-        blocklist = repo.read("nfs/blocklist/nf.yaml").replace("priority: 100", "priority: 150")
-        repo.write("nfs/blocklist/nf.yaml", blocklist)
+        manifest = repo.read("nfs/blocklist/nf.yaml").replace("priority: 100", "priority: 150")
+        repo.write("nfs/blocklist/nf.yaml", manifest)
         select(repo, "ratelimit", "core")
         select(repo, "dscp", "edge")
         repo.write(
@@ -202,3 +202,84 @@ def test_a_manifest_that_stops_parsing_fails_its_nf_which_keeps_running() -> Non
     [fw] = diff_node(node(applied), desired, "HEAD").nfs
     assert fw.name == "fw" and fw.change is Change.REFUSED
     assert "keeps running version 1.0.0" in fw.notes[0] and fw.errors == [broken]
+
+
+# -- fleet-wide, through a real controller -------------------------------------------------------
+
+
+@pytest.mark.kernel
+def test_fleet_diff_through_the_controller(tmp_path: Path) -> None:
+    from nfctl.lab.topology import Topology
+    from tests.agent_harness import GitDaemon, wait_until
+    from tests.conftest import require_kernel
+    from tests.controller_harness import ControllerProcess, NodeAgent, Pki, new_topology, operator
+
+    require_kernel()
+    topo: Topology = new_topology(2)
+    pki = Pki(tmp_path / "pki", topo, ["node1", "node2"])
+    gitdir = tmp_path / "git"
+    repo = GitRepo(gitdir / "nfs-repo")
+    repo.add_library_nf("counter")
+    repo.add_library_nf("blocklist")
+    select(repo, "blocklist", "edge")
+    c1 = repo.commit("counter everywhere, blocklist on edge nodes")
+    git = GitDaemon(gitdir, topo.hub, topo.hub_ip)
+    git.start()
+    controller = ControllerProcess(topo, pki, tmp_path / "ctl" / "controller.db").start()
+    agents = [
+        NodeAgent(topo, n, pki, git.url("nfs-repo"), tmp_path, "--labels", f"role={role}").start()
+        for n, role in (("node1", "edge"), ("node2", "core"))
+    ]
+    try:
+        wait_until(
+            lambda: all(a.status().get("lastAppliedRevision") == c1 for a in agents),
+            180,
+            what="both nodes at c1",
+        )
+        wait_until(
+            lambda: (
+                all(
+                    n["status"].get("lastAppliedRevision") == c1
+                    for n in operator(topo, pki, "get", "nodes", "-o", "json")
+                )
+                and len(operator(topo, pki, "get", "nodes", "-o", "json")) == 2
+            ),
+            60,
+            what="the controller sees both at c1",
+        )
+        repo.write("nfs/counter/counter.c", repo.read("nfs/counter/counter.c") + "\n// v2\n")
+        set_blocked_v4(repo, ["198.51.100.9"])
+        repo.add_library_nf("ratelimit")
+        select(repo, "ratelimit", "core")
+
+        proc = operator(topo, pki, "diff", str(repo.path), "-o", "json", check=False)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        report = json.loads(proc.stdout)
+        assert report["changed"] and report["target"].startswith("working tree")
+        nodes = {n["node"]: by_name(n) for n in report["nodes"]}
+        changes = {
+            node: {name: nf["change"] for name, nf in nfs.items()} for node, nfs in nodes.items()
+        }
+        assert changes == {
+            "node1": {"counter": "rebuilt", "blocklist": "updated", "ratelimit": "not-selected"},
+            "node2": {"counter": "rebuilt", "blocklist": "not-selected", "ratelimit": "added"},
+        }
+        assert nodes["node1"]["blocklist"]["entries"]["blocked_v4"]["added"] == [
+            {"key": "198.51.100.9", "value": 1}
+        ]
+        assert nodes["node1"]["blocklist"]["program"] == "same"
+
+        # only the core nodes; and the revision the fleet runs changes nothing
+        core = operator(
+            topo, pki, "diff", str(repo.path), "-l", "role=core", "-o", "json", check=False
+        )
+        assert [n["node"] for n in json.loads(core.stdout)["nodes"]] == ["node2"]
+        # exit 0 (operator() parses the JSON only then): the fleet runs c1 already
+        same = operator(topo, pki, "diff", str(repo.path), "-r", c1, "-o", "json")
+        assert not same["changed"] and len(same["nodes"]) == 2
+    finally:
+        for a in agents:
+            a.teardown()
+        controller.stop()
+        git.stop()
+        topo.destroy()

@@ -7,17 +7,19 @@ import contextlib
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.table import Table
 from rich.text import Text
 
 from nfctl.cli import exitcodes
+from nfctl.cli.fleet_cmd import CONN, Conn, with_conn
 from nfctl.cli.output import OutputFormat, console, emit_data, err_console
 
 if TYPE_CHECKING:  # imported when used: every nfctl command loads this module
     from nfctl.diff import DesiredNF, NFDiff, NodeDiff, NodeView
+    from nfctl.manifest.model import NetworkFunction
 
 CHANGE_COLORS = {
     "added": "green",
@@ -34,35 +36,171 @@ NOT_COMPILED = (
 )
 
 
+@with_conn
 def diff(
-    tree: Path = typer.Argument(Path("."), help="the NF repository's working tree"),
+    tree: Path = typer.Argument(Path("."), help="the NF repository's working tree (its root)"),
     node_state: Path = typer.Option(
-        ..., "--node-state", help="the node agent's state dir (e.g. a copy of /var/lib/nfctl)"
+        None,
+        "--node-state",
+        help="one node: its agent's state dir (e.g. a copy of /var/lib/nfctl); "
+        "without it, the nodes the controller knows",
     ),
+    selector: str = typer.Option(None, "--selector", "-l", help="fleet: nodes with labels k=v,..."),
+    nodes: str = typer.Option(None, "--nodes", help="fleet: node names, comma separated"),
     revision: str = typer.Option(
         None, "--revision", "-r", help="compare this commit of TREE instead of its working tree"
     ),
     path: str = typer.Option(
-        None, "--path", help="NF folder inside the repository (default: the node's --path)"
+        None, "--path", help="NF folder inside the repository (default: each node's --path)"
     ),
     output: OutputFormat = typer.Option(OutputFormat.TEXT, "--output", "-o"),
+    conn: Conn = CONN,
 ) -> None:
-    """Preview what a revision or working tree would change on one node: NFs added, removed,
-    rebuilt, updated (map entries, attach points) or refused, and nodeSelector effects.
+    """Preview what a revision or working tree would change on one node (--node-state) or on
+    the fleet (through the controller): NFs added, removed, rebuilt, updated (map entries,
+    attach points) or refused, and nodeSelector effects. Nothing is compiled or changed.
 
     Exit code 0 when nothing would change, 1 when something would."""
     from nfctl.diff import diff_node
 
-    node = _load_node(node_state)
-    folder = path if path is not None else (_node_path(node_state) or ".")
-    with _materialise(tree, revision) as (root, target):
-        desired, warnings = _load_desired(root, folder)
-    result = diff_node(node, desired, target)
+    with contextlib.ExitStack() as stack:
+        if node_state is not None:
+            views = [(_load_node(node_state), path or _node_path(node_state) or ".")]
+        else:
+            views = _load_fleet(conn, selector, nodes, tree, path, stack)
+        root, target = stack.enter_context(_materialise(tree, revision))
+        by_folder: dict[str, tuple[list[DesiredNF], list[str]]] = {}
+        results: list[tuple[NodeDiff, NodeView, list[str]]] = []
+        for node, folder in views:
+            if folder not in by_folder:
+                by_folder[folder] = _load_desired(root, folder)
+            desired, warnings = by_folder[folder]
+            results.append((diff_node(node, desired, target), node, warnings))
+    changed = any(r.changed for r, _, _ in results)
     if output is not OutputFormat.TEXT:
-        emit_data({**result.to_dict(), "warnings": warnings, "note": NOT_COMPILED}, output)
+        if node_state is not None:
+            [(result, _, warnings)] = results
+            emit_data({**result.to_dict(), "warnings": warnings, "note": NOT_COMPILED}, output)
+        else:
+            emit_data(
+                {
+                    "target": target,
+                    "changed": changed,
+                    "nodes": [r.to_dict() for r, _, _ in results],
+                    "note": NOT_COMPILED,
+                },
+                output,
+            )
     else:
-        _render(result, node, warnings)
-    raise typer.Exit(exitcodes.NOT_OK if result.changed else exitcodes.OK)
+        if not results:
+            console.print("no nodes matched")
+        for result, node, warnings in results:
+            _render(result, node, warnings)
+        console.print(Text(NOT_COMPILED, style="dim"))
+    raise typer.Exit(exitcodes.NOT_OK if changed else exitcodes.OK)
+
+
+def _load_fleet(
+    conn: Conn,
+    selector: str | None,
+    nodes: str | None,
+    tree: Path,
+    path: str | None,
+    stack: contextlib.ExitStack,
+) -> list[tuple[NodeView, str]]:
+    """Each selected node as the controller reports it. The specs the nodes run are read from
+    TREE's Git history at the revisions they report, so that history must hold them."""
+    import git
+
+    from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
+    from nfctl.cli.fleet_cmd import _selector, fleet_stub
+    from nfctl.diff import AppliedView, NodeView
+
+    with fleet_stub(conn) as (stub, md):
+        resp = stub.ListNodes(pb.ListNodesRequest(selector=_selector(selector, nodes)), metadata=md)
+    try:
+        repo = git.Repo(tree, search_parent_directories=True)
+    except (git.GitError, OSError) as exc:
+        raise _fail(f"{tree}: a fleet diff needs the NF repository's Git history: {exc}") from None
+    history = _History(repo, stack)
+    views: list[tuple[NodeView, str]] = []
+    for entry in resp.nodes:
+        st = entry.status
+        folder = path or st.source.path or "."
+        applied: dict[str, AppliedView] = {}
+        for fn in st.functions:
+            if not fn.revision or not fn.build_hash:
+                continue
+            found = history.nf(fn.revision, folder, fn.name)
+            if found is None:
+                raise _fail(
+                    f"node {st.node}: NF {fn.name} runs revision {fn.revision[:12]}, which "
+                    f"{tree} does not have (git fetch?)"
+                )
+            nf, manifest, local_hash = found
+            applied[fn.name] = AppliedView(
+                name=fn.name,
+                revision=fn.revision,
+                build_hash=fn.build_hash,
+                nf=nf,
+                manifest=manifest,
+                local_build_hash=local_hash,
+                attached=tuple(f"{a.interface}/{a.hook}" for a in fn.attach_points),
+            )
+        node = NodeView(
+            node=st.node,
+            labels=dict(st.labels),
+            kernel=st.kernel,
+            applied=applied,
+            revision=st.last_applied_revision or None,
+            not_selected=frozenset(f.name for f in st.functions if f.state == "NotSelected"),
+            suspended=st.suspended,
+            suspended_nfs=frozenset(f.name for f in st.functions if f.suspended),
+        )
+        views.append((node, folder))
+    return views
+
+
+class _History:
+    """Revisions of the repository written to temporary folders once each, and the NFs
+    found in them (name -> spec, manifest path, build hash computed here)."""
+
+    def __init__(self, repo: Any, stack: contextlib.ExitStack) -> None:
+        self.repo = repo
+        self.base = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nfctl-diff-")))
+        self.cache: dict[tuple[str, str], dict[str, tuple[NetworkFunction, str, str | None]]] = {}
+
+    def nf(
+        self, sha: str, folder: str, name: str
+    ) -> tuple[NetworkFunction, str, str | None] | None:
+        if (sha, folder) not in self.cache:
+            self.cache[(sha, folder)] = self._scan(sha, folder)
+        return self.cache[(sha, folder)].get(name)
+
+    def _scan(self, sha: str, folder: str) -> dict[str, tuple[NetworkFunction, str, str | None]]:
+        import git
+
+        from nfctl.agent.snapshot import UnsafeTreeError, write_tree
+        from nfctl.compiler.client import prepare
+        from nfctl.manifest.repo import scan_repo
+
+        root = self.base / sha
+        if not root.is_dir():
+            try:
+                commit = self.repo.commit(sha)
+                root.mkdir()
+                write_tree(commit.tree, root)
+            except (git.GitError, ValueError, OSError, UnsafeTreeError):
+                return {}
+        if not (root / folder).is_dir():
+            return {}
+        found: dict[str, tuple[NetworkFunction, str, str | None]] = {}
+        for manifest in scan_repo(root / folder, repo_root=root).manifests:
+            if manifest.nf is not None:
+                prepared = prepare(manifest, root)
+                local = prepared.build_hash if prepared.ok else None
+                found[manifest.nf.name] = (manifest.nf, manifest.rel_path, local)
+        return found
 
 
 def _fail(message: str) -> typer.Exit:
@@ -212,7 +350,6 @@ def _render(result: NodeDiff, node: NodeView, warnings: list[str]) -> None:
     for d in result.nfs:
         counts[d.change.value] = counts.get(d.change.value, 0) + 1
     console.print(Text(", ".join(f"{n} {c}" for c, n in sorted(counts.items())) or "no NFs"))
-    console.print(Text(NOT_COMPILED, style="dim"))
 
 
 def _details(d: NFDiff) -> list[str]:
