@@ -189,6 +189,8 @@ def test_view_alone_stops_every_include_form(tmp_path: Path) -> None:
 
     unconfined = run_batch(requests, confined=False)
     assert {r.nf for r in unconfined if read_secret(r)} == set(sources), "control"
+    # even then, diagnostics name the file but quote none of its text
+    assert not any(SECRET_TEXT in json.dumps(r.to_json()) for r in unconfined)
 
     confined = run_batch(requests, confined=True)
     for result in confined:

@@ -215,7 +215,7 @@ def _gather(view: View) -> _Plan:
     plan = _Plan()
     bound: list[str] = []
     for rw, paths in ((False, view.read_only), (True, view.writable)):
-        for path in paths:
+        for path in sorted(paths, key=len):  # a folder before what it holds
             real = _resolve_into(plan, path)
             if any(_contains(b, real) for b in bound):
                 continue  # already visible through a bound folder
