@@ -153,11 +153,9 @@ def raw_request(name: str, repo: Path, source: str) -> BuildRequest:
 
 
 def read_secret(result: BuildResult) -> bool:
-    """clang located a message in the secret (under any path): it opened and read it."""
-    return any(
-        d.file == "linked.h" or d.file.endswith(("/secret.h", "/linked.h"))
-        for d in result.diagnostics
-    )
+    """clang located a message in a file outside the snapshot (named by an absolute path
+    or one leaving the repository) or in the hard link: it opened and read it."""
+    return any(d.file == "linked.h" or d.file.startswith(("/", "../")) for d in result.diagnostics)
 
 
 def run_batch(requests: list[BuildRequest], confined: bool) -> list[BuildResult]:

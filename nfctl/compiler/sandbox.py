@@ -169,7 +169,7 @@ def plan_view(
 ) -> View:
     """The view for one batch: snapshots maps absolute path -> text of every repository
     file the guard accepted."""
-    read_only = [*runtime, *headers, *DEVICES, *KERNEL_INFO, "/proc"]
+    read_only = [*runtime, *headers, *DEVICES, *KERNEL_INFO]
     return View(
         files=dict(snapshots),
         read_only=[p for p in read_only if os.path.exists(p)],
