@@ -4,6 +4,7 @@ and check managed map entries against the C types. Loads nothing permanently."""
 from __future__ import annotations
 
 import functools
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -181,6 +182,19 @@ def validate_path(path: Path, compile_programs: bool = True) -> ValidationReport
     prepared_list = [prepare(m, scan.root) for m in scan.manifests]
     to_build = [p for p in prepared_list if p.ok]
     results: dict[int, BuildResult] = {}
+    if compile_programs and to_build and os.geteuid() != 0:
+        report.warnings.append(
+            Diagnostic(
+                file=str(path),
+                severity="warning",
+                message=(
+                    "not running as root: compiling is confined (user namespace), but BCC "
+                    "creates a program's maps while compiling and the kernel verifier runs "
+                    "at load, both need CAP_BPF; programs with maps fail here with "
+                    "'Operation not permitted' and nothing is verifier-checked"
+                ),
+            )
+        )
     if compile_programs and to_build:
         built = run_parallel([build_request(p) for p in to_build])
         for prepared, built_one in zip(to_build, built, strict=True):

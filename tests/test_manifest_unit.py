@@ -643,7 +643,7 @@ def test_unreadable_sources(tmp_path: Path) -> None:
     bundle = guard(tmp_path / "big", "//" + "x" * MAX_SOURCE_BYTES + "\n")
     assert "the limit is" in problems(bundle)[0][2]
     bundle = guard(tmp_path / "dir", '#include "lib"\n', {"lib/x.h": ""})
-    assert problems(bundle) == [("lib", None, "not a regular file")]
+    assert problems(bundle) == [("prog.c", 1, '#include "lib": lib not a regular file')]
 
 
 def test_include_depth_is_bounded(tmp_path: Path) -> None:

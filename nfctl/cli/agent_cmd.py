@@ -63,11 +63,21 @@ def agent(
         None, "--config", help="YAML file with the same settings (camelCase or snake_case)"
     ),
     once: bool = typer.Option(False, "--once", help="reconcile once; exit 0 if Ready"),
+    unconfined_compile: bool = typer.Option(
+        False,
+        "--unconfined-compile",
+        help="compile NF sources WITHOUT the sandbox (hosts without namespaces only): the "
+        "NF repository can then read any file on this node, credentials included",
+    ),
 ) -> None:
     """Run the node agent: pull NFs from Git and keep this node's datapath in sync."""
     from nfctl.agent.config import load_config, parse_labels
     from nfctl.agent.runner import Agent
     from nfctl.agent.store import AgentLockedError
+    from nfctl.compiler.sandbox import allow_unconfined
+
+    # Command line only, never from the config file: opting out must be a visible choice.
+    allow_unconfined(unconfined_compile)
 
     try:
         cfg = load_config(

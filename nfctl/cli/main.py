@@ -47,6 +47,12 @@ def validate(
         False, "--no-compile", help="check manifests and sources only; skip BCC and the verifier"
     ),
     show_logs: bool = typer.Option(False, "--logs", help="print full compiler/verifier logs"),
+    unconfined_compile: bool = typer.Option(
+        False,
+        "--unconfined-compile",
+        help="compile WITHOUT the sandbox (machines without namespaces only): the "
+        "repository can then read any file you can read",
+    ),
 ) -> None:
     """Validate manifests, compile every program and check it with the kernel verifier.
 
@@ -55,8 +61,11 @@ def validate(
 
     from rich.markup import escape
 
+    from nfctl.compiler.sandbox import allow_unconfined
     from nfctl.diagnostics import Diagnostic
     from nfctl.validate import validate_path
+
+    allow_unconfined(unconfined_compile)
 
     report = validate_path(path, compile_programs=not no_compile)
     if output is not OutputFormat.TEXT:

@@ -43,6 +43,9 @@ class BuildRequest:
     source_text: str
     quote_dir: str  # folder of the NF source: -iquote for its local headers
     build_hash: str
+    repo_root: str | None = None  # where the snapshot below is placed in the compiler's view
+    # repository-relative path -> text: every local header the source guard accepted
+    local_files: dict[str, str] = field(default_factory=dict)
     install: bool = False  # False: compile + verifier check only, nothing pinned
     pins: PinLayout = field(default_factory=PinLayout)
     prog_pin_path: str | None = None

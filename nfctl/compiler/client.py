@@ -12,7 +12,12 @@ from pathlib import Path
 
 from nfctl.compiler.build import BuildRequest, BuildResult, build_hash
 from nfctl.compiler.codegen import PinLayout, function_is_defined
-from nfctl.compiler.sandbox import worker_env, worker_prefix
+from nfctl.compiler.sandbox import (
+    ConfinementError,
+    explain_worker_failure,
+    worker_env,
+    worker_prefix,
+)
 from nfctl.compiler.source_guard import SourceBundle, read_source
 from nfctl.diagnostics import Diagnostic
 from nfctl.manifest.loader import LoadedManifest
@@ -27,6 +32,7 @@ class PreparedNF:
     bundle: SourceBundle | None = None
     build_hash: str = ""
     diagnostics: list[Diagnostic] = field(default_factory=list)
+    repo_root: Path | None = None  # resolved
 
     @property
     def ok(self) -> bool:
@@ -49,6 +55,7 @@ def prepare(manifest: LoadedManifest, repo_root: Path) -> PreparedNF:
         prepared.diagnostics = list(manifest.diagnostics)
         return prepared
     nf = manifest.nf
+    prepared.repo_root = repo_root.resolve()
     bundle = read_source(manifest.source_path, repo_root)
     prepared.bundle = bundle
     prepared.diagnostics = list(manifest.diagnostics) + list(bundle.diagnostics)
@@ -75,17 +82,24 @@ def build_request(
     pins: PinLayout | None = None,
     prog_pin_path: str | None = None,
 ) -> BuildRequest:
-    assert prepared.bundle is not None and prepared.manifest.source_path is not None
+    assert prepared.bundle is not None and prepared.repo_root is not None
     nf = prepared.nf
+    bundle = prepared.bundle
+    # The compiler sees the repository only as this snapshot: what the guard read, at the
+    # paths clang will open (including in-repository aliases of headers).
+    local_files = dict(bundle.local_files)
+    local_files.update({alias: bundle.local_files[real] for alias, real in bundle.aliases.items()})
     return BuildRequest(
         nf=nf.name,
         hook=nf.spec.attach.hook.value,
         function=nf.spec.program.function,
         cflags=list(nf.spec.program.cflags),
-        source_rel=prepared.bundle.main_rel,
-        source_text=prepared.bundle.main_text,
-        quote_dir=str(prepared.manifest.source_path.parent),
+        source_rel=bundle.main_rel,
+        source_text=bundle.main_text,
+        quote_dir=os.path.join(prepared.repo_root, os.path.dirname(bundle.main_rel)),
         build_hash=prepared.build_hash,
+        repo_root=str(prepared.repo_root),
+        local_files=local_files,
         install=install,
         pins=pins or PinLayout(),
         prog_pin_path=prog_pin_path,
@@ -123,7 +137,7 @@ class _Standby:
             if self.enabled and (self._proc is None or self._proc.poll() is not None):
                 try:
                     self._proc = _spawn_worker()
-                except OSError:
+                except (OSError, ConfinementError):
                     self._proc = None
 
     def take(self) -> subprocess.Popen[str] | None:
@@ -161,6 +175,8 @@ def run_worker(
     payload = json.dumps([r.to_json() for r in requests])
     try:
         worker = standby.take() or _spawn_worker()
+    except ConfinementError as exc:
+        return _all_failed(requests, f"compiling refused: {exc}")
     except OSError as exc:
         return _all_failed(requests, f"cannot start the compile worker: {exc}")
     try:
@@ -174,6 +190,9 @@ def run_worker(
     proc = subprocess.CompletedProcess(worker.args, worker.returncode, stdout, stderr)
     if proc.returncode != 0 or not proc.stdout.strip():
         tail = proc.stderr.strip()[-2000:]
+        confinement = explain_worker_failure(proc.stderr)
+        if confinement:
+            return _all_failed(requests, f"compiling refused: {confinement}")
         hint = ""
         if "No module named 'bcc'" in proc.stderr:
             hint = " BCC is not importable: install python3-bpfcc and run `nfctl doctor`."

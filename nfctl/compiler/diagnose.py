@@ -14,14 +14,59 @@ _CLANG_RE = re.compile(
     r"(?P<msg>.*)$"
 )
 _VERIFIER_LINE_RE = re.compile(r"^;.*@ (?P<file>[^:\s]+):(?P<line>\d+)\s*$")
+# Any line of clang's output that names a location (errors, notes, "In file included from")
+_LOCATION_RE = re.compile(
+    r"^(?:(?P<file>[^:\n]+):(?P<line>\d+):(?P<col>\d+): "
+    r"(?P<sev>fatal error|error|warning|note|remark): "
+    r"|(?:In file included from |\s+from )(?P<ifile>[^:\n]+):(?P<iline>\d+)[:,])"
+)
+WITHHELD = "(text from a file outside the repository withheld)"
 _DIRECTIVE_START_RE = re.compile(r"^[ \t]*(#|%:)")
 _VERIFIER_NOISE = ("processed ", "HINT:", "bpf: Failed to load program", "verification time")
 MAX_DETAIL_CHARS = 16_000
 
 
-def clang_diagnostics(output: str, main_rel: str, repo_root: str | None) -> list[Diagnostic]:
-    """Errors from clang's stderr, with files made repository-relative."""
+def scrub_clang_output(output: str, public: list[str]) -> str:
+    """clang's output without text quoted from files outside public (the repository
+    snapshot and the kernel headers): a message located in another file keeps its
+    location and severity, loses its text, and the source lines it quotes are dropped."""
+    kept: list[str] = []
+    showing = True
+    for raw in output.splitlines():
+        location = _LOCATION_RE.match(raw)
+        if location is None:
+            if showing:
+                kept.append(raw)
+            continue
+        if location.group("ifile"):
+            kept.append(raw)  # names a file and line, quotes nothing
+            continue
+        showing = _is_public(location.group("file"), public)
+        if showing:
+            kept.append(raw)
+            continue
+        file, line, column = location.group("file", "line", "col")
+        kept.append(f"{file}:{line}:{column}: {location.group('sev')}: {WITHHELD}")
+    return "\n".join(kept)
+
+
+def _is_public(file: str, public: list[str]) -> bool:
+    if file in ("<stdin>", "<built-in>", "<command line>", "<scratch space>", WRAPPER_FILE):
+        return True
+    if file.startswith("/virtual/"):
+        return True  # BCC's own in-memory headers and the generated program
+    path = os.path.normpath(file)
+    return any(path == p or path.startswith(p.rstrip("/") + "/") for p in public)
+
+
+def clang_diagnostics(
+    output: str, main_rel: str, repo_root: str | None, public: list[str] | None = None
+) -> list[Diagnostic]:
+    """Errors from clang's stderr, with files made repository-relative; with public given,
+    nothing is quoted from other files (scrub_clang_output)."""
     found: list[Diagnostic] = []
+    if public is not None:
+        output = scrub_clang_output(output, [*public, main_rel])
     lines = output.splitlines()
     for index, raw in enumerate(lines):
         match = _CLANG_RE.match(raw)
@@ -58,8 +103,26 @@ def clang_diagnostics(output: str, main_rel: str, repo_root: str | None) -> list
     return found
 
 
-def verifier_diagnostic(log: str, main_rel: str, main_text: str, program: str) -> Diagnostic:
+def scrub_verifier_log(log: str, repo_files: list[str]) -> str:
+    """The verifier log without source lines (`; text @ file:line`, from BTF line info)
+    of files that are not in the repository snapshot."""
+    names = {os.path.basename(f) for f in repo_files} | set(repo_files)
+    kept = []
+    for raw in log.splitlines():
+        match = _VERIFIER_LINE_RE.match(raw)
+        if match and match.group("file") not in names | {WRAPPER_FILE}:
+            kept.append(f"; {WITHHELD} @ {match.group('file')}:{match.group('line')}")
+        else:
+            kept.append(raw)
+    return "\n".join(kept)
+
+
+def verifier_diagnostic(
+    log: str, main_rel: str, main_text: str, program: str, repo_files: list[str] | None = None
+) -> Diagnostic:
     """The kernel verifier's reason, located at the last source line it annotated."""
+    if repo_files is not None:
+        log = scrub_verifier_log(log, [*repo_files, main_rel])
     lines = [line for line in log.splitlines() if line.strip()]
     reason = _verifier_reason(lines)
     source_line: int | None = None

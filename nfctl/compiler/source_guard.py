@@ -17,8 +17,49 @@ from nfctl.manifest.paths import PathEscapeError, resolve_inside
 MAX_SOURCE_BYTES = 1 << 20
 MAX_INCLUDE_DEPTH = 16
 
-# '#' or the '%:' digraph, optional spaces, then the directive name.
-_DIRECTIVE_RE = re.compile(r"^[ \t]*(?:#|%:)[ \t]*(include_next|include|import|embed)\b(.*)$")
+# clang's horizontal whitespace (space, tab, form feed, vertical tab); a line ends at LF,
+# CR or CR LF; '#' may be spelled with the '%:' digraph (or the '??=' trigraph, handled
+# by scanning a trigraph-replaced variant too).
+_HSPACE = " \t\f\v"
+_DIRECTIVE_RE = re.compile(rf"^[{_HSPACE}]*(?:#|%:)[{_HSPACE}]*([A-Za-z_][A-Za-z0-9_]*)?(.*)$")
+_NEWLINE_RE = re.compile(r"\r\n?")
+_SPLICE_RE = re.compile(rf"\\[{_HSPACE}]*$")  # clang splices even with spaces before the newline
+_TRIGRAPH_RE = re.compile(r"\?\?([=/'()!<>\-])")
+_TRIGRAPHS = {
+    "=": "#",
+    "/": "\\",
+    "'": "^",
+    "(": "[",
+    ")": "]",
+    "!": "|",
+    "<": "{",
+    ">": "}",
+    "-": "~",
+}
+# Directives that cannot read a file; include is checked; anything else is refused
+# (include_next, import, embed, __include_macros, and names clang may add later).
+_HARMLESS_DIRECTIVES = frozenset(
+    [
+        "define",
+        "undef",
+        "if",
+        "ifdef",
+        "ifndef",
+        "elif",
+        "elifdef",
+        "elifndef",
+        "else",
+        "endif",
+        "line",
+        "error",
+        "warning",
+        "pragma",
+        "ident",
+        "sccs",
+        "assert",
+        "unassert",
+    ]
+)
 _QUOTED_RE = re.compile(r'^\s*"([^"\n]*)"\s*$')
 _ANGLED_RE = re.compile(r"^\s*<([^>\n]*)>\s*$")
 _FORBIDDEN_MACROS = {
@@ -42,6 +83,8 @@ class SourceBundle:
     main_rel: str
     main_text: str
     local_files: dict[str, str] = field(default_factory=dict)  # repo-relative path -> text
+    # repo-relative path clang opens a header by -> its resolved path in local_files
+    aliases: dict[str, str] = field(default_factory=dict)
     diagnostics: list[Diagnostic] = field(default_factory=list)
 
     @property
@@ -53,8 +96,9 @@ def read_source(source_path: Path, repo_root: Path) -> SourceBundle:
     repo_root = repo_root.resolve()
     main_rel = os.path.relpath(source_path, repo_root)
     bundle = SourceBundle(main_rel=main_rel, main_text="")
-    text = _read_text(source_path, main_rel, bundle.diagnostics)
+    text, problem, line = _read_text(source_path)
     if text is None:
+        bundle.diagnostics.append(Diagnostic(file=main_rel, line=line, message=problem or ""))
         return bundle
     bundle.main_text = text
     _check_forbidden(text, main_rel, bundle.diagnostics)
@@ -63,57 +107,80 @@ def read_source(source_path: Path, repo_root: Path) -> SourceBundle:
     return bundle
 
 
-def _read_text(path: Path, rel: str, diags: list[Diagnostic]) -> str | None:
+def _read_text(path: Path) -> tuple[str | None, str | None, int | None]:
+    """(text, None, None), or (None, what is wrong, line of the problem if any).
+
+    Checked on the opened file itself, so a swap after the check changes nothing."""
     try:
-        size = path.stat().st_size
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
-        diags.append(Diagnostic(file=rel, message=f"cannot read: {exc.strerror}"))
-        return None
-    if size > MAX_SOURCE_BYTES:
-        diags.append(
-            Diagnostic(file=rel, message=f"file is {size} bytes; the limit is {MAX_SOURCE_BYTES}")
-        )
-        return None
+        return None, f"cannot read: {exc.strerror}", None
     try:
-        if not stat.S_ISREG(path.stat().st_mode):
-            diags.append(Diagnostic(file=rel, message="not a regular file"))
-            return None
-        raw = path.read_bytes()
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return None, "not a regular file", None
+        if info.st_nlink > 1:
+            return (
+                None,
+                f"is a hard link ({info.st_nlink} names for one file), which could be a file "
+                "from outside the repository: refused",
+                None,
+            )
+        if info.st_size > MAX_SOURCE_BYTES:
+            return None, f"file is {info.st_size} bytes; the limit is {MAX_SOURCE_BYTES}", None
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            raw = handle.read(MAX_SOURCE_BYTES + 1)
     except OSError as exc:
-        diags.append(Diagnostic(file=rel, message=f"cannot read: {exc.strerror}"))
-        return None
+        return None, f"cannot read: {exc.strerror}", None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_SOURCE_BYTES:
+        return None, f"file is over the limit of {MAX_SOURCE_BYTES} bytes", None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        diags.append(
-            Diagnostic(file=rel, line=line, message=f"not valid UTF-8 (offset {exc.start})")
-        )
-        return None
+        return None, f"not valid UTF-8 (offset {exc.start})", _line_of(raw[: exc.start])
     if "\x00" in text:
-        line = text[: text.index("\x00")].count("\n") + 1
-        diags.append(Diagnostic(file=rel, line=line, message="contains a NUL byte"))
-        return None
-    return text
+        return None, "contains a NUL byte", _line_of(raw[: raw.index(b"\x00")])
+    return text, None, None
 
 
-def logical_lines(text: str) -> list[tuple[int, str]]:
-    """Join backslash continuations and blank out comments, keeping original line numbers."""
-    stripped = strip_comments(text)
-    out: list[tuple[int, str]] = []
-    buf = ""
-    start = 0
-    for number, line in enumerate(stripped.split("\n"), start=1):
+def _line_of(prefix: bytes) -> int:
+    return len(_NEWLINE_RE.sub("\n", prefix.decode("utf-8", "replace")).split("\n"))
+
+
+def logical_lines(text: str, trigraphs: bool = False) -> list[tuple[int, str]]:
+    """clang's view of the lines: CR, LF and CR LF end a line, (trigraphs replaced when
+    asked), backslash-newline joins lines, comments blanked; with original line numbers."""
+    text = _NEWLINE_RE.sub("\n", text.removeprefix("\ufeff"))
+    if trigraphs:
+        text = _TRIGRAPH_RE.sub(lambda m: _TRIGRAPHS[m.group(1)], text)
+    joined: list[tuple[int, str]] = []
+    buf: list[str] = []
+    start = 1
+    for number, line in enumerate(text.split("\n"), start=1):
         if not buf:
             start = number
-        if line.endswith("\\"):
-            buf += line[:-1]
+        splice = _SPLICE_RE.search(line)
+        if splice:
+            buf.append(line[: splice.start()])
             continue
-        out.append((start, buf + line))
-        buf = ""
+        joined.append((start, "".join(buf) + line))
+        buf = []
     if buf:
-        out.append((start, buf))
-    return out
+        joined.append((start, "".join(buf)))
+    stripped = strip_comments("\n".join(line for _, line in joined)).split("\n")
+    return [(number, line) for (number, _), line in zip(joined, stripped, strict=True)]
+
+
+def scan_lines(text: str) -> list[tuple[int, str]]:
+    """Logical lines as clang reads them with trigraphs off and, where the text has any,
+    on: the guard checks both, so it never depends on which mode the compiler uses."""
+    lines = logical_lines(text)
+    if "??" in text:
+        seen = set(lines)
+        lines += [item for item in logical_lines(text, trigraphs=True) if item not in seen]
+    return lines
 
 
 def strip_comments(text: str) -> str:
@@ -144,7 +211,7 @@ def strip_comments(text: str) -> str:
 
 
 def _check_forbidden(text: str, rel: str, diags: list[Diagnostic]) -> None:
-    for number, line in logical_lines(text):
+    for number, line in scan_lines(text):
         match = _FORBIDDEN_RE.search(line)
         if match:
             diags.append(
@@ -155,7 +222,9 @@ def _check_forbidden(text: str, rel: str, diags: list[Diagnostic]) -> None:
                 Diagnostic(file=rel, line=number, message="extern tables are not supported")
             )
         # (#include <asm/...> names a header folder, not inline assembly)
-        code = "" if _DIRECTIVE_RE.match(line) else _LITERAL_RE.sub('""', line)
+        directive = _DIRECTIVE_RE.match(line)
+        is_include = directive is not None and directive.group(1) == "include"
+        code = "" if is_include else _LITERAL_RE.sub('""', line)
         asm = _INLINE_ASM_RE.search(code)
         if asm:
             diags.append(
@@ -184,7 +253,7 @@ def _walk_includes(
     if depth > MAX_INCLUDE_DEPTH:
         bundle.diagnostics.append(Diagnostic(file=rel, message="includes nested too deeply"))
         return
-    for number, line in logical_lines(text):
+    for number, line in scan_lines(text):
         match = _DIRECTIVE_RE.match(line)
         if not match:
             continue
@@ -193,6 +262,8 @@ def _walk_includes(
         def fail(message: str, number: int = number) -> None:
             bundle.diagnostics.append(Diagnostic(file=rel, line=number, message=message))
 
+        if directive is None or directive in _HARMLESS_DIRECTIVES:
+            continue
         if directive != "include":
             fail(f"#{directive} is not allowed in NF sources (only #include)")
             continue
@@ -226,12 +297,20 @@ def _walk_includes(
             fail(f'#include "{target}": {exc}')
             continue
         local = found[0]
+        inc_rel = os.path.relpath(real, repo_root)
+        if local != real:
+            bundle.aliases[os.path.relpath(local, repo_root)] = inc_rel
         if real in seen:
             continue
         seen.add(real)
-        inc_rel = os.path.relpath(real, repo_root)
-        inc_text = _read_text(real, inc_rel, bundle.diagnostics)
+        inc_text, problem, problem_line = _read_text(real)
         if inc_text is None:
+            if problem_line is not None:  # its content is wrong: point into it
+                bundle.diagnostics.append(
+                    Diagnostic(file=inc_rel, line=problem_line, message=problem or "")
+                )
+            else:  # what the include names is not an acceptable file
+                fail(f'#include "{target}": {inc_rel} {problem}')
             continue
         bundle.local_files[inc_rel] = inc_text
         _check_forbidden(inc_text, inc_rel, bundle.diagnostics)

@@ -20,7 +20,14 @@ from typing import Any
 from nfctl.compiler.build import BuildRequest, BuildResult, MapInfo, MapMismatch, ProgramInfo
 from nfctl.compiler.codegen import dispatcher_name, dispatcher_program, entry_name, nf_program
 from nfctl.compiler.diagnose import clang_diagnostics, verifier_diagnostic
-from nfctl.compiler.sandbox import confine
+from nfctl.compiler.sandbox import (
+    UNCONFINED_ENV,
+    ConfinementError,
+    enter,
+    kernel_header_paths,
+    plan_view,
+    runtime_paths,
+)
 from nfctl.datapath import bpf
 from nfctl.diagnostics import Diagnostic
 from nfctl.manifest.model import Hook
@@ -88,8 +95,9 @@ def build_one(req: BuildRequest) -> BuildResult:
             module = None
     result.compile_seconds = time.monotonic() - start
     if module is None:
-        repo_root = _repo_root_of(req)
-        result.diagnostics = clang_diagnostics(err[0], req.source_rel, repo_root)
+        result.diagnostics = clang_diagnostics(
+            err[0], req.source_rel, req.repo_root, public_paths(req)
+        )
         return result
 
     created: list[str] = []
@@ -118,8 +126,11 @@ def build_one(req: BuildRequest) -> BuildResult:
         if fn is None:
             log = err[0]
             if "Permission denied" in log or "processed " in log or "invalid" in log:
+                repo_files = [req.source_rel, *req.local_files]
                 result.diagnostics = [
-                    verifier_diagnostic(log, req.source_rel, req.source_text, req.function)
+                    verifier_diagnostic(
+                        log, req.source_rel, req.source_text, req.function, repo_files
+                    )
                 ]
             else:
                 result.diagnostics = [
@@ -147,14 +158,36 @@ def build_one(req: BuildRequest) -> BuildResult:
         module.cleanup()
 
 
-def _repo_root_of(req: BuildRequest) -> str | None:
-    if not req.quote_dir:
-        return None
-    depth = req.source_rel.count("/")
-    root = req.quote_dir
-    for _ in range(depth):
-        root = os.path.dirname(root)
-    return root
+def snapshot(req: BuildRequest) -> dict[str, str]:
+    """The repository files this build may read, by absolute path: what the guard read."""
+    if not req.repo_root:
+        return {}
+    files = {req.source_rel: req.source_text, **req.local_files}
+    return {os.path.join(req.repo_root, rel): text for rel, text in files.items()}
+
+
+def public_paths(req: BuildRequest) -> list[str]:
+    """Files whose text a diagnostic may quote: the snapshot and the kernel headers."""
+    return [*snapshot(req), *(os.path.realpath(p) for p in kernel_header_paths())]
+
+
+def pin_dirs(req: BuildRequest) -> list[str]:
+    if not req.install:
+        return []
+    pins = req.pins
+    files = [pins.chain_path, pins.cursor_path, pins.heads_path, req.prog_pin_path]
+    dirs = [pins.maps_dir, *(d for _, d in pins.staged_maps)]
+    dirs += [os.path.dirname(f) for f in files if f]
+    return [d for d in dict.fromkeys(dirs) if d]
+
+
+def confine(requests: list[BuildRequest]) -> None:
+    """Enter the allowlisted view of this batch (see nfctl.compiler.sandbox)."""
+    folders = [d for r in requests for d in pin_dirs(r)]
+    for folder in folders:
+        os.makedirs(folder, exist_ok=True)
+    files = {path: text for r in requests for path, text in snapshot(r).items()}
+    enter(plan_view(files, folders, runtime_paths(), kernel_header_paths()))
 
 
 def _decode(raw: bytes) -> Any:
@@ -252,12 +285,31 @@ def main() -> int:
     import bcc  # noqa: F401
 
     requests = [BuildRequest.from_json(r) for r in json.load(sys.stdin)]
-    confine([r.quote_dir for r in requests if r.quote_dir])
+    refused: str | None = None
+    if os.environ.get(UNCONFINED_ENV) == "1":
+        print("warning: compiling WITHOUT confinement (--unconfined-compile)", file=sys.stderr)
+    else:
+        try:
+            confine(requests)
+        except (ConfinementError, OSError) as exc:
+            refused = (
+                f"compiling refused: the compile confinement could not be set up ({exc}); "
+                "pass --unconfined-compile to compile without it"
+            )
     # Anything BCC or LLVM prints must not corrupt the JSON answer on stdout.
     answer = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     results = []
     for req in requests:
+        if refused:
+            failed = BuildResult(
+                nf=req.nf,
+                build_hash=req.build_hash,
+                ok=False,
+                diagnostics=[Diagnostic(file=req.source_rel, message=refused)],
+            )
+            results.append(failed.to_json())
+            continue
         try:
             results.append(build_one(req).to_json())
         except Exception as exc:  # report, never crash the batch
