@@ -93,8 +93,8 @@ def check_btf() -> Check:
 
 
 def check_headers() -> Check:
-    st = kernel_headers.status()
-    return Check("kernel-headers", st.ok, st.message, fix=st.fix)
+    st = kernel_headers.activate()  # the compile check below then uses the same headers
+    return Check("kernel-headers", st.ok, st.message, fix=None if st.ok else st.fix)
 
 
 def check_bcc_compile() -> Check:
