@@ -76,7 +76,6 @@ def worker_prefix() -> list[str]:
 def worker_env(base: dict[str, str]) -> dict[str, str]:
     """Only what the worker needs: no credentials leak through /proc/self/environ."""
     keep = ("PATH", "PYTHONPATH", "LANG", "LC_ALL", "VIRTUAL_ENV", "TMPDIR", DISABLE_ENV, FALLBACK)
-    keep += ("BCC_KERNEL_SOURCE",)  # the image's fallback headers (nfctl.kernel_headers)
     env = {k: v for k, v in base.items() if k in keep}
     env[SECRET_ENV] = json.dumps(_extra_secrets)
     env["HOME"] = "/nonexistent"
