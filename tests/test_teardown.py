@@ -1,0 +1,113 @@
+"""`nfctl teardown` on a real node: a real agent attached NFs at XDP and TC, other tools'
+programs sit beside them (XDP on another interface, a tc filter on the same hook, a pin
+in bpffs); afterwards every nfctl program, filter and pin is gone and the others remain."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from nfctl.datapath import bpf, tc
+from nfctl.datapath.netlink import ipr
+from nfctl.testing import foreign
+from nfctl.testing.netns import run, unique_name
+from tests.agent_harness import nfctl, set_blocked_v4, tc_filter_present, wait_until, xdp_prog_id
+from tests.test_agent_features import Lab, lab
+
+__all__ = ["lab"]
+
+pytestmark = pytest.mark.kernel
+
+TC_ACT_OK = 0
+FOREIGN_PRIO = 20000
+
+
+def _bpftool_prog_ids() -> set[int]:
+    out = run("bpftool", "-j", "prog", "show")
+    return {int(p["id"]) for p in json.loads(out or "[]")}
+
+
+def _pins_under(root: Path) -> list[str]:
+    return sorted(str(Path(d) / f) for d, _, files in os.walk(root) for f in files)
+
+
+def test_teardown_removes_ours_and_keeps_foreign(lab: Lab) -> None:
+    veth, repo = lab.veth, lab.repo
+    blocked = lab.blocked_source()
+    repo.add_library_nf("blocklist")  # XDP
+    repo.add_library_nf("counter")  # tc ingress
+    set_blocked_v4(repo, [blocked])
+    c1 = repo.commit("blocklist and counter")
+    agent = lab.agent()
+    agent.wait_ready(c1)
+    assert lab.ping_from(blocked, 2) == 0
+    ours = {int(agent.nf(n)["programId"]) for n in ("blocklist", "counter")}
+    ours.add(xdp_prog_id(veth))  # the XDP dispatcher
+    assert tc_filter_present(veth)
+    assert _pins_under(lab.bpffs_root)
+
+    # other tools: XDP on another interface, a tc filter on our hook, a pin in bpffs
+    other_if = unique_name("fx")
+    peer = unique_name("fy")  # neither matches the NFs' interface globs (eth*, veth*)
+    run("ip", "link", "add", other_if, "type", "veth", "peer", "name", peer, netns=veth.ns_a)
+    run("ip", "link", "set", other_if, "up", netns=veth.ns_a)
+    foreign.force_foreign_xdp(veth.ns_a, other_if, "foreign_xdp")
+    foreign_xdp = xdp_prog_id(veth, other_if)
+    tc_fd = bpf.load_return_program(bpf.PROG_TYPE_SCHED_CLS, TC_ACT_OK, "foreign_tc")
+    foreign_pin = Path("/sys/fs/bpf") / unique_name("k8s-teardown-foreign-")
+    try:
+        bpf.obj_pin(tc_fd, str(foreign_pin))
+        foreign_tc = bpf.prog_info(tc_fd).prog_id
+        with ipr(veth.ns_a) as handle:
+            index = handle.link_lookup(ifname=veth.a_if)[0]
+            tc.replace_filter(handle, index, "ingress", tc_fd, "foreign_tc", FOREIGN_PRIO, 1)
+        os.close(tc_fd)
+        tc_fd = -1
+
+        # refused while the agent runs: it would put everything back
+        args = ["teardown", "--bpffs-dir", str(lab.bpffs_root), "--state-dir", str(lab.state_dir)]
+        refused = nfctl(*args, netns=veth.ns_a)
+        assert refused.returncode == 2 and "stop it first" in refused.stderr, refused
+        assert xdp_prog_id(veth) in ours
+
+        assert agent.stop(signal.SIGTERM) == 0
+        assert xdp_prog_id(veth) in ours and tc_filter_present(veth)  # exit keeps the datapath
+
+        done = nfctl(*args, "-o", "json", netns=veth.ns_a)
+        assert done.returncode == 0, done.stdout + done.stderr
+        report = json.loads(done.stdout)
+
+        # ours: gone from the hooks, from bpffs, from the kernel
+        assert xdp_prog_id(veth) == 0
+        link = run("ip", "-d", "link", "show", "dev", veth.a_if, netns=veth.ns_a)
+        assert "prog/xdp" not in link, link
+        for direction in ("ingress", "egress"):
+            shown = run("tc", "filter", "show", "dev", veth.a_if, direction, netns=veth.ns_a)
+            assert "nfctl" not in shown, shown
+        assert not lab.bpffs_root.exists()
+        wait_until(lambda: not ours & _bpftool_prog_ids(), 10, what="our programs freed")
+        assert lab.ping_from(blocked, 2) == 2  # the blocklist no longer drops
+        assert any(d.startswith(f"{veth.a_if}/xdp") for d in report["detached"]), report
+        assert report["unpinned"]
+
+        # foreign: untouched
+        assert xdp_prog_id(veth, other_if) == foreign_xdp
+        shown = run("tc", "filter", "show", "dev", veth.a_if, "ingress", netns=veth.ns_a)
+        assert "foreign_tc" in shown and f"pref {FOREIGN_PRIO}" in shown, shown
+        assert foreign_pin.exists()
+        assert {foreign_xdp, foreign_tc} <= _bpftool_prog_ids()
+        kept = " ".join(report["kept"])
+        assert f"{other_if}/xdp prog {foreign_xdp}" in kept and "foreign_tc" in kept, kept
+
+        # idempotent
+        again = nfctl(*args, "-o", "json", netns=veth.ns_a)
+        assert again.returncode == 0, again.stderr
+        assert json.loads(again.stdout)["detached"] == []
+    finally:
+        if tc_fd >= 0:
+            os.close(tc_fd)
+        foreign_pin.unlink(missing_ok=True)
