@@ -95,6 +95,7 @@ class FakeNodeApi:
         self.lock = threading.Lock()
         self.watchers: list[queue.Queue[object]] = []
         self.requests: list[tuple[str, dict[str, str]]] = []
+        self.events: list[dict[str, Any]] = []  # POSTed core/v1 Events
         issued = certs.issue(
             tls_dir, "apiserver", "127.0.0.1", None, ["127.0.0.1"], client=False, server=True
         )
@@ -242,6 +243,24 @@ class _Handler(BaseHTTPRequestHandler):
             self._watch(api, query)
         else:
             self._json(404, status_object(404, "NotFound", f"{url.path} not found"))
+
+    def do_POST(self) -> None:
+        api = self.server.api
+        path = urllib.parse.urlsplit(self.path).path
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+        if self.headers.get("Authorization") != f"Bearer {api.token}":
+            self._json(401, status_object(401, "Unauthorized", "Unauthorized"))
+            return
+        parts = path.split("/")  # /api/v1/namespaces/<ns>/events
+        if len(parts) == 6 and parts[1:4] == ["api", "v1", "namespaces"] and parts[5] == "events":
+            if body.get("kind") != "Event" or body["metadata"].get("namespace") != parts[4]:
+                self._json(400, status_object(400, "BadRequest", "not an Event of this ns"))
+                return
+            with api.lock:
+                api.events.append(body)
+            self._json(201, body)
+        else:
+            self._json(404, status_object(404, "NotFound", f"{path} not found"))
 
     def _json(self, code: int, data: dict[str, Any]) -> None:
         body = json.dumps(data).encode()

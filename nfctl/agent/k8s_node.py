@@ -52,6 +52,38 @@ class KubeApi:
             url = f"https://{host}:{port}" if ":" not in host else f"https://[{host}]:{port}"
         return cls(url, SERVICE_ACCOUNT_DIR / "token", SERVICE_ACCOUNT_DIR / "ca.crt")
 
+    def open(
+        self, method: str, path: str, timeout: float, body: dict[str, Any] | None = None
+    ) -> http.client.HTTPResponse:
+        """One request; a 2xx response to read (and close), else KubeApiError."""
+        parsed = urllib.parse.urlsplit(self.url)
+        if parsed.scheme not in ("https", "http") or not parsed.hostname:
+            raise ValueError(f"Kubernetes API URL {self.url!r} is not http(s)://host[:port]")
+        conn: http.client.HTTPConnection
+        if parsed.scheme == "http":
+            conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=timeout)
+        else:
+            cafile = str(self.ca_file) if self.ca_file else None
+            context = ssl.create_default_context(cafile=cafile)
+            conn = http.client.HTTPSConnection(
+                parsed.hostname, parsed.port, timeout=timeout, context=context
+            )
+        headers = {
+            "Authorization": f"Bearer {self.token_file.read_text().strip()}",
+            "Accept": "application/json",
+        }
+        payload = None
+        if body is not None:
+            payload = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        conn.request(method, path, body=payload, headers=headers)
+        response = conn.getresponse()
+        if not 200 <= response.status < 300:
+            text = response.read(4096).decode(errors="replace")
+            conn.close()
+            raise KubeApiError(response.status, _status_message(text))
+        return response
+
 
 @dataclass(frozen=True)
 class NodeEvent:
@@ -66,32 +98,9 @@ class NodeClient:
         self.api = api
         self.node = node
         self.timeout = timeout
-        parsed = urllib.parse.urlsplit(api.url)
-        if parsed.scheme not in ("https", "http") or not parsed.hostname:
-            raise ValueError(f"Kubernetes API URL {api.url!r} is not http(s)://host[:port]")
-        self._parsed = parsed
-
-    def _connection(self, timeout: float) -> http.client.HTTPConnection:
-        host, port = self._parsed.hostname or "", self._parsed.port
-        if self._parsed.scheme == "http":
-            return http.client.HTTPConnection(host, port, timeout=timeout)
-        context = ssl.create_default_context(
-            cafile=str(self.api.ca_file) if self.api.ca_file else None
-        )
-        return http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
 
     def _request(self, path: str, timeout: float) -> http.client.HTTPResponse:
-        token = self.api.token_file.read_text().strip()
-        conn = self._connection(timeout)
-        conn.request(
-            "GET", path, headers={"Authorization": f"Bearer {token}", "Accept": "application/json"}
-        )
-        response = conn.getresponse()
-        if response.status != 200:
-            body = response.read(4096).decode(errors="replace")
-            conn.close()
-            raise KubeApiError(response.status, _status_message(body))
-        return response
+        return self.api.open("GET", path, timeout)
 
     def get(self) -> tuple[dict[str, str], str]:
         """The Node's labels and resourceVersion."""
