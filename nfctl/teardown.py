@@ -157,6 +157,13 @@ def teardown(
         if store is not None:
             store.unlock()
     if purge_state and state_dir.is_dir():
-        shutil.rmtree(state_dir)
+        # its contents, then the folder if we may: in a pod it is a hostPath mount point
+        for entry in state_dir.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        with contextlib.suppress(OSError):
+            state_dir.rmdir()
         report.state_removed = True
     return report

@@ -77,7 +77,7 @@ def test_teardown_removes_ours_and_keeps_foreign(lab: Lab) -> None:
         assert agent.stop(signal.SIGTERM) == 0
         assert xdp_prog_id(veth) in ours and tc_filter_present(veth)  # exit keeps the datapath
 
-        done = nfctl(*args, "-o", "json", netns=veth.ns_a)
+        done = nfctl(*args, "--purge-state", "-o", "json", netns=veth.ns_a)
         assert done.returncode == 0, done.stdout + done.stderr
         report = json.loads(done.stdout)
 
@@ -93,6 +93,7 @@ def test_teardown_removes_ours_and_keeps_foreign(lab: Lab) -> None:
         assert lab.ping_from(blocked, 2) == 2  # the blocklist no longer drops
         assert any(d.startswith(f"{veth.a_if}/xdp") for d in report["detached"]), report
         assert report["unpinned"]
+        assert report["stateRemoved"] and not lab.state_dir.exists()
 
         # foreign: untouched
         assert xdp_prog_id(veth, other_if) == foreign_xdp
