@@ -164,7 +164,8 @@ def test_agent_replans_when_its_node_is_relabelled(lab: Lab) -> None:
         )
         wait_until(lambda: tc_filter_present(veth), 10, what="tc filter attached")
         assert agent.status()["labels"]["role"] == "edge"
-        assert events_of(agent, "NodeLabelsChanged")
+        changed = events_of(agent, "NodeLabelsChanged")
+        assert changed and "role=core->edge" in changed[-1]["message"], changed
 
         api.set_labels({"role": "core"})
         wait_until(lambda: agent.nf("counter").get("state") == "NotSelected", 60, what="detached")

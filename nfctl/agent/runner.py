@@ -100,12 +100,19 @@ class Agent:
         """New labels on our Node: re-plan (NFs whose nodeSelector now matches are attached,
         the others detached). Flags and the labels file still win over the Node's labels."""
         labels = {**node_labels, **self.config.all_labels()}
-        with self.reconciler.lock:
-            changed = labels != self.reconciler.settings.labels
+        with self.reconciler.lock:  # not in the middle of a pass; events stay in order
+            old = self.reconciler.settings.labels
             self.reconciler.settings.labels = labels
             self.reconciler.status.labels = dict(labels)
-        if changed and self.labels_known.is_set():
-            self.reconciler.event("NodeLabelsChanged", "node labels changed: re-planning")
+            if labels != old and self.labels_known.is_set():
+                changes = sorted(
+                    f"{k}={old.get(k, '')}->{labels.get(k, '')}"
+                    for k in old.keys() | labels.keys()
+                    if old.get(k) != labels.get(k)
+                )
+                self.reconciler.event(
+                    "NodeLabelsChanged", f"node labels changed ({', '.join(changes)}): re-planning"
+                )
         self.labels_known.set()
         self.request_sync()
 
