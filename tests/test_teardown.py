@@ -4,17 +4,24 @@ in bpffs); afterwards every nfctl program, filter and pin is gone and the others
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
+import re
 import signal
+import socket
+import threading
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
 from nfctl.datapath import bpf, tc
 from nfctl.datapath.netlink import ipr
+from nfctl.teardown import teardown
 from nfctl.testing import foreign
-from nfctl.testing.netns import run, unique_name
+from nfctl.testing.netns import VethPair, run, unique_name
 from tests.agent_harness import nfctl, set_blocked_v4, tc_filter_present, wait_until, xdp_prog_id
 from tests.test_agent_features import Lab, lab
 
@@ -111,4 +118,96 @@ def test_teardown_removes_ours_and_keeps_foreign(lab: Lab) -> None:
     finally:
         if tc_fd >= 0:
             os.close(tc_fd)
+        foreign_pin.unlink(missing_ok=True)
+
+
+# -- bpf_links (TCX) pinned under our folder ----------------------------------------------------
+
+BPF_LINK_CREATE = 28
+BPF_TCX_INGRESS = 46
+TC_ACT_SHOT = 2
+
+
+class _LinkCreateAttr(ctypes.Structure):
+    _fields_: ClassVar = [
+        ("prog_fd", ctypes.c_uint32),
+        ("target_ifindex", ctypes.c_uint32),
+        ("attach_type", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("relative_fd", ctypes.c_uint32),
+        ("expected_revision", ctypes.c_uint64),
+    ]
+
+
+def _tcx_link_in(netns: str, ifname: str, prog_fd: int) -> int:
+    """BPF_LINK_CREATE at TCX ingress of an interface inside netns (ifindexes resolve in the
+    calling thread's namespace: a short-lived thread switches)."""
+    result: list[int] = []
+    errors: list[BaseException] = []
+
+    def create() -> None:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+            try:
+                if libc.setns(fd, 0x40000000) != 0:
+                    raise OSError(ctypes.get_errno(), "setns")
+            finally:
+                os.close(fd)
+            index = socket.if_nametoindex(ifname)
+            attr = _LinkCreateAttr(
+                prog_fd=prog_fd, target_ifindex=index, attach_type=BPF_TCX_INGRESS
+            )
+            result.append(bpf._bpf(BPF_LINK_CREATE, attr, "link create"))
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=create)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return result[0]
+
+
+def _link_ifindex(fd: int) -> int:
+    """The interface a TCX link is attached to (0 once detached), from its fdinfo."""
+    text = Path(f"/proc/self/fdinfo/{fd}").read_text()
+    match = re.search(r"^ifindex:\s*(\d+)", text, re.M)
+    assert match, text
+    return int(match[1])
+
+
+def test_teardown_detaches_pinned_links_even_while_held(
+    veth: VethPair, bpffs_root: Path, tmp_path: Path
+) -> None:
+    """A bpf_link pinned under our folder is detached (not only unpinned: another fd may
+    still hold it); one pinned elsewhere stays attached."""
+    drop = bpf.load_return_program(bpf.PROG_TYPE_SCHED_CLS, TC_ACT_SHOT, "linked_drop")
+    ours = theirs = -1
+    foreign_pin = Path("/sys/fs/bpf") / unique_name("k8s-teardown-link-")
+    try:
+        ours = _tcx_link_in(veth.ns_a, veth.a_if, drop)
+        (bpffs_root / "links").mkdir(parents=True)
+        bpf.obj_pin(ours, str(bpffs_root / "links" / f"tcx-ingress-{veth.a_if}"))
+        assert _link_ifindex(ours) > 0
+        assert veth.ping(veth.ns_b, veth.a_ip, 2, timeout_s=0.3) == 0  # the link drops
+
+        other = unique_name("fz")
+        run(
+            "ip", "link", "add", other, "type", "veth", "peer", "name", other + "p", netns=veth.ns_a
+        )
+        theirs = _tcx_link_in(veth.ns_a, other, drop)
+        bpf.obj_pin(theirs, str(foreign_pin))
+
+        report = teardown(bpffs_root, tmp_path / "state", netns=veth.ns_a)
+        assert report.links == [str(bpffs_root / "links" / f"tcx-ingress-{veth.a_if}")]
+        assert _link_ifindex(ours) == 0  # detached although this test still holds its fd
+        assert veth.ping(veth.ns_b, veth.a_ip, 2, timeout_s=0.3) == 2
+        assert not bpffs_root.exists()
+        assert _link_ifindex(theirs) > 0 and foreign_pin.exists()
+    finally:
+        for fd in (ours, theirs, drop):
+            if fd >= 0:
+                os.close(fd)
         foreign_pin.unlink(missing_ok=True)
