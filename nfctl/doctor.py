@@ -93,8 +93,8 @@ def check_btf() -> Check:
 
 
 def check_headers() -> Check:
-    st = kernel_headers.status()
-    return Check("kernel-headers", st.ok, st.message, fix=st.fix)
+    st = kernel_headers.activate()  # the compile check below then uses the same headers
+    return Check("kernel-headers", st.ok, st.message, fix=None if st.ok else st.fix)
 
 
 def check_bcc_compile() -> Check:
@@ -196,3 +196,47 @@ def apply_fixes() -> list[str]:
 
 def summary() -> dict[str, str]:
     return {"kernel": kernel_release(), "bcc": bcc_version()}
+
+
+# -- preflight (the agent pod's init container) ---------------------------------------------
+
+ADVISORY = {"btf"}  # degrades messages only: never a reason to keep the agent from starting
+
+
+def blocking_failures(checks: list[Check]) -> list[Check]:
+    return [c for c in checks if not c.ok and c.name not in ADVISORY]
+
+
+def cannot_run_message(failures: list[Check]) -> str:
+    parts = [f"{c.name}: {c.message}" + (f" (fix: {c.fix})" if c.fix else "") for c in failures]
+    return "this node cannot run NFs: " + "; ".join(parts)
+
+
+def pod_event(pod: str, namespace: str, uid: str, node: str, message: str) -> dict[str, object]:
+    """A core/v1 Event on the agent's pod, as `kubectl describe pod` and `kubectl get
+    events` show them."""
+    import datetime
+
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{pod}.", "namespace": namespace},
+        "involvedObject": {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "name": pod,
+            "namespace": namespace,
+            "uid": uid,
+            "fieldPath": "spec.initContainers{preflight}",
+        },
+        "reason": "NodeCannotRunNFs",
+        "message": message[:1024],
+        "type": "Warning",
+        "source": {"component": "nfctl-doctor", "host": node},
+        "reportingComponent": "nfctl.io/doctor",
+        "reportingInstance": node,
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    }

@@ -113,7 +113,7 @@ log "base image: $BASE_IMAGE"
 # crun refuses. Find the first option set that starts a container with the agent's
 # privileges, and use it for the build and the run.
 SEC_OPTS=(--network host --cap-drop ALL --cap-add BPF --cap-add NET_ADMIN --cap-add SYS_ADMIN
-          --cap-add PERFMON --security-opt apparmor=unconfined)
+          --cap-add PERFMON --security-opt apparmor=unconfined --user 0)  # as the pod: uid 0
 NOFILE=$(ulimit -Hn)
 [ "$NOFILE" = unlimited ] && NOFILE=1048576
 LIMITS=(--ulimit "nofile=$NOFILE:$NOFILE" --ulimit nproc=32768:32768)

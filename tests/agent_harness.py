@@ -267,11 +267,11 @@ class AgentProcess:
         )
         return self.status()
 
-    def http_get(self, path: str) -> tuple[int, str]:
+    def http_get(self, path: str, port: int = 9101) -> tuple[int, str]:
         code = (
             "import urllib.request, urllib.error, sys\n"
             "try:\n"
-            f"    r = urllib.request.urlopen('http://127.0.0.1:9101{path}', timeout=5)\n"
+            f"    r = urllib.request.urlopen('http://127.0.0.1:{port}{path}', timeout=5)\n"
             "    print(r.status); print(r.read().decode())\n"
             "except urllib.error.HTTPError as e:\n"
             "    print(e.code); print(e.read().decode())\n"

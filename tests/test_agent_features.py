@@ -447,8 +447,9 @@ def test_suspend_and_resume(lab: Lab) -> None:
 
 
 def test_metrics_and_health(lab: Lab) -> None:
-    """/healthz, /readyz (503 while an NF fails), agent metrics, and the NF counters the
-    manifests export, equal to the packets sent."""
+    """/healthz and /readyz on the local health port (readiness: the datapath is adopted;
+    an NF failure shows in conditions and metrics, not in readiness), agent metrics, and
+    the NF counters the manifests export, equal to the packets sent."""
     repo = lab.repo
     blocked = lab.blocked_source()
     repo.add_library_nf("blocklist")
@@ -458,10 +459,11 @@ def test_metrics_and_health(lab: Lab) -> None:
     agent = lab.agent()
     agent.wait_ready(c1)
 
-    code, body = agent.http_get("/healthz")
-    assert code == 200 and body.strip() == "ok"
-    code, body = agent.http_get("/readyz")
-    assert code == 200 and "ReconciliationSucceeded" in body
+    code, body = agent.http_get("/healthz", port=9103)
+    assert code == 200 and "reconcile loop advanced" in body
+    code, body = agent.http_get("/readyz", port=9103)
+    assert code == 200 and "datapath adopted" in body and "ReconciliationSucceeded" in body
+    assert agent.http_get("/healthz")[0] == 404  # the metrics port serves metrics only
 
     assert lab.ping_from(None, 7) == 7  # counted at tc ingress
     assert lab.ping_from(blocked, 4) == 0  # dropped at XDP before tc sees them
@@ -504,9 +506,9 @@ def test_metrics_and_health(lab: Lab) -> None:
         30,
         what="counter failed",
     )
-    code, body = agent.http_get("/readyz")
-    assert code == 503 and "counter" in body, body
-    assert agent.http_get("/healthz")[0] == 200
+    code, body = agent.http_get("/readyz", port=9103)
+    assert code == 200 and "Ready=False" in body and "counter" in body, body
+    assert agent.http_get("/healthz", port=9103)[0] == 200
     text = agent.http_get("/metrics")[1]
     functions = dict(
         (labels["state"], v) for labels, v in metric_samples(text, "nfctl_agent_functions")
@@ -518,7 +520,7 @@ def test_metrics_and_health(lab: Lab) -> None:
     repo.write(path, good)
     c3 = repo.commit("fix the counter manifest")
     agent.wait_ready(c3)
-    assert agent.http_get("/readyz")[0] == 200
+    assert "Ready=True" in agent.http_get("/readyz", port=9103)[1]
 
 
 # -- 6. --once and --config ------------------------------------------------------------------------

@@ -29,17 +29,21 @@ NAMESPACE = "nfctl-system"
 MIN_KUBERNETES = "1.30.0"
 
 AGENT_CAPS = {"BPF", "NET_ADMIN", "SYS_ADMIN", "PERFMON"}
+CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding"}
+METRICS_PROXY = "metrics-proxy"  # kube-rbac-proxy: its own image
 # The CLI contract of `nfctl agent` / `nfctl controller` (see deploy/README.md).
 AGENT_FLAGS = {
     "--repo", "--ref", "--path", "--node", "--labels", "--labels-file", "--interval",
     "--state-dir", "--bpffs-dir", "--https-token-file", "--ssh-key-file",
     "--verify-signatures", "--trusted-keys", "--drift", "--metrics-addr", "--controller",
     "--tls-ca", "--tls-cert", "--tls-key", "--insecure", "--config", "--once",
+    "--health-addr", "--liveness-stall", "--kube-node-labels", "--kube-api",
+    "--kube-token-file", "--kube-ca-file",
 }  # fmt: skip
 CONTROLLER_FLAGS = {
     "--listen", "--db", "--tls-ca", "--tls-cert", "--tls-key", "--insecure",
     "--operator-token-file", "--webhook-addr", "--webhook-secret-file", "--metrics-addr",
-    "--stale-after",
+    "--stale-after", "--health-listen",
 }  # fmt: skip
 SHELL_SCRIPTS = sorted(
     {
@@ -195,6 +199,8 @@ def test_common_labels_and_namespace(overlay: Rendered) -> None:
         assert meta.get("labels", {}).get("app.kubernetes.io/part-of") == "nfctl", where
         if doc["kind"] == "Namespace":
             assert meta["name"] == NAMESPACE
+        elif doc["kind"] in CLUSTER_SCOPED:
+            assert "namespace" not in meta, where
         else:
             assert meta.get("namespace") == NAMESPACE, where
 
@@ -266,13 +272,13 @@ def test_agent_node_name_args_and_probes(overlay: Rendered) -> None:
         if ref:
             assert ref["key"] in overlay.get("ConfigMap", ref["name"])["data"], ref
 
-    port = {p["name"]: p["containerPort"] for p in agent["ports"]}["metrics"]
-    assert got["--metrics-addr"].endswith(f":{port}")
+    # metrics and probes on 127.0.0.1 (see tests/test_k8s_deploy.py)
+    assert got["--metrics-addr"].startswith("127.0.0.1:")
     probes = {kind: agent[kind]["httpGet"] for kind in ("livenessProbe", "readinessProbe")}
     assert probes["livenessProbe"]["path"] == "/healthz"
     assert probes["readinessProbe"]["path"] == "/readyz"
     for probe in probes.values():
-        assert probe["port"] in ("metrics", port)
+        assert got["--health-addr"] == f"{probe['host']}:{probe['port']}"
 
 
 def test_every_container_has_requests_and_limits(overlay: Rendered) -> None:
@@ -360,6 +366,7 @@ def test_overlays_differ_where_intended() -> None:
             c["image"]
             for w in (rendered.agent, rendered.controller)
             for c in pod_spec(w).get("initContainers", []) + pod_spec(w)["containers"]
+            if c["name"] != METRICS_PROXY
         }
         assert len(images) == 1, images
 

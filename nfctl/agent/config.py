@@ -34,6 +34,13 @@ class AgentConfig(BaseModel):
     drift: Literal["correct", "warn"] = "correct"
     drift_interval: float = Field(default=5.0, gt=0, alias="driftInterval")
     metrics_addr: str = Field(default="0.0.0.0:9101", alias="metricsAddr")
+    health_addr: str = Field(default="127.0.0.1:9103", alias="healthAddr")
+    liveness_stall: float = Field(default=600.0, gt=0, alias="livenessStall")
+    # labels of this node's Node object (Kubernetes API); flags/labelsFile override them
+    kube_node_labels: bool = Field(default=False, alias="kubeNodeLabels")
+    kube_api: str | None = Field(default=None, alias="kubeApi")
+    kube_token_file: Path | None = Field(default=None, alias="kubeTokenFile")
+    kube_ca_file: Path | None = Field(default=None, alias="kubeCaFile")
     controller: str | None = None
     tls_ca: Path | None = Field(default=None, alias="tlsCa")
     tls_cert: Path | None = Field(default=None, alias="tlsCert")

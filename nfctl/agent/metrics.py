@@ -1,5 +1,5 @@
-"""Prometheus metrics of the agent, NF map counters exported at scrape time, and the
-/healthz and /readyz endpoints (one small HTTP server)."""
+"""Prometheus metrics of the agent and NF map counters exported at scrape time, served on
+/metrics (the probes have their own local-only port: nfctl.agent.health)."""
 
 from __future__ import annotations
 
@@ -154,11 +154,6 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/metrics":
             body = generate_latest(self.server.metrics.registry)
             self._send(200, body, CONTENT_TYPE_LATEST)
-        elif path == "/healthz":
-            self._send(200, b"ok\n", "text/plain")
-        elif path == "/readyz":
-            ready, message = self.server.readiness()
-            self._send(200 if ready else 503, (message + "\n").encode(), "text/plain")
         else:
             self._send(404, b"not found\n", "text/plain")
 
@@ -176,15 +171,9 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(
-        self,
-        address: tuple[str, int],
-        metrics: AgentMetrics,
-        readiness: Callable[[], tuple[bool, str]],
-    ) -> None:
+    def __init__(self, address: tuple[str, int], metrics: AgentMetrics) -> None:
         super().__init__(address, _Handler)
         self.metrics = metrics
-        self.readiness = readiness
 
 
 def parse_address(text: str, default_port: int) -> tuple[str, int]:
@@ -194,10 +183,8 @@ def parse_address(text: str, default_port: int) -> tuple[str, int]:
     return host or "0.0.0.0", int(port)
 
 
-def serve(
-    address: str, metrics: AgentMetrics, readiness: Callable[[], tuple[bool, str]]
-) -> ThreadingHTTPServer:
-    server = _Server(parse_address(address, 9101), metrics, readiness)
+def serve(address: str, metrics: AgentMetrics) -> ThreadingHTTPServer:
+    server = _Server(parse_address(address, 9101), metrics)
     thread = threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True)
     thread.start()
     return server

@@ -16,7 +16,10 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from nfctl import kernel_headers
 from nfctl.agent.config import AgentConfig
+from nfctl.agent.health import Heartbeat, serve_health
+from nfctl.agent.k8s_node import KubeApi, NodeClient, NodeLabelWatcher
 from nfctl.agent.metrics import AgentMetrics, ExportedValue, serve
 from nfctl.agent.reconciler import AgentSettings, Reconciler
 from nfctl.agent.source import GitSource, SourceSettings, redact
@@ -74,6 +77,44 @@ class Agent:
         self._failures = 0
         self._suspend_mtime = 0.0
         self.controller: Any = None
+        self.heartbeat = Heartbeat(config.liveness_stall)
+        self.adopted = threading.Event()  # the first pass since start has completed
+        self.node_watcher: NodeLabelWatcher | None = None
+        self.labels_known = threading.Event()
+        if config.kube_node_labels:
+            self.node_watcher = NodeLabelWatcher(
+                NodeClient(self._kube_api(), config.node), self.set_node_labels
+            )
+        else:
+            self.labels_known.set()
+
+    def _kube_api(self) -> KubeApi:
+        api = KubeApi.in_cluster(self.config.kube_api)
+        return KubeApi(
+            api.url,
+            self.config.kube_token_file or api.token_file,
+            self.config.kube_ca_file or api.ca_file,
+        )
+
+    def set_node_labels(self, node_labels: dict[str, str]) -> None:
+        """New labels on our Node: re-plan (NFs whose nodeSelector now matches are attached,
+        the others detached). Flags and the labels file still win over the Node's labels."""
+        labels = {**node_labels, **self.config.all_labels()}
+        with self.reconciler.lock:  # not in the middle of a pass; events stay in order
+            old = self.reconciler.settings.labels
+            self.reconciler.settings.labels = labels
+            self.reconciler.status.labels = dict(labels)
+            if labels != old and self.labels_known.is_set():
+                changes = sorted(
+                    f"{k}={old.get(k, '')}->{labels.get(k, '')}"
+                    for k in old.keys() | labels.keys()
+                    if old.get(k) != labels.get(k)
+                )
+                self.reconciler.event(
+                    "NodeLabelsChanged", f"node labels changed ({', '.join(changes)}): re-planning"
+                )
+        self.labels_known.set()
+        self.request_sync()
 
     # -- triggers ----------------------------------------------------------------------
     def request_sync(self) -> None:
@@ -135,11 +176,14 @@ class Agent:
 
     # -- loop ------------------------------------------------------------------------------
     def readiness(self) -> tuple[bool, str]:
+        if not self.labels_known.is_set():
+            return False, "waiting for this node's labels from the Kubernetes API"
+        if not self.adopted.is_set():
+            return False, "adopting the datapath (first reconcile since start)"
         status = self.reconciler.status
         cond = next((c for c in status.conditions if c.type.value == "Ready"), None)
-        if cond is None:
-            return False, "not reconciled yet"
-        return cond.status, f"{cond.reason}: {cond.message}"
+        detail = f"; Ready={cond.status} {cond.reason}: {cond.message}" if cond else ""
+        return True, "datapath adopted" + detail
 
     def _next_interval(self) -> float:
         """The next fetch: one interval after this pass started; after a failed fetch a
@@ -152,6 +196,9 @@ class Agent:
         return base * (1 + random.uniform(-self.config.jitter, self.config.jitter))
 
     def run_once(self) -> bool:
+        if self.node_watcher is not None:
+            labels, _ = self.node_watcher.client.get()
+            self.set_node_labels(labels)
         self.store.lock()
         try:
             return self.reconciler.sync()
@@ -164,11 +211,17 @@ class Agent:
         self.store.lock()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
-        http = (
-            serve(self.config.metrics_addr, self.metrics, self.readiness)
-            if self.config.metrics_addr
+        headers = kernel_headers.activate()
+        if headers.fallback:
+            self.reconciler.event("KernelHeadersFallback", headers.message, warning=True)
+        http = serve(self.config.metrics_addr, self.metrics) if self.config.metrics_addr else None
+        health = (
+            serve_health(self.config.health_addr, self.heartbeat.alive, self.readiness)
+            if self.config.health_addr
             else None
         )
+        if self.node_watcher is not None:
+            self.node_watcher.start()
         threading.Thread(target=self._watch_links, name="link-watch", daemon=True).start()
         if self.config.compile_standby:
             compile_standby.enable()  # a worker with BCC loaded waits for the next commit
@@ -190,10 +243,14 @@ class Agent:
         next_drift = time.monotonic() + self.config.drift_interval
         try:
             while not self.stopping.is_set():
+                self.heartbeat.beat()
                 now = time.monotonic()
-                if self.sync_requested.is_set() or now >= next_sync or self._suspend_changed():
+                if not self.labels_known.is_set():
+                    pass  # planning without the Node's labels would detach selected NFs
+                elif self.sync_requested.is_set() or now >= next_sync or self._suspend_changed():
                     self.sync_requested.clear()
                     self._guarded(self.reconciler.sync)
+                    self.adopted.set()
                     self._failures = self._failures + 1 if self.reconciler.source_error else 0
                     # every interval from the start of a pass, not from its end: a commit
                     # waits at most one interval before a fetch sees it
@@ -207,11 +264,14 @@ class Agent:
                 self.wake.wait(timeout=min(timeout, 1.0))
                 self.wake.clear()
         finally:
+            if self.node_watcher is not None:
+                self.node_watcher.stop()
             if self.controller is not None:
                 self.controller.stop()
             compile_standby.disable()
-            if http is not None:
-                http.shutdown()
+            for server in (http, health):
+                if server is not None:
+                    server.shutdown()
             self.datapath.close()
             self.source.close()
             self.store.unlock()

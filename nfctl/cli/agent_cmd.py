@@ -42,8 +42,22 @@ def agent(
     drift: str = typer.Option(None, "--drift", help="correct | warn [default: correct]"),
     drift_interval: float = typer.Option(None, "--drift-interval", help="seconds [default: 5]"),
     metrics_addr: str = typer.Option(
-        None, "--metrics-addr", help="host:port for /metrics, /healthz, /readyz ('' disables)"
+        None, "--metrics-addr", help="host:port for /metrics ('' disables) [default: 0.0.0.0:9101]"
     ),
+    health_addr: str = typer.Option(
+        None, "--health-addr", help="host:port for /healthz, /readyz [default: 127.0.0.1:9103]"
+    ),
+    liveness_stall: float = typer.Option(
+        None, "--liveness-stall", help="/healthz fails after a pass this long [default: 600]"
+    ),
+    kube_node_labels: bool = typer.Option(
+        None,
+        "--kube-node-labels/--no-kube-node-labels",
+        help="watch this node's labels in the Kubernetes API (--labels still override)",
+    ),
+    kube_api: str = typer.Option(None, "--kube-api", help="API URL [default: in-cluster]"),
+    kube_token_file: Path = typer.Option(None, "--kube-token-file"),
+    kube_ca_file: Path = typer.Option(None, "--kube-ca-file"),
     controller: str = typer.Option(None, "--controller", help="controller host:port"),
     tls_ca: Path = typer.Option(None, "--tls-ca"),
     tls_cert: Path = typer.Option(None, "--tls-cert"),
@@ -72,6 +86,7 @@ def agent(
 ) -> None:
     """Run the node agent: pull NFs from Git and keep this node's datapath in sync."""
     from nfctl.agent.config import load_config, parse_labels
+    from nfctl.agent.k8s_node import KubeApiError
     from nfctl.agent.runner import Agent
     from nfctl.agent.store import AgentLockedError
     from nfctl.compiler.sandbox import allow_unconfined
@@ -100,6 +115,12 @@ def agent(
                 "drift": drift,
                 "drift_interval": drift_interval,
                 "metrics_addr": metrics_addr,
+                "health_addr": health_addr,
+                "liveness_stall": liveness_stall,
+                "kube_node_labels": kube_node_labels,
+                "kube_api": kube_api,
+                "kube_token_file": kube_token_file,
+                "kube_ca_file": kube_ca_file,
                 "controller": controller,
                 "tls_ca": tls_ca,
                 "tls_cert": tls_cert,
@@ -121,6 +142,9 @@ def agent(
         runner.run()
     except AgentLockedError as exc:
         err_console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    except KubeApiError as exc:
+        err_console.print(f"[red]cannot read this node's labels:[/red] {exc}")
         raise typer.Exit(2) from None
 
 

@@ -102,10 +102,24 @@ def validate(
 def doctor(
     output: OutputFormat = typer.Option(OutputFormat.TEXT, "--output", "-o"),
     fix: bool = typer.Option(False, "--fix", help="link kernel headers and mount bpffs first"),
+    preflight: bool = typer.Option(
+        False,
+        "--preflight",
+        help="init container mode: on failure post a Kubernetes Event on this pod and check "
+        "again every --recheck seconds until the node can run NFs (no crash loop)",
+    ),
+    recheck: float = typer.Option(300.0, "--recheck", help="seconds between preflight checks"),
+    kube_api: str = typer.Option(None, "--kube-api", help="API URL [default: in-cluster]"),
+    kube_token_file: Path = typer.Option(None, "--kube-token-file"),
+    kube_ca_file: Path = typer.Option(None, "--kube-ca-file"),
 ) -> None:
     """Check that this machine can compile, load and attach eBPF network functions."""
     from nfctl import doctor as doc
 
+    if preflight:
+        from nfctl.cli.preflight import run_preflight
+
+        raise typer.Exit(run_preflight(recheck, kube_api, kube_token_file, kube_ca_file))
     fixes = doc.apply_fixes() if fix else []
     checks = doc.run_checks()
     ok = all(c.ok for c in checks)
@@ -127,7 +141,7 @@ def doctor(
 
 
 def _register_commands() -> None:
-    from nfctl.cli import agent_cmd, controller_cmd, fleet_cmd, lab_cmd, ops_cmd
+    from nfctl.cli import agent_cmd, controller_cmd, fleet_cmd, lab_cmd, ops_cmd, teardown_cmd
     from nfctl.cli.completion import completion, enable_shell_completion
     from nfctl.cli.diff_cmd import diff
     from nfctl.cli.top_cmd import top
@@ -144,6 +158,7 @@ def _register_commands() -> None:
     app.command(name="reconcile")(ops_cmd.reconcile)
     app.command(name="suspend")(ops_cmd.suspend)
     app.command(name="resume")(ops_cmd.resume)
+    app.command(name="teardown")(teardown_cmd.teardown)
     app.command(name="completion")(completion)
     app.command(name="diff")(diff)
     app.command(name="top")(top)

@@ -52,6 +52,8 @@ DEVICES = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom")
 # Public kernel facts BCC and libbpf read: possible CPUs (per-CPU maps), kernel BTF.
 KERNEL_INFO = ("/sys/devices/system/cpu", "/sys/kernel/btf")
 LOADER_FILES = ("/etc/ld.so.cache",)
+# The image's fallback kernel headers (nfctl.kernel_headers), when the host has none.
+FALLBACK = "BCC_KERNEL_SOURCE"
 
 
 class ConfinementError(RuntimeError):
@@ -106,7 +108,7 @@ def worker_prefix() -> list[str]:
 
 def worker_env(base: dict[str, str]) -> dict[str, str]:
     """Only what the worker needs: no credentials leak through /proc/self/environ."""
-    keep = ("PATH", "PYTHONPATH", "LANG", "LC_ALL", "VIRTUAL_ENV")
+    keep = ("PATH", "PYTHONPATH", "LANG", "LC_ALL", "VIRTUAL_ENV", FALLBACK)
     env = {k: v for k, v in base.items() if k in keep}
     env["HOME"] = "/nonexistent"
     if _unconfined:
@@ -161,7 +163,11 @@ def runtime_paths() -> list[str]:
 def kernel_header_paths(release: str | None = None) -> list[str]:
     release = release or os.uname().release
     base = f"/lib/modules/{release}"
-    return [f"{base}/{name}" for name in ("build", "source") if os.path.exists(f"{base}/{name}")]
+    paths = [f"{base}/{name}" for name in ("build", "source") if os.path.exists(f"{base}/{name}")]
+    fallback = os.environ.get(FALLBACK)
+    if fallback and os.path.isdir(fallback):
+        paths.append(fallback)
+    return paths
 
 
 def plan_view(
