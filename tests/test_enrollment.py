@@ -6,11 +6,8 @@ clients that register on the agent listener with the certificates enrolment prod
 
 from __future__ import annotations
 
-import os
-import socket
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,27 +21,9 @@ from cryptography.x509.oid import NameOID
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.api.nfctl.v1 import nfctl_pb2_grpc as pbg
 from nfctl.controller.auth import channel_credentials
+from tests.loopback_controller import free_port, make_pki, nfctl, running_controller
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-PY = sys.executable
 TOKEN = "bootstrap-7d0c1f3a9e"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def nfctl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [PY, "-m", "nfctl", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO_ROOT,
-        timeout=timeout,
-        env=dict(os.environ, NO_COLOR="1", COLUMNS="300"),
-    )
 
 
 @dataclass
@@ -83,52 +62,23 @@ class Controller:
 
 @pytest.fixture
 def controller(tmp_path: Path) -> Iterator[Controller]:
-    pki = tmp_path / "pki"
-    init = nfctl("certs", "init", "--dir", str(pki), "--controller-names", "localhost,127.0.0.1")
-    assert init.returncode == 0, init.stderr
+    pki = make_pki(tmp_path / "pki")
     (tmp_path / "bootstrap").write_text(TOKEN + "\n")
-    agent_port, enroll_port = free_port(), free_port()
     ctl = Controller(
         tmp_path,
         pki,
         tmp_path / "controller.db",
-        f"127.0.0.1:{agent_port}",
-        f"127.0.0.1:{enroll_port}",
+        f"127.0.0.1:{free_port()}",
+        f"127.0.0.1:{free_port()}",
     )
-    log = (tmp_path / "controller.log").open("w")
-    proc = subprocess.Popen(
-        [
-            PY, "-m", "nfctl", "controller",
-            "--listen", ctl.agent_address,
-            "--db", str(ctl.db),
-            "--tls-ca", str(pki / "ca.crt"),
-            "--tls-cert", str(pki / "controller.crt"),
-            "--tls-key", str(pki / "controller.key"),
-            "--tls-ca-key", str(pki / "ca.key"),
-            "--enroll-listen", ctl.enroll_address,
-            "--enroll-token-file", str(tmp_path / "bootstrap"),
-            "--enroll-cert-hours", "1",
-            "--webhook-addr", "",
-            "--metrics-addr", "",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=REPO_ROOT,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 30
-        output = ""
-        while time.monotonic() < deadline and proc.poll() is None:
-            output = (tmp_path / "controller.log").read_text()
-            if "controller listening" in output:
-                break
-            time.sleep(0.1)
-        assert "controller listening" in output, output
+    enrolment = [
+        "--tls-ca-key", str(pki / "ca.key"),
+        "--enroll-listen", ctl.enroll_address,
+        "--enroll-token-file", str(tmp_path / "bootstrap"),
+        "--enroll-cert-hours", "1",
+    ]  # fmt: skip
+    with running_controller(tmp_path, pki, ctl.agent_address, *enrolment):
         yield ctl
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
-        log.close()
 
 
 def certificate(folder: Path) -> x509.Certificate:
