@@ -196,6 +196,11 @@ def test_webhook_checks(setup: tuple[Topology, Pki, Path]) -> None:
             garbage = b"not json"
             gsig = "sha256=" + hmac.new(b"hook-secret", garbage, hashlib.sha256).hexdigest()
             print("not-a-push", post("/hooks/github", garbage, {{"X-Hub-Signature-256": gsig}}))
+            # non-ASCII (latin-1 and UTF-8 bytes on the wire): a bad signature, not a crash
+            for name, value in (("latin1", "sha256=\u00e9"), ("utf8", "sha256=é".encode())):
+                github = {{"X-Hub-Signature-256": value}}
+                print("github-" + name, post("/hooks/github", body, github))
+                print("gitlab-" + name, post("/hooks/gitlab", body, {{"X-Gitlab-Token": value}}))
             """
         ),
     )
@@ -208,6 +213,10 @@ def test_webhook_checks(setup: tuple[Topology, Pki, Path]) -> None:
         "gitlab-bad": "401",
         "too-large": "413",
         "not-a-push": "400",
+        "github-latin1": "401",
+        "gitlab-latin1": "401",
+        "github-utf8": "401",
+        "gitlab-utf8": "401",
     }
 
 
