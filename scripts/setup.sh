@@ -34,12 +34,14 @@ fi
 
 # ---- deployment tooling (tests/test_deploy.py) ------------------------------------------
 # vagrant for `vagrant validate`; Debian's kubernetes-client (kubectl) for `kubectl kustomize`,
-# only when no kubectl is on PATH already. NFCTL_SKIP_DEPLOY_TOOLS=1 skips this (the
+# only when no kubectl is on PATH already; shellcheck for the shell scripts (tests fail
+# without it under CI=true). NFCTL_SKIP_DEPLOY_TOOLS=1 skips this (the
 # Vagrant lab's VMs set it: they run agents, not deployment checks).
 if [ "${NFCTL_SKIP_DEPLOY_TOOLS:-0}" != 1 ]; then
   deploy_tools=()
   command -v vagrant >/dev/null || deploy_tools+=(vagrant)
   command -v kubectl >/dev/null || deploy_tools+=(kubernetes-client)
+  command -v shellcheck >/dev/null || deploy_tools+=(shellcheck)
   if [ ${#deploy_tools[@]} -gt 0 ]; then
     echo "setup: installing ${deploy_tools[*]}"
     export DEBIAN_FRONTEND=noninteractive

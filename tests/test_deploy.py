@@ -3,9 +3,9 @@ image files and the shell scripts.
 
 Every kustomize overlay is rendered with `kubectl kustomize` and checked with
 `kubernetes-validate --strict`, then the properties the agent and controller rely on are
-asserted on the rendered objects. kubectl, vagrant and kubernetes-validate are required: a
-missing one skips on a developer machine but FAILS under CI=true (scripts/setup.sh installs
-them)."""
+asserted on the rendered objects. kubectl, vagrant, kubernetes-validate and shellcheck are
+required: a missing one skips on a developer machine but FAILS under CI=true
+(scripts/setup.sh installs them)."""
 
 from __future__ import annotations
 
@@ -413,9 +413,7 @@ def test_shell_scripts_parse() -> None:
 
 
 def test_shell_scripts_shellcheck() -> None:
-    shellcheck = shutil.which("shellcheck")
-    if shellcheck is None:
-        pytest.skip("shellcheck is not installed (optional)")
+    shellcheck = require_tool(shutil.which("shellcheck"), "shellcheck")
     run([shellcheck, "-x", *map(str, SHELL_SCRIPTS)])
 
 
