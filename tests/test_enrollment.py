@@ -163,3 +163,28 @@ def test_enrolment_verifies_the_controller(controller: Controller, tmp_path: Pat
         "--token-file", str(tmp_path / "t"),
     )  # fmt: skip
     assert out.returncode == 1 and "UNAVAILABLE" in out.stderr
+
+
+def test_renewal_is_due_at_two_thirds_of_the_lifetime(tmp_path: Path) -> None:
+    """The sidecar's schedule (`nfctl certs enroll --keep`), on a real signed certificate."""
+    import datetime
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from nfctl.agent.enroll import renew_delay
+    from nfctl.controller.certs import ensure_ca, sign_node_certificate
+
+    ca_cert, ca_key = ensure_ca(tmp_path / "ca")
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = sign_node_certificate(
+        ca_cert, ca_key, "node-a", key.public_key(), datetime.timedelta(hours=3)
+    )
+    path = tmp_path / "node.crt"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    start = cert.not_valid_before_utc.timestamp()
+    end = cert.not_valid_after_utc.timestamp()
+    due = start + (end - start) * 2 / 3
+    assert renew_delay(path, due - 100) == pytest.approx(100)
+    assert renew_delay(path, due + 1) == 0
+    assert renew_delay(tmp_path / "missing.crt", start) == 0

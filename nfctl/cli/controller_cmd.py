@@ -204,6 +204,9 @@ def certs_enroll(
     from nfctl.agent.enroll import enroll, keep_enrolled
 
     token = token_file.read_text().strip() if token_file else None
+    if keep:  # a sidecar: never exits on a failed attempt, retries instead
+        keep_enrolled(controller_address, tls_ca, node, directory, token, server_name=server_name)
+        return
     try:
         identity = enroll(
             controller_address, tls_ca, node, directory, token, server_name=server_name
@@ -214,8 +217,6 @@ def certs_enroll(
     console.print(
         f"{'renewed' if identity.renewal else 'enrolled'} {node}: {identity.cert} {identity.key}"
     )
-    if keep:
-        keep_enrolled(controller_address, tls_ca, node, directory, token, server_name=server_name)
 
 
 @certs_app.command("approve")
