@@ -294,6 +294,9 @@ def test_agent_identity_is_made_on_the_node(overlay: Rendered) -> None:
         mount(ctr, "/etc/nfctl/bootstrap")
         assert ctr["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert "--keep" in " ".join(container(ds, "enroll-renew")["args"])
+    # an agent that has an identity starts while the controller is down
+    init_script = " ".join(container(ds, "enroll", init=True)["args"])
+    assert init_script.rstrip().endswith("|| test -s /var/lib/nfctl/identity/node.crt")
     agent = container(ds, "agent")
     assert all(m["mountPath"] != "/etc/nfctl/bootstrap" for m in agent["volumeMounts"])
     assert volume(ds, "tls")["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]

@@ -188,3 +188,24 @@ def test_renewal_is_due_at_two_thirds_of_the_lifetime(tmp_path: Path) -> None:
     assert renew_delay(path, due - 100) == pytest.approx(100)
     assert renew_delay(path, due + 1) == 0
     assert renew_delay(tmp_path / "missing.crt", start) == 0
+
+
+def test_enrolments_survive_a_controller_restart(tmp_path: Path) -> None:
+    """Who owns a name is in the controller's SQLite: after a restart the token still
+    cannot take an enrolled name, and the owner still renews."""
+    pki = make_pki(tmp_path / "pki")
+    (tmp_path / "bootstrap").write_text(TOKEN)
+    agent, enrol = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    ctl = Controller(tmp_path, pki, tmp_path / "controller.db", agent, enrol)
+    args = [
+        "--tls-ca-key", str(pki / "ca.key"),
+        "--enroll-listen", enrol,
+        "--enroll-token-file", str(tmp_path / "bootstrap"),
+    ]  # fmt: skip
+    with running_controller(tmp_path, pki, agent, *args):
+        assert ctl.enroll("node-a", tmp_path / "a").returncode == 0
+    with running_controller(tmp_path, pki, agent, *args):
+        taken = ctl.enroll("node-a", tmp_path / "other")
+        assert taken.returncode == 1 and "PERMISSION_DENIED" in taken.stderr
+        renewed = ctl.enroll("node-a", tmp_path / "a", token=None)
+        assert renewed.returncode == 0 and "renewed node-a" in renewed.stdout
