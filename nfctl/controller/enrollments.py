@@ -67,14 +67,6 @@ class EnrollmentStore:
             ).fetchone()
         return Enrollment(*row) if row else None
 
-    def all(self) -> list[Enrollment]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT node, key_sha256, serial, not_after, enrolled_at, renewed_at, "
-                "approved_at, approved_by FROM enrollments ORDER BY node"
-            ).fetchall()
-        return [Enrollment(*r) for r in rows]
-
     def claim(self, kind: str, node: str, key_sha256: str, serial: str, not_after: float) -> bool:
         """Record an issued certificate, atomically with the condition that allowed it, so
         two concurrent enrolments of one name cannot both win. kind: "first" (the name has
