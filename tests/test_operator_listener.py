@@ -1,6 +1,6 @@
 """The operator token listener (TLS without client certificates) before authentication:
-a client without the token gets at most the stream limit on a connection, and its calls
-are refused at once instead of being queued or held.
+a client without the token gets at most the stream limit on a connection and a capped number
+of connections, and its calls are refused at once instead of being queued or held.
 
 Raw HTTP/2 over TLS (hyperframe + hpack), so the client can do what a hostile one would:
 ignore the advertised limit and never finish its requests."""
@@ -25,6 +25,7 @@ from hyperframe.frame import (
     WindowUpdateFrame,
 )
 
+from nfctl.controller.server import OPERATOR_LISTENER_LIMITS
 from tests.loopback_controller import free_port, make_pki, running_controller
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -167,3 +168,28 @@ def test_calls_without_token_are_refused_at_once(operator_port: tuple[int, Path]
         assert {conn.grpc_status.get(c) for c in calls} == {"16"}, conn.grpc_status
     finally:
         conn.close()
+
+
+def test_unauthenticated_connections_are_capped(operator_port: tuple[int, Path]) -> None:
+    """Past the listener's connection cap, new TLS handshakes are refused (the cap is what
+    an attacker without the token can hold, whatever the number of sockets it opens)."""
+    port, ca = operator_port
+    cap = dict(OPERATOR_LISTENER_LIMITS)["grpc.max_allowed_incoming_connections"]
+    context = ssl.create_default_context(cafile=str(ca))
+    context.set_alpn_protocols(["h2"])
+    held: list[ssl.SSLSocket] = []
+    refused = 0
+    try:
+        for _ in range(cap + 20):
+            raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+            try:
+                conn = context.wrap_socket(raw, server_hostname="localhost")
+                conn.sendall(PREFACE + SettingsFrame(0).serialize())
+                held.append(conn)
+            except (OSError, ssl.SSLError):
+                raw.close()
+                refused += 1
+        assert len(held) <= cap and refused >= 20, (len(held), refused)
+    finally:
+        for conn in held:
+            conn.close()
