@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
 # Create the Secrets that deploy/ references, with real keys instead of the placeholders:
-#   nfctl-controller-tls   ca.crt, controller.crt, controller.key
-#   nfctl-agent-tls        ca.crt, <node>.crt, <node>.key for every node
-#   nfctl-controller-auth  operator-token, webhook-secret
+#   nfctl-controller-tls   ca.crt, ca.key, controller.crt, controller.key (the controller
+#                          signs the nodes' enrolled certificates with ca.key)
+#   nfctl-agent-tls        ca.crt, bootstrap-token: NO private key. Each agent makes its
+#                          own key on its node and enrols (deploy/README.md, "Trust model")
+#   nfctl-controller-auth  operator-token, webhook-secret, bootstrap-token
 #   nfctl-git-credentials  token and/or ssh-privatekey (only with --git-token/--git-ssh-key)
 #
-# Usage: deploy/gen-secrets.sh [--namespace NS] [--dir DIR] [--nodes n1,n2,...]
+# Usage: deploy/gen-secrets.sh [--namespace NS] [--dir DIR] [--force-dir-in-repo]
 #                              [--git-token FILE] [--git-ssh-key FILE] [--apply]
 # Without --apply the Secret manifests are printed (feed them to your secret manager);
 # with --apply they are applied and the workloads restarted to pick them up.
-# Nodes default to `kubectl get nodes`. Keys stay in DIR (default ./nfctl-certs): keep
-# operator.crt/.key there for `nfctl get ... --tls-cert`, and re-run with --nodes when
-# nodes join (the CA is reused if DIR already has one).
+# Keys stay in DIR (default $XDG_STATE_HOME/nfctl/NS, i.e. ~/.local/state/nfctl/NS): keep
+# operator.crt/.key there for `nfctl get ... --tls-cert`; the CA is reused if DIR has one.
+# DIR may not be inside this repository (keys there end up in commits and image layers)
+# unless --force-dir-in-repo.
 set -euo pipefail
 
 NS=nfctl-system
-DIR=./nfctl-certs
-NODES=""
+DIR=""
+FORCE_IN_REPO=0
 GIT_TOKEN=""
 GIT_SSH_KEY=""
 APPLY=0
@@ -26,30 +29,39 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --namespace) NS=$2; shift 2 ;;
     --dir) DIR=$2; shift 2 ;;
-    --nodes) NODES=$2; shift 2 ;;
+    --force-dir-in-repo) FORCE_IN_REPO=1; shift ;;
     --git-token) GIT_TOKEN=$2; shift 2 ;;
     --git-ssh-key) GIT_SSH_KEY=$2; shift 2 ;;
     --apply) APPLY=1; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) die "unknown argument: $1 (see --help)" ;;
   esac
 done
 
 command -v kubectl >/dev/null || die "kubectl is required"
-NFCTL=${NFCTL:-$(command -v nfctl || echo "$(dirname "$0")/../.venv/bin/nfctl")}
+REPO=$(cd "$(dirname "$0")/.." && pwd -P)
+NFCTL=${NFCTL:-$(command -v nfctl || echo "$REPO/.venv/bin/nfctl")}
 [ -x "$NFCTL" ] || die "nfctl not found (make setup, or set NFCTL=/path/to/nfctl)"
 
-if [ -z "$NODES" ]; then
-  NODES=$(kubectl get nodes -o jsonpath='{.items[*].metadata.name}' | tr ' ' ',')
-  [ -n "$NODES" ] || die "no nodes found: pass --nodes"
+if [ -z "$DIR" ]; then
+  STATE=${XDG_STATE_HOME:-${HOME:?HOME is not set}/.local/state}
+  DIR="$STATE/nfctl/$NS"
 fi
+DIR=$(realpath -m "$DIR")  # symlinks resolved, nothing created yet
+case "$DIR/" in
+  "$REPO/"*)
+    if [ "$FORCE_IN_REPO" -ne 1 ]; then
+      die "$DIR is inside the repository $REPO: keys there end up in commits and image layers; choose a --dir outside it (or --force-dir-in-repo)"
+    fi
+    echo "gen-secrets: warning: writing keys inside the repository ($DIR)" >&2 ;;
+esac
+mkdir -p "$DIR"
+chmod 700 "$DIR"
 
 SVC=nfctl-controller
 NAMES="$SVC,$SVC.$NS,$SVC.$NS.svc,$SVC.$NS.svc.cluster.local,localhost,127.0.0.1"
-mkdir -p "$DIR"
-chmod 700 "$DIR"
-"$NFCTL" certs init --dir "$DIR" --controller-names "$NAMES" --nodes "$NODES" >&2
-for f in operator-token webhook-secret; do
+"$NFCTL" certs init --dir "$DIR" --controller-names "$NAMES" >&2
+for f in operator-token webhook-secret bootstrap-token; do
   [ -s "$DIR/$f" ] || (umask 077; openssl rand -hex 32 >"$DIR/$f")
 done
 
@@ -60,19 +72,14 @@ secret() {  # name, then --from-file=... arguments
   echo "---"
 }
 
-agent_files=(--from-file="ca.crt=$DIR/ca.crt")
-IFS=',' read -r -a node_list <<<"$NODES"
-for node in "${node_list[@]}"; do
-  [ -f "$DIR/$node.crt" ] || die "nfctl certs init made no $DIR/$node.crt"
-  agent_files+=(--from-file="$node.crt=$DIR/$node.crt" --from-file="$node.key=$DIR/$node.key")
-done
-
 manifests=$(
-  secret nfctl-controller-tls --from-file="ca.crt=$DIR/ca.crt" \
+  secret nfctl-controller-tls --from-file="ca.crt=$DIR/ca.crt" --from-file="ca.key=$DIR/ca.key" \
     --from-file="controller.crt=$DIR/controller.crt" --from-file="controller.key=$DIR/controller.key"
-  secret nfctl-agent-tls "${agent_files[@]}"
+  secret nfctl-agent-tls --from-file="ca.crt=$DIR/ca.crt" \
+    --from-file="bootstrap-token=$DIR/bootstrap-token"
   secret nfctl-controller-auth --from-file="operator-token=$DIR/operator-token" \
-    --from-file="webhook-secret=$DIR/webhook-secret"
+    --from-file="webhook-secret=$DIR/webhook-secret" \
+    --from-file="bootstrap-token=$DIR/bootstrap-token"
   git_files=()
   [ -n "$GIT_TOKEN" ] && git_files+=(--from-file="token=$GIT_TOKEN")
   [ -n "$GIT_SSH_KEY" ] && git_files+=(--from-file="ssh-privatekey=$GIT_SSH_KEY")
@@ -87,3 +94,4 @@ if [ "$APPLY" -eq 1 ]; then
 else
   printf '%s\n' "$manifests"
 fi
+echo "gen-secrets: keys are in $DIR (outside the repository)" >&2

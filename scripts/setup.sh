@@ -33,14 +33,17 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 # ---- deployment tooling (tests/test_deploy.py) ------------------------------------------
-# vagrant for `vagrant validate` (kubectl with kustomize v5 comes from PyPI into .venv:
-# Debian 12's kubernetes-client is too old for kustomize `labels`). NFCTL_SKIP_DEPLOY_TOOLS=1 skips this (the
+# vagrant for `vagrant validate`; shellcheck for the shell scripts (tests fail without it
+# under CI=true); prometheus for promtool and tests/test_monitoring.py. kubectl with kustomize
+# v5 comes from PyPI into .venv (Debian 12's kubernetes-client is too old for kustomize
+# `labels`). NFCTL_SKIP_DEPLOY_TOOLS=1 skips this (the
 # Vagrant lab's VMs set it: they run agents, not deployment checks).
 if [ "${NFCTL_SKIP_DEPLOY_TOOLS:-0}" != 1 ]; then
   deploy_tools=()
   command -v vagrant >/dev/null || deploy_tools+=(vagrant)
   # promtool + prometheus for tests/test_monitoring.py (deploy/monitoring rules and config)
   command -v promtool >/dev/null || deploy_tools+=(prometheus)
+  command -v shellcheck >/dev/null || deploy_tools+=(shellcheck)
   if [ ${#deploy_tools[@]} -gt 0 ]; then
     echo "setup: installing ${deploy_tools[*]}"
     export DEBIAN_FRONTEND=noninteractive

@@ -24,4 +24,4 @@ def test_api_imports_and_describes_services() -> None:
     from nfctl.api.nfctl.v1 import nfctl_pb2
 
     services = set(nfctl_pb2.DESCRIPTOR.services_by_name)
-    assert services == {"AgentService", "FleetService"}
+    assert services == {"AgentService", "FleetService", "EnrollmentService"}

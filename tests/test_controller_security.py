@@ -126,9 +126,20 @@ def test_operator_token_on_the_token_listener(setup: tuple[Topology, Pki, Path])
     assert good.returncode == 0 and good.stdout.strip() == "[]"
     assert bad.returncode != 0 and "UNAUTHENTICATED" in bad.stdout + bad.stderr
     assert none.returncode != 0 and "UNAUTHENTICATED" in none.stdout + none.stderr
-    # agents cannot use the token listener at all (it has no agent service)
-    out = run_client(topo, pki, 'print(code(lambda: register(channel(None, port=9444), "node1")))')
-    assert out == "UNIMPLEMENTED"
+    # agents cannot use the token listener at all: without the token the call is refused
+    # before its method is looked up; with it, there is no agent service there
+    out = run_client(
+        topo,
+        pki,
+        """
+        print(code(lambda: register(channel(None, port=9444), "node1")))
+        md = (("authorization", "Bearer s3cret-operator-token"),)
+        stub = pbg.AgentServiceStub(channel(None, port=9444))
+        hello = [pb.AgentMessage(register=pb.Register(node="node1"))]
+        print(code(lambda: list(stub.Connect(iter(hello), metadata=md, timeout=5))))
+        """,
+    )
+    assert out.split() == ["UNAUTHENTICATED", "UNIMPLEMENTED"]
 
 
 def test_oversized_agent_message_is_refused(setup: tuple[Topology, Pki, Path]) -> None:
@@ -196,6 +207,11 @@ def test_webhook_checks(setup: tuple[Topology, Pki, Path]) -> None:
             garbage = b"not json"
             gsig = "sha256=" + hmac.new(b"hook-secret", garbage, hashlib.sha256).hexdigest()
             print("not-a-push", post("/hooks/github", garbage, {{"X-Hub-Signature-256": gsig}}))
+            # non-ASCII (latin-1 and UTF-8 bytes on the wire): a bad signature, not a crash
+            for name, value in (("latin1", "sha256=\u00e9"), ("utf8", "sha256=é".encode())):
+                github = {{"X-Hub-Signature-256": value}}
+                print("github-" + name, post("/hooks/github", body, github))
+                print("gitlab-" + name, post("/hooks/gitlab", body, {{"X-Gitlab-Token": value}}))
             """
         ),
     )
@@ -208,6 +224,10 @@ def test_webhook_checks(setup: tuple[Topology, Pki, Path]) -> None:
         "gitlab-bad": "401",
         "too-large": "413",
         "not-a-push": "400",
+        "github-latin1": "401",
+        "gitlab-latin1": "401",
+        "github-utf8": "401",
+        "gitlab-utf8": "401",
     }
 
 

@@ -3,9 +3,9 @@ image files and the shell scripts.
 
 Every kustomize overlay is rendered with `kubectl kustomize` and checked with
 `kubernetes-validate --strict`, then the properties the agent and controller rely on are
-asserted on the rendered objects. kubectl, vagrant and kubernetes-validate are required: a
-missing one skips on a developer machine but FAILS under CI=true (scripts/setup.sh installs
-them)."""
+asserted on the rendered objects. kubectl, vagrant, kubernetes-validate and shellcheck are
+required: a missing one skips on a developer machine but FAILS under CI=true
+(scripts/setup.sh installs them)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,8 @@ AGENT_FLAGS = {
 CONTROLLER_FLAGS = {
     "--listen", "--db", "--tls-ca", "--tls-cert", "--tls-key", "--insecure",
     "--operator-token-file", "--webhook-addr", "--webhook-secret-file", "--metrics-addr",
-    "--stale-after", "--health-listen",
+    "--stale-after", "--health-listen", "--enroll-listen", "--tls-ca-key", "--enroll-token-file",
+    "--enroll-cert-hours",
 }  # fmt: skip
 SHELL_SCRIPTS = sorted(
     {
@@ -262,7 +263,9 @@ def test_agent_node_name_args_and_probes(overlay: Rendered) -> None:
     assert got["--bpffs-dir"] == "/sys/fs/bpf/nfctl"
     assert got["--state-dir"] == "/var/lib/nfctl"
     assert "--insecure" not in got
-    assert got["--tls-cert"].endswith("$(NODE_NAME).crt")
+    # its own identity, made on the node by the `enroll` init container, not from a Secret
+    identity = "/var/lib/nfctl/identity"
+    assert (got["--tls-cert"], got["--tls-key"]) == (f"{identity}/node.crt", f"{identity}/node.key")
     # Every $(VAR) must be defined in the container's env, or Kubernetes passes it verbatim.
     for var in re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", " ".join(args)):
         assert var in env, f"args use $({var}) but env does not define it"
@@ -279,6 +282,36 @@ def test_agent_node_name_args_and_probes(overlay: Rendered) -> None:
     assert probes["readinessProbe"]["path"] == "/readyz"
     for probe in probes.values():
         assert got["--health-addr"] == f"{probe['host']}:{probe['port']}"
+
+
+def test_agent_identity_is_made_on_the_node(overlay: Rendered) -> None:
+    """Each agent enrols its own key (hostPath, never a Secret); only the enrolment
+    containers see the bootstrap token; the controller holds the CA key to sign."""
+    ds = overlay.agent
+    spec = pod_spec(ds)
+    names = [c["name"] for c in spec["initContainers"]]
+    assert names.index("enroll") > names.index("mount-bpffs")
+    for ctr in (container(ds, "enroll", init=True), container(ds, "enroll-renew")):
+        script = " ".join(ctr["args"])
+        assert "nfctl certs enroll" in script and '--node "$NODE_NAME"' in script
+        assert "--dir /var/lib/nfctl/identity" in script
+        state = mount(ctr, "/var/lib/nfctl")
+        assert volume(ds, state["name"])["hostPath"]["path"] == "/var/lib/nfctl"
+        mount(ctr, "/etc/nfctl/bootstrap")
+        assert ctr["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert "--keep" in " ".join(container(ds, "enroll-renew")["args"])
+    # an agent that has an identity starts while the controller is down
+    init_script = " ".join(container(ds, "enroll", init=True)["args"])
+    assert init_script.rstrip().endswith("|| test -s /var/lib/nfctl/identity/node.crt")
+    agent = container(ds, "agent")
+    assert all(m["mountPath"] != "/etc/nfctl/bootstrap" for m in agent["volumeMounts"])
+    assert volume(ds, "tls")["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+    secrets = {s["metadata"]["name"]: s for s in overlay.of_kind("Secret")}
+    if "nfctl-agent-tls" in secrets:  # lab placeholders: the shape real ones must have
+        assert set(secrets["nfctl-agent-tls"]["stringData"]) == {"ca.crt", "bootstrap-token"}
+    got = flags(container(overlay.controller, "controller")["args"])
+    assert got["--tls-ca-key"].startswith("/etc/nfctl/tls/")
+    assert got["--enroll-token-file"].startswith("/etc/nfctl/auth/")
 
 
 def test_every_container_has_requests_and_limits(overlay: Rendered) -> None:
@@ -310,10 +343,15 @@ def test_controller_deployment_service_pvc(overlay: Rendered) -> None:
 
     svc = overlay.get("Service", "nfctl-controller")
     ports = {p["name"]: p["port"] for p in svc["spec"]["ports"]}
-    assert ports == {"grpc": 9443, "webhook": 9080, "metrics": 9102}
+    assert ports == {"grpc": 9443, "enroll": 9445, "webhook": 9080, "metrics": 9102}
     pod_labels = dep["spec"]["template"]["metadata"]["labels"]
     assert svc["spec"]["selector"].items() <= pod_labels.items()
-    for flag, port in (("--listen", 9443), ("--webhook-addr", 9080), ("--metrics-addr", 9102)):
+    for flag, port in (
+        ("--listen", 9443),
+        ("--enroll-listen", 9445),
+        ("--webhook-addr", 9080),
+        ("--metrics-addr", 9102),
+    ):
         assert got[flag].endswith(f":{port}"), flag
 
 
@@ -330,7 +368,7 @@ def test_network_policy_selects_controller(overlay: Rendered) -> None:
         for rule in p["spec"].get("ingress", [])
         for port in rule.get("ports", [])
     }
-    assert {9443, 9080, 9102} <= allowed
+    assert {9443, 9445, 9080, 9102} <= allowed
 
 
 def test_secrets(overlay: Rendered) -> None:
@@ -420,9 +458,7 @@ def test_shell_scripts_parse() -> None:
 
 
 def test_shell_scripts_shellcheck() -> None:
-    shellcheck = shutil.which("shellcheck")
-    if shellcheck is None:
-        pytest.skip("shellcheck is not installed (optional)")
+    shellcheck = require_tool(shutil.which("shellcheck"), "shellcheck")
     run([shellcheck, "-x", *map(str, SHELL_SCRIPTS)])
 
 

@@ -24,7 +24,7 @@ from nfctl.agent.snapshot import UnsafeTreeError, write_tree
 
 log = logging.getLogger(__name__)
 
-SHA_RE = re.compile(r"^[0-9a-f]{40}$")
+SHA_RE = re.compile(r"^[0-9a-f]{40}\Z")
 KEEP_SNAPSHOTS = 3
 TARGET_REF = "refs/nfctl/target"
 MAINTAIN_EVERY = 50  # fetches

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from nfctl.cli.output import console, err_console
 
+if TYPE_CHECKING:
+    from nfctl.controller.enroll import EnrollmentConfig
+    from nfctl.controller.server import ControllerConfig
+
 certs_app = typer.Typer(
-    help="Create a CA and certificates for a lab (mTLS between agents and controller)."
+    help="Certificates: a CA for a lab, node enrolment and its approval by operators."
 )
 
 
@@ -52,9 +57,23 @@ def controller(
     stale_after: float = typer.Option(
         60.0, "--stale-after", help="seconds without a report before a node is stale"
     ),
+    enroll_listen: str = typer.Option(
+        None,
+        "--enroll-listen",
+        help="node enrolment address (TLS, no client certificate; needs --tls-ca-key)",
+    ),
+    tls_ca_key: Path = typer.Option(
+        None, "--tls-ca-key", help="the CA's private key: signs enrolled nodes' certificates"
+    ),
+    enroll_token_file: Path = typer.Option(
+        None, "--enroll-token-file", help="bootstrap token: one first enrolment per node name"
+    ),
+    enroll_cert_hours: float = typer.Option(
+        24.0, "--enroll-cert-hours", help="lifetime of enrolled nodes' certificates"
+    ),
 ) -> None:
     """Run the controller: fleet status, events and commands over gRPC; Git webhooks."""
-    from nfctl.controller.server import ControllerConfig, run
+    from nfctl.controller.server import ControllerConfig
 
     config = ControllerConfig(
         listen=listen,
@@ -72,10 +91,58 @@ def controller(
     )
     try:
         config.validate()
+        enrollment = _enrollment_config(
+            config, enroll_listen, tls_ca_key, enroll_token_file, enroll_cert_hours
+        )
     except ValueError as exc:
         err_console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
-    asyncio.run(run(config))
+    asyncio.run(_run_with_enrollment(config, enrollment))
+
+
+def _enrollment_config(
+    config: ControllerConfig,
+    listen: str | None,
+    ca_key: Path | None,
+    token_file: Path | None,
+    cert_hours: float,
+) -> EnrollmentConfig | None:
+    from nfctl.controller.enroll import EnrollmentConfig
+
+    if not listen:
+        return None
+    if config.insecure or not (config.tls_ca and config.tls_cert and config.tls_key):
+        raise ValueError("--enroll-listen needs TLS (--tls-ca, --tls-cert, --tls-key)")
+    if ca_key is None:
+        raise ValueError("--enroll-listen needs --tls-ca-key (the CA key signs node certificates)")
+    if cert_hours <= 0:
+        raise ValueError("--enroll-cert-hours must be positive")
+    return EnrollmentConfig(
+        listen=listen,
+        db=config.db,
+        ca_cert=config.tls_ca,
+        ca_key=ca_key,
+        tls_cert=config.tls_cert,
+        tls_key=config.tls_key,
+        token_file=token_file,
+        cert_hours=cert_hours,
+    )
+
+
+async def _run_with_enrollment(
+    config: ControllerConfig, enrollment: EnrollmentConfig | None
+) -> None:
+    from nfctl.controller.enroll import EnrollmentServer
+    from nfctl.controller.server import run
+
+    server = EnrollmentServer(enrollment) if enrollment else None
+    if server is not None:
+        await server.start()
+    try:
+        await run(config)
+    finally:
+        if server is not None:
+            await server.stop()
 
 
 @certs_app.command("init")
@@ -105,3 +172,72 @@ def certs_init(
     console.print(f"CA: {directory / 'ca.crt'}")
     for item in issued:
         console.print(f"  {item.name}: {item.cert} {item.key}")
+
+
+@certs_app.command("enroll")
+def certs_enroll(
+    node: str = typer.Option(..., "--node", help="this node's name (the certificate's CN)"),
+    controller_address: str = typer.Option(
+        ..., "--controller", help="the controller's enrolment address (host:port)"
+    ),
+    tls_ca: Path = typer.Option(
+        ..., "--tls-ca", help="CA certificate the controller is checked with"
+    ),
+    directory: Path = typer.Option(
+        Path("/var/lib/nfctl/identity"),
+        "--dir",
+        help="where the node's key (created here, never sent) and certificate live",
+    ),
+    token_file: Path = typer.Option(
+        None, "--token-file", help="bootstrap token (first enrolment; not needed to renew)"
+    ),
+    server_name: str = typer.Option(
+        None, "--server-name", help="name to check in the controller's certificate"
+    ),
+    keep: bool = typer.Option(
+        False, "--keep", help="stay running and renew at 2/3 of the lifetime (a sidecar)"
+    ),
+) -> None:
+    """Enrol this node: make its key here, get a certificate for its name from the controller."""
+    import grpc
+
+    from nfctl.agent.enroll import enroll, keep_enrolled
+
+    token = token_file.read_text().strip() if token_file else None
+    if keep:  # a sidecar: never exits on a failed attempt, retries instead
+        keep_enrolled(controller_address, tls_ca, node, directory, token, server_name=server_name)
+        return
+    try:
+        identity = enroll(
+            controller_address, tls_ca, node, directory, token, server_name=server_name
+        )
+    except grpc.RpcError as exc:
+        err_console.print(f"[red]enrolment refused: {exc.code().name}: {exc.details()}[/red]")
+        raise typer.Exit(1) from None
+    console.print(
+        f"{'renewed' if identity.renewal else 'enrolled'} {node}: {identity.cert} {identity.key}"
+    )
+
+
+@certs_app.command("approve")
+def certs_approve(
+    node: str = typer.Argument(..., help="node name"),
+    db: Path = typer.Option(
+        Path("/var/lib/nfctl/controller.db"), "--db", help="the controller's SQLite database"
+    ),
+    by: str = typer.Option("operator", "--by", help="who approves (recorded)"),
+) -> None:
+    """Allow one more enrolment of an enrolled node name (e.g. a reinstalled node)."""
+    from nfctl.controller.enrollments import EnrollmentStore
+
+    store = EnrollmentStore(db)
+    try:
+        approved = store.approve(node, by)
+    finally:
+        store.close()
+    if not approved:
+        err_console.print(
+            f"[red]{node} has never enrolled: its first enrolment needs no approval[/red]"
+        )
+        raise typer.Exit(1)
+    console.print(f"approved: {node} may enrol once more with the bootstrap token")

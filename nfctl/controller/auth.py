@@ -4,6 +4,7 @@ by client certificate (O=nfctl-operators) or bearer token."""
 from __future__ import annotations
 
 import hmac
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,11 +48,15 @@ class AuthPolicy:
         return cls(tls=tls, operator_token=token or None)
 
     def bearer_ok(self, context: Any) -> bool:
+        return self.bearer_in(context.invocation_metadata())
+
+    def bearer_in(self, metadata: Any) -> bool:
         if not self.operator_token:
             return False
-        for key, value in context.invocation_metadata() or ():
+        for key, value in metadata or ():
             if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
-                return hmac.compare_digest(value[7:].strip(), self.operator_token)
+                given = value[7:].strip().encode("utf-8", errors="surrogateescape")
+                return hmac.compare_digest(given, self.operator_token.encode())
         return False
 
     async def require_operator(self, context: Any) -> None:
@@ -81,6 +86,39 @@ class AuthPolicy:
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"certificate is for node {who.common_name!r}, not {claimed!r}",
             )
+
+
+class OperatorTokenGate(grpc.aio.ServerInterceptor):
+    """The token listener (TLS without client certificates) refuses a call without the
+    operator token before any handler runs or any request is read, so unauthenticated
+    clients hold no handler, no watcher and no queued message (health checks stay open)."""
+
+    OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check"})
+
+    def __init__(self, policy: AuthPolicy) -> None:
+        self.policy = policy
+
+        async def deny(request_iterator: Any, context: Any) -> None:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "this listener needs 'authorization: Bearer <operator token>'",
+            )
+
+        # stream request type: the refusal does not wait for the client's request message
+        self._deny: grpc.RpcMethodHandler[Any, Any] = grpc.stream_stream_rpc_method_handler(deny)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        if handler_call_details.method in self.OPEN_METHODS or self.policy.bearer_in(
+            handler_call_details.invocation_metadata
+        ):
+            return await continuation(handler_call_details)
+        return self._deny
 
 
 def server_credentials(

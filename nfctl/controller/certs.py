@@ -1,8 +1,10 @@
-"""`nfctl certs init`: a lab CA and certificates for the controller, nodes and operators."""
+"""`nfctl certs init`: a lab CA and certificates for the controller, nodes and operators;
+signing enrolled nodes' certificates (nfctl.controller.enroll)."""
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ipaddress
 import os
 from dataclasses import dataclass
@@ -11,6 +13,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from nfctl.controller.auth import NODES_ORG, OPERATORS_ORG
@@ -148,3 +151,46 @@ def init(
     for operator in operators:
         issued.append(issue(folder, operator, operator, OPERATORS_ORG))
     return issued
+
+
+def load_ca(cert_path: Path, key_path: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{key_path}: the CA key must be an EC key (from `nfctl certs init`)")
+    if cert.public_key() != key.public_key():
+        raise ValueError(f"{key_path} is not the key of {cert_path}")
+    return cert, key
+
+
+def key_fingerprint(public_key: CertificatePublicKeyTypes) -> str:
+    """SHA-256 of the SubjectPublicKeyInfo: what "the same key" means across certificates."""
+    der = public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(der).hexdigest()
+
+
+def sign_node_certificate(
+    ca_cert: x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    node: str,
+    public_key: CertificatePublicKeyTypes,
+    valid: datetime.timedelta,
+) -> x509.Certificate:
+    """A client certificate for `node` (O=nfctl-nodes, CN=SAN=node) on the node's own key.
+    Nothing of the CSR but its key is used: the name and usages are the controller's."""
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(_name(node, NODES_ORG))
+        .issuer_name(ca_cert.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + valid)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(node)]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )

@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
-from nfctl.controller.auth import AuthPolicy, server_credentials
+from nfctl.controller.auth import AuthPolicy, OperatorTokenGate, server_credentials
 from nfctl.controller.fleet import Fleet
 from nfctl.controller.metrics import ControllerMetrics
 from nfctl.controller.service import AgentService, FleetService, add_service
@@ -35,6 +35,18 @@ MAX_AGENT_MESSAGE_BYTES = 2 << 20
 # of thousands of agents (they see CANCELLED and back off); a queue that big is fine here.
 MAX_PENDING_CALLS = 100_000
 MAX_UNREQUESTED_SECONDS = 300
+# The operator token listener takes connections without client certificates: anyone who
+# can reach it gets this much before the token is checked (OperatorTokenGate refuses a call
+# without it at once). Operators run a few calls and watches each.
+OPERATOR_MAX_STREAMS = 16
+OPERATOR_LISTENER_LIMITS = [
+    ("grpc.max_concurrent_streams", OPERATOR_MAX_STREAMS),
+    ("grpc.max_allowed_incoming_connections", 256),
+    ("grpc.server.max_pending_requests", 64),
+    ("grpc.server.max_pending_requests_hard_limit", 128),
+    ("grpc.server_max_unrequested_time_in_server", 5),
+    ("grpc.server_handshake_timeout_ms", 10_000),
+]
 # HTTP/2 BDP probing answers received data with PINGs to size flow-control windows for bulk
 # transfers. Agents send a few KB every few seconds, well inside the default window; with
 # 10,000 connections the probes cost gRPC's threads ~40% more CPU for nothing.
@@ -109,6 +121,17 @@ class Controller:
         self._health: list[tuple[health.aio.HealthServicer, bool]] = []
 
     def _grpc_server(self, with_agents: bool) -> grpc.aio.Server:
+        if with_agents:
+            limits: list[tuple[str, int]] = [
+                ("grpc.max_concurrent_streams", 200_000),
+                ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+                ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
+                ("grpc.server_max_unrequested_time_in_server", MAX_UNREQUESTED_SECONDS),
+            ]
+            interceptors: list[grpc.aio.ServerInterceptor] = []
+        else:
+            limits = OPERATOR_LISTENER_LIMITS
+            interceptors = [OperatorTokenGate(self.auth)]
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", self.config.max_message_bytes),
@@ -117,13 +140,11 @@ class Controller:
                 ("grpc.keepalive_timeout_ms", 10_000),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
                 ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.max_concurrent_streams", 200_000),
-                ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
-                ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
-                ("grpc.server_max_unrequested_time_in_server", MAX_UNREQUESTED_SECONDS),
+                *limits,
                 ("grpc.http2.bdp_probe", BDP_PROBE),
                 ("grpc.tsi.max_frame_size", TLS_FRAME_BYTES),
-            ]
+            ],
+            interceptors=interceptors,
         )
         names = [pb.DESCRIPTOR.services_by_name["FleetService"].full_name]
         add_service("FleetService", self.operators, server)

@@ -27,6 +27,12 @@ def github_signature(secret: bytes, body: bytes) -> str:
     return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
 
 
+def _header_bytes(request: web.Request, name: str) -> bytes:
+    """The header as raw bytes: hmac.compare_digest refuses str with non-ASCII characters
+    (TypeError, a 500), and an attacker chooses the header."""
+    return request.headers.get(name, "").encode("utf-8", errors="surrogateescape")
+
+
 def _branch(ref: str) -> str:
     for prefix in ("refs/heads/", "refs/tags/"):
         if ref.startswith(prefix):
@@ -106,8 +112,8 @@ class WebhookApp:
         if self.secret is None:
             self._count("github", "no_secret")
             return web.Response(status=403, text="webhook secret not configured\n")
-        given = request.headers.get("X-Hub-Signature-256", "")
-        if not hmac.compare_digest(given, github_signature(self.secret, body)):
+        given = _header_bytes(request, "X-Hub-Signature-256")
+        if not hmac.compare_digest(given, github_signature(self.secret, body).encode()):
             self._count("github", "bad_signature")
             return web.Response(status=401, text="bad signature\n")
         event = request.headers.get("X-GitHub-Event", "push")
@@ -126,7 +132,7 @@ class WebhookApp:
         if self.secret is None:
             self._count("gitlab", "no_secret")
             return web.Response(status=403, text="webhook secret not configured\n")
-        token = request.headers.get("X-Gitlab-Token", "").encode()
+        token = _header_bytes(request, "X-Gitlab-Token")
         if not hmac.compare_digest(token, self.secret):
             self._count("gitlab", "bad_token")
             return web.Response(status=401, text="bad token\n")

@@ -33,7 +33,7 @@ _BASIC: dict[str, Any] = {
     "unsigned __int128": ctypes.c_uint8 * 16,
 }
 _SIGNED = {"char", "signed char", "short", "int", "long", "long long"}
-_MAC_RE = re.compile(r"^[0-9A-Fa-f]{2}([:-][0-9A-Fa-f]{2}){5}$")
+_MAC_RE = re.compile(r"^[0-9A-Fa-f]{2}([:-][0-9A-Fa-f]{2}){5}\Z")
 
 
 class LayoutError(ValueError):

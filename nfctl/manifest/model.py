@@ -18,17 +18,17 @@ from pydantic import (
 API_VERSION = "nfctl.io/v1alpha1"
 KIND = "NetworkFunction"
 
-NF_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,46}[a-z0-9])?$")
-C_IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
-VERSION_RE = re.compile(r"^\d+\.\d+\.\d+(?:[-+][0-9A-Za-z.-]+)?$")
-LABEL_KEY_RE = re.compile(r"^([a-z0-9.-]{1,253}/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
-LABEL_VALUE_RE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
-METRIC_RE = re.compile(r"^nfctl_nf_[a-z][a-z0-9_]{0,60}$")
+NF_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,46}[a-z0-9])?\Z")
+C_IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
+VERSION_RE = re.compile(r"^\d+\.\d+\.\d+(?:[-+][0-9A-Za-z.-]+)?\Z")
+LABEL_KEY_RE = re.compile(r"^([a-z0-9.-]{1,253}/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?\Z")
+LABEL_VALUE_RE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?\Z")
+METRIC_RE = re.compile(r"^nfctl_nf_[a-z][a-z0-9_]{0,60}\Z")
 # Interface names are at most 15 bytes and never contain '/', ':' or whitespace.
-IFACE_GLOB_CHARS_RE = re.compile(r"^[A-Za-z0-9_.@*?\[\]!^-]{1,64}$")
-CFLAG_DEFINE_RE = re.compile(r"^-D[A-Za-z_][A-Za-z0-9_]*(=[A-Za-z0-9_.+\-*/()<>|&~^:,\"]*)?$")
-CFLAG_UNDEF_RE = re.compile(r"^-U[A-Za-z_][A-Za-z0-9_]*$")
-CFLAG_WARNING_RE = re.compile(r"^-Wno-[a-z0-9-]+$")
+IFACE_GLOB_CHARS_RE = re.compile(r"^[A-Za-z0-9_.@*?\[\]!^-]{1,64}\Z")
+CFLAG_DEFINE_RE = re.compile(r"^-D[A-Za-z_][A-Za-z0-9_]*(=[A-Za-z0-9_.+\-*/()<>|&~^:,\"]*)?\Z")
+CFLAG_UNDEF_RE = re.compile(r"^-U[A-Za-z_][A-Za-z0-9_]*\Z")
+CFLAG_WARNING_RE = re.compile(r"^-Wno-[a-z0-9-]+\Z")
 # A -D value expanding to inline assembly would bypass the source check (.incbin reads files)
 CFLAG_ASM_RE = re.compile(r"\b(asm|__asm|__asm__|asm_[A-Za-z0-9_]+)\b")
 

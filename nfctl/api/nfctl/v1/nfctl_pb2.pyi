@@ -1279,3 +1279,73 @@ class ResumeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResumeResponse: _TypeAlias = ResumeResponse  # noqa: Y015
+
+@_typing.final
+class EnrollRequest(_message.Message):
+    """---------------------------------------------------------------------------------
+    Node enrolment (per-node identity; see deploy/README.md, "Trust model")
+    ---------------------------------------------------------------------------------
+
+    Served on the controller's enrolment listener: TLS that the agent verifies with the CA
+    certificate, no client certificate. The node's private key never leaves the node: it
+    sends a CSR (CN = node name) and gets a short-lived client certificate back.
+     - first enrolment of a name: authorised by the bootstrap token; once per name.
+     - renewal: a CSR signed by the key of the node's current, unexpired certificate.
+     - a name that already has an identity: refused until an operator approves
+       (`nfctl certs approve NODE`); the approval is good for one enrolment.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    CSR_PEM_FIELD_NUMBER: _builtins.int
+    BOOTSTRAP_TOKEN_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    csr_pem: _builtins.bytes
+    """PKCS#10, subject CN = node, signed by the node's key"""
+    bootstrap_token: _builtins.str
+    """empty for a renewal"""
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        csr_pem: _builtins.bytes = ...,
+        bootstrap_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bootstrap_token", b"bootstrap_token", "csr_pem", b"csr_pem", "node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnrollRequest: _TypeAlias = EnrollRequest  # noqa: Y015
+
+@_typing.final
+class EnrollResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
+    CA_PEM_FIELD_NUMBER: _builtins.int
+    NOT_AFTER_FIELD_NUMBER: _builtins.int
+    RENEWAL_FIELD_NUMBER: _builtins.int
+    certificate_pem: _builtins.bytes
+    """O=nfctl-nodes, CN=node, client authentication only"""
+    ca_pem: _builtins.bytes
+    not_after: _builtins.float
+    """unix seconds"""
+    renewal: _builtins.bool
+    def __init__(
+        self,
+        *,
+        certificate_pem: _builtins.bytes = ...,
+        ca_pem: _builtins.bytes = ...,
+        not_after: _builtins.float = ...,
+        renewal: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_pem", b"ca_pem", "certificate_pem", b"certificate_pem", "not_after", b"not_after", "renewal", b"renewal"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnrollResponse: _TypeAlias = EnrollResponse  # noqa: Y015

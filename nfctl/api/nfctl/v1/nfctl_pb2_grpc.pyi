@@ -144,3 +144,25 @@ class FleetServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_nfctl_pb2.ResumeResponse, _abc.Awaitable[_nfctl_pb2.ResumeResponse]]: ...
 
 def add_FleetServiceServicer_to_server(servicer: FleetServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class EnrollmentServiceStub:
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> EnrollmentServiceAsyncStub: ...
+    Enroll: _grpc.UnaryUnaryMultiCallable[_nfctl_pb2.EnrollRequest, _nfctl_pb2.EnrollResponse]
+
+@_typing.type_check_only
+class EnrollmentServiceAsyncStub(EnrollmentServiceStub):
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    Enroll: _aio.UnaryUnaryMultiCallable[_nfctl_pb2.EnrollRequest, _nfctl_pb2.EnrollResponse]  # type: ignore[assignment]
+
+class EnrollmentServiceServicer(metaclass=_abc_1.ABCMeta):
+    @_abc_1.abstractmethod
+    def Enroll(
+        self,
+        request: _nfctl_pb2.EnrollRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_nfctl_pb2.EnrollResponse, _abc.Awaitable[_nfctl_pb2.EnrollResponse]]: ...
+
+def add_EnrollmentServiceServicer_to_server(servicer: EnrollmentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
