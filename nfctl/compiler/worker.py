@@ -18,10 +18,17 @@ from collections.abc import Iterator
 from typing import Any
 
 from nfctl.compiler.build import BuildRequest, BuildResult, MapInfo, MapMismatch, ProgramInfo
-from nfctl.compiler.codegen import dispatcher_name, dispatcher_program, entry_name, nf_program
+from nfctl.compiler.codegen import (
+    ChainNames,
+    dispatcher_name,
+    dispatcher_program,
+    entry_name,
+    nf_program,
+)
 from nfctl.compiler.diagnose import clang_diagnostics, verifier_diagnostic
+from nfctl.compiler.isolation import ProgramRefs, TableRef, check_isolation, helper_calls
 from nfctl.compiler.sandbox import confine
-from nfctl.datapath import bpf
+from nfctl.datapath import bpf, progrefs
 from nfctl.diagnostics import Diagnostic
 from nfctl.manifest.model import Hook
 
@@ -60,6 +67,7 @@ def build_one(req: BuildRequest) -> BuildResult:
     result = BuildResult(nf=req.nf, build_hash=req.build_hash, ok=False)
     hook = Hook(req.hook)
     is_dispatcher = req.nf.startswith(DISPATCHER_PREFIX)
+    names = ChainNames.fresh()
     if is_dispatcher:
         text = dispatcher_program(hook, req.pins)
         function = dispatcher_name(hook)
@@ -71,6 +79,7 @@ def build_one(req: BuildRequest) -> BuildResult:
             hook=hook,
             build_hash=req.build_hash,
             pins=req.pins,
+            names=names,
         )
         function = entry_name(req.build_hash)
     staged_dirs = [d for _, d in req.pins.staged_maps]
@@ -126,6 +135,14 @@ def build_one(req: BuildRequest) -> BuildResult:
                     Diagnostic(file=req.source_rel, message=load_error, detail=log.strip() or None)
                 ]
             return result
+        if not is_dispatcher:
+            problems = _isolation_problems(module, lib, fn.fd, names, req, prog_type)
+            if problems:
+                result.diagnostics = [
+                    Diagnostic(file=req.source_rel, message=f"NF {req.nf!r} refused: {problem}")
+                    for problem in problems
+                ]
+                return result
         prog = bpf.prog_info(fn.fd)
         pin_path = None
         if req.install and req.prog_pin_path:
@@ -145,6 +162,37 @@ def build_one(req: BuildRequest) -> BuildResult:
             with contextlib.suppress(OSError):
                 os.unlink(path)
         module.cleanup()
+
+
+def _isolation_problems(
+    module: Any, lib: Any, wrapped_fd: int, names: ChainNames, req: BuildRequest, prog_type: int
+) -> list[str]:
+    """Load the author's function alone and check what both programs really reference."""
+    staged = dict(req.pins.staged_maps)
+    chain_pins = {names.chain: req.pins.chain_path, names.cursor: req.pins.cursor_path}
+    own: list[TableRef] = []
+    chain: list[TableRef] = []
+    for index in range(lib.bpf_num_tables(module.module)):
+        name = lib.bpf_table_name(module.module, index).decode()
+        map_id, map_type = progrefs.map_id_and_type(lib.bpf_table_fd(module.module, name.encode()))
+        if name in chain_pins:
+            pin = chain_pins[name] if req.install else None
+            chain.append(TableRef(name, map_id, map_type, pin, _pinned_id(pin)))
+            continue
+        folder = staged.get(name, req.pins.maps_dir)
+        pin = os.path.join(folder, name) if req.install and folder else None
+        own.append(TableRef(name, map_id, map_type, pin, _pinned_id(pin)))
+    probe_fd = module.load_func(names.probe, prog_type).fd
+    return check_isolation(own, chain, _refs(probe_fd), _refs(wrapped_fd))
+
+
+def _pinned_id(path: str | None) -> int | None:
+    return progrefs.pinned_map_id(path) if path else None
+
+
+def _refs(prog_fd: int) -> ProgramRefs:
+    loaded = progrefs.loaded_refs(prog_fd)
+    return ProgramRefs(frozenset(loaded.map_ids), helper_calls(loaded.xlated))
 
 
 def _repo_root_of(req: BuildRequest) -> str | None:
