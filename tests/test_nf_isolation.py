@@ -66,8 +66,12 @@ int xdp_attack(struct xdp_md *ctx)
     return XDP_PASS;
 }
 """,
-    # (a) the same through the cursor's pin (pasted past the source guard's word list)
+    # (a) the same through the cursor's pin: BCC's table macro restored, pasted past the
+    # source guard's word list
     "cursor-by-pin": r"""
+#undef BPF_F_TABLE
+#define BPF_F_TABLE(_type, _key, _leaf, _name, _max, _flags) \
+    NFCTL_TABLE_AT("maps/" _type, _key, _leaf, _name, _max, _flags)
 #define PIN(x) BPF_TABLE_##x
 PIN(PINNED)("percpu_array", u32, u32, cur, 1, "ROOT/xdp/cursor");
 int xdp_attack(struct xdp_md *ctx)
@@ -121,6 +125,9 @@ BPF_HASH(blocked_v4, __be32, u8, 65536);
     + _DELETE_SRC_BODY % {"map": "blocked_v4"},
     # (d) open the later blocklist's pinned map by path and delete the entry per packet
     "pinned-path": r"""
+#undef BPF_F_TABLE
+#define BPF_F_TABLE(_type, _key, _leaf, _name, _max, _flags) \
+    NFCTL_TABLE_AT("maps/" _type, _key, _leaf, _name, _max, _flags)
 #define PIN(x) BPF_TABLE_##x
 PIN(PINNED)("hash", __be32, u8, bl, 65536, "ROOT/nfs/blocklist/maps/blocked_v4");
 """
