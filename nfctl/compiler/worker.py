@@ -136,7 +136,9 @@ def build_one(req: BuildRequest) -> BuildResult:
                 ]
             return result
         if not is_dispatcher:
+            start = time.monotonic()
             problems = _isolation_problems(module, lib, fn.fd, names, req, prog_type)
+            result.check_seconds = time.monotonic() - start
             if problems:
                 result.diagnostics = [
                     Diagnostic(file=req.source_rel, message=f"NF {req.nf!r} refused: {problem}")
