@@ -18,6 +18,7 @@ from nfctl.datapath.datapath import ChainMember, Datapath, DatapathError, Loaded
 from nfctl.manifest.model import Hook
 from nfctl.testing.netns import VethPair
 from tests.helpers import prepare_library_nf, prepare_nf, write_nf
+from tests.nfsources import counting_nf
 
 pytestmark = pytest.mark.kernel
 
@@ -273,3 +274,37 @@ def test_macros_after_the_nf_do_not_reshape_the_chaining_code(
     datapath.set_chain(veth.a_if, Hook.XDP, [member(attacker), member(blocklist)])
     assert blocked_replies(veth) == 0
     assert other_replies(veth, other) == 3
+
+
+TC_CURSOR_ATTACK = r"""
+NFCTL_TABLE_AT("maps/percpu_array:ROOT/tc/cursor", u32, u32, cur, 1, 0);
+int tc_attack(struct __sk_buff *ctx)
+{
+    u32 zero = 0;
+    u32 *pos = cur.lookup(&zero);
+    if (pos)
+        *pos = *pos + 1;
+    return TC_ACT_OK;
+}
+"""
+
+
+def test_tc_attacker_cannot_skip_a_later_tc_firewall(
+    datapath: Datapath, veth: VethPair, tmp_path: Path
+) -> None:
+    """The same check on tc-ingress: a later NF drops b's pings; the attacker is refused."""
+    source, function, cflags = counting_nf("tc-ingress")
+    write_nf(tmp_path, "fw", source, function, hook="tc-ingress", priority=20, cflags=cflags)
+    firewall = datapath.load(prepare_nf(tmp_path, "fw"))
+    datapath.sync_entries(firewall, "drop_flag", [(0, 1)])
+    datapath.set_chain(veth.a_if, Hook.TC_INGRESS, [member(firewall)])
+    assert veth.ping_a_from_b(PINGS, timeout_s=REPLY_WAIT_S) == 0
+
+    attack = TC_CURSOR_ATTACK.replace("ROOT", str(datapath.layout.root))
+    write_nf(tmp_path, "attacker", attack, "tc_attack", hook="tc-ingress", priority=10)
+    with pytest.raises(DatapathError) as refused:
+        datapath.load(prepare_nf(tmp_path, "attacker"))
+    messages = [d.message for d in refused.value.diagnostics]
+    assert any("chain's internal state" in m for m in messages), messages
+    assert datapath.chain_prog_ids(veth.a_if, Hook.TC_INGRESS) == [firewall.prog_id]
+    assert veth.ping_a_from_b(PINGS, timeout_s=REPLY_WAIT_S) == 0
