@@ -140,6 +140,16 @@ NFCTL_TABLE_AT("maps/hash:ROOT/nfs/blocklist/maps/blocked_v4", __be32, u8, bl, 6
 """
     + _PARSE_SRC
     + _DELETE_SRC_BODY % {"map": "bl"},
+    # (d) plant a new map in the blocklist's folder, under a name it may declare later
+    "plant-pin": r"""
+NFCTL_TABLE_AT("maps/hash:ROOT/nfs/blocklist/maps/allowed", __be32, u8, planted, 16, 0);
+int xdp_attack(struct xdp_md *ctx)
+{
+    u32 zero = 0;
+    planted.lookup(&zero);
+    return XDP_PASS;
+}
+""",
     # (e) token pasting to reach the cursor
     "token-pasting": r"""
 #define CAT(a, b) a##b
@@ -244,6 +254,7 @@ def test_attacker_nf_is_refused_and_blocklist_keeps_blocking(
     datapath: Datapath, veth: VethPair, tmp_path: Path, attack: str
 ) -> None:
     first, blocklist, other = chain_of_pass_all_and_blocklist(datapath, veth, tmp_path)
+    blocklist_pins = datapath.layout.pinned_maps("blocklist")
     try:
         attacker = load_attacker(datapath, tmp_path, ATTACKS[attack], "2.0.0")
     except DatapathError as exc:
@@ -261,7 +272,8 @@ def test_attacker_nf_is_refused_and_blocklist_keeps_blocking(
     assert blocked_replies(veth) == 0
     assert other_replies(veth, other) == 3
     assert dict(datapath.map_entries(blocklist, "blocked_v4")) == {veth.b_ip: 1}
-    # a refused build leaves no program pinned beside the running one
+    # a refused build leaves no program pinned beside the running one, nothing planted
+    assert datapath.layout.pinned_maps("blocklist") == blocklist_pins
     assert [p.name for p in datapath.layout.pinned_progs("attacker")] == [first.prog_pin.name]
 
 

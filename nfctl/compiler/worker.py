@@ -87,6 +87,7 @@ def build_one(req: BuildRequest) -> BuildResult:
         if req.install and folder:
             os.makedirs(folder, exist_ok=True)
     pins_before = _listing(req.pins.maps_dir, *staged_dirs)
+    all_pins_before = _pins_under(_nfctl_root(req))
     cflags = [f"-iquote{req.quote_dir}", *req.cflags] if req.quote_dir else list(req.cflags)
 
     start = time.monotonic()
@@ -137,9 +138,10 @@ def build_one(req: BuildRequest) -> BuildResult:
             return result
         if not is_dispatcher:
             start = time.monotonic()
-            problems = _isolation_problems(module, lib, fn.fd, names, req, prog_type)
+            problems, foreign_ids = _isolation_problems(module, lib, fn.fd, names, req, prog_type)
             result.check_seconds = time.monotonic() - start
             if problems:
+                _unpin_planted(_nfctl_root(req), all_pins_before, foreign_ids)
                 result.diagnostics = [
                     Diagnostic(file=req.source_rel, message=f"NF {req.nf!r} refused: {problem}")
                     for problem in problems
@@ -168,8 +170,9 @@ def build_one(req: BuildRequest) -> BuildResult:
 
 def _isolation_problems(
     module: Any, lib: Any, wrapped_fd: int, names: ChainNames, req: BuildRequest, prog_type: int
-) -> list[str]:
-    """Load the author's function alone and check what both programs really reference."""
+) -> tuple[list[str], set[int]]:
+    """Load the author's function alone and check what both programs really reference.
+    Also returns the ids of maps the source placed outside its own folder."""
     staged = dict(req.pins.staged_maps)
     chain_pins = {names.chain: req.pins.chain_path, names.cursor: req.pins.cursor_path}
     own: list[TableRef] = []
@@ -185,7 +188,32 @@ def _isolation_problems(
         pin = os.path.join(folder, name) if req.install and folder else None
         own.append(TableRef(name, map_id, map_type, pin, _pinned_id(pin)))
     probe_fd = module.load_func(names.probe, prog_type).fd
-    return check_isolation(own, chain, _refs(probe_fd), _refs(wrapped_fd))
+    problems = check_isolation(own, chain, _refs(probe_fd), _refs(wrapped_fd))
+    foreign = {t.map_id for t in own + chain if t.pin_path and t.pinned_id != t.map_id}
+    return problems, foreign
+
+
+def _nfctl_root(req: BuildRequest) -> str | None:
+    """nfctl's bpffs folder: the chain is pinned at <root>/<kind>/chain."""
+    if not req.install or not req.pins.chain_path:
+        return None
+    return os.path.dirname(os.path.dirname(req.pins.chain_path))
+
+
+def _pins_under(root: str | None) -> set[str]:
+    if root is None:
+        return set()
+    return {os.path.join(d, f) for d, _, files in os.walk(root) for f in files}
+
+
+def _unpin_planted(root: str | None, before: set[str], foreign_ids: set[int]) -> None:
+    """A refused source may have made BCC pin new maps in another NF's folder (a name that
+    NF might declare later): remove the new pins that hold this build's foreign maps.
+    Matching by map id leaves alone whatever other builds pin at the same time."""
+    for path in sorted(_pins_under(root) - before):
+        if progrefs.pinned_map_id(path) in foreign_ids:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 def _pinned_id(path: str | None) -> int | None:
