@@ -113,6 +113,7 @@ class BuildResult:
     mismatches: list[MapMismatch] = field(default_factory=list)
     compile_seconds: float = 0.0
     load_seconds: float = 0.0
+    check_seconds: float = 0.0  # loading the author's function alone and checking references
     bcc_version: str = ""
 
     def to_json(self) -> dict[str, Any]:
@@ -132,5 +133,6 @@ class BuildResult:
             mismatches=[MapMismatch(**m) for m in data.get("mismatches", [])],
             compile_seconds=data.get("compile_seconds", 0.0),
             load_seconds=data.get("load_seconds", 0.0),
+            check_seconds=data.get("check_seconds", 0.0),
             bcc_version=data.get("bcc_version", ""),
         )

@@ -15,12 +15,13 @@ BCC only rewrites map calls in the main file, so the NF source is pasted inline 
 from __future__ import annotations
 
 import re
+import secrets
 from dataclasses import dataclass
 
 from nfctl.compiler.source_guard import logical_lines
 from nfctl.manifest.model import Hook
 
-CODEGEN_VERSION = "3"
+CODEGEN_VERSION = "4"
 CHAIN_SLOTS = 65536  # prog-array entries per hook type
 RANGE_SIZE = 32  # slots per chain range; the tail-call limit (33) bounds a chain anyway
 HEADS_MAX = 8192
@@ -137,6 +138,69 @@ def function_is_defined(source: str, function: str) -> bool:
     return re.search(r"\b" + re.escape(function) + r"\s*\([^;]*?\)\s*\{", text, re.S) is not None
 
 
+@dataclass(frozen=True)
+class ChainNames:
+    """Identifiers of the code generated after the author's source, fresh for every build.
+
+    The author's code comes first in the translation unit and C needs a declaration before
+    use, so it cannot name these; unguessable names also keep its macros off them."""
+
+    chain: str
+    cursor: str
+    probe: str
+
+    @classmethod
+    def fresh(cls) -> ChainNames:
+        token = secrets.token_hex(8)
+        return cls(f"nfctl_chain_{token}", f"nfctl_cursor_{token}", f"nfctl_probe_{token}")
+
+
+# Numeric verdicts: the author may have redefined the names of the constants.
+_XDP_PASS = 2
+_TC_ACT_OK = 0
+_TC_ACT_UNSPEC = -1
+_IDENTIFIER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _hidden_table(section: str, key: str, leaf: str, name: str, max_entries: int) -> str:
+    """NFCTL_TABLE_AT written out, so no macro the author defined can reshape it."""
+    ops = [
+        f"{leaf} * (*lookup) ({key} *);",
+        f"{leaf} * (*lookup_or_init) ({key} *, {leaf} *);",
+        f"{leaf} * (*lookup_or_try_init) ({key} *, {leaf} *);",
+        f"int (*update) ({key} *, {leaf} *);",
+        f"int (*insert) ({key} *, {leaf} *);",
+        f"int (*delete) ({key} *);",
+        "void (*call) (void *, int index);",
+        f"void (*increment) ({key}, ...);",
+        f"void (*atomic_increment) ({key}, ...);",
+        "int (*get_stackid) (void *, unsigned long long);",
+        "void * (*sk_storage_get) (void *, void *, int);",
+        "int (*sk_storage_delete) (void *);",
+        "void * (*inode_storage_get) (void *, void *, int);",
+        "int (*inode_storage_delete) (void *);",
+        "void * (*task_storage_get) (void *, void *, int);",
+        "int (*task_storage_delete) (void *);",
+    ]
+    return (
+        f"struct {name}_table_t {{ {key} key; {leaf} leaf; "
+        + " ".join(ops)
+        + " unsigned int max_entries; int flags; };\n"
+        + f"__attribute__((section({section}))) struct {name}_table_t {name} = "
+        + f"{{ .flags = 0, .max_entries = {max_entries} }};\n"
+        + f"struct ____btf_map_{name} {{ {key} key; {leaf} value; }};\n"
+        + f'struct ____btf_map_{name} __attribute__((section(".maps.{name}"), used)) '
+        + f"____btf_map_{name} = {{ }};\n"
+    )
+
+
+def _undef_all(code: str) -> str:
+    """#undef every identifier the generated code uses, keywords included: whatever the
+    author's source defined, the generated code means what it says."""
+    names = sorted(set(_IDENTIFIER_RE.findall(re.sub(r'"[^"]*"', "", code))))
+    return "".join(f"#undef {name}\n" for name in names)
+
+
 def nf_program(
     *,
     source_rel: str,
@@ -145,8 +209,11 @@ def nf_program(
     hook: Hook,
     build_hash: str,
     pins: PinLayout,
+    names: ChainNames,
 ) -> str:
-    """The full C text for one NF: preamble, the author's source, the chaining wrapper."""
+    """The full C text for one NF: preamble, the author's source, then the chain tables,
+    the chaining wrapper and the probe (the author's function alone, loaded to check what
+    it references)."""
     ctx_type = "struct xdp_md" if hook is Hook.XDP else "struct __sk_buff"
     if function_is_static(source_text, function):
         rename = ""
@@ -156,36 +223,47 @@ def nf_program(
         rename = f"#define {function} __attribute__((always_inline)) static inline nfctl_user_fn\n"
         user_fn = "nfctl_user_fn"
     if hook is Hook.XDP:
-        go_on = "verdict == XDP_PASS"
+        go_on = f"verdict == {_XDP_PASS}"
         end_of_chain = "return verdict;"
     else:
-        go_on = "verdict == TC_ACT_OK || verdict == TC_ACT_UNSPEC"
+        go_on = f"verdict == {_TC_ACT_OK} || verdict == {_TC_ACT_UNSPEC}"
         # TC_ACT_UNSPEC lets tc filters of other tools (later priorities) still run.
-        end_of_chain = "return TC_ACT_UNSPEC;"
-    name = entry_name(build_hash)
-    return (
-        _PREAMBLE
-        + _section_macros(pins)
-        + _chain_tables(pins)
-        + rename
-        + f'#line 1 "{source_rel}"\n'
-        + source_text
-        + ("\n" if not source_text.endswith("\n") else "")
-        + f'#line 1 "{WRAPPER_FILE}"\n'
-        + f"int {name}({ctx_type} *ctx) {{\n"
-        + f"  int verdict = {user_fn}(ctx);\n"
+        end_of_chain = f"return {_TC_ACT_UNSPEC};"
+    u32 = "unsigned int"
+    generated = (
+        _hidden_table(_section("prog", pins.chain_path), u32, u32, names.chain, CHAIN_SLOTS)
+        + _hidden_table(_section("percpu_array", pins.cursor_path), u32, u32, names.cursor, 1)
+        + f"int {entry_name(build_hash)}({ctx_type} *ctx) {{\n"
+        # volatile: a constant verdict must not fold the chaining code away, its presence
+        # in the loaded program is checked
+        + f"  volatile int verdict = {user_fn}(ctx);\n"
         + f"  if ({go_on}) {{\n"
-        + "    u32 zero = 0;\n"
-        + "    u32 *pos = nfctl_cursor.lookup(&zero);\n"
+        + f"    {u32} zero = 0;\n"
+        + f"    {u32} *pos = {names.cursor}.lookup(&zero);\n"
         + "    if (pos) {\n"
-        + "      u32 next = *pos + 1;\n"
+        + f"      {u32} next = *pos + 1;\n"
         + "      *pos = next;\n"
-        + "      nfctl_chain.call(ctx, next);\n"
+        + f"      {names.chain}.call(ctx, next);\n"
         + "    }\n"
         + f"    {end_of_chain}\n"
         + "  }\n"
         + "  return verdict;\n"
         + "}\n"
+        + f"int {names.probe}({ctx_type} *ctx) {{\n"
+        + f"  return {user_fn}(ctx);\n"
+        + "}\n"
+    )
+    return (
+        _PREAMBLE
+        + _section_macros(pins)
+        + rename
+        + f'#line 1 "{source_rel}"\n'
+        + source_text
+        # a blank line ends a trailing backslash continuation; ';' a dangling declaration
+        + "\n\n;\n"
+        + _undef_all(generated)
+        + f'#line 1 "{WRAPPER_FILE}"\n'
+        + generated
     )
 
 

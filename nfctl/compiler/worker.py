@@ -18,8 +18,15 @@ from collections.abc import Iterator
 from typing import Any
 
 from nfctl.compiler.build import BuildRequest, BuildResult, MapInfo, MapMismatch, ProgramInfo
-from nfctl.compiler.codegen import dispatcher_name, dispatcher_program, entry_name, nf_program
+from nfctl.compiler.codegen import (
+    ChainNames,
+    dispatcher_name,
+    dispatcher_program,
+    entry_name,
+    nf_program,
+)
 from nfctl.compiler.diagnose import clang_diagnostics, verifier_diagnostic
+from nfctl.compiler.isolation import ProgramRefs, TableRef, check_isolation, helper_calls
 from nfctl.compiler.sandbox import (
     UNCONFINED_ENV,
     ConfinementError,
@@ -28,7 +35,7 @@ from nfctl.compiler.sandbox import (
     plan_view,
     runtime_paths,
 )
-from nfctl.datapath import bpf
+from nfctl.datapath import bpf, progrefs
 from nfctl.diagnostics import Diagnostic
 from nfctl.manifest.model import Hook
 
@@ -67,6 +74,7 @@ def build_one(req: BuildRequest) -> BuildResult:
     result = BuildResult(nf=req.nf, build_hash=req.build_hash, ok=False)
     hook = Hook(req.hook)
     is_dispatcher = req.nf.startswith(DISPATCHER_PREFIX)
+    names = ChainNames.fresh()
     if is_dispatcher:
         text = dispatcher_program(hook, req.pins)
         function = dispatcher_name(hook)
@@ -78,6 +86,7 @@ def build_one(req: BuildRequest) -> BuildResult:
             hook=hook,
             build_hash=req.build_hash,
             pins=req.pins,
+            names=names,
         )
         function = entry_name(req.build_hash)
     staged_dirs = [d for _, d in req.pins.staged_maps]
@@ -85,6 +94,7 @@ def build_one(req: BuildRequest) -> BuildResult:
         if req.install and folder:
             os.makedirs(folder, exist_ok=True)
     pins_before = _listing(req.pins.maps_dir, *staged_dirs)
+    all_pins_before = _pins_under(_nfctl_root(req))
     cflags = [f"-iquote{req.quote_dir}", *req.cflags] if req.quote_dir else list(req.cflags)
 
     start = time.monotonic()
@@ -137,6 +147,17 @@ def build_one(req: BuildRequest) -> BuildResult:
                     Diagnostic(file=req.source_rel, message=load_error, detail=log.strip() or None)
                 ]
             return result
+        if not is_dispatcher:
+            start = time.monotonic()
+            problems, foreign_ids = _isolation_problems(module, lib, fn.fd, names, req, prog_type)
+            result.check_seconds = time.monotonic() - start
+            if problems:
+                _unpin_planted(_nfctl_root(req), all_pins_before, foreign_ids)
+                result.diagnostics = [
+                    Diagnostic(file=req.source_rel, message=f"NF {req.nf!r} refused: {problem}")
+                    for problem in problems
+                ]
+                return result
         prog = bpf.prog_info(fn.fd)
         pin_path = None
         if req.install and req.prog_pin_path:
@@ -188,6 +209,63 @@ def confine(requests: list[BuildRequest]) -> None:
         os.makedirs(folder, exist_ok=True)
     files = {path: text for r in requests for path, text in snapshot(r).items()}
     enter(plan_view(files, folders, runtime_paths(), kernel_header_paths()))
+
+
+def _isolation_problems(
+    module: Any, lib: Any, wrapped_fd: int, names: ChainNames, req: BuildRequest, prog_type: int
+) -> tuple[list[str], set[int]]:
+    """Load the author's function alone and check what both programs really reference.
+    Also returns the ids of maps the source placed outside its own folder."""
+    staged = dict(req.pins.staged_maps)
+    chain_pins = {names.chain: req.pins.chain_path, names.cursor: req.pins.cursor_path}
+    own: list[TableRef] = []
+    chain: list[TableRef] = []
+    for index in range(lib.bpf_num_tables(module.module)):
+        name = lib.bpf_table_name(module.module, index).decode()
+        map_id, map_type = progrefs.map_id_and_type(lib.bpf_table_fd(module.module, name.encode()))
+        if name in chain_pins:
+            pin = chain_pins[name] if req.install else None
+            chain.append(TableRef(name, map_id, map_type, pin, _pinned_id(pin)))
+            continue
+        folder = staged.get(name, req.pins.maps_dir)
+        pin = os.path.join(folder, name) if req.install and folder else None
+        own.append(TableRef(name, map_id, map_type, pin, _pinned_id(pin)))
+    probe_fd = module.load_func(names.probe, prog_type).fd
+    problems = check_isolation(own, chain, _refs(probe_fd), _refs(wrapped_fd))
+    foreign = {t.map_id for t in own + chain if t.pin_path and t.pinned_id != t.map_id}
+    return problems, foreign
+
+
+def _nfctl_root(req: BuildRequest) -> str | None:
+    """nfctl's bpffs folder: the chain is pinned at <root>/<kind>/chain."""
+    if not req.install or not req.pins.chain_path:
+        return None
+    return os.path.dirname(os.path.dirname(req.pins.chain_path))
+
+
+def _pins_under(root: str | None) -> set[str]:
+    if root is None:
+        return set()
+    return {os.path.join(d, f) for d, _, files in os.walk(root) for f in files}
+
+
+def _unpin_planted(root: str | None, before: set[str], foreign_ids: set[int]) -> None:
+    """A refused source may have made BCC pin new maps in another NF's folder (a name that
+    NF might declare later): remove the new pins that hold this build's foreign maps.
+    Matching by map id leaves alone whatever other builds pin at the same time."""
+    for path in sorted(_pins_under(root) - before):
+        if progrefs.pinned_map_id(path) in foreign_ids:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
+def _pinned_id(path: str | None) -> int | None:
+    return progrefs.pinned_map_id(path) if path else None
+
+
+def _refs(prog_fd: int) -> ProgramRefs:
+    loaded = progrefs.loaded_refs(prog_fd)
+    return ProgramRefs(frozenset(loaded.map_ids), helper_calls(loaded.xlated))
 
 
 def _decode(raw: bytes) -> Any:
