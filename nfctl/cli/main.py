@@ -116,7 +116,7 @@ def doctor(
 
 
 def _register_commands() -> None:
-    from nfctl.cli import agent_cmd, controller_cmd, fleet_cmd, lab_cmd, ops_cmd
+    from nfctl.cli import agent_cmd, controller_cmd, fleet_cmd, lab_cmd, ops_cmd, test_cmd
 
     app.command(name="agent")(agent_cmd.agent)
     app.command(name="status")(agent_cmd.status)
@@ -130,6 +130,7 @@ def _register_commands() -> None:
     app.command(name="reconcile")(ops_cmd.reconcile)
     app.command(name="suspend")(ops_cmd.suspend)
     app.command(name="resume")(ops_cmd.resume)
+    app.command(name="test")(test_cmd.test)
 
 
 _register_commands()
