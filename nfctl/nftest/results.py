@@ -63,6 +63,7 @@ class CaseResult:
 
 @dataclass
 class TestReport:
+    __test__ = False  # not a pytest class
     path: str
     cases: list[CaseResult] = field(default_factory=list)
     errors: list[Diagnostic] = field(default_factory=list)
