@@ -37,6 +37,7 @@ class TestProgram:
     fd: int
     maps: dict[str, TestMap] = field(default_factory=dict)
     compile_seconds: float = 0.0
+    _manifest_entries: list[tuple[TestMap, bytes, bytes]] | None = None
 
     @property
     def name(self) -> str:
@@ -51,13 +52,19 @@ class TestProgram:
         return self.prepared.nf.spec.attach.priority
 
     def load_manifest_entries(self) -> None:
-        """The managed entries from nf.yaml, as the agent would write them."""
-        for map_name, spec in self.prepared.nf.spec.maps.items():
-            test_map = self.maps.get(map_name)
-            if test_map is None or not spec.managed:
-                continue
-            for entry in spec.entries:
-                test_map.write(entry.key, entry.value)
+        """The managed entries from nf.yaml, as the agent would write them (encoded once:
+        every case starts from them)."""
+        if self._manifest_entries is None:
+            self._manifest_entries = []
+            for map_name, spec in self.prepared.nf.spec.maps.items():
+                test_map = self.maps.get(map_name)
+                if test_map is None or not spec.managed:
+                    continue
+                for entry in spec.entries:
+                    key, value = test_map.encode(entry.key, entry.value)
+                    self._manifest_entries.append((test_map, key, value))
+        for test_map, key, value in self._manifest_entries:
+            test_map.write_raw(key, value)
 
     def close(self) -> None:
         for test_map in self.maps.values():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +11,11 @@ from nfctl.datapath import bpf
 from nfctl.datapath.layout import TypeLayout
 
 ARRAY_TYPE_IDS = {2, 6}
+
+
+@functools.cache
+def _cpus() -> int:
+    return bpf.possible_cpus()
 
 
 @dataclass
@@ -30,11 +36,17 @@ class TestMap:
         return (self.info.value_size + 7) // 8 * 8
 
     def write(self, key: Any, value: Any) -> None:
+        self.write_raw(*self.encode(key, value))
+
+    def encode(self, key: Any, value: Any) -> tuple[bytes, bytes]:
+        """Key and value bytes as the map takes them (per-CPU: one copy per CPU)."""
         raw = self.value_layout.encode(value)
         if self.percpu:
-            padded = raw.ljust(self._slot(), b"\0")
-            raw = padded * bpf.possible_cpus()
-        self.map.update(self.key_layout.encode(key), raw)
+            raw = raw.ljust(self._slot(), b"\0") * _cpus()
+        return self.key_layout.encode(key), raw
+
+    def write_raw(self, key: bytes, value: bytes) -> None:
+        self.map.update(key, value)
 
     def read_raw(self, key: bytes) -> bytes | None:
         """The element's value bytes (per-CPU: the sum encoded as one value), None if absent."""
@@ -43,7 +55,7 @@ class TestMap:
             return raw
         slot = self._slot()
         total: Any = None
-        for cpu in range(bpf.possible_cpus()):
+        for cpu in range(_cpus()):
             part = self.value_layout.decode(raw[cpu * slot : cpu * slot + self.info.value_size])
             total = part if total is None else add_values(total, part)
         return self.value_layout.encode(total)

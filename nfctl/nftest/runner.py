@@ -10,6 +10,7 @@ build has its own empty prog array).
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,24 @@ def _step_path(case: Case, case_index: int, step_index: int) -> str:
 
 
 _Check = tuple[MapCheck, TestMap, bytes]
+Packets = dict[int, bytes | PacketError]  # id(Packet spec) -> its bytes
+
+
+def build_packets(suites: list[Suite], repo_root: Path) -> Packets:
+    """Every test packet, built before the runs (the agent overlaps this with compiling)."""
+    packets: Packets = {}
+    root = repo_root.resolve()
+    for suite in suites:
+        assert suite.tests.tests is not None
+        for case in suite.tests.tests.cases:
+            for step in case.steps():
+                try:
+                    packets[id(step.packet)] = build_packet(
+                        step.packet, suite.tests.path.parent, root
+                    )
+                except PacketError as exc:
+                    packets[id(step.packet)] = exc
+    return packets
 
 
 class _CaseRun:
@@ -64,12 +83,12 @@ class _CaseRun:
         case: Case,
         index: int,
         programs: list[TestProgram],
-        repo_root: Path,
+        packets: Packets,
     ) -> None:
         self.suite, self.case, self.index = suite, case, index
         self.programs = programs  # the chain, in priority order
         self.own = suite.prepared.nf.name
-        self.repo_root = repo_root
+        self.packets = packets
         self.result = CaseResult(
             nf=self.own,
             name=case.name,
@@ -130,12 +149,9 @@ class _CaseRun:
     def _run_step(self, step: Step, step_index: int) -> bool:
         path = _step_path(self.case, self.index, step_index)
         shown_step = step_index + 1 if self.case.sequence else None
-        try:
-            packet = build_packet(
-                step.packet, self.suite.tests.path.parent, self.repo_root.resolve()
-            )
-        except PacketError as exc:
-            self.fail("error", str(exc), f"{path}.packet", step=shown_step)
+        packet = self.packets[id(step.packet)]
+        if isinstance(packet, PacketError):
+            self.fail("error", str(packet), f"{path}.packet", step=shown_step)
             return False
         checks = self._resolve_checks(step, path)
         if checks is None:
@@ -358,7 +374,7 @@ def chain_problems(suite: Suite, known: dict[str, PreparedNF]) -> list[Diagnosti
 
 
 def run_suites(
-    suites: list[Suite], builds: TestBuilds, repo_root: Path, report: TestReport
+    suites: list[Suite], builds: TestBuilds, packets: Packets, report: TestReport
 ) -> None:
     started = time.monotonic()
     for suite in suites:
@@ -374,7 +390,7 @@ def run_suites(
             )
             if len(programs) != len(members):
                 continue  # a member failed to build: reported as a build error
-            report.cases.append(_CaseRun(suite, case, index, programs, repo_root).run())
+            report.cases.append(_CaseRun(suite, case, index, programs, packets).run())
     report.run_seconds += time.monotonic() - started
 
 
@@ -400,12 +416,16 @@ def run_tests(
     to_build = [p for p in prepared_all if p.nf.name in needed]
     root = (repo_root or scan_root(path)).resolve()
     if to_build:
-        builds = load_for_tests(to_build)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            # scapy builds the packets while the (sub-process) compile runs
+            packets_future = pool.submit(build_packets, suites, root)
+            builds = load_for_tests(to_build)
+            report.compile_seconds = time.monotonic() - started
+            packets = packets_future.result()
         try:
             for diags in builds.errors.values():
                 report.errors.extend(diags)
-            report.compile_seconds = time.monotonic() - started
-            run_suites(suites, builds, root, report)
+            run_suites(suites, builds, packets, report)
         finally:
             builds.close()
     report.seconds = time.monotonic() - started
