@@ -2,7 +2,8 @@
 
 1. deploy the NF library on every node      4. a broken commit is refused, last good kept
 2. block a source with a commit (live)      5. `git revert` restores
-3. new program version under traffic        6. fleet status from the controller
+3. new program version under traffic        6. a commit whose tests fail is refused
+                                            7. fleet status from the controller
 Exit 0 only if every step behaved."""
 
 from __future__ import annotations
@@ -200,6 +201,42 @@ class Demo:
             "(same program: adopted, not recompiled)"
         )
 
+    def tests_gate(self) -> str:
+        """A version that compiles and verifies but breaks its own tests.yaml never goes
+        live: every agent runs the NF's packet tests before the swap."""
+        lab = self.lab
+        assert lab.topo is not None
+        target, victim = lab.topo.nodes[0], lab.topo.nodes[-1]
+        good = self.head()
+        before = lab.program_ids("blocklist")
+        lab.edit(
+            "nfs/blocklist/blocklist.c",
+            lambda t: t.replace("return count_drop(0);", "return XDP_PASS; /* faster? */"),
+        )
+        sha = lab.commit("blocklist: skip the IPv4 drop path (compiles, verifies)")
+        self.say(f"commit {sha[:12]}: IPv4 sources are no longer dropped; it compiles fine")
+        lab.wait_attempted(sha)
+        time.sleep(0.5)
+        fn = next(f for f in lab.functions() if f.name == "blocklist")
+        assert fn.failing, "the test failure is not reported"
+        error = fn.failing[0].error
+        where = f"{error.file}:{error.line}"
+        self.say(f"controller: blocklist failing on {len(fn.failing)} node(s): {where}")
+        self.say(f"  {error.message}")
+        assert error.file.endswith("blocklist/tests.yaml") and error.line > 0, where
+        assert error.message.startswith("test '"), error.message
+        for node in lab.nodes():
+            assert node.status.last_applied_revision == good, (
+                f"{node.status.node} moved off {good[:12]}"
+            )
+        assert lab.program_ids("blocklist") == before, "the running version changed"
+        assert lab.ping(victim.name, target.name, 2, timeout=0.3) == 0, "block lost"
+        self.say(f"{victim.name} still blocked: the tested version keeps running")
+        restored = lab.revert_last()
+        seconds = lab.wait_applied(restored)
+        self.say(f"git revert -> {restored[:12]}, applied in {seconds:.2f}s")
+        return f"refused by its tests at {where}; nothing swapped"
+
     def fleet(self) -> str:
         lab = self.lab
         nodes = Table(title="nodes (from the controller)", header_style="bold")
@@ -262,6 +299,7 @@ class Demo:
             ("Roll out a new program version under traffic", self.upgrade),
             ("A broken commit is refused; the last good version stays", self.broken),
             ("git revert restores", self.revert),
+            ("A commit whose packet tests fail is refused on every node", self.tests_gate),
             ("Fleet status from the controller", self.fleet),
         ]
         for number, (title, body) in enumerate(steps, start=1):
