@@ -105,6 +105,11 @@ def load_tests(path: Path, repo_root: Path) -> LoadedTests:
         return fail("tests.yaml must be a mapping with apiVersion, kind and cases", 1)
     try:
         result.tests = TestsFile.model_validate(data)
+        for index in result.tests.duplicate_names():
+            name = result.tests.cases[index].name
+            result.diagnostics.append(
+                result.diagnostic(f"cases.{index}.name", f"duplicate case name {name!r}")
+            )
     except ValidationError as exc:
         for err in exc.errors():
             loc = manifest_loader._loc_to_path(err["loc"], data)

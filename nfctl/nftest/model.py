@@ -15,7 +15,6 @@ MAX_REPEAT = 100_000
 MAX_PAYLOAD = 9000
 
 VERDICTS = ("pass", "drop", "tx", "redirect", "aborted")
-Verdict = Literal["pass", "drop", "tx", "redirect", "aborted"]
 
 # Fields a test may set on the packet and check after the run, per layer.
 PACKET_FIELDS: dict[str, tuple[str, ...]] = {
@@ -151,9 +150,17 @@ class MapCheck(_Strict):
 
 
 class Expect(_Strict):
-    verdict: Verdict | int | None = None
+    verdict: str | int | None = None  # a name of VERDICTS, or the raw return value
     packet: dict[str, Any] = Field(default_factory=dict)
     maps: dict[str, list[MapCheck]] = Field(default_factory=dict)
+
+    @field_validator("verdict")
+    @classmethod
+    def _verdict(cls, v: str | int | None) -> str | int | None:
+        if isinstance(v, str) and v not in VERDICTS:
+            names = ", ".join(VERDICTS)
+            raise ValueError(f"unknown verdict {v!r}: use {names}, or the return value")
+        return v
 
     @field_validator("packet")
     @classmethod
@@ -231,14 +238,19 @@ class TestsFile(_Strict):
     cases: list[Case] = Field(min_length=1, max_length=10_000)
 
     @model_validator(mode="after")
-    def _unique_names(self) -> TestsFile:
-        seen: set[str] = set()
-        for case in self.cases:
-            if case.name in seen:
-                raise ValueError(f"duplicate case name {case.name!r}")
-            seen.add(case.name)
+    def _map_refs(self) -> TestsFile:
         for case in self.cases:
             for step in case.steps():
                 for name in step.expect.maps:
                     _check_map_ref(name)
         return self
+
+    def duplicate_names(self) -> list[int]:
+        """Indexes of cases whose name an earlier case already has."""
+        seen: set[str] = set()
+        found = []
+        for index, case in enumerate(self.cases):
+            if case.name in seen:
+                found.append(index)
+            seen.add(case.name)
+        return found
