@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 from nfctl.compiler.client import PreparedNF
@@ -34,7 +35,17 @@ def gate_problems(prepared: PreparedNF, folder: Path, repo_root: Path) -> list[D
     if key not in _memo:
         if len(_memo) >= _MEMO_SIZE:
             _memo.pop(next(iter(_memo)))
-        _memo[key] = problems_of(run_tests(folder, repo_root=repo_root, only={prepared.nf.name}))
+        try:
+            report = run_tests(folder, repo_root=repo_root, only={prepared.nf.name})
+            problems = problems_of(report)
+        except Exception as exc:  # fail closed: an untested version never goes live
+            problems = [
+                Diagnostic(
+                    file=os.path.relpath(tests_path, repo_root),
+                    message=f"cannot run the tests: {exc!r}",
+                )
+            ]
+        _memo[key] = problems
     return list(_memo[key])
 
 
