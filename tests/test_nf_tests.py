@@ -7,6 +7,7 @@ at which line."""
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -15,11 +16,12 @@ import yaml
 from junitparser import Failure as JUnitFailure
 from junitparser import JUnitXml
 
+from nfctl.compiler.codegen import entry_name
 from nfctl.datapath import bpf
 from nfctl.nftest.results import CaseResult, TestReport
 from nfctl.nftest.runner import run_tests
 from tests.agent_harness import nfctl
-from tests.helpers import write_nf
+from tests.helpers import prepare_nf, write_nf
 
 # Counts packets per IPv4 source in `seen`, total packets in `hits[0]`; drops sources in
 # `blocked` and the third and later packets of any source; sets the TTL of what it passes
@@ -146,6 +148,7 @@ CASES: list[dict[str, object]] = [
         "packet": BLOCKED_PKT,
         "expect": {"verdict": "drop", "maps": {"seen": [{"key": "203.0.113.7", "value": 1}]}},
     },
+    {"name": "shorter than Ethernet", "packet": {"hex": "0102"}, "expect": {"verdict": "pass"}},
 ]
 
 
@@ -262,6 +265,14 @@ def test_chain_runs_in_priority_order(report: TestReport) -> None:
 
 
 @pytest.mark.kernel
+def test_a_packet_the_kernel_refuses_is_a_case_error_not_a_crash(report: TestReport) -> None:
+    (failure,) = _case(report, "shorter than Ethernet").failures
+    assert failure.kind == "error"
+    assert failure.message == "kernel: [Errno 22] BPF_PROG_TEST_RUN: Invalid argument"
+    assert failure.line == _line_of("shorter than Ethernet")
+
+
+@pytest.mark.kernel
 def test_cli_json_junit_and_exit_code(tmp_path: Path) -> None:
     root = _repo(tmp_path / "repo", [CASES[0], CASES[1]])
     junit_file = tmp_path / "junit.xml"
@@ -327,21 +338,21 @@ def test_malformed_tests_file_refused_with_file_and_line(tmp_path: Path) -> None
 
 @pytest.mark.kernel
 def test_tests_never_touch_pinned_maps(tmp_path: Path) -> None:
-    """The test build's maps are fresh: no map of the NF is pinned anywhere in bpffs and the
-    test build is gone (no program named after it) when the run is over."""
+    """The test build's maps are fresh and unpinned, and the test build is gone (no program
+    with its name in the kernel) when the run is over; nothing is left in bpffs."""
     root = _repo(tmp_path, [CASES[0]])
-    before = set(bpf.prog_ids())
+    names = {entry_name(prepare_nf(root, nf).build_hash) for nf in ("probe", "ttl-guard")}
     result = run_tests(root, repo_root=root)
     assert result.ok, result.to_dict()
-    leaked = []
-    for prog_id in set(bpf.prog_ids()) - before:
+    alive = []
+    for prog_id in bpf.prog_ids():
         try:
             with bpf.BpfProgram.from_id(prog_id) as prog:
-                leaked.append(prog.info.name)
+                alive.append(prog.info.name)
         except OSError:
             continue  # freed meanwhile
-    assert not [n for n in leaked if n.startswith("nf_")], leaked
-    assert not list(Path("/sys/fs/bpf").glob("nfctl-nftest-*"))
+    assert names.isdisjoint(alive)
+    assert not list(Path("/sys/fs/bpf").glob(f"nfctl-nftest-{os.getpid()}-*"))
 
 
 @pytest.mark.kernel

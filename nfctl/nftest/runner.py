@@ -124,6 +124,8 @@ class _CaseRun:
                 for step_index, step in enumerate(self.case.steps()):
                     if not self._run_step(step, step_index):
                         break
+        except OSError as exc:  # e.g. the kernel refuses a packet shorter than Ethernet
+            self.fail("error", f"kernel: {exc}", _case_path(self.index))
         finally:
             self.result.seconds = time.monotonic() - started
         return self.result
@@ -132,7 +134,11 @@ class _CaseRun:
         for program in self.programs:
             for private in program.maps.values():
                 private.clear()
-            program.load_manifest_entries()
+            try:
+                program.load_manifest_entries()
+            except LayoutError as exc:
+                message = f"{program.name}: an entry of nf.yaml does not fit its map: {exc}"
+                self.fail("error", message, _case_path(self.index))
         for ref, entries in self.case.maps.items():
             base = f"{_case_path(self.index)}.maps.{ref}"
             test_map = self.map_ref(ref, base)
