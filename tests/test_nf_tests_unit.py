@@ -129,3 +129,15 @@ def test_junit_has_failures_and_errors_a_reader_understands(tmp_path: Path) -> N
     assert failure.text == "nfs/fw/tests.yaml:12: verdict: expected verdict drop, got pass"
     (error,) = suites["nfctl"][0].result
     assert isinstance(error, JUnitError) and error.message == "unknown field"
+
+
+def test_pcap_packet_by_index(tmp_path: Path) -> None:
+    from scapy.layers.inet import IP, UDP
+    from scapy.layers.l2 import Ether
+    from scapy.utils import wrpcap
+
+    frames = [Ether() / IP(src=f"192.0.2.{i}") / UDP(dport=53) for i in (1, 2)]
+    wrpcap(str(tmp_path / "capture.pcap"), frames)
+    spec = Packet.model_validate({"pcap": "capture.pcap", "index": 1})
+    assert build_packet(spec, tmp_path, tmp_path) == bytes(frames[1])
+    assert packet_fields(build_packet(spec, tmp_path, tmp_path))["ipv4.src"] == "192.0.2.2"
