@@ -5,9 +5,10 @@ sudo .venv/bin/python -m benchmarks.nf_tests --rounds 3 --json
 
 The gate needs a test build of its own (fresh, unpinned maps: tests never touch live maps),
 so it costs one more compile + load on top of the running of the cases. Reported: the cases
-alone, the test build + cases, and what the agent does (the test build in parallel with the
-live build), each next to the baseline measured in the same run: the compile + verify of
-the same NF that commit -> attached pays anyway.
+alone, the test build + cases (what the agent's gate adds after the live build), and the
+alternative of running the test build in parallel with the live build, each next to the
+baseline measured in the same run: the compile + verify of the same NF that
+commit -> attached pays anyway.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def main() -> None:
     gate_total: list[float] = []
     gate_cases: list[float] = []
     baseline: list[float] = []
-    side_by_side: list[float] = []  # the agent: live build and test build in parallel
+    side_by_side: list[float] = []  # the alternative: live and test build in parallel
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         shutil.copytree(REPO_ROOT / "bpf" / "blocklist", root / "blocklist")

@@ -382,14 +382,9 @@ class Reconciler(StatusReporting):
                 if self.metrics:
                     self.metrics.compile(time.monotonic() - started)
 
-        folder = revision.snapshot / self.settings.path
-        workers = max(1, min(2 * len(pending), os.cpu_count() or 1))
+        workers = max(1, min(len(pending), os.cpu_count() or 1))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="compile") as pool:
-            futures = [pool.submit(build, item) for item in pending]
-            # test builds beside the live ones; _build's gate finds their answers memoised
-            for _, prepared in pending:
-                pool.submit(gate_problems, prepared, folder, revision.snapshot)
-            results = [future.result() for future in futures]
+            results = list(pool.map(build, pending))
         return {nf.name: result for (nf, _), result in zip(pending, results, strict=True)}
 
     def _build(

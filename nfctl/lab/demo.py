@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
+from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.lab.lab import Lab, LabError
 
 
@@ -161,8 +162,7 @@ class Demo:
         sha = lab.commit("blocklist: refactor (oops)")
         self.say(f"commit {sha[:12]} has a C syntax error")
         lab.wait_attempted(sha)
-        time.sleep(0.5)
-        fn = next(f for f in lab.functions() if f.name == "blocklist")
+        fn = self.wait_failing("blocklist")
         assert fn.failing, "the failure is not reported"
         failure = fn.failing[0]
         where = (
@@ -216,8 +216,7 @@ class Demo:
         sha = lab.commit("blocklist: skip the IPv4 drop path (compiles, verifies)")
         self.say(f"commit {sha[:12]}: IPv4 sources are no longer dropped; it compiles fine")
         lab.wait_attempted(sha)
-        time.sleep(0.5)
-        fn = next(f for f in lab.functions() if f.name == "blocklist")
+        fn = self.wait_failing("blocklist")
         assert fn.failing, "the test failure is not reported"
         error = fn.failing[0].error
         where = f"{error.file}:{error.line}"
@@ -286,6 +285,17 @@ class Demo:
         ]
         assert len(ready_nodes) == len(fleet), "not every node is Ready"
         return f"{len(ready_nodes)}/{len(fleet)} nodes Ready"
+
+    def wait_failing(self, name: str, timeout: float = 60) -> pb.FunctionSummary:
+        """The NF as the fleet reports it once every node reports its failure: a status
+        heartbeat sent during a pass can show the revision attempted before the failure."""
+        assert self.lab.topo is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            fn = next(f for f in self.lab.functions() if f.name == name)
+            if len(fn.failing) >= len(self.lab.topo.nodes) or time.monotonic() > deadline:
+                return fn
+            time.sleep(0.5)
 
     def head(self) -> str:
         from nfctl.lab.lab import _git
