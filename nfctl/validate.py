@@ -173,6 +173,14 @@ def _has_field(desc: Any, name: str) -> bool:
     return any(f[0] == name for f in desc[1])
 
 
+def _tests_file_problems(prepared: PreparedNF, repo_root: Path) -> list[Diagnostic]:
+    """A tests.yaml beside the manifest must parse (its cases run in `nfctl test`)."""
+    from nfctl.nftest.load import load_tests, tests_beside
+
+    tests_path = tests_beside(prepared.manifest.path)
+    return [] if tests_path is None else load_tests(tests_path, repo_root).diagnostics
+
+
 def validate_path(path: Path, compile_programs: bool = True) -> ValidationReport:
     start = time.monotonic()
     scan = scan_repo(path)
@@ -207,7 +215,7 @@ def validate_path(path: Path, compile_programs: bool = True) -> ValidationReport
             hook=nf.spec.attach.hook.value if nf else None,
             version=nf.spec.version if nf else None,
             build_hash=prepared.build_hash or None,
-            errors=list(prepared.diagnostics),
+            errors=list(prepared.diagnostics) + _tests_file_problems(prepared, scan.root),
         )
         result: BuildResult | None = results.get(id(prepared))
         if result is not None:

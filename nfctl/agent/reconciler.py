@@ -50,6 +50,7 @@ from nfctl.datapath.layout import LayoutError
 from nfctl.diagnostics import Diagnostic
 from nfctl.manifest.model import Hook, NetworkFunction
 from nfctl.manifest.repo import scan_repo
+from nfctl.nftest.gate import TESTS_FAILED, gate_problems
 from nfctl.system import kernel_release
 from nfctl.validate import check_entries
 
@@ -82,7 +83,9 @@ def _entries_digest(nf: NetworkFunction) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _error_from(diags: list[Diagnostic], revision: str | None) -> ErrorInfo:
+def _error_from(
+    diags: list[Diagnostic], revision: str | None, reason: str | None = None
+) -> ErrorInfo:
     first = diags[0] if diags else Diagnostic(file="", message="unknown error")
     extra = f" (+{len(diags) - 1} more)" if len(diags) > 1 else ""
     return ErrorInfo(
@@ -91,6 +94,7 @@ def _error_from(diags: list[Diagnostic], revision: str | None) -> ErrorInfo:
         line=first.line,
         log=first.detail,
         revision=revision,
+        reason=reason,
     )
 
 
@@ -408,10 +412,15 @@ class Reconciler(StatusReporting):
         problems = check_entries(
             prepared, loaded.record.maps, lambda info: loaded.record.layouts(info.name)
         )
+        reason: str | None = None
+        if not problems and loaded.compiled:  # a new build: its tests.yaml gates the swap
+            folder = revision.snapshot / self.settings.path
+            problems = gate_problems(prepared, folder, revision.snapshot)
+            reason = TESTS_FAILED
         if problems:
             if loaded.compiled and (current is None or current.build_hash != loaded.build_hash):
                 self.datapath.discard(loaded)
-            self._fail(name, _error_from(problems, revision.sha))
+            self._fail(name, _error_from(problems, revision.sha, reason), reason or "Failed")
             return
         rt = self._nf(name)
         rt.error, rt.error_key = None, ""

@@ -46,6 +46,7 @@ class ErrorInfo(_Model):
     line: int | None = None
     log: str | None = None
     revision: str | None = None
+    reason: str | None = None  # e.g. TestsFailed: the NF's tests.yaml refused the build
 
 
 class AttachPointStatus(_Model):

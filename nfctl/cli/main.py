@@ -141,7 +141,7 @@ def doctor(
 
 
 def _register_commands() -> None:
-    from nfctl.cli import agent_cmd, controller_cmd, fleet_cmd, lab_cmd, ops_cmd, teardown_cmd
+    from nfctl.cli import agent_cmd, controller_cmd, fleet_cmd, lab_cmd, ops_cmd, teardown_cmd, test_cmd
     from nfctl.cli.completion import completion, enable_shell_completion
     from nfctl.cli.diff_cmd import diff
     from nfctl.cli.top_cmd import top
@@ -163,6 +163,7 @@ def _register_commands() -> None:
     app.command(name="diff")(diff)
     app.command(name="top")(top)
     enable_shell_completion()
+    app.command(name="test")(test_cmd.test)
 
 
 _register_commands()

@@ -2,7 +2,8 @@
 
 1. deploy the NF library on every node      4. a broken commit is refused, last good kept
 2. block a source with a commit (live)      5. `git revert` restores
-3. new program version under traffic        6. fleet status from the controller
+3. new program version under traffic        6. a commit whose tests fail is refused
+                                            7. fleet status from the controller
 Exit 0 only if every step behaved."""
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
+from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.lab.lab import Lab, LabError
 
 
@@ -160,8 +162,7 @@ class Demo:
         sha = lab.commit("blocklist: refactor (oops)")
         self.say(f"commit {sha[:12]} has a C syntax error")
         lab.wait_attempted(sha)
-        time.sleep(0.5)
-        fn = next(f for f in lab.functions() if f.name == "blocklist")
+        fn = self.wait_failing("blocklist")
         assert fn.failing, "the failure is not reported"
         failure = fn.failing[0]
         where = (
@@ -199,6 +200,41 @@ class Demo:
             f"all nodes Ready at the revert in {seconds:.2f}s "
             "(same program: adopted, not recompiled)"
         )
+
+    def tests_gate(self) -> str:
+        """A version that compiles and verifies but breaks its own tests.yaml never goes
+        live: every agent runs the NF's packet tests before the swap."""
+        lab = self.lab
+        assert lab.topo is not None
+        target, victim = lab.topo.nodes[0], lab.topo.nodes[-1]
+        good = self.head()
+        before = lab.program_ids("blocklist")
+        lab.edit(
+            "nfs/blocklist/blocklist.c",
+            lambda t: t.replace("return count_drop(0);", "return XDP_PASS; /* faster? */"),
+        )
+        sha = lab.commit("blocklist: skip the IPv4 drop path (compiles, verifies)")
+        self.say(f"commit {sha[:12]}: IPv4 sources are no longer dropped; it compiles fine")
+        lab.wait_attempted(sha)
+        fn = self.wait_failing("blocklist")
+        assert fn.failing, "the test failure is not reported"
+        error = fn.failing[0].error
+        where = f"{error.file}:{error.line}"
+        self.say(f"controller: blocklist failing on {len(fn.failing)} node(s): {where}")
+        self.say(f"  {error.message}")
+        assert error.file.endswith("blocklist/tests.yaml") and error.line > 0, where
+        assert error.message.startswith("test '"), error.message
+        for node in lab.nodes():
+            assert node.status.last_applied_revision == good, (
+                f"{node.status.node} moved off {good[:12]}"
+            )
+        assert lab.program_ids("blocklist") == before, "the running version changed"
+        assert lab.ping(victim.name, target.name, 2, timeout=0.3) == 0, "block lost"
+        self.say(f"{victim.name} still blocked: the tested version keeps running")
+        restored = lab.revert_last()
+        seconds = lab.wait_applied(restored)
+        self.say(f"git revert -> {restored[:12]}, applied in {seconds:.2f}s")
+        return f"refused by its tests at {where}; nothing swapped"
 
     def fleet(self) -> str:
         lab = self.lab
@@ -250,6 +286,17 @@ class Demo:
         assert len(ready_nodes) == len(fleet), "not every node is Ready"
         return f"{len(ready_nodes)}/{len(fleet)} nodes Ready"
 
+    def wait_failing(self, name: str, timeout: float = 60) -> pb.FunctionSummary:
+        """The NF as the fleet reports it once every node reports its failure: a status
+        heartbeat sent during a pass can show the revision attempted before the failure."""
+        assert self.lab.topo is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            fn = next(f for f in self.lab.functions() if f.name == name)
+            if len(fn.failing) >= len(self.lab.topo.nodes) or time.monotonic() > deadline:
+                return fn
+            time.sleep(0.5)
+
     def head(self) -> str:
         from nfctl.lab.lab import _git
 
@@ -262,6 +309,7 @@ class Demo:
             ("Roll out a new program version under traffic", self.upgrade),
             ("A broken commit is refused; the last good version stays", self.broken),
             ("git revert restores", self.revert),
+            ("A commit whose packet tests fail is refused on every node", self.tests_gate),
             ("Fleet status from the controller", self.fleet),
         ]
         for number, (title, body) in enumerate(steps, start=1):

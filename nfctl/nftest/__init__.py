@@ -1,0 +1,1 @@
+"""Declarative packet tests for network functions (tests.yaml beside nf.yaml)."""
