@@ -141,7 +141,15 @@ def doctor(
 
 
 def _register_commands() -> None:
-    from nfctl.cli import agent_cmd, controller_cmd, fleet_cmd, lab_cmd, ops_cmd, teardown_cmd, test_cmd
+    from nfctl.cli import (
+        agent_cmd,
+        controller_cmd,
+        fleet_cmd,
+        lab_cmd,
+        ops_cmd,
+        teardown_cmd,
+        test_cmd,
+    )
     from nfctl.cli.completion import completion, enable_shell_completion
     from nfctl.cli.diff_cmd import diff
     from nfctl.cli.top_cmd import top
