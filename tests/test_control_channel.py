@@ -1,0 +1,170 @@
+"""The control channel under faults: real controller, real agents in lab namespaces.
+
+Every event an agent records must be stored by the controller exactly once and in order,
+whatever happens to the controller (SIGKILL, SIGTERM, quiet outages, a kill while the
+agents are resending); heartbeats keep quiet nodes fresh; threads do not pile up."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nfctl.lab.topology import Topology
+from tests.agent_harness import GitDaemon, GitRepo, wait_until
+from tests.conftest import require_kernel
+from tests.controller_harness import (
+    PY,
+    REPO_ROOT,
+    ControllerProcess,
+    NodeAgent,
+    Pki,
+    new_topology,
+    operator,
+)
+
+pytestmark = pytest.mark.kernel
+
+NODES = ("node1", "node2")
+
+
+@pytest.fixture
+def topo() -> Iterator[Topology]:
+    require_kernel()
+    topology = new_topology(len(NODES))
+    try:
+        yield topology
+    finally:
+        topology.destroy()
+
+
+def local_events(agent: NodeAgent) -> list[tuple[int, str, str]]:
+    """What the agent recorded, from its state dir (the source of truth)."""
+    out = []
+    for line in (agent.state_dir / "events.jsonl").read_text().splitlines():
+        event = json.loads(line)
+        out.append((event["sequence"], event["reason"], event["message"]))
+    return out
+
+
+def stored_events(topo: Topology, pki: Pki, node: str) -> list[tuple[int, str, str]]:
+    history = operator(
+        topo, pki, "get", "history", "--node", node, "--limit", "10000", "-o", "json"
+    )
+    return [(int(e["sequence"]), e["reason"], e["message"]) for e in history]
+
+
+def all_stored(topo: Topology, pki: Pki, agents: list[NodeAgent]) -> bool:
+    return all(stored_events(topo, pki, a.node) == local_events(a) for a in agents)
+
+
+def threads(agent: NodeAgent) -> int:
+    assert agent.proc is not None
+    return len(list(Path(f"/proc/{agent.proc.pid}/task").iterdir()))
+
+
+def reconcile_locally(agent: NodeAgent) -> None:
+    subprocess.run(
+        [PY, "-m", "nfctl", "reconcile", "--local", "--state-dir", str(agent.state_dir)],
+        check=True,
+        cwd=REPO_ROOT,
+        capture_output=True,
+    )
+
+
+def kill(controller: ControllerProcess, signum: int) -> None:
+    assert controller.proc is not None
+    controller.proc.send_signal(signum)
+    controller.proc.wait(timeout=30)
+    controller.proc = None
+
+
+def connected(topo: Topology, pki: Pki) -> bool:
+    nodes = operator(topo, pki, "get", "nodes", "-o", "json")
+    return len(nodes) == len(NODES) and all(n["connected"] for n in nodes)
+
+
+def bump(repo: GitRepo, version: str) -> str:
+    text = repo.read("nfs/counter/nf.yaml")
+    current = next(line for line in text.splitlines() if line.strip().startswith("version:"))
+    repo.write("nfs/counter/nf.yaml", text.replace(current, f"  version: {version}"))
+    return repo.commit(f"counter {version}")
+
+
+def test_events_survive_controller_kills_exactly_once(topo: Topology, tmp_path: Path) -> None:
+    pki = Pki(tmp_path / "pki", topo, list(NODES))
+    repo = GitRepo(tmp_path / "git" / "nfs-repo")
+    repo.add_library_nf("counter")
+    c1 = repo.commit("counter 1.0.0")
+    git = GitDaemon(tmp_path / "git", topo.hub, topo.hub_ip)
+    git.start()
+    db = tmp_path / "ctl" / "controller.db"
+    controller = ControllerProcess(topo, pki, db, "--stale-after", "30").start()
+    agents = [
+        NodeAgent(topo, n, pki, git.url("nfs-repo"), tmp_path, "--interval", "300").start()
+        for n in NODES
+    ]
+    try:
+        wait_until(
+            lambda: all(a.status().get("lastAppliedRevision") == c1 for a in agents),
+            90,
+            what="agents at c1",
+        )
+        wait_until(lambda: all_stored(topo, pki, agents), 30, what="first events stored")
+        baseline_threads: list[int] | None = None
+        rounds = [
+            (signal.SIGKILL, "quiet"),
+            (signal.SIGTERM, "quiet"),
+            (signal.SIGKILL, "kill-during-resend"),
+            (signal.SIGKILL, "quiet"),
+        ]
+        for number, (signum, kind) in enumerate(rounds, start=2):
+            kill(controller, signum)
+            time.sleep(2)  # a quiet outage: the agents' streams are dead, nothing happens
+            revision = bump(repo, f"1.0.{number}")
+            for agent in agents:
+                reconcile_locally(agent)
+            wait_until(
+                lambda rev=revision: all(  # type: ignore[misc]
+                    a.status().get("lastAppliedRevision") == rev for a in agents
+                ),
+                60,
+                what=f"agents apply {revision[:8]} while the controller is down",
+            )
+            time.sleep(1)
+            controller = ControllerProcess(topo, pki, db, "--stale-after", "30").start()
+            if kind == "kill-during-resend":
+                # the agents reconnect and resend their backlog: kill the controller as
+                # soon as they are connected, while what they sent may be half stored
+                wait_until(lambda: connected(topo, pki), 30, every=0.05, what="reconnect")
+                kill(controller, signal.SIGKILL)
+                controller = ControllerProcess(topo, pki, db, "--stale-after", "30").start()
+            wait_until(lambda: connected(topo, pki), 30, what="agents reconnected")
+            wait_until(
+                lambda: all_stored(topo, pki, agents),
+                30,
+                what=f"round {number}: every recorded event stored exactly once, in order",
+            )
+            counts = [threads(a) for a in agents]
+            if baseline_threads is None:
+                baseline_threads = counts
+            else:
+                assert all(c <= b for c, b in zip(counts, baseline_threads, strict=True)), (
+                    f"agent threads grew across reconnects: {baseline_threads} -> {counts}"
+                )
+        for agent in agents:
+            stored = stored_events(topo, pki, agent.node)
+            sequences = [s for s, _, _ in stored]
+            assert sequences == sorted(set(sequences)), "duplicated or out of order"
+            assert sequences == list(range(sequences[0], sequences[0] + len(sequences)))
+            assert any(reason == "Applied" for _, reason, _ in stored)
+    finally:
+        for agent in agents:
+            agent.teardown()
+        controller.stop()
+        git.stop()
