@@ -12,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -168,3 +169,101 @@ def test_events_survive_controller_kills_exactly_once(topo: Topology, tmp_path: 
             agent.teardown()
         controller.stop()
         git.stop()
+
+
+def nodes_by_name(topo: Topology, pki: Pki) -> dict[str, dict[str, Any]]:
+    return {n["status"]["node"]: n for n in operator(topo, pki, "get", "nodes", "-o", "json")}
+
+
+def run_in(netns: str, *args: str) -> None:
+    subprocess.run(["ip", "netns", "exec", netns, *args], check=True, capture_output=True)
+
+
+def counter_on(status: dict[str, Any]) -> dict[str, Any]:
+    return next(f for f in status.get("functions", []) if f["name"] == "counter")
+
+
+def test_interface_flap_shows_in_status_and_events(topo: Topology, tmp_path: Path) -> None:
+    pki = Pki(tmp_path / "pki", topo, list(NODES))
+    repo = GitRepo(tmp_path / "git" / "nfs-repo")
+    repo.add_library_nf("counter")  # tc-ingress on eth* and veth*
+    c1 = repo.commit("counter 1.0.0")
+    git = GitDaemon(tmp_path / "git", topo.hub, topo.hub_ip)
+    git.start()
+    netns = topo.node("node1").netns
+    run_in(netns, "ip", "link", "add", "vethflap", "type", "veth", "peer", "name", "xflap")
+    run_in(netns, "ip", "link", "set", "vethflap", "up")
+    controller = ControllerProcess(topo, pki, tmp_path / "ctl" / "controller.db").start()
+    agent = NodeAgent(topo, "node1", pki, git.url("nfs-repo"), tmp_path, "--interval", "300")
+    agent.start()
+    try:
+        wait_until(lambda: agent.status().get("lastAppliedRevision") == c1, 90, what="at c1")
+        points = {p["interface"] for p in counter_on(agent.status())["attachPoints"]}
+        assert points == {"eth0", "vethflap"}
+
+        run_in(netns, "ip", "link", "del", "vethflap")
+        status = wait_until(
+            lambda: (s := agent.status()) and counter_on(s)["state"] == "Degraded" and s,
+            30,
+            what="counter degraded once its interface vanished",
+        )
+        [gone] = [p for p in counter_on(status)["attachPoints"] if p["interface"] == "vethflap"]
+        assert gone["missingSince"] > 0 and "vanished" in gone["error"]
+        attached = condition(status, "Attached")
+        assert attached["status"] is False and attached["reason"] == "InterfaceMissing"
+        assert condition(status, "Ready")["status"] is False
+        lost = [e for e in agent_events(agent) if e["reason"] == "InterfaceLost"]
+        assert len(lost) == 1 and "vethflap" in lost[0]["message"]
+        # the controller shows the same, and has the event
+        wait_until(
+            lambda: counter_on(nodes_by_name(topo, pki)["node1"]["status"])["state"] == "Degraded",
+            30,
+            what="controller sees counter degraded",
+        )
+        wait_until(
+            lambda: reasons_at_controller(topo, pki).count("InterfaceLost") == 1,
+            30,
+            what="InterfaceLost stored by the controller",
+        )
+
+        run_in(netns, "ip", "link", "add", "vethflap", "type", "veth", "peer", "name", "xflap")
+        run_in(netns, "ip", "link", "set", "vethflap", "up")
+        status = wait_until(
+            lambda: (s := agent.status()) and counter_on(s)["state"] == "Applied" and s,
+            30,
+            what="counter applied again on the restored interface",
+        )
+        points = {p["interface"]: p for p in counter_on(status)["attachPoints"]}
+        assert set(points) == {"eth0", "vethflap"} and not points["vethflap"].get("error")
+        assert condition(status, "Attached")["status"] is True
+        assert condition(status, "Ready")["status"] is True
+        restored = [e for e in agent_events(agent) if e["reason"] == "InterfaceRestored"]
+        assert len(restored) == 1 and "vethflap" in restored[0]["message"]
+        wait_until(
+            lambda: reasons_at_controller(topo, pki).count("InterfaceRestored") == 1,
+            30,
+            what="InterfaceRestored stored by the controller",
+        )
+        wait_until(
+            lambda: counter_on(nodes_by_name(topo, pki)["node1"]["status"])["state"] == "Applied",
+            30,
+            what="controller sees counter applied again",
+        )
+    finally:
+        agent.teardown()
+        controller.stop()
+        git.stop()
+
+
+def condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
+    return next(c for c in status["conditions"] if c["type"] == kind)
+
+
+def agent_events(agent: NodeAgent) -> list[dict[str, Any]]:
+    text = (agent.state_dir / "events.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def reasons_at_controller(topo: Topology, pki: Pki) -> list[str]:
+    history = operator(topo, pki, "get", "history", "--limit", "10000", "-o", "json")
+    return [e["reason"] for e in history]
