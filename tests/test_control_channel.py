@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from nfctl.lab.topology import Topology
+from nfctl.lab.topology import Topology, nsenter
 from tests.agent_harness import GitDaemon, GitRepo, wait_until
 from tests.conftest import require_kernel
 from tests.controller_harness import (
@@ -25,6 +25,7 @@ from tests.controller_harness import (
     ControllerProcess,
     NodeAgent,
     Pki,
+    hub_python,
     new_topology,
     operator,
 )
@@ -267,3 +268,177 @@ def agent_events(agent: NodeAgent) -> list[dict[str, Any]]:
 def reasons_at_controller(topo: Topology, pki: Pki) -> list[str]:
     history = operator(topo, pki, "get", "history", "--limit", "10000", "-o", "json")
     return [e["reason"] for e in history]
+
+
+HEALTH_PROBE = """
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2 as r
+channel = grpc.insecure_channel("{address}")
+print(health_pb2.HealthCheckResponse.ServingStatus.Name(
+    health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status))
+for method in ("/nfctl.v1.FleetService/ListNodes", "/nfctl.v1.FleetService/GetHistory"):
+    try:
+        channel.unary_unary(method)(b"", timeout=10)
+        print("ANSWERED")
+    except grpc.RpcError as exc:
+        print(exc.code().name)
+for version in ("v1", "v1alpha"):
+    call = channel.stream_stream(
+        f"/grpc.reflection.{{version}}.ServerReflection/ServerReflectionInfo",
+        request_serializer=r.ServerReflectionRequest.SerializeToString,
+        response_deserializer=r.ServerReflectionResponse.FromString,
+    )
+    try:
+        list(call(iter([r.ServerReflectionRequest(list_services="")]), timeout=10))
+        print("ANSWERED")
+    except grpc.RpcError as exc:
+        print(exc.code().name)
+"""
+
+REFLECTION_LIST = """
+import grpc
+from grpc_reflection.v1alpha import reflection_pb2 as r
+read = lambda p: open(p, "rb").read()
+creds = grpc.ssl_channel_credentials(read("{ca}"), read("{key}"), read("{cert}"))
+channel = grpc.secure_channel("{address}", creds)
+for version in ("v1", "v1alpha"):
+    call = channel.stream_stream(
+        f"/grpc.reflection.{{version}}.ServerReflection/ServerReflectionInfo",
+        request_serializer=r.ServerReflectionRequest.SerializeToString,
+        response_deserializer=r.ServerReflectionResponse.FromString,
+    )
+    [answer] = call(iter([r.ServerReflectionRequest(list_services="")]), timeout=10)
+    print(version, ",".join(s.name for s in answer.list_services_response.service))
+"""
+
+WEBHOOK_DOWN = """
+import urllib.request
+try:
+    urllib.request.urlopen("http://{hub}:9080/hooks/github", data=b"{{}}", timeout=5)
+    print("DELIVERED")
+except OSError as exc:
+    print("FAILED", exc)
+"""
+
+
+def test_liveness_health_reflection_watch_push_and_agent_kill(
+    topo: Topology, tmp_path: Path
+) -> None:
+    pki = Pki(tmp_path / "pki", topo, list(NODES))
+    repo = GitRepo(tmp_path / "git" / "nfs-repo")
+    repo.add_library_nf("counter")
+    c1 = repo.commit("counter 1.0.0")
+    git = GitDaemon(tmp_path / "git", topo.hub, topo.hub_ip)
+    git.start()
+    db = tmp_path / "ctl" / "controller.db"
+    # heartbeat 1.3 s (stale-after / 3); the agents fetch Git only every 60 s
+    controller = ControllerProcess(topo, pki, db, "--stale-after", "4").start()
+    agents = [
+        NodeAgent(topo, n, pki, git.url("nfs-repo"), tmp_path, "--interval", "60").start()
+        for n in NODES
+    ]
+    watcher: subprocess.Popen[str] | None = None
+    try:
+        wait_until(
+            lambda: all(a.status().get("lastAppliedRevision") == c1 for a in agents),
+            90,
+            what="agents at c1",
+        )
+        wait_until(lambda: connected(topo, pki), 30, what="agents connected")
+        watcher = subprocess.Popen(
+            [
+                *nsenter(topo.hub),
+                PY,
+                "-m",
+                "nfctl",
+                "events",
+                "--watch",
+                "-o",
+                "json",
+                "--controller",
+                controller.address,
+                *pki.tls("operator"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=REPO_ROOT,
+        )
+
+        # quiet nodes (no commits, status unchanged) are never stale: 12 s is 3 stale periods
+        deadline = time.monotonic() + 12
+        samples = 0
+        while time.monotonic() < deadline:
+            nodes = operator(topo, pki, "get", "nodes", "-o", "json")
+            assert all(n["connected"] and not n["stale"] for n in nodes), nodes
+            assert operator(topo, pki, "get", "nodes", "--stale", "-o", "json") == []
+            samples += 1
+        assert samples >= 3
+
+        # health without a client certificate; nothing else on that port
+        probe = hub_python(topo, HEALTH_PROBE.format(address=f"{topo.hub_ip}:9444"))
+        assert probe.split() == ["SERVING"] + ["UNIMPLEMENTED"] * 4, probe
+        # reflection v1 and v1alpha on the API port
+        ca, cert, key = (pki.dir / f for f in ("ca.crt", "operator.crt", "operator.key"))
+        listing = hub_python(
+            topo,
+            REFLECTION_LIST.format(ca=ca, cert=cert, key=key, address=controller.address),
+        )
+        for line in listing.splitlines():
+            version, names = line.split()
+            assert {"nfctl.v1.FleetService", "grpc.health.v1.Health"} <= set(names.split(","))
+            assert f"grpc.reflection.{version}.ServerReflection" in names
+
+        # a push while the controller is down: the webhook cannot be delivered, and the
+        # agents fetch when they reconnect instead of at their next 60 s tick
+        kill(controller, signal.SIGKILL)
+        c2 = bump(repo, "1.0.1")
+        assert hub_python(topo, WEBHOOK_DOWN.format(hub=topo.hub_ip)).startswith("FAILED")
+        time.sleep(3)
+        assert all(a.status().get("lastAppliedRevision") == c1 for a in agents)
+        controller = ControllerProcess(topo, pki, db, "--stale-after", "4").start()
+        back = time.monotonic()
+        wait_until(
+            lambda: all(a.status().get("lastAppliedRevision") == c2 for a in agents),
+            30,
+            every=0.05,
+            what="the push made during the outage applied",
+        )
+        applied_after = time.monotonic() - back
+        print(f"push during outage applied {applied_after:.2f} s after the controller returned")
+        assert applied_after < 10, applied_after
+
+        # agent kill -9, a commit while it is dead, restart: nothing lost, nothing twice
+        assert agents[0].proc is not None
+        agents[0].proc.kill()
+        agents[0].proc.wait(timeout=15)
+        agents[0].proc = None
+        c3 = bump(repo, "1.0.2")
+        reconcile_locally(agents[1])
+        agents[0].start()
+        wait_until(
+            lambda: all(a.status().get("lastAppliedRevision") == c3 for a in agents),
+            60,
+            what="both at c3 after the agent restart",
+        )
+        wait_until(lambda: all_stored(topo, pki, agents), 30, what="every event stored once")
+
+        # the watch reconnected across the restart and printed every event exactly once
+        time.sleep(2)
+        watcher.terminate()
+        out, err = watcher.communicate(timeout=15)
+        printed = [json.loads(line) for line in out.splitlines() if line.strip()]
+        keys = [(e["node"], int(e["sequence"])) for e in printed]
+        assert len(keys) == len(set(keys)), "the watch printed an event twice"
+        stored = {(a.node, seq) for a in agents for seq, _, _ in stored_events(topo, pki, a.node)}
+        assert set(keys) == stored, f"missing {stored - set(keys)}; stderr: {err}"
+        assert "reconnecting" in err
+    finally:
+        if watcher is not None and watcher.poll() is None:
+            watcher.kill()
+            watcher.wait()
+        for agent in agents:
+            agent.teardown()
+        controller.stop()
+        git.stop()
