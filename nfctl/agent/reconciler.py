@@ -699,7 +699,9 @@ class Reconciler(StatusReporting):
         """Periodic: the same convergence without fetching; returns the drift found."""
         with self.lock:
             found = self.converge()
-            self._finish(None)  # an interface may have vanished or come back: Ready follows
+            # an interface may have vanished or come back: Ready (and, once everything is
+            # attached again, lastAppliedRevision) follows
+            self._finish(self.revision)
             return found
 
 
