@@ -88,9 +88,8 @@ class ControllerLink:
         self._status_dirty = True
         self.heartbeat = HEARTBEAT_SECONDS
         self.acked_event_sequence = 0
-        self.sessions = 0  # registrations so far (a reconnect after the first fetches Git)
-        self.connect_started = 0.0
-        self.last_reconnect_seconds: float | None = None
+        self.sessions = 0  # registrations so far
+        self.failures = 0  # connection attempts failed in a row
         agent.reconciler.listeners.append(self._on_event)
         agent.reconciler.status_listeners.append(self._on_status)
 
@@ -141,8 +140,6 @@ class ControllerLink:
         return grpc.secure_channel(target, creds, options=options)
 
     def _run(self) -> None:
-        failures = 0
-        self.connect_started = time.monotonic()
         while not self.stopping.is_set():
             stream = Stream()
             self._stream = stream
@@ -151,7 +148,6 @@ class ControllerLink:
                     stub = pbg.AgentServiceStub(channel)
                     self._call = stub.Connect(self._requests(stream))
                     for message in self._call:
-                        failures = 0
                         self._handle(message, stream)
             except grpc.RpcError as exc:
                 if not self.stopping.is_set():
@@ -165,14 +161,13 @@ class ControllerLink:
                 log.exception("controller link failed")
             finally:
                 stream.close()  # its request generator returns; nothing is taken from it
-                if self.connected.is_set():
-                    self.connect_started = time.monotonic()
                 self.connected.clear()
                 self._call = None
             if self.stopping.is_set():
                 break
-            failures += 1
-            delay = min(MAX_BACKOFF_SECONDS, 0.25 * 2 ** min(failures, 8)) * random.uniform(0.5, 1)
+            self.failures += 1
+            delay = min(MAX_BACKOFF_SECONDS, 0.25 * 2 ** min(self.failures, 8))
+            delay *= random.uniform(0.5, 1)
             self.stopping.wait(delay)
 
     def _status(self) -> pb.StatusReport:
@@ -241,16 +236,17 @@ class ControllerLink:
             self.acked_event_sequence = message.registered.acked_event_sequence
             stream.resend_from = self.acked_event_sequence
             stream.poke()
-            self.last_reconnect_seconds = time.monotonic() - self.connect_started
             self.connected.set()
             self.sessions += 1
+            apart = self.sessions > 1 or self.failures > 0
+            self.failures = 0
             log.info(
                 "connected to controller %s (session %s, events stored up to %d)",
                 self.config.controller,
                 message.registered.session_id,
                 self.acked_event_sequence,
             )
-            if self.sessions > 1:
+            if apart:
                 # a push the controller could not deliver while we were apart (its
                 # webhook had nowhere to go): look at Git now instead of at the next tick
                 self.agent.request_sync()
