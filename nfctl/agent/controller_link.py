@@ -67,8 +67,13 @@ class Stream:
         self.closed = False
         self.results: deque[pb.CommandResult] = deque()
         self.resend_from: int | None = None  # set by Registered: send events after it
+        self.events_due = False  # the event log may have something not sent yet
 
     def poke(self) -> None:
+        self.wake.set()
+
+    def new_events(self) -> None:
+        self.events_due = True
         self.wake.set()
 
     def close(self) -> None:
@@ -111,7 +116,7 @@ class ControllerLink:
     def _on_event(self, event: Event) -> None:
         stream = self._stream
         if stream is not None:
-            stream.poke()
+            stream.new_events()
 
     def _on_status(self, status: NodeStatus) -> None:
         self._status_dirty = True
@@ -204,7 +209,9 @@ class ControllerLink:
             stream.wake.clear()
             if stream.resend_from is not None:
                 sent_upto, stream.resend_from = stream.resend_from, None
-            if sent_upto is not None:
+                stream.events_due = True
+            if sent_upto is not None and stream.events_due:
+                stream.events_due = False  # before reading: an event appended later sets it
                 backlog = [event_to_proto(e) for e in store.events(since=sent_upto)]
                 for start in range(0, len(backlog), EVENT_BATCH):
                     if stream.closed:
