@@ -73,3 +73,52 @@ def test_heartbeat_must_fit_twice_in_stale_after() -> None:
     with pytest.raises(ValueError, match="at most half of --stale-after"):
         bad.validate()
     assert Fleet(ControllerStore(Path(":memory:")), stale_after=30).heartbeat == 10
+
+
+# The schema before event epochs (a database an existing controller already has).
+OLD_SCHEMA = """
+CREATE TABLE nodes (name TEXT PRIMARY KEY, status BLOB NOT NULL, registered_at REAL NOT NULL,
+    last_seen REAL NOT NULL, features TEXT NOT NULL DEFAULT '[]');
+CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, node TEXT NOT NULL,
+    sequence INTEGER NOT NULL, time REAL NOT NULL, type TEXT NOT NULL, reason TEXT NOT NULL,
+    nf TEXT NOT NULL DEFAULT '', revision TEXT NOT NULL DEFAULT '',
+    author TEXT NOT NULL DEFAULT '', commit_time REAL NOT NULL DEFAULT 0,
+    message TEXT NOT NULL, UNIQUE (node, sequence));
+CREATE INDEX events_time ON events (time);
+"""
+
+
+def test_a_database_from_before_epochs_is_migrated_without_losing_events(
+    tmp_path: Path,
+) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.executescript(OLD_SCHEMA)
+    status = pb.NodeStatus(node="n1").SerializeToString()
+    db.execute("INSERT INTO nodes VALUES ('n1', ?, 1.0, 2.0, '[]')", (status,))
+    for seq in (1, 2, 3):
+        db.execute(
+            "INSERT INTO events (node, sequence, time, type, reason, message) "
+            "VALUES ('n1', ?, ?, 'Normal', 'Applied', ?)",
+            (seq, float(seq), f"m{seq}"),
+        )
+    db.commit()
+    db.close()
+
+    fleet = Fleet(ControllerStore(path))
+    assert [(e.sequence, e.message) for e in fleet.store.history(node="n1")] == [
+        (1, "m1"),
+        (2, "m2"),
+        (3, "m3"),
+    ]
+    # the agent's first epoch-aware registration continues where the old controller was
+    entry, _, _ = fleet.connect(_register("n1", "epoch-1"), "peer")
+    assert entry.events.stored == 3
+    resent = [
+        pb.Event(sequence=s, time=float(s), reason="Applied", message=f"m{s}") for s in (2, 3, 4)
+    ]
+    assert [e.sequence for e in fleet.add_events(entry, resent)] == [4]
+    fleet.flush()
+    assert [e.sequence for e in fleet.store.history(node="n1")] == [1, 2, 3, 4]
