@@ -699,9 +699,12 @@ class Reconciler(StatusReporting):
         """Periodic: the same convergence without fetching; returns the drift found."""
         with self.lock:
             found = self.converge()
-            # an interface may have vanished or come back: Ready (and, once everything is
-            # attached again, lastAppliedRevision) follows
-            self._finish(self.revision)
+            if self.status.suspended:  # conditions say "Suspended" until a resume
+                self._publish()
+            else:
+                # an interface may have vanished or come back: Ready (and, once everything
+                # is attached again, lastAppliedRevision) follows
+                self._finish(self.revision)
             return found
 
 
