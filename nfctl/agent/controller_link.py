@@ -134,7 +134,8 @@ class ControllerLink:
             # commands are a few bytes: no flow-control window probing (each probe is a
             # PING the controller must answer, 10,000 at once on a fleet-wide reconcile)
             ("grpc.http2.bdp_probe", 0),
-            # reconnect attempts are paced by _run's backoff, not by the channel's own
+            # _run paces reconnects (a fresh channel per attempt); gRPC's own backoff inside
+            # one attempt must not wait longer than that
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", int(MAX_BACKOFF_SECONDS * 1000)),
         ]
