@@ -779,6 +779,8 @@ class Bench:
             str(self.tmp / "controller.db"),
             "--webhook-addr",
             "",
+            "--health-listen",
+            "",
             "--metrics-addr",
             f"127.0.0.1:{self.metrics_port}",
         ]

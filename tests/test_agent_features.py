@@ -347,15 +347,19 @@ def test_interface_added_later_is_attached_at_once(lab: Lab) -> None:
     assert veth.ping(veth.ns_b, new_a, 6, timeout_s=1.0) == 6
     assert counter_icmp_packets(agent) - before == 6
 
+    # deleted: the NF no longer runs everywhere it should, and the status says so (#18)
     run_in(veth.ns_a, "ip", "link", "del", "veth7")
     wait_until(
-        lambda: [p["interface"] for p in agent.nf("counter")["attachPoints"]] == [veth.a_if],
-        5,
-        what="veth7 gone from status",
+        lambda: agent.nf("counter")["state"] == "Degraded", 5, what="veth7 missing in status"
     )
+    points = {p["interface"]: p for p in agent.nf("counter")["attachPoints"]}
+    assert set(points) == {veth.a_if, "veth7"} and points["veth7"]["missingSince"] > 0
+    assert not points[veth.a_if]["error"]
     tracked = json.loads((lab.state_dir / "datapath" / "interfaces.json").read_text())
     assert "veth7" not in tracked
-    assert agent.nf("counter")["state"] == "Applied" and tc_filter_present(veth)
+    assert tc_filter_present(veth)
+    [lost] = events_of(agent, "InterfaceLost")
+    assert "veth7" in lost["message"]
     assert not events_of(agent, "InternalError")
 
 
@@ -638,7 +642,13 @@ def test_node_selector_and_status_command(lab: Lab) -> None:
     assert counter["programId"] > 0 and len(counter["programTag"]) == 16
     assert len(counter["buildHash"]) >= 32
     assert counter["attachPoints"] == [
-        {"interface": veth.a_if, "hook": "tc-ingress", "mode": "tc", "error": None}
+        {
+            "interface": veth.a_if,
+            "hook": "tc-ingress",
+            "mode": "tc",
+            "error": None,
+            "missingSince": None,
+        }
     ]
     assert [m["name"] for m in counter["maps"]] == ["proto_stats"]
     assert counter["lastError"] is None

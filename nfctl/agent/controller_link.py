@@ -1,14 +1,19 @@
 """The agent's stream to the controller, in its own thread: register, send status
-snapshots (on change, plus a heartbeat) and events (resending what the controller has
-not stored), obey commands. Reconnects with jittered backoff; reconciling from Git never
-depends on it."""
+snapshots (on change, plus a heartbeat on a timer of its own) and events, obey commands.
+Reconnects with jittered backoff; reconciling from Git never depends on it.
+
+Events are delivered at least once and stored exactly once: they are persisted in the
+state dir first (the agent's event log is the outbox), each stream sends them from the
+point the controller acknowledged as stored (Registered, then EventsAck), and the
+controller drops by (node, epoch, sequence) what it already has."""
 
 from __future__ import annotations
 
 import logging
-import queue
 import random
 import threading
+import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,8 +35,18 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 10.0
-MAX_BACKOFF_SECONDS = 30.0
-_STOP = object()
+# Reconnect attempts: 0.25 s doubling, jittered, at most 4 s apart, so an agent is back
+# within ~5 s of the controller (the jitter spreads a fleet's reconnect storm).
+MAX_BACKOFF_SECONDS = 4.0
+EVENT_BATCH = 200
+
+
+def _comparable(status: pb.NodeStatus) -> bytes:
+    """A status without its timestamp: what decides whether it changed."""
+    copy = pb.NodeStatus()
+    copy.CopyFrom(status)
+    copy.observed_at = 0
+    return copy.SerializeToString(deterministic=True)
 
 
 def bpf_features() -> list[str]:
@@ -41,17 +56,45 @@ def bpf_features() -> list[str]:
     return features
 
 
+class Stream:
+    """One Connect call's send side. Its request generator runs in a gRPC thread and ends
+    as soon as the stream does (`close`): a generator of a dead stream must not live on,
+    let alone take work meant for the next one. Events are not queued here: the agent's
+    event log is the outbox, read from the controller's acknowledged point."""
+
+    def __init__(self) -> None:
+        self.wake = threading.Event()
+        self.closed = False
+        self.results: deque[pb.CommandResult] = deque()
+        self.resend_from: int | None = None  # set by Registered: send events after it
+        self.events_due = False  # the event log may have something not sent yet
+
+    def poke(self) -> None:
+        self.wake.set()
+
+    def new_events(self) -> None:
+        self.events_due = True
+        self.wake.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.wake.set()
+
+
 class ControllerLink:
     def __init__(self, agent: Agent, config: AgentConfig) -> None:
         self.agent = agent
         self.config = config
-        self.outbox: queue.Queue[Any] = queue.Queue()
         self.stopping = threading.Event()
         self.connected = threading.Event()
         self._call: Any = None
+        self._stream: Stream | None = None
         self._thread = threading.Thread(target=self._run, name="controller-link", daemon=True)
-        self._last_sent: bytes = b""
+        self._status_dirty = True
         self.heartbeat = HEARTBEAT_SECONDS
+        self.acked_event_sequence = 0
+        self.sessions = 0  # registrations so far
+        self.failures = 0  # connection attempts failed in a row
         agent.reconciler.listeners.append(self._on_event)
         agent.reconciler.status_listeners.append(self._on_status)
 
@@ -61,17 +104,25 @@ class ControllerLink:
 
     def stop(self) -> None:
         self.stopping.set()
-        self.outbox.put(_STOP)
-        if self._call is not None:
-            self._call.cancel()
+        stream = self._stream
+        if stream is not None:
+            stream.close()
+        call = self._call
+        if call is not None:
+            call.cancel()
         self._thread.join(timeout=5)
 
     # -- from the reconciler -------------------------------------------------------------------
     def _on_event(self, event: Event) -> None:
-        self.outbox.put(("event", event))
+        stream = self._stream
+        if stream is not None:
+            stream.new_events()
 
     def _on_status(self, status: NodeStatus) -> None:
-        self.outbox.put(("status", None))
+        self._status_dirty = True
+        stream = self._stream
+        if stream is not None:
+            stream.poke()
 
     # -- stream ----------------------------------------------------------------------------
     def _channel(self) -> grpc.Channel:
@@ -83,6 +134,10 @@ class ControllerLink:
             # commands are a few bytes: no flow-control window probing (each probe is a
             # PING the controller must answer, 10,000 at once on a fleet-wide reconcile)
             ("grpc.http2.bdp_probe", 0),
+            # _run paces reconnects (a fresh channel per attempt); gRPC's own backoff inside
+            # one attempt must not wait longer than that
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", int(MAX_BACKOFF_SECONDS * 1000)),
         ]
         target = self.config.controller or ""
         if self.config.insecure:
@@ -91,15 +146,15 @@ class ControllerLink:
         return grpc.secure_channel(target, creds, options=options)
 
     def _run(self) -> None:
-        failures = 0
         while not self.stopping.is_set():
+            stream = Stream()
+            self._stream = stream
             try:
                 with self._channel() as channel:
                     stub = pbg.AgentServiceStub(channel)
-                    self._call = stub.Connect(self._requests())
+                    self._call = stub.Connect(self._requests(stream))
                     for message in self._call:
-                        failures = 0
-                        self._handle(message)
+                        self._handle(message, stream)
             except grpc.RpcError as exc:
                 if not self.stopping.is_set():
                     code = exc.code() if hasattr(exc, "code") else None
@@ -111,78 +166,103 @@ class ControllerLink:
             except Exception:
                 log.exception("controller link failed")
             finally:
+                stream.close()  # its request generator returns; nothing is taken from it
                 self.connected.clear()
                 self._call = None
             if self.stopping.is_set():
                 break
-            failures += 1
-            delay = min(MAX_BACKOFF_SECONDS, 0.5 * 2 ** min(failures, 8)) * random.uniform(0.5, 1.0)
+            self.failures += 1
+            delay = min(MAX_BACKOFF_SECONDS, 0.25 * 2 ** min(self.failures, 8))
+            delay *= random.uniform(0.5, 1)
             self.stopping.wait(delay)
 
     def _status(self) -> pb.StatusReport:
         return pb.StatusReport(status=status_to_proto(self.agent.reconciler.status))
 
-    def _requests(self) -> Iterator[pb.AgentMessage]:
+    def _register(self) -> pb.AgentMessage:
         store = self.agent.store
         events = store.events()
-        yield pb.AgentMessage(
+        last = events[-1].sequence if events else 0
+        return pb.AgentMessage(
             register=pb.Register(
                 node=self.config.node,
                 labels=self.agent.reconciler.settings.labels,
                 kernel=kernel_release(),
                 bpf_features=bpf_features(),
                 agent_version=__version__,
-                last_event_sequence=events[-1].sequence if events else 0,
+                last_event_sequence=last,
+                event_epoch=store.event_epoch,
+                first_event_sequence=events[0].sequence if events else last + 1,
             )
         )
-        self._last_sent = b""
-        yield from self._maybe_status(force=True)
-        while not self.stopping.is_set():
-            try:
-                item = self.outbox.get(timeout=self.heartbeat)
-            except queue.Empty:
-                yield from self._maybe_status(force=True)
-                continue
-            if item is _STOP:
-                return
-            kind, payload = item
-            if kind == "status":
-                yield from self._maybe_status(force=False)
-            elif kind == "event":
-                yield pb.AgentMessage(events=pb.EventReport(events=[event_to_proto(payload)]))
-            elif kind == "resend":
-                backlog = [event_to_proto(e) for e in store.events(since=payload)]
-                for start in range(0, len(backlog), 200):
-                    yield pb.AgentMessage(
-                        events=pb.EventReport(events=backlog[start : start + 200])
-                    )
-            elif kind == "result":
-                yield pb.AgentMessage(result=payload)
 
-    def _maybe_status(self, force: bool) -> Iterator[pb.AgentMessage]:
-        report = self._status()
-        comparable = pb.NodeStatus()
-        comparable.CopyFrom(report.status)
-        comparable.observed_at = 0
-        blob = comparable.SerializeToString(deterministic=True)
-        if force or blob != self._last_sent:
-            self._last_sent = blob
-            yield pb.AgentMessage(status=report)
+    def _requests(self, stream: Stream) -> Iterator[pb.AgentMessage]:
+        """Register, then whatever is due, until the stream closes: events after the last
+        one sent (from the controller's acknowledged point after Registered), a status when
+        it changed, a heartbeat (a status) whenever nothing was sent for `heartbeat`
+        seconds whatever else happens, command results."""
+        store = self.agent.store
+        yield self._register()
+        sent_upto: int | None = None  # unknown until Registered says what is stored
+        last_status = b""
+        last_sent = 0.0
+        while not stream.closed and not self.stopping.is_set():
+            stream.wake.clear()
+            if stream.resend_from is not None:
+                sent_upto, stream.resend_from = stream.resend_from, None
+                stream.events_due = True
+            if sent_upto is not None and stream.events_due:
+                stream.events_due = False  # before reading: an event appended later sets it
+                backlog = [event_to_proto(e) for e in store.events(since=sent_upto)]
+                for start in range(0, len(backlog), EVENT_BATCH):
+                    if stream.closed:
+                        return
+                    batch = backlog[start : start + EVENT_BATCH]
+                    yield pb.AgentMessage(events=pb.EventReport(events=batch))
+                    sent_upto = batch[-1].sequence
+                    last_sent = time.monotonic()
+            while stream.results and not stream.closed:
+                yield pb.AgentMessage(result=stream.results.popleft())
+                last_sent = time.monotonic()
+            heartbeat_due = time.monotonic() - last_sent >= self.heartbeat
+            if self._status_dirty or heartbeat_due:
+                self._status_dirty = False
+                report = self._status()
+                blob = _comparable(report.status)
+                if heartbeat_due or blob != last_status:
+                    last_status = blob
+                    yield pb.AgentMessage(status=report)
+                    last_sent = time.monotonic()
+            wait = self.heartbeat - (time.monotonic() - last_sent)
+            stream.wake.wait(max(0.0, wait))
 
-    def _handle(self, message: pb.ControllerMessage) -> None:
+    def _handle(self, message: pb.ControllerMessage, stream: Stream) -> None:
         kind = message.WhichOneof("body")
         if kind == "registered":
             if message.registered.heartbeat_seconds > 0:
                 self.heartbeat = min(HEARTBEAT_SECONDS, message.registered.heartbeat_seconds)
+            self.acked_event_sequence = message.registered.acked_event_sequence
+            stream.resend_from = self.acked_event_sequence
+            stream.poke()
             self.connected.set()
+            self.sessions += 1
+            apart = self.sessions > 1 or self.failures > 0
+            self.failures = 0
             log.info(
-                "connected to controller %s (session %s)",
+                "connected to controller %s (session %s, events stored up to %d)",
                 self.config.controller,
                 message.registered.session_id,
+                self.acked_event_sequence,
             )
-            self.outbox.put(("resend", message.registered.acked_event_sequence))
+            if apart:
+                # a push the controller could not deliver while we were apart (its
+                # webhook had nowhere to go): look at Git now instead of at the next tick
+                self.agent.request_sync()
+        elif kind == "events_ack":
+            self.acked_event_sequence = message.events_ack.event_sequence
         elif kind == "command":
-            self.outbox.put(("result", self._execute(message.command)))
+            stream.results.append(self._execute(message.command))
+            stream.poke()
 
     def _execute(self, command: pb.Command) -> pb.CommandResult:
         action = command.WhichOneof("action")

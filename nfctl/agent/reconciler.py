@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from nfctl import __version__
+from nfctl.agent.attachments import AttachmentTracker
 from nfctl.agent.plan import (
     AttachPoint,
     ChainEntry,
@@ -132,6 +133,7 @@ class Reconciler(StatusReporting):
         self._converged = False
         self._synced: dict[str, tuple[str, str]] = {}
         self._spec_suspended: set[str] = set()  # NFs with spec.suspend in the last revision
+        self.attachments = AttachmentTracker()
         previous = store.load_status()
         self.status = previous or NodeStatus(node=settings.node)
         self.status.node = settings.node
@@ -509,6 +511,7 @@ class Reconciler(StatusReporting):
             self._entry_changes = []
             found: list[str] = self._sync_entries(suspensions, correct)
             target = self.desired_chains()
+            present = {i.name for i in self.datapath.interfaces()}
             tracked = [
                 AttachPoint(ifname, Hook(h))
                 for ifname, entry in self.datapath.tracked_interfaces().items()
@@ -570,6 +573,7 @@ class Reconciler(StatusReporting):
                 self.event("Applied", message, nf=name)
             self._changes = []
             self._entry_changes = []
+            self._track_attachments(target, present)
             self._modes = modes
             self._target = target
             self._converged = True
@@ -704,7 +708,12 @@ class Reconciler(StatusReporting):
         """Periodic: the same convergence without fetching; returns the drift found."""
         with self.lock:
             found = self.converge()
-            self._publish()
+            if self.status.suspended:  # conditions say "Suspended" until a resume
+                self._publish()
+            else:
+                # an interface may have vanished or come back: Ready (and, once everything
+                # is attached again, lastAppliedRevision) follows
+                self._finish(self.revision)
             return found
 
 

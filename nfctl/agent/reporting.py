@@ -10,11 +10,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from nfctl.agent.plan import AttachPoint, ChainEntry
+from nfctl.agent.attachments import AttachmentTracker
+from nfctl.agent.plan import AttachPoint, ChainEntry, Placement
 from nfctl.agent.status import (
     AttachPointStatus,
     ConditionType,
     ErrorInfo,
+    Event,
     MapStatus,
     NFState,
     NFStatus,
@@ -57,12 +59,50 @@ class StatusReporting:
     _modes: dict[AttachPoint, str | None]
     _target: dict[AttachPoint, list[ChainEntry]]
     _spec_suspended: set[str]
+    attachments: AttachmentTracker
+
+    def event(
+        self,
+        reason: str,
+        message: str,
+        nf: str | None = None,
+        warning: bool = False,
+        revision: Revision | None = None,
+    ) -> Event:
+        raise NotImplementedError
+
+    def _placements(self) -> list[Placement]:
+        raise NotImplementedError
 
     def _nf(self, name: str) -> NFRuntime:
         return self.runtime.setdefault(name, NFRuntime())
 
     def _loaded(self, name: str) -> LoadedBuild | None:
         raise NotImplementedError
+
+    def _track_attachments(
+        self, target: dict[AttachPoint, list[ChainEntry]], present: set[str]
+    ) -> None:
+        """Events for attach points whose interface vanished or came back."""
+        now = time.time()
+        lost, restored = self.attachments.update(
+            self._target, target, present, self._placements(), now
+        )
+        for point, gone in lost:
+            self.event(
+                "InterfaceLost",
+                f"{point}: interface {point.ifname} vanished; "
+                f"{', '.join(gone.nfs)} no longer attached there",
+                nf=gone.nfs[0] if len(gone.nfs) == 1 else None,
+                warning=True,
+            )
+        for point, gone in restored:
+            self.event(
+                "InterfaceRestored",
+                f"{point}: interface {point.ifname} is back; {', '.join(gone.nfs)} attached "
+                f"again after {now - gone.since:.1f} s",
+                nf=gone.nfs[0] if len(gone.nfs) == 1 else None,
+            )
 
     def _finish(self, revision: Revision | None) -> bool:
         status = self.status
@@ -75,6 +115,7 @@ class StatusReporting:
         if revision is not None and all_applied and self.stalled is None:
             status.last_applied_revision = revision.sha
         status.set_condition(ConditionType.RECONCILING, False, "Idle", "")
+        self._attached_condition()
         if self.stalled is not None:
             reason, message = self.stalled
             status.set_condition(ConditionType.STALLED, True, reason, message)
@@ -96,6 +137,20 @@ class StatusReporting:
             )
         self._publish()
         return status.ready
+
+    def _attached_condition(self) -> None:
+        lost = self.attachments.lost
+        if not lost:
+            self.status.set_condition(ConditionType.ATTACHED, True, "AllAttached", "")
+            return
+        missing = "; ".join(
+            f"{point} ({', '.join(gone.nfs)}) since "
+            + time.strftime("%H:%M:%S", time.localtime(gone.since))
+            for point, gone in sorted(lost.items())
+        )
+        self.status.set_condition(
+            ConditionType.ATTACHED, False, "InterfaceMissing", f"interface gone: {missing}"
+        )
 
     def _source_unavailable_conditions(self) -> None:
         status = self.status
@@ -119,6 +174,7 @@ class StatusReporting:
             applied = self.applied.get(name)
             loaded = self._loaded(name) if applied else None
             points = [p for p, entries in target.items() if any(e.nf == name for e in entries)]
+            lost = self.attachments.of(name)
             spec_suspend = name in self._spec_suspended or bool(
                 applied and applied.spec.get("spec", {}).get("suspend")
             )
@@ -130,7 +186,7 @@ class StatusReporting:
                 state = NFState.FAILED
             elif applied is None:
                 state = NFState.PENDING
-            elif rt.attach_errors:
+            elif rt.attach_errors or lost:
                 state = NFState.DEGRADED
             else:
                 state = NFState.APPLIED
@@ -153,6 +209,15 @@ class StatusReporting:
                         error=rt.attach_errors.get(p),
                     )
                     for p in points
+                ]
+                + [
+                    AttachPointStatus(
+                        interface=p.ifname,
+                        hook=p.hook.value,
+                        error=f"interface {p.ifname} vanished",
+                        missing_since=gone.since,
+                    )
+                    for p, gone in sorted(lost.items())
                 ],
                 maps=self._map_statuses(name, loaded, applied),
                 last_error=rt.error,
@@ -162,6 +227,9 @@ class StatusReporting:
             if rt.attach_errors and not status.last_error:
                 first = next(iter(rt.attach_errors.items()))
                 status.last_error = ErrorInfo(message=f"{first[0]}: {first[1]}")
+            elif lost and not status.last_error:
+                point = min(lost)
+                status.last_error = ErrorInfo(message=f"{point}: interface {point.ifname} vanished")
             statuses.append(status)
         return statuses
 

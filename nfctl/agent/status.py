@@ -21,6 +21,7 @@ class ConditionType(StrEnum):
     READY = "Ready"
     RECONCILING = "Reconciling"
     STALLED = "Stalled"
+    ATTACHED = "Attached"  # every attach point an NF ran on still exists
 
 
 class Condition(_Model):
@@ -54,6 +55,7 @@ class AttachPointStatus(_Model):
     hook: str
     mode: str | None = None
     error: str | None = None
+    missing_since: float | None = Field(default=None, alias="missingSince")  # interface gone
 
 
 class MapStatus(_Model):

@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import threading
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ class StateStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._events_lock = threading.Lock()
         self._sequence = self._last_sequence()
+        self.event_epoch = self._epoch()
         self._lock_fd: int | None = None
         self._applied_saved: dict[str, Any] | None = None
 
@@ -105,6 +107,19 @@ class StateStore:
             return None
 
     # -- events --------------------------------------------------------------------------
+    def _epoch(self) -> str:
+        """The id of this event log: sequence numbers mean something only within it (a
+        wiped state dir starts again at 1, and the controller must not take those for
+        events it already has)."""
+        path = self.dir / "events-epoch.json"
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            epoch = json.loads(path.read_text()).get("epoch")
+            if isinstance(epoch, str) and epoch:
+                return epoch
+        epoch = uuid.uuid4().hex
+        write_json_atomic(path, {"epoch": epoch})
+        return epoch
+
     def _last_sequence(self) -> int:
         events = self.events()
         return events[-1].sequence if events else 0

@@ -54,8 +54,20 @@ def controller(
     metrics_addr: str = typer.Option(
         "0.0.0.0:9102", "--metrics-addr", help="HTTP address for /metrics ('' disables)"
     ),
+    health_listen: str = typer.Option(
+        "0.0.0.0:9444",
+        "--health-listen",
+        help="plaintext gRPC health service for probes and load balancers, no client "
+        "certificate, nothing else served ('' disables)",
+    ),
     stale_after: float = typer.Option(
-        60.0, "--stale-after", help="seconds without a report before a node is stale"
+        60.0, "--stale-after", help="seconds without any message before a node is stale"
+    ),
+    heartbeat: float = typer.Option(
+        None,
+        "--heartbeat",
+        help="seconds between agent heartbeats, at most half of --stale-after "
+        "[default: stale-after / 3]",
     ),
     enroll_listen: str = typer.Option(
         None,
@@ -87,7 +99,9 @@ def controller(
         webhook_addr=webhook_addr or None,
         webhook_secret_file=webhook_secret_file,
         metrics_addr=metrics_addr or None,
+        health_addr=health_listen or None,
         stale_after=stale_after,
+        heartbeat=heartbeat,
     )
     try:
         config.validate()

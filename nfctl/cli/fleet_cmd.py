@@ -7,7 +7,7 @@ import inspect
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -284,21 +284,63 @@ def get_events(
             events = [e for e in resp.events if not reason or e.reason == reason]
             _print_events(events, output)
             return
-        stream = stub.WatchEvents(
-            pb.WatchEventsRequest(node=node, nf=nf, reason=reason, include_history=True),
-            metadata=md,
-        )
+        with suppress(KeyboardInterrupt):
+            _watch(stub, md, pb.WatchEventsRequest(node=node, nf=nf, reason=reason), output)
+
+
+# A resumed watch replays stored events from this long before the break (agent clocks):
+# events a node made before the break but delivered after it (it was cut off too) are
+# printed, and none twice (the client sends what it printed, per node).
+RESUME_LOOKBACK_SECONDS = 300.0
+WATCH_MAX_BACKOFF_SECONDS = 5.0
+_FATAL = {
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.UNIMPLEMENTED,
+}
+
+
+def _watch(stub: Any, md: list[tuple[str, str]], base: Any, output: OutputFormat) -> None:
+    """Stream events until interrupted; when the stream breaks (controller restart),
+    reconnect with backoff and resume: no event printed twice, none left out."""
+    import json
+
+    started = time.time()
+    printed: dict[str, int] = {}  # node -> highest sequence printed
+    since = 0.0
+    failures = 0
+    while True:
+        request = type(base)()
+        request.CopyFrom(base)
+        request.include_history = not since
+        request.since = since
+        request.after_sequences.update(printed)
+        call = stub.WatchEvents(request, metadata=md)
         try:
-            for event in stream:
+            for event in call:
+                failures = 0
+                if event.sequence and event.sequence <= printed.get(event.node, 0):
+                    continue
+                printed[event.node] = max(printed.get(event.node, 0), event.sequence)
                 if output is OutputFormat.TEXT:
                     _print_event(event)
                 else:
-                    import json
-
                     sys.stdout.write(json.dumps(_dict(event)) + "\n")
                     sys.stdout.flush()
+            reason = "stream ended"
+        except grpc.RpcError as exc:
+            if exc.code() in _FATAL:
+                raise
+            reason = f"{exc.code().name}: {exc.details() or ''}"
         except KeyboardInterrupt:
-            stream.cancel()
+            call.cancel()
+            raise
+        since = max(started - 60.0, time.time() - RESUME_LOOKBACK_SECONDS)
+        failures += 1
+        delay = min(WATCH_MAX_BACKOFF_SECONDS, 0.25 * 2**failures)
+        err_console.print(f"[yellow]watch: {escape(reason)}; reconnecting in {delay:.1f}s[/yellow]")
+        time.sleep(delay)
 
 
 @get_app.command("history")

@@ -62,7 +62,11 @@ def status_to_proto(status: NodeStatus) -> pb.NodeStatus:
         )
         for ap in nf.attach_points:
             fn.attach_points.add(
-                interface=ap.interface, hook=ap.hook, mode=ap.mode or "", error=ap.error or ""
+                interface=ap.interface,
+                hook=ap.hook,
+                mode=ap.mode or "",
+                error=ap.error or "",
+                missing_since=ap.missing_since or 0.0,
             )
         for m in nf.maps:
             fn.maps.add(

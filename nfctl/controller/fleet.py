@@ -10,13 +10,15 @@ Persistence is write-behind. A status that changed in a way an operator would ca
 change (see `significant`), a registration or a disconnect is written at the next flush;
 a report that only refreshes counters and observed_at (heartbeats: most of the 2,000
 reports a second of 10,000 agents) is written at most every `persist_interval` seconds per
-node. Agents resend their whole state after a controller restart, events are stored as they
-come, and a graceful stop writes everything."""
+node. Agents resend their whole state after a controller restart, events are stored at the
+next flush and acknowledged to their agent only then (EventsAck), and a graceful stop writes
+everything."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 import uuid
 from collections import OrderedDict, deque
@@ -25,6 +27,12 @@ from dataclasses import dataclass, field
 
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.controller.store import ControllerStore, StoredNode
+
+log = logging.getLogger(__name__)
+
+# A node is stale after missing this many heartbeats in a row (by default the heartbeat is
+# stale_after divided by it): one late or lost message never makes a healthy node stale.
+HEARTBEATS_PER_STALE = 3
 
 
 class Outbox:
@@ -75,6 +83,46 @@ class Session:
 
 
 @dataclass
+class EventLedger:
+    """Which events of one agent epoch the controller has: `received` is the highest
+    sequence up to which every event was accepted (a later one that arrives first waits in
+    `above`); `stored` the same for what is in the database; `acked` what the agent was
+    told. A resend of anything at or below `received`, or in `above`, is a duplicate."""
+
+    epoch: str
+    received: int = 0
+    stored: int = 0
+    acked: int = 0
+    above: set[int] = field(default_factory=set)
+    lost: int = 0  # sequences the agent no longer had when it could send them
+
+    def accept(self, sequence: int) -> bool:
+        """True for an event not seen before; advances `received` over what is complete."""
+        if sequence <= self.received or sequence in self.above:
+            return False
+        self.above.add(sequence)
+        while self.received + 1 in self.above:
+            self.received += 1
+            self.above.discard(self.received)
+        return True
+
+    def skip_to(self, first_available: int) -> int:
+        """The agent's log starts at first_available: what is missing below it can never
+        come. Returns how many sequences are given up."""
+        floor = first_available - 1
+        if floor <= self.received:
+            return 0
+        missing = sum(1 for s in range(self.received + 1, floor + 1) if s not in self.above)
+        self.above = {s for s in self.above if s > floor}
+        self.received = floor
+        while self.received + 1 in self.above:
+            self.received += 1
+            self.above.discard(self.received)
+        self.lost += missing
+        return missing
+
+
+@dataclass
 class NodeEntry:
     name: str
     status: pb.NodeStatus
@@ -82,7 +130,8 @@ class NodeEntry:
     last_seen: float
     features: list[str] = field(default_factory=list)
     session: Session | None = None
-    max_event_sequence: int = 0
+    # Event bookkeeping, per agent epoch (see EventLedger)
+    events: EventLedger = field(default_factory=lambda: EventLedger(""))
     _blob: bytes | None = field(default=None, repr=False)
     status_key: int | None = field(default=None, repr=False)
     persisted_key: int | None = field(default=None, repr=False)
@@ -184,10 +233,15 @@ class Watcher:
 
 class Fleet:
     def __init__(
-        self, store: ControllerStore, stale_after: float = 60.0, persist_interval: float = 30.0
+        self,
+        store: ControllerStore,
+        stale_after: float = 60.0,
+        persist_interval: float = 30.0,
+        heartbeat: float | None = None,
     ) -> None:
         self.store = store
         self.stale_after = stale_after
+        self.heartbeat = heartbeat or stale_after / HEARTBEATS_PER_STALE
         self.persist_interval = persist_interval
         self.nodes: dict[str, NodeEntry] = {}
         self.watchers: set[Watcher] = set()
@@ -199,7 +253,6 @@ class Fleet:
         self._dirty: dict[str, NodeEntry] = {}  # to write at the next flush
         # refreshed only (counters, observed_at, last_seen): name -> (entry, since), oldest first
         self._refreshed: OrderedDict[str, tuple[NodeEntry, float]] = OrderedDict()
-        sequences = store.max_sequences()
         for stored in store.load_nodes():
             self.nodes[stored.name] = NodeEntry(
                 name=stored.name,
@@ -207,7 +260,9 @@ class Fleet:
                 registered_at=stored.registered_at,
                 last_seen=stored.last_seen,
                 features=stored.features,
-                max_event_sequence=sequences.get(stored.name, 0),
+                events=EventLedger(
+                    stored.epoch, received=stored.acked, stored=stored.acked, acked=stored.acked
+                ),
             )
 
     def mark_dirty(self, entry: NodeEntry) -> None:
@@ -240,6 +295,23 @@ class Fleet:
         entry.set_status(status)
         entry.features = list(register.bpf_features)
         entry.last_seen = now
+        ledger = entry.events
+        if register.event_epoch != ledger.epoch:
+            if ledger.epoch:  # a new event log (state dir wiped): its numbers start again
+                entry.events = ledger = EventLedger(register.event_epoch)
+            else:  # first epoch-aware registration: same numbers as the stored events
+                ledger.epoch = register.event_epoch
+        if register.first_event_sequence:
+            missing = ledger.skip_to(register.first_event_sequence)
+            if missing:
+                log.warning(
+                    "node %s: %d events were compacted away by the agent before they could "
+                    "be sent; continuing from %d",
+                    entry.name,
+                    missing,
+                    register.first_event_sequence,
+                )
+        ledger.acked = ledger.stored
         self.mark_dirty(entry)
         previous = entry.session
         self.connects += 1
@@ -266,20 +338,38 @@ class Fleet:
             self.mark_refreshed(entry, now)
 
     def add_events(self, entry: NodeEntry, events: Iterable[pb.Event]) -> list[pb.Event]:
-        """New events (by agent sequence) are kept and sent to watchers; resends dropped."""
+        """New events (by epoch and sequence) are kept and sent to watchers; resends are
+        dropped. Nothing is skipped: an event after a gap is kept, and the gap is resent
+        from the acknowledged point when the agent reconnects."""
         fresh = []
+        ledger = entry.events
         for event in sorted(events, key=lambda e: e.sequence):
-            if event.sequence and event.sequence <= entry.max_event_sequence:
+            if event.sequence and not ledger.accept(event.sequence):
                 continue
             event.node = entry.name
-            entry.max_event_sequence = max(entry.max_event_sequence, event.sequence)
+            event.epoch = ledger.epoch
             fresh.append(event)
         entry.last_seen = time.time()
-        self.mark_refreshed(entry, entry.last_seen)  # the events themselves are stored as such
         if fresh:
+            self.mark_dirty(entry)  # its acknowledged point is written with the events
             self.pending_events.extend(fresh)
             self.publish(fresh)
+        else:
+            self.mark_refreshed(entry, entry.last_seen)
         return fresh
+
+    def stored(self, nodes: list[StoredNode]) -> None:
+        """A batch from take_dirty is in the database: tell each agent what is stored."""
+        for n in nodes:
+            entry = self.nodes.get(n.name)
+            if entry is None or entry.events.epoch != n.epoch:
+                continue
+            ledger = entry.events
+            ledger.stored = max(ledger.stored, n.acked)
+            if entry.session is not None and ledger.stored > ledger.acked:
+                ledger.acked = ledger.stored
+                ack = pb.ControllerMessage(events_ack=pb.EventsAck(event_sequence=ledger.acked))
+                entry.session.send(ack.SerializeToString())
 
     def publish(self, events: list[pb.Event]) -> None:
         for watcher in list(self.watchers):
@@ -308,10 +398,25 @@ class Fleet:
         for e in changed.values():
             e.persisted_key = e.status_key
             nodes.append(
-                StoredNode(e.name, e.status, e.registered_at, e.last_seen, e.features, e._blob)
+                StoredNode(
+                    e.name,
+                    e.status,
+                    e.registered_at,
+                    e.last_seen,
+                    e.features,
+                    e._blob,
+                    epoch=e.events.epoch,
+                    acked=e.events.received,
+                )
             )
         events, self.pending_events = self.pending_events, []
         return nodes, events
+
+    def flush(self, everything: bool = False) -> None:
+        """Write what is due now, in the caller's thread, and acknowledge stored events."""
+        nodes, events = self.take_dirty(everything)
+        self.store.write(nodes, events)
+        self.stored(nodes)
 
     # -- operator queries ------------------------------------------------------------------
     def ordered(self) -> list[NodeEntry]:

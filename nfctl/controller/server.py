@@ -15,14 +15,14 @@ from pathlib import Path
 
 import grpc
 from aiohttp import web
-from grpc_health.v1 import health, health_pb2
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.controller.auth import AuthPolicy, OperatorTokenGate, server_credentials
 from nfctl.controller.fleet import Fleet
 from nfctl.controller.metrics import ControllerMetrics
+from nfctl.controller.reflection import enable_reflection
 from nfctl.controller.service import AgentService, FleetService, add_service
 from nfctl.controller.store import ControllerStore
 from nfctl.controller.webhook import WebhookApp
@@ -69,7 +69,10 @@ class ControllerConfig:
     webhook_addr: str | None = "0.0.0.0:9080"
     webhook_secret_file: Path | None = None
     metrics_addr: str | None = "0.0.0.0:9102"
+    # plaintext gRPC health only (probes, load balancers): no client certificate, no fleet data
+    health_addr: str | None = "0.0.0.0:9444"
     stale_after: float = 60.0
+    heartbeat: float | None = None  # default stale_after / HEARTBEATS_PER_STALE
     flush_interval: float = 0.25
     status_persist_interval: float = 30.0  # heartbeat-only reports; see fleet.py
     gc_freeze_interval: float = 0.1
@@ -77,6 +80,14 @@ class ControllerConfig:
     max_message_bytes: int = MAX_AGENT_MESSAGE_BYTES
 
     def validate(self) -> None:
+        if self.stale_after <= 0:
+            raise ValueError("--stale-after must be positive")
+        if self.heartbeat is not None and not 0 < self.heartbeat * 2 <= self.stale_after:
+            raise ValueError(
+                f"--heartbeat {self.heartbeat:g} s must be positive and at most half of "
+                f"--stale-after {self.stale_after:g} s: a node is stale only after it missed "
+                "heartbeats, never between two"
+            )
         if self.insecure:
             host = self.listen.rpartition(":")[0].strip("[]") or "0.0.0.0"
             try:
@@ -107,6 +118,7 @@ class Controller:
             self.store,
             stale_after=config.stale_after,
             persist_interval=config.status_persist_interval,
+            heartbeat=config.heartbeat,
         )
         self.metrics = ControllerMetrics(self.fleet)
         self.auth = AuthPolicy.create(
@@ -119,6 +131,7 @@ class Controller:
         self.ports: dict[str, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._health: list[tuple[health.aio.HealthServicer, bool]] = []
+        self._probe_health: health.aio.HealthServicer | None = None
 
     def _grpc_server(self, with_agents: bool) -> grpc.aio.Server:
         if with_agents:
@@ -152,14 +165,35 @@ class Controller:
             add_service("AgentService", self.agents, server)
             names.append(pb.DESCRIPTOR.services_by_name["AgentService"].full_name)
         health_servicer = health.aio.HealthServicer()
-        from grpc_health.v1 import health_pb2_grpc
-
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         self._health.append((health_servicer, with_agents))
-        reflection.enable_server_reflection(
-            [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-        )
+        enable_reflection([*names, health.SERVICE_NAME], server)
         return server
+
+    def _health_server(self) -> grpc.aio.Server:
+        """Plaintext, no client certificate: grpc.health.v1.Health and nothing else (no
+        reflection, no fleet service), for kubelet `grpc:` probes and load balancers."""
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4096)])
+        self._probe_health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._probe_health, server)
+        return server
+
+    async def _set_probe_health(self) -> None:
+        if self._probe_health is None:
+            return
+        try:
+            await asyncio.to_thread(self.store.ping)
+            serving = health_pb2.HealthCheckResponse.SERVING
+        except Exception as exc:
+            log.error("store unusable: %s", exc)
+            serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", "nfctl.v1.AgentService", "nfctl.v1.FleetService"):
+            await self._probe_health.set(service, serving)
+
+    async def _health_loop(self, every: float = 5.0) -> None:
+        while True:
+            await asyncio.sleep(every)
+            await self._set_probe_health()
 
     async def start(self) -> None:
         cfg = self.config
@@ -181,8 +215,13 @@ class Controller:
             )
             self.ports["operator"] = ops.add_secure_port(cfg.operator_listen, creds)
             self.servers.append(ops)
+        if cfg.health_addr:
+            probes = self._health_server()
+            self.ports["health"] = probes.add_insecure_port(cfg.health_addr)
+            self.servers.append(probes)
         for server in self.servers:
             await server.start()
+        await self._set_probe_health()
         for servicer, with_agents in self._health:
             services = ["", "nfctl.v1.FleetService"] + (
                 ["nfctl.v1.AgentService"] if with_agents else []
@@ -203,14 +242,17 @@ class Controller:
             asyncio.create_task(self._flush_loop()),
             asyncio.create_task(self._session_log_loop()),
             asyncio.create_task(self._gc_loop()),
+            asyncio.create_task(self._health_loop()),
         ]
         log.info(
-            "controller listening: grpc %s (%s)%s, webhook %s, metrics %s; %d nodes known",
+            "controller listening: grpc %s (%s)%s, webhook %s, metrics %s, health %s; "
+            "%d nodes known",
             cfg.listen,
             "plaintext" if cfg.insecure else "mTLS",
             f", operators {cfg.operator_listen} (TLS + token)" if "operator" in self.ports else "",
             cfg.webhook_addr or "off",
             cfg.metrics_addr or "off",
+            cfg.health_addr or "off",
             len(self.fleet.nodes),
         )
 
@@ -238,6 +280,7 @@ class Controller:
             if nodes or events:
                 try:
                     await asyncio.to_thread(self.store.write, nodes, events)
+                    self.fleet.stored(nodes)
                 except Exception:
                     log.exception("writing to the store failed; will retry")
                     for n in nodes:
@@ -294,9 +337,10 @@ class Controller:
         for task in self._tasks:
             task.cancel()
         gc.unfreeze()
-        for servicer, _ in self._health:
-            with contextlib.suppress(Exception):
-                await servicer.enter_graceful_shutdown()
+        for servicer in [s for s, _ in self._health] + [self._probe_health]:
+            if servicer is not None:
+                with contextlib.suppress(Exception):
+                    await servicer.enter_graceful_shutdown()
         # End every agent session first: their handlers return and the agents see the
         # stream end (and reconnect with backoff), instead of 10,000 handlers cancelled.
         for entry in list(self.fleet.nodes.values()):
@@ -307,7 +351,7 @@ class Controller:
             await server.stop(grace=1.0)
         for runner in self.runners:
             await runner.cleanup()
-        self.store.write(*self.fleet.take_dirty(everything=True))
+        self.fleet.flush(everything=True)
         self.store.close()
 
 

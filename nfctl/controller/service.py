@@ -50,8 +50,8 @@ class AgentService:
                 pb.ControllerMessage(
                     registered=pb.Registered(
                         session_id=session.id,
-                        acked_event_sequence=entry.max_event_sequence,
-                        heartbeat_seconds=max(0.5, self.fleet.stale_after / 3),
+                        acked_event_sequence=entry.events.stored,
+                        heartbeat_seconds=self.fleet.heartbeat,
                     )
                 )
             )
@@ -180,7 +180,7 @@ class FleetService(pbg.FleetServiceServicer):
         self, request: pb.GetHistoryRequest, context: Any
     ) -> pb.GetHistoryResponse:
         async def handle() -> pb.GetHistoryResponse:
-            self.fleet.store.write(*self.fleet.take_dirty())  # include what is not flushed yet
+            self.fleet.flush()  # include what is not flushed yet
             events = await asyncio.to_thread(
                 self.fleet.store.history,
                 node=request.node,
@@ -200,15 +200,36 @@ class FleetService(pbg.FleetServiceServicer):
         await self.auth.require_operator(context)
         watcher = Watcher(request)
         self.fleet.watchers.add(watcher)
+        # what the client has (a resumed watch) and what this stream sent: an event may be
+        # both replayed from the store and queued live
+        have = dict(request.after_sequences)
+        sent: set[tuple[str, str, int]] = set()
+
+        def new(event: pb.Event) -> bool:
+            key = (event.node, event.epoch, event.sequence)
+            if event.sequence <= have.get(event.node, 0) or key in sent:
+                return False
+            sent.add(key)
+            return True
+
         try:
-            if request.include_history:
-                self.fleet.store.write(*self.fleet.take_dirty())
-                for event in self.fleet.store.history(
-                    node=request.node, nf=request.nf, reason=request.reason, limit=100
-                ):
-                    yield event
+            if request.include_history or request.since:
+                self.fleet.flush()
+                replay = await asyncio.to_thread(
+                    self.fleet.store.history,
+                    node=request.node,
+                    nf=request.nf,
+                    reason=request.reason,
+                    since=request.since,
+                    limit=10_000 if request.since else 100,
+                )
+                for event in replay:
+                    if new(event):
+                        yield event
             while watcher in self.fleet.watchers:
-                yield await watcher.queue.get()
+                event = await watcher.queue.get()
+                if new(event):
+                    yield event
         finally:
             self.fleet.watchers.discard(watcher)
 

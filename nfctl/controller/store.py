@@ -2,7 +2,9 @@
 
 Writes are batched by the caller (a flush every fraction of a second), so thousands of
 agents reporting do not mean thousands of transactions per second. Events are unique by
-(node, agent sequence): agents resend after reconnecting without creating duplicates."""
+(node, agent event epoch, agent sequence): agents resend after reconnecting without
+creating duplicates. A node's row keeps its epoch and `acked`, the highest sequence up to
+which every event of that epoch is stored, written in the same transaction as the events."""
 
 from __future__ import annotations
 
@@ -14,17 +16,22 @@ from pathlib import Path
 
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 
-SCHEMA = """
+NODES_TABLE = """
 CREATE TABLE IF NOT EXISTS nodes (
     name TEXT PRIMARY KEY,
     status BLOB NOT NULL,
     registered_at REAL NOT NULL,
     last_seen REAL NOT NULL,
-    features TEXT NOT NULL DEFAULT '[]'
+    features TEXT NOT NULL DEFAULT '[]',
+    epoch TEXT NOT NULL DEFAULT '',
+    acked INTEGER NOT NULL DEFAULT 0
 );
+"""
+EVENTS_TABLE = """
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     node TEXT NOT NULL,
+    epoch TEXT NOT NULL DEFAULT '',
     sequence INTEGER NOT NULL,
     time REAL NOT NULL,
     type TEXT NOT NULL,
@@ -34,12 +41,18 @@ CREATE TABLE IF NOT EXISTS events (
     author TEXT NOT NULL DEFAULT '',
     commit_time REAL NOT NULL DEFAULT 0,
     message TEXT NOT NULL,
-    UNIQUE (node, sequence)
+    UNIQUE (node, epoch, sequence)
 );
+"""
+SCHEMA = (
+    NODES_TABLE
+    + EVENTS_TABLE
+    + """
 CREATE INDEX IF NOT EXISTS events_time ON events (time);
 CREATE INDEX IF NOT EXISTS events_nf ON events (nf, time);
 CREATE INDEX IF NOT EXISTS events_revision ON events (revision);
 """
+)
 
 
 @dataclass
@@ -50,6 +63,8 @@ class StoredNode:
     last_seen: float
     features: list[str]
     blob: bytes | None = None  # the serialized status, when already at hand
+    epoch: str = ""  # the agent's event epoch
+    acked: int = 0  # every event of the epoch up to this sequence is stored
 
 
 class ControllerStore:
@@ -61,30 +76,66 @@ class ControllerStore:
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
             self._db.executescript(SCHEMA)
+
+    def _columns(self, table: str) -> set[str]:
+        return {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+
+    def _migrate(self) -> None:
+        """Databases from before event epochs: events were unique by (node, sequence) and
+        a node's acknowledged point was its highest stored sequence."""
+        if "sequence" in self._columns("events") and "epoch" not in self._columns("events"):
+            self._db.executescript(
+                "BEGIN;"
+                "ALTER TABLE events RENAME TO events_v1;"
+                + EVENTS_TABLE
+                + "INSERT INTO events (id, node, epoch, sequence, time, type, reason, nf, "
+                "revision, author, commit_time, message) SELECT id, node, '', sequence, time, "
+                "type, reason, nf, revision, author, commit_time, message FROM events_v1;"
+                "DROP TABLE events_v1;"
+                "COMMIT;"
+            )
+        if "name" in self._columns("nodes") and "acked" not in self._columns("nodes"):
+            self._db.executescript(
+                "BEGIN;"
+                "ALTER TABLE nodes ADD COLUMN epoch TEXT NOT NULL DEFAULT '';"
+                "ALTER TABLE nodes ADD COLUMN acked INTEGER NOT NULL DEFAULT 0;"
+                "UPDATE nodes SET acked = COALESCE("
+                "(SELECT MAX(sequence) FROM events WHERE events.node = nodes.name), 0);"
+                "COMMIT;"
+            )
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
+    def ping(self) -> None:
+        """Raise unless the database answers."""
+        with self._lock:
+            self._db.execute("SELECT count(*) FROM nodes").fetchone()
+
     def load_nodes(self) -> list[StoredNode]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT name, status, registered_at, last_seen, features FROM nodes"
+                "SELECT name, status, registered_at, last_seen, features, epoch, acked FROM nodes"
             ).fetchall()
         out = []
-        for name, blob, registered_at, last_seen, features in rows:
+        for name, blob, registered_at, last_seen, features, epoch, acked in rows:
             status = pb.NodeStatus()
             status.ParseFromString(blob)
-            out.append(StoredNode(name, status, registered_at, last_seen, json.loads(features)))
+            out.append(
+                StoredNode(
+                    name,
+                    status,
+                    registered_at,
+                    last_seen,
+                    json.loads(features),
+                    epoch=epoch,
+                    acked=int(acked),
+                )
+            )
         return out
-
-    def max_sequences(self) -> dict[str, int]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT node, MAX(sequence) FROM events GROUP BY node"
-            ).fetchall()
-        return {node: int(seq) for node, seq in rows}
 
     def write(self, nodes: list[StoredNode], events: list[pb.Event]) -> None:
         """One transaction for a batch of node snapshots and new events."""
@@ -99,10 +150,10 @@ class ControllerStore:
             self._db.execute("BEGIN")
             try:
                 self._db.executemany(
-                    "INSERT INTO nodes (name, status, registered_at, last_seen, features) "
-                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
+                    "INSERT INTO nodes (name, status, registered_at, last_seen, features, "
+                    "epoch, acked) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
                     "status=excluded.status, last_seen=excluded.last_seen, "
-                    "features=excluded.features",
+                    "features=excluded.features, epoch=excluded.epoch, acked=excluded.acked",
                     [
                         (
                             n.name,
@@ -110,17 +161,20 @@ class ControllerStore:
                             n.registered_at,
                             n.last_seen,
                             features[tuple(n.features)],
+                            n.epoch,
+                            n.acked,
                         )
                         for n in nodes
                     ],
                 )
                 self._db.executemany(
-                    "INSERT OR IGNORE INTO events (node, sequence, time, type, reason, nf, "
-                    "revision, author, commit_time, message) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT OR IGNORE INTO events (node, epoch, sequence, time, type, reason, "
+                    "nf, revision, author, commit_time, message) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     [
                         (
                             e.node,
+                            e.epoch,
                             e.sequence,
                             e.time,
                             e.type,
@@ -166,7 +220,8 @@ class ControllerStore:
             params.append(until)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         sql = (
-            "SELECT node, sequence, time, type, reason, nf, revision, author, commit_time, message "
+            "SELECT node, sequence, time, type, reason, nf, revision, author, commit_time, "
+            "message, epoch "
             f"FROM events {where} ORDER BY time DESC, id DESC LIMIT ?"
         )
         with self._lock:
@@ -183,6 +238,7 @@ class ControllerStore:
                 author=r[7],
                 commit_time=r[8],
                 message=r[9],
+                epoch=r[10],
             )
             for r in rows
         ]

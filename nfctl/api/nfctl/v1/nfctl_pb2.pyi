@@ -109,6 +109,7 @@ class AttachPoint(_message.Message):
     HOOK_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    MISSING_SINCE_FIELD_NUMBER: _builtins.int
     interface: _builtins.str
     hook: _builtins.str
     """xdp | tc-ingress | tc-egress"""
@@ -116,6 +117,8 @@ class AttachPoint(_message.Message):
     """native | generic | tc"""
     error: _builtins.str
     """why this attach point is not running the desired chain"""
+    missing_since: _builtins.float
+    """unix seconds the interface vanished; 0: present"""
     def __init__(
         self,
         *,
@@ -123,10 +126,11 @@ class AttachPoint(_message.Message):
         hook: _builtins.str = ...,
         mode: _builtins.str = ...,
         error: _builtins.str = ...,
+        missing_since: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "hook", b"hook", "interface", b"interface", "mode", b"mode"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "hook", b"hook", "interface", b"interface", "missing_since", b"missing_since", "mode", b"mode"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -389,6 +393,7 @@ class Event(_message.Message):
     AUTHOR_FIELD_NUMBER: _builtins.int
     COMMIT_TIME_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
     time: _builtins.float
     type: _builtins.str
     """Normal | Warning"""
@@ -405,6 +410,8 @@ class Event(_message.Message):
     """commit time, unix seconds"""
     sequence: _builtins.int
     """per-node sequence number assigned by the agent"""
+    epoch: _builtins.str
+    """the agent event log the sequence belongs to (see Register)"""
     def __init__(
         self,
         *,
@@ -418,10 +425,11 @@ class Event(_message.Message):
         author: _builtins.str = ...,
         commit_time: _builtins.float = ...,
         sequence: _builtins.int = ...,
+        epoch: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "commit_time", b"commit_time", "message", b"message", "nf", b"nf", "node", b"node", "reason", b"reason", "revision", b"revision", "sequence", b"sequence", "time", b"time", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["author", b"author", "commit_time", b"commit_time", "epoch", b"epoch", "message", b"message", "nf", b"nf", "node", b"node", "reason", b"reason", "revision", b"revision", "sequence", b"sequence", "time", b"time", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -462,11 +470,21 @@ class Register(_message.Message):
     BPF_FEATURES_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     LAST_EVENT_SEQUENCE_FIELD_NUMBER: _builtins.int
+    EVENT_EPOCH_FIELD_NUMBER: _builtins.int
+    FIRST_EVENT_SEQUENCE_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     kernel: _builtins.str
     agent_version: _builtins.str
     last_event_sequence: _builtins.int
     """the agent's newest event sequence number"""
+    event_epoch: _builtins.str
+    """Events are numbered 1, 2, ... within an epoch: a random id made with the agent's event
+    log (a wiped state dir starts a new epoch, so its sequence numbers are new events).
+    """
+    first_event_sequence: _builtins.int
+    """The oldest event the agent still has (older ones were compacted away): the controller
+    counts anything it is missing below it as lost instead of waiting for it forever.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -482,10 +500,12 @@ class Register(_message.Message):
         bpf_features: _abc.Iterable[_builtins.str] | None = ...,
         agent_version: _builtins.str = ...,
         last_event_sequence: _builtins.int = ...,
+        event_epoch: _builtins.str = ...,
+        first_event_sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "bpf_features", b"bpf_features", "kernel", b"kernel", "labels", b"labels", "last_event_sequence", b"last_event_sequence", "node", b"node"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "bpf_features", b"bpf_features", "event_epoch", b"event_epoch", "first_event_sequence", b"first_event_sequence", "kernel", b"kernel", "labels", b"labels", "last_event_sequence", b"last_event_sequence", "node", b"node"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -599,9 +619,11 @@ class Registered(_message.Message):
     HEARTBEAT_SECONDS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     acked_event_sequence: _builtins.int
-    """events up to this sequence are stored already"""
+    """Every event of the agent's epoch up to this sequence is stored (highest contiguous):
+    the agent sends from the next one.
+    """
     heartbeat_seconds: _builtins.float
-    """send a status at least this often (stale detection)"""
+    """send a message at least this often (stale detection)"""
     def __init__(
         self,
         *,
@@ -616,6 +638,29 @@ class Registered(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Registered: _TypeAlias = Registered  # noqa: Y015
+
+@_typing.final
+class EventsAck(_message.Message):
+    """Events stored durably: every event of the agent's epoch up to event_sequence (highest
+    contiguous). Sent after each store write that included events of the node.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_SEQUENCE_FIELD_NUMBER: _builtins.int
+    event_sequence: _builtins.int
+    def __init__(
+        self,
+        *,
+        event_sequence: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_sequence", b"event_sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventsAck: _TypeAlias = EventsAck  # noqa: Y015
 
 @_typing.final
 class ReconcileNow(_message.Message):
@@ -698,21 +743,25 @@ class ControllerMessage(_message.Message):
 
     REGISTERED_FIELD_NUMBER: _builtins.int
     COMMAND_FIELD_NUMBER: _builtins.int
+    EVENTS_ACK_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def registered(self) -> Global___Registered: ...
     @_builtins.property
     def command(self) -> Global___Command: ...
+    @_builtins.property
+    def events_ack(self) -> Global___EventsAck: ...
     def __init__(
         self,
         *,
         registered: Global___Registered | None = ...,
         command: Global___Command | None = ...,
+        events_ack: Global___EventsAck | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "command", b"command", "registered", b"registered"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "command", b"command", "events_ack", b"events_ack", "registered", b"registered"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "command", b"command", "registered", b"registered"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "command", b"command", "events_ack", b"events_ack", "registered", b"registered"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["registered", "command"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["registered", "command", "events_ack"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -1049,16 +1098,46 @@ Global___ListFunctionsResponse: _TypeAlias = ListFunctionsResponse  # noqa: Y015
 class WatchEventsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class AfterSequencesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NODE_FIELD_NUMBER: _builtins.int
     NF_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     INCLUDE_HISTORY_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    AFTER_SEQUENCES_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     """optional filters"""
     nf: _builtins.str
     reason: _builtins.str
     include_history: _builtins.bool
     """first replay stored events (newest 100)"""
+    since: _builtins.float
+    """Resuming a watch: replay stored events from this time on (unix seconds, agent clocks)
+    instead of the newest 100, skipping per node what the client already has.
+    """
+    @_builtins.property
+    def after_sequences(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """node -> last sequence the client printed"""
+
     def __init__(
         self,
         *,
@@ -1066,10 +1145,12 @@ class WatchEventsRequest(_message.Message):
         nf: _builtins.str = ...,
         reason: _builtins.str = ...,
         include_history: _builtins.bool = ...,
+        since: _builtins.float = ...,
+        after_sequences: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_history", b"include_history", "nf", b"nf", "node", b"node", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_sequences", b"after_sequences", "include_history", b"include_history", "nf", b"nf", "node", b"node", "reason", b"reason", "since", b"since"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
