@@ -57,7 +57,7 @@ def test_failing_tests_refuse_the_version_and_keep_the_old_one_under_traffic(
         live_prog = xdp_prog_id(veth)
 
         # A new version that no longer drops listed IPv4 sources: compiles and verifies,
-        # but the library test "drops the IPv4 source listed in nf.yaml" fails.
+        # but the library test "drops a listed IPv4 source" fails.
         source = repo.read("nfs/blocklist/blocklist.c")
         broken = source.replace("return count_drop(0);", "return XDP_PASS;")
         assert broken != source
@@ -92,7 +92,7 @@ def test_failing_tests_refuse_the_version_and_keep_the_old_one_under_traffic(
         assert error["file"] == "nfs/blocklist/tests.yaml"
         assert error["line"] == _line(tests_text, "verdict: drop")
         assert error["message"].startswith(
-            "test 'drops the IPv4 source listed in nf.yaml' failed: expected verdict drop, got pass"
+            "test 'drops a listed IPv4 source' failed: expected verdict drop, got pass"
         )
         assert error["revision"] == c2
         refused = events_of(agent, "TestsFailed", "blocklist")
