@@ -203,6 +203,8 @@ def test_teardown_detaches_pinned_links_even_while_held(
         report = teardown(bpffs_root, tmp_path / "state", netns=veth.ns_a)
         assert report.links == [str(bpffs_root / "links" / f"tcx-ingress-{veth.a_if}")]
         assert _link_ifindex(ours) == 0  # detached although this test still holds its fd
+        # b's neighbour entry for a failed while ARP was dropped: let it resolve again
+        wait_until(lambda: veth.ping(veth.ns_b, veth.a_ip, 1, timeout_s=1) == 1, 15)
         assert veth.ping(veth.ns_b, veth.a_ip, 2, timeout_s=0.3) == 2
         assert not bpffs_root.exists()
         assert _link_ifindex(theirs) > 0 and foreign_pin.exists()
