@@ -473,7 +473,7 @@ class Reconciler(StatusReporting):
         drift: dict[AttachPoint, list[str]] = {}
         for state in self.datapath.observe(desired):
             point = AttachPoint(state.ifname, state.hook)
-            modes[point] = state.xdp_mode if state.hook is Hook.XDP else "tc"
+            modes[point] = state.xdp_mode if state.hook is Hook.XDP else state.attach or "tc"
             drift[point] = [d for d in state.drift if "is gone" not in d]
             if state.ours:
                 actual[point] = [
@@ -537,6 +537,7 @@ class Reconciler(StatusReporting):
                         members,
                         xdp_mode=self._xdp_mode(entries),
                         take_over=correct,
+                        position=self._position(entries),
                     )
                 except Exception as exc:
                     for e in entries:
@@ -587,6 +588,16 @@ class Reconciler(StatusReporting):
                 if mode != "auto":
                     return str(mode)
         return "auto"
+
+    def _position(self, entries: list[ChainEntry]) -> str:
+        """The TCX placement of the chain: the first NF (in chain order) that sets one."""
+        for entry in entries:
+            applied = self.applied.get(entry.nf)
+            if applied:
+                position = applied.spec.get("spec", {}).get("attach", {}).get("position")
+                if position:
+                    return str(position)
+        return "first"
 
     def _commit_swaps(self) -> None:
         for name, loaded in list(self.pending_commit.items()):

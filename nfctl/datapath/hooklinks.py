@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,7 @@ class Position:
         where, _, name = text.partition(":")
         if where in ("first", "last") and not name:
             return cls(where)
-        if where in ("before", "after") and name:
+        if where in ("before", "after") and re.fullmatch(r"[A-Za-z0-9_]{1,15}", name):
             return cls(where, name)
         raise ValueError(f"position {text!r}: expected first, last, before:<prog> or after:<prog>")
 
