@@ -47,6 +47,7 @@ from nfctl.agent.store import AppliedNF, StateStore, Suspensions
 from nfctl.compiler.client import PreparedNF, prepare
 from nfctl.datapath.datapath import ChainMember, Datapath, DatapathError, LoadedBuild
 from nfctl.datapath.layout import LayoutError
+from nfctl.datapath.observe import AttachPointState
 from nfctl.diagnostics import Diagnostic
 from nfctl.manifest.model import Hook, NetworkFunction
 from nfctl.manifest.repo import scan_repo
@@ -124,6 +125,7 @@ class Reconciler(StatusReporting):
         self._changes: list[tuple[str, str]] = []
         self._entry_changes: list[tuple[str, str]] = []
         self._modes: dict[AttachPoint, str | None] = {}
+        self._observed: dict[AttachPoint, AttachPointState] = {}
         self._target: dict[AttachPoint, list[ChainEntry]] = {}
         self._converged = False
         self._synced: dict[str, tuple[str, str]] = {}
@@ -471,8 +473,10 @@ class Reconciler(StatusReporting):
         actual: dict[AttachPoint, list[ChainEntry] | None] = {}
         modes: dict[AttachPoint, str | None] = {}
         drift: dict[AttachPoint, list[str]] = {}
+        self._observed = {}
         for state in self.datapath.observe(desired):
             point = AttachPoint(state.ifname, state.hook)
+            self._observed[point] = state
             modes[point] = state.xdp_mode if state.hook is Hook.XDP else state.attach or "tc"
             drift[point] = [d for d in state.drift if "is gone" not in d]
             if state.ours:
@@ -706,6 +710,7 @@ class Reconciler(StatusReporting):
         """Periodic: the same convergence without fetching; returns the drift found."""
         with self.lock:
             found = self.converge()
+            self._shadowed_condition()
             self._publish()
             return found
 

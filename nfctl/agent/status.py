@@ -21,6 +21,7 @@ class ConditionType(StrEnum):
     READY = "Ready"
     RECONCILING = "Reconciling"
     STALLED = "Stalled"
+    SHADOWED = "Shadowed"  # another tool's program can end processing before our chain
 
 
 class Condition(_Model):
@@ -53,6 +54,10 @@ class AttachPointStatus(_Model):
     hook: str
     mode: str | None = None
     error: str | None = None
+    # what `bpftool net show` / `bpftool link` print, to match them to this attach point
+    dispatcher_id: int | None = Field(default=None, alias="dispatcherId")
+    link_id: int | None = Field(default=None, alias="linkId")
+    shadowed_by: list[str] = Field(default_factory=list, alias="shadowedBy")
 
 
 class MapStatus(_Model):

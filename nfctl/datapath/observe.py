@@ -80,7 +80,7 @@ def pinned_programs(layout: BpffsLayout) -> dict[int, ProgramRef]:
     return out
 
 
-def _program_ref(prog_id: int, known: dict[int, ProgramRef]) -> ProgramRef:
+def program_ref(prog_id: int, known: dict[int, ProgramRef]) -> ProgramRef:
     if prog_id in known:
         return known[prog_id]
     try:
@@ -119,17 +119,15 @@ def observe_attach_point(
     if hook is Hook.XDP and prog_id:
         state.xdp_mode = xdp.query(handle, ifindex).mode
     if prog_id:
-        state.hook_prog = _program_ref(prog_id, known)
+        state.hook_prog = program_ref(prog_id, known)
         state.ours = prog_id == dispatcher_id
     if hook is not Hook.XDP:
-        state.tcx = [
-            _program_ref(i, known) for i, _ in hooklinks.tcx_programs(netns, ifindex, hook)
-        ]
+        state.tcx = [program_ref(i, known) for i, _ in hooklinks.tcx_programs(netns, ifindex, hook)]
     state.shadowed_by = shadowing(state, dispatcher_id)
     if table is not None:
         ids = table.chain_prog_ids(ifindex, hook)
         state.has_head = ids is not None
-        state.chain = [_program_ref(i, known) for i in ids or []]
+        state.chain = [program_ref(i, known) for i in ids or []]
     if desired is None:
         return state
     if desired:
