@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-from nfctl.datapath import bpf, xdp
+from nfctl.datapath import bpf, links, xdp
 from nfctl.datapath.dispatcher import TcSettings
 from nfctl.testing.netns import run
 
@@ -25,6 +26,19 @@ def force_foreign_xdp(netns: str, ifname: str, name: str = "other_tool") -> None
             ipr.link("set", index=index, xdp={"attrs": attrs})
     finally:
         os.close(fd)  # the interface holds the program now
+
+
+def detach_links(bpffs_root: Path, hook: str) -> int:
+    """Detach nfctl's pinned links on hook, as `bpftool link detach id N` does; the pins
+    stay (defunct links). Returns how many were detached."""
+    count = 0
+    folder = bpffs_root / "links"
+    for pin in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if pin.name.rsplit("-", 1)[0] == hook:
+            with links.PinnedLink(links.obj_get(str(pin))) as link:
+                links.link_detach(link.fd)
+                count += 1
+    return count
 
 
 def delete_tc_filter(
