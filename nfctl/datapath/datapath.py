@@ -412,7 +412,8 @@ class Datapath:
         with contextlib.ExitStack() as stack:
             fds = [stack.enter_context(BpfProgram.from_pin(str(m.prog_pin))).fd for m in members]
             table.install(ifindex, hook, fds)
-        clsact_before = hook is Hook.XDP or tc.has_clsact(self.ipr, ifindex)
+        netlink_tc = hook is not Hook.XDP and not self.uses_link(hook)
+        clsact_before = not netlink_tc or tc.has_clsact(self.ipr, ifindex)
         try:
             mode = self._attach(ifindex, hook, xdp_mode, take_over, placement)
         except Exception:
@@ -420,7 +421,7 @@ class Datapath:
                 table.remove(ifindex, hook)  # do not leave a head for a hook we do not hold
             raise
         self._note_interface(ifname, ifindex, hook)
-        if not clsact_before and tc.has_clsact(self.ipr, ifindex):
+        if not clsact_before:
             self.note_clsact_created(ifname)
         return mode
 
@@ -445,9 +446,9 @@ class Datapath:
                 self.ipr, ifindex, hook, program, xdp_mode=xdp_mode, take_over=take_over
             )
         if self.uses_link(hook):
-            hooklinks.attach(self.layout, self.netns, ifindex, hook, program, position=position)
-            # a cls_bpf filter of an older nfctl would run our chain a second time
-            disp.detach(self.ipr, ifindex, hook, None, tc_settings=self.tc_settings)
+            if hooklinks.attach(self.layout, self.netns, ifindex, hook, program, position=position):
+                # a cls_bpf filter of an older nfctl would run our chain a second time
+                disp.detach(self.ipr, ifindex, hook, None, tc_settings=self.tc_settings)
             return "tcx"
         return disp.attach(self.ipr, ifindex, hook, program, tc_settings=self.tc_settings)
 

@@ -105,9 +105,10 @@ def attach(
     program: BpfProgram,
     xdp_mode: str = "auto",
     position: Position = Position("first"),
-) -> None:
+) -> bool:
     """Make program the one our link on (ifindex, hook) runs: BPF_LINK_UPDATE (compare
-    and swap against the program it runs now) if our link is there, else a new link."""
+    and swap against the program it runs now) if our link is there, else a new link.
+    Returns True when it created the link."""
     pin = link_pin(layout, hook, ifindex)
     existing = links.PinnedLink.open(str(pin))
     if existing is not None:
@@ -116,7 +117,7 @@ def attach(
                 if existing.info.prog_id != program.info.prog_id:
                     with BpfProgram.from_id(existing.info.prog_id) as old:
                         links.link_update(existing.fd, program.fd, old.fd)
-                return
+                return False
         pin.unlink()  # defunct: detached by someone else, or its interface went away
     os.makedirs(pin.parent, exist_ok=True)
     fd = _create(netns, ifindex, hook, program, xdp_mode, position)
@@ -127,6 +128,7 @@ def attach(
         raise
     finally:
         os.close(fd)
+    return True
 
 
 def _create(
