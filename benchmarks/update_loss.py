@@ -22,6 +22,7 @@ netlink atomic-replace baselines of --scenario swap hold one program, not a chai
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 import uuid
@@ -88,6 +89,98 @@ def run_mode(
     # without a count went through the hook with no NF on it.
     return {
         "hook": hook.value,
+        "updates": updates,
+        "sent": sent,
+        "received": received,
+        "counted": counted,
+        "lost": sent - received,
+        "bypassed": received - counted,
+        "attach": attach,
+        "update_ms_p50": round(percentile(timings, 50) * 1000, 3),
+        "update_ms_p99": round(percentile(timings, 99) * 1000, 3),
+    }
+
+
+def _standalone(hook: Hook, pin: Path) -> tuple[list[Any], list[int]]:
+    """The same counting NF in two versions, loaded by BCC on its own (no dispatcher,
+    no chain), sharing one pinned counter map: what the atomic-replace baselines swap."""
+    from bcc import BPF
+
+    from tests.nfsources import counting_nf
+
+    objs, fds = [], []
+    for version in (1, 2):
+        source, function, cflags = counting_nf(hook.value, version)
+        source = source.replace(
+            "BPF_ARRAY(seen, u64, 2);", f'BPF_TABLE_PINNED("array", u32, u64, seen, 2, "{pin}");'
+        )
+        # nfctl's generated preamble brings pkt_cls.h; standalone, include it here
+        bpf_obj = BPF(text="#include <linux/pkt_cls.h>\n" + source, cflags=cflags)
+        kind = BPF.XDP if hook is Hook.XDP else BPF.SCHED_CLS
+        objs.append(bpf_obj)
+        fds.append(bpf_obj.load_func(function, kind).fd)
+    return objs, fds
+
+
+def _pinned_count(pin: Path, hook: Hook) -> int:
+    from nfctl.datapath.bpf import BpfMap
+
+    with BpfMap.from_pin(str(pin)) as counts:
+        raw = counts.lookup((1 if hook is Hook.TC_EGRESS else 0).to_bytes(4, "little"))
+    return int.from_bytes(raw or b"", "little")
+
+
+def run_atomic_baseline(
+    pair: VethPair, hook: Hook, pin: Path, fds: list[int], updates: int, method: str
+) -> dict[str, Any]:
+    """link_update: a TCX / XDP link swapped with BPF_LINK_UPDATE (expected old program);
+    netlink_replace: tc replace-filter at a fixed prio/handle, or XDP_FLAGS_REPLACE."""
+    from pyroute2 import IPRoute
+
+    from nfctl.datapath import links, tc, xdp
+
+    direction = "egress" if hook is Hook.TC_EGRESS else "ingress"
+    with IPRoute(netns=pair.ns_a) as ipr:
+        index = int(ipr.link_lookup(ifname=pair.a_if)[0])
+        link = -1
+        if method == "link_update":
+            attach_type = links.BPF_XDP if hook is Hook.XDP else links.TCX_ATTACH_TYPE[direction]
+            with links.in_netns(pair.ns_a):
+                link = links.link_create(fds[0], index, attach_type)
+            attach = "xdp-link" if hook is Hook.XDP else "tcx"
+        elif hook is Hook.XDP:
+            attach = f"netlink ({xdp.attach(ipr, index, fds[0])})"
+        else:
+            tc.ensure_clsact(ipr, index)
+            tc.replace_filter(ipr, index, direction, fds[0], "bench", 10, 1)
+            attach = "tc"
+        time.sleep(0.1)
+        before = _pinned_count(pin, hook)
+        flood = Flood(pair.ns_b, pair.a_ip)
+        timings = []
+        try:
+            for i in range(updates):
+                new, old = fds[(i + 1) % 2], fds[i % 2]
+                start = time.perf_counter()
+                if link >= 0:
+                    links.link_update(link, new, old)
+                elif hook is Hook.XDP:
+                    xdp.attach(ipr, index, new, expected_fd=old)
+                else:
+                    tc.replace_filter(ipr, index, direction, new, "bench", 10, 1)
+                timings.append(time.perf_counter() - start)
+        finally:
+            sent, received = flood.stop()
+        counted = _pinned_count(pin, hook) - before
+        if link >= 0:
+            links.link_detach(link)
+            os.close(link)
+        elif hook is Hook.XDP:
+            xdp.detach(ipr, index)
+        else:
+            tc.delete_filter(ipr, index, direction, 10, 1)
+    return {
+        "method": method,
         "updates": updates,
         "sent": sent,
         "received": received,
@@ -220,11 +313,19 @@ def main() -> None:
             ours = run_mode(dp, pair, hook, builds, args.updates, detach_first=False)
             dp.clear_chain(pair.a_if, hook)
             baseline = run_mode(dp, pair, hook, builds, args.updates, detach_first=True)
+            dp.clear_chain(pair.a_if, hook)
+            pin = root / "bench-seen"
+            _objs, fds = _standalone(hook, pin)
+            atomic = [
+                run_atomic_baseline(pair, hook, pin, fds, args.updates, method)
+                for method in ("netlink_replace", "link_update")
+            ]
         finally:
             dp.teardown()
             remove_tree(root)
     ours["baseline"] = {**baseline, "method": "detach then attach (what unload+reload tools do)"}
     ours["method"] = "nfctl: new chain range + atomic head switch"
+    ours["atomic_baselines"] = atomic
     ours["machine"] = machine()
     emit(ours, args.json)
 

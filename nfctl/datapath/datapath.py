@@ -120,6 +120,7 @@ class Datapath:
         self._tables: dict[str, ChainTable] = {}
         self._dispatchers: dict[Hook, BpfProgram] = {}
         self._ipr: Any = None
+        self._xdp_link_modes: dict[int, str] = {}  # ifindex -> mode the kernel gave our link
 
     # -- lifecycle ---------------------------------------------------------------
     def close(self) -> None:
@@ -436,12 +437,19 @@ class Datapath:
         program = self.dispatcher(hook)
         if hook is Hook.XDP:
             linked = hooklinks.linked_prog_id(self.layout, hook, ifindex)[1]
-            on_hook = self.attached_prog_id(ifindex, hook)
+            if linked and self.uses_link(hook):
+                # our live link holds the hook, nothing else can be there: no netlink
+                hooklinks.attach(self.layout, self.netns, ifindex, hook, program, xdp_mode)
+                if ifindex not in self._xdp_link_modes:
+                    self._xdp_link_modes[ifindex] = xdp.query(self.ipr, ifindex).mode or xdp_mode
+                return self._xdp_link_modes[ifindex]
             # a program attached over netlink (ours from before links, or another tool's
             # taken over) keeps the netlink path: its atomic replace stays hitless
-            if self.uses_link(hook) and (on_hook == 0 or on_hook == linked):
+            if self.uses_link(hook) and self.attached_prog_id(ifindex, hook) == 0:
                 hooklinks.attach(self.layout, self.netns, ifindex, hook, program, xdp_mode)
-                return xdp.query(self.ipr, ifindex).mode or xdp_mode
+                mode = xdp.query(self.ipr, ifindex).mode or xdp_mode
+                self._xdp_link_modes[ifindex] = mode
+                return mode
             return disp.attach(
                 self.ipr, ifindex, hook, program, xdp_mode=xdp_mode, take_over=take_over
             )
@@ -462,6 +470,7 @@ class Datapath:
             hooklinks.detach(self.layout, hook, tracked)  # a link whose interface is gone
         if ifindex is not None:
             hooklinks.detach(self.layout, hook, ifindex)
+            self._xdp_link_modes.pop(ifindex, None)
             created = self._created_clsact(ifname)
             disp.detach(
                 self.ipr,
