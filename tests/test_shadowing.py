@@ -17,7 +17,14 @@ from nfctl.datapath.shadowscan import scan
 from nfctl.manifest.model import Hook
 from nfctl.testing.foreign import force_foreign_xdp
 from nfctl.testing.netns import VethPair, run
-from tests.agent_harness import AgentProcess, GitDaemon, GitRepo, metric_samples, wait_until
+from tests.agent_harness import (
+    AgentProcess,
+    GitDaemon,
+    GitRepo,
+    metric_samples,
+    nfctl,
+    wait_until,
+)
 from tests.helpers import prepare_nf, write_nf
 from tests.nfsources import counting_nf
 
@@ -109,6 +116,10 @@ def test_agent_status_and_metric_name_the_shadowing_program(
             [point] = agent.nf("counter")["attachPoints"]
             assert point["shadowedBy"] == [f"cil_from_netdev (id {foreign_id})"]
             assert point["linkId"] and point["dispatcherId"]
+            shown = nfctl("status", "--state-dir", str(tmp_path / "state")).stdout
+            assert f"link {point['linkId']}" in shown
+            assert f"dispatcher {point['dispatcherId']}" in shown
+            assert "Shadowed=True" in shown and "cil_from_netdev" in shown
             code, body = agent.http_get("/metrics")
             assert code == 200
             samples = metric_samples(body, "nfctl_agent_shadowed_attach_points")
