@@ -102,6 +102,8 @@ def _libbpf() -> ctypes.CDLL:
         ctypes.POINTER(ctypes.c_uint32),
     ]
     lib.bpf_prog_query_opts.argtypes = [ctypes.c_int, ctypes.c_uint32, ctypes.POINTER(_QueryOpts)]
+    lib.bpf_link_get_next_id.argtypes = [ctypes.c_uint32, ctypes.POINTER(ctypes.c_uint32)]
+    lib.bpf_link_get_fd_by_id.argtypes = [ctypes.c_uint32]
     return lib
 
 
@@ -165,6 +167,19 @@ def obj_pin(fd: int, path: str) -> None:
 
 def obj_get(path: str) -> int:
     return _check(_libbpf().bpf_obj_get(os.fsencode(path)), f"open pin {path}")
+
+
+def link_ids() -> list[int]:
+    """Every bpf_link id in the kernel (any owner, any namespace)."""
+    out: list[int] = []
+    current = ctypes.c_uint32(0)
+    while _libbpf().bpf_link_get_next_id(current.value, ctypes.byref(current)) == 0:
+        out.append(current.value)
+    return out
+
+
+def link_fd_by_id(link_id: int) -> int:
+    return _check(_libbpf().bpf_link_get_fd_by_id(link_id), f"open link id {link_id}")
 
 
 @dataclass(frozen=True)
