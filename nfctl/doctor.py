@@ -158,6 +158,45 @@ def check_netlink_hooks() -> Check:
     return Check("xdp-tc", True, message)
 
 
+def check_links() -> Check:
+    """Which bpf_link attachments this kernel has (probed, not read off the version)."""
+    from nfctl.datapath import links
+
+    tcx, xdp_links = links.kernel_has_tcx(), links.kernel_has_xdp_links()
+    if tcx and xdp_links:
+        return Check("bpf-links", True, "TCX and XDP links: nfctl attaches through pinned links")
+    return Check(
+        "bpf-links",
+        True,
+        f"TCX {'yes' if tcx else 'no'}, XDP links {'yes' if xdp_links else 'no'}: "
+        "nfctl falls back to netlink (cls_bpf filters, netlink XDP) where links are missing",
+    )
+
+
+def check_shadowing() -> Check:
+    """Programs of other tools that run before nfctl's chain on this machine's hooks."""
+    from pyroute2 import IPRoute
+
+    from nfctl.datapath.shadowscan import scan
+
+    with IPRoute() as handle:
+        findings = scan(handle)
+    ahead = [f for f in findings if f.ours_attached]
+    if ahead:
+        return Check(
+            "shadowing",
+            False,
+            "; ".join(f.describe() for f in ahead),
+            fix=(
+                "let nfctl's TCX link run first (attach.position: first, the default) and "
+                "drop any cls_bpf attachment of nfctl behind TCX (unset NFCTL_ATTACH=netlink); "
+                "for XDP, only one program can hold an interface"
+            ),
+        )
+    others = "; ".join(f.describe() for f in findings)
+    return Check("shadowing", True, others or "no other tool's program runs before nfctl's")
+
+
 ALL_CHECKS: list[Callable[[], Check]] = [
     check_capabilities,
     check_bpf_syscall,
@@ -166,6 +205,8 @@ ALL_CHECKS: list[Callable[[], Check]] = [
     check_headers,
     check_bcc_compile,
     check_netlink_hooks,
+    check_links,
+    check_shadowing,
 ]
 
 

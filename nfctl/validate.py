@@ -16,6 +16,7 @@ from nfctl.compiler.client import PreparedNF, build_request, prepare, run_parall
 from nfctl.datapath.layout import LayoutError, TypeLayout, declared_types, network_order_fields
 from nfctl.diagnostics import Diagnostic
 from nfctl.manifest.repo import scan_repo
+from nfctl.uapi_headers import internal_header_warnings
 
 
 @dataclass
@@ -209,6 +210,10 @@ def validate_path(path: Path, compile_programs: bool = True) -> ValidationReport
             results[id(prepared)] = built_one
     for prepared in prepared_list:
         nf = prepared.manifest.nf
+        if prepared.bundle is not None:
+            report.warnings.extend(
+                internal_header_warnings(prepared.bundle.main_rel, prepared.bundle.main_text)
+            )
         nf_report = NFReport(
             name=nf.name if nf else None,
             manifest=prepared.manifest.rel_path,

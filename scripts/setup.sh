@@ -18,7 +18,7 @@ case "$(uname -m)" in
   *) DEB_ARCH=$(dpkg --print-architecture) ;;
 esac
 
-PACKAGES=(python3-bpfcc bpfcc-tools "linux-headers-$DEB_ARCH" iproute2 iputils-ping iperf3
+PACKAGES=(python3-bpfcc bpfcc-tools libbpf1 "linux-headers-$DEB_ARCH" iproute2 iputils-ping iperf3
           bpftool tcpdump python3-venv python3-dev git gnupg openssl make ca-certificates
           kmod procps)
 missing=()

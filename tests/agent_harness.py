@@ -318,13 +318,21 @@ def xdp_prog_id(veth: VethPair, ifname: str | None = None) -> int:
 def tc_filter_present(
     veth: VethPair, ifname: str | None = None, direction: str = "ingress"
 ) -> bool:
-    """Whether nfctl's tc dispatcher filter sits on an interface in namespace a."""
-    out = run_in(veth.ns_a, "tc", "filter", "show", "dev", ifname or veth.a_if, direction)
-    return "nfctl_tc" in out
+    """Whether nfctl's tc dispatcher sits on an interface in namespace a: as a cls_bpf
+    filter, or (kernels with TCX) as a TCX program."""
+    from nfctl.datapath.hooklinks import tcx_programs
+    from nfctl.manifest.model import Hook
+
+    name = ifname or veth.a_if
+    out = run_in(veth.ns_a, "tc", "filter", "show", "dev", name, direction)
+    index = int(run_in(veth.ns_a, "cat", f"/sys/class/net/{name}/ifindex"))
+    hook = Hook.TC_INGRESS if direction == "ingress" else Hook.TC_EGRESS
+    tcx = [n for _, n in tcx_programs(veth.ns_a, index, hook)]
+    return "nfctl_tc" in out or any(n.startswith("nfctl_tc") for n in tcx)
 
 
 def delete_tc_filter(veth: VethPair, ifname: str | None = None) -> None:
-    """What a careless operator does: remove nfctl's ingress filter by hand."""
+    """What a careless operator does: remove nfctl's ingress filter (or TCX link) by hand."""
     from nfctl.testing import foreign
 
     foreign.delete_tc_filter(veth.ns_a, ifname or veth.a_if)

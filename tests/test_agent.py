@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from nfctl.testing.foreign import delete_tc_filter, force_foreign_xdp
+from nfctl.datapath import links
+from nfctl.testing.foreign import delete_tc_filter, detach_links, force_foreign_xdp
 from nfctl.testing.netns import VethPair, run
 from tests.agent_harness import AgentProcess, GitDaemon, GitRepo, wait_until
 
@@ -49,8 +50,15 @@ def xdp_prog_id(veth: VethPair) -> int:
 
 
 def tc_filter_present(veth: VethPair, direction: str = "ingress") -> bool:
+    """Our TC dispatcher is on the hook: as a TCX link (kernels with TCX) or a filter."""
+    from nfctl.datapath.hooklinks import tcx_programs
+    from nfctl.manifest.model import Hook
+
     out = run("tc", "filter", "show", "dev", veth.a_if, direction, netns=veth.ns_a)
-    return "nfctl_tc" in out
+    index = int(run("cat", f"/sys/class/net/{veth.a_if}/ifindex", netns=veth.ns_a))
+    hook = Hook.TC_INGRESS if direction == "ingress" else Hook.TC_EGRESS
+    tcx = [name for _, name in tcx_programs(veth.ns_a, index, hook)]
+    return "nfctl_tc" in out or any(name.startswith("nfctl_tc") for name in tcx)
 
 
 def blocklist_with(repo: GitRepo, sources: list[str]) -> None:
@@ -200,11 +208,23 @@ def test_gitops_lifecycle(
         c8 = repo.head()
         agent.wait_ready(c8)
 
-        # 8. drift: someone deletes our tc filter, another tool replaces our XDP program
-        delete_tc_filter(veth.ns_a, veth.a_if)
-        force_foreign_xdp(veth.ns_a, veth.a_if)
+        # 8. drift: someone deletes our tc filter (or detaches our TCX link), another tool
+        # replaces our XDP program (or, against our XDP link, is refused)
+        if links.kernel_has_tcx():
+            assert detach_links(bpffs_root, "tc-ingress") == 1
+        else:
+            delete_tc_filter(veth.ns_a, veth.a_if)
+        drifts = 2
+        if links.kernel_has_xdp_links():
+            with pytest.raises(Exception, match="busy"):
+                force_foreign_xdp(veth.ns_a, veth.a_if)
+            drifts = 1
+        else:
+            force_foreign_xdp(veth.ns_a, veth.a_if)
         wait_until(lambda: tc_filter_present(veth), 15, what="tc filter restored")
-        wait_until(lambda: len(events_of(agent, "DriftCorrected")) >= 2, 15, what="drift events")
+        wait_until(
+            lambda: len(events_of(agent, "DriftCorrected")) >= drifts, 15, what="drift events"
+        )
         wait_until(
             lambda: veth.ping(veth.ns_b, veth.a_ip, 1, source=blocked, timeout_s=0.3) == 0,
             15,
@@ -275,7 +295,8 @@ def test_gitops_lifecycle(
 
 
 class HookWatch:
-    """Samples XDP and tc ingress of a's veth every few ms; counts samples with no program."""
+    """Samples XDP and tc ingress (filter or TCX) of a's veth every few ms; counts samples
+    with no program."""
 
     def __init__(self, veth: VethPair) -> None:
         self.veth = veth
@@ -286,14 +307,18 @@ class HookWatch:
 
     def _run(self) -> None:
         from nfctl.datapath import tc as tcmod
+        from nfctl.datapath.hooklinks import tcx_programs
         from nfctl.datapath.netlink import ipr
         from nfctl.datapath.xdp import query
+        from nfctl.manifest.model import Hook
 
         with ipr(self.veth.ns_a) as handle:
             index = handle.link_lookup(ifname=self.veth.a_if)[0]
             while not self._stop.is_set():
                 xdp_ok = query(handle, index).prog_id != 0
-                tc_ok = any(f.prog_id for f in tcmod.list_filters(handle, index, "ingress"))
+                tc_ok = any(
+                    f.prog_id for f in tcmod.list_filters(handle, index, "ingress")
+                ) or bool(tcx_programs(self.veth.ns_a, index, Hook.TC_INGRESS))
                 self.samples += 1
                 if not (xdp_ok and tc_ok):
                     self.gaps += 1

@@ -429,6 +429,17 @@ def test_detach_keeps_foreign_tc_filters(
 
 
 def test_foreign_program_and_removed_filter_are_drift(
+    bpffs_root: Path, veth: VethPair, tmp_path: Path
+) -> None:
+    # netlink attach (forced): a bpf_link would refuse the foreign program (test_tcx.py)
+    datapath = Datapath(bpffs_root, tmp_path / "state", netns=veth.ns_a, attach="netlink")
+    try:
+        _foreign_program_and_removed_filter_are_drift(datapath, veth, tmp_path)
+    finally:
+        datapath.teardown()
+
+
+def _foreign_program_and_removed_filter_are_drift(
     datapath: Datapath, veth: VethPair, tmp_path: Path
 ) -> None:
     xdp_nf = load_counting(datapath, tmp_path, "xdpnf", Hook.XDP)

@@ -59,6 +59,9 @@ def test_doctor_passes_here_and_reports_json() -> None:
         "kernel-headers",
         "bcc",
         "xdp-tc",
+        "bpf-links",
+        "shadowing",
     }
     assert proc.returncode == 0 and report["ok"], [c for c in report["checks"] if not c["ok"]]
     assert "XDP attach works" in names["xdp-tc"]["message"]
+    assert "TCX and XDP links" in names["bpf-links"]["message"]  # Linux 6.18 here

@@ -5,9 +5,9 @@
  *   blocked_v6  key: IPv6 source address, value: 1
  *   drops       per-CPU counters: [0] IPv4 drops, [1] IPv6 drops
  */
-#include <linux/if_ether.h>
-#include <linux/ip.h>
-#include <linux/ipv6.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
 
 #ifndef MAX_RULES
 #define MAX_RULES 4096
@@ -38,14 +38,14 @@ int xdp_blocklist(struct xdp_md *ctx)
     if ((void *)(eth + 1) > data_end)
         return XDP_PASS;
 
-    if (eth->h_proto == htons(ETH_P_IP)) {
+    if (eth->h_proto == bpf_htons(ETH_P_IP)) {
         struct iphdr *ip = (void *)(eth + 1);
         if ((void *)(ip + 1) > data_end)
             return XDP_PASS;
         __be32 saddr = ip->saddr;
         if (blocked_v4.lookup(&saddr))
             return count_drop(0);
-    } else if (eth->h_proto == htons(ETH_P_IPV6)) {
+    } else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
         struct ipv6hdr *ip6 = (void *)(eth + 1);
         if ((void *)(ip6 + 1) > data_end)
             return XDP_PASS;

@@ -3,9 +3,9 @@
  * Maps
  *   proto_stats  per-CPU hash {ethertype, proto} -> {packets, bytes}
  */
-#include <linux/if_ether.h>
-#include <linux/ip.h>
-#include <linux/ipv6.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
 
 struct proto_key {
     __be16 ethertype;
@@ -30,12 +30,12 @@ int tc_count(struct __sk_buff *skb)
     if ((void *)(eth + 1) > data_end)
         return TC_ACT_OK;
     key.ethertype = eth->h_proto;
-    if (eth->h_proto == htons(ETH_P_IP)) {
+    if (eth->h_proto == bpf_htons(ETH_P_IP)) {
         struct iphdr *ip = (void *)(eth + 1);
         if ((void *)(ip + 1) > data_end)
             return TC_ACT_OK;
         key.proto = ip->protocol;
-    } else if (eth->h_proto == htons(ETH_P_IPV6)) {
+    } else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
         struct ipv6hdr *ip6 = (void *)(eth + 1);
         if ((void *)(ip6 + 1) > data_end)
             return TC_ACT_OK;

@@ -6,12 +6,12 @@
  *   defaults  [0] = dscp for unmatched packets, or 255 to leave them unchanged
  *   marked    per-CPU: packets re-marked
  */
-#include <linux/if_ether.h>
-#include <linux/in.h>
-#include <linux/ip.h>
-#include <linux/ipv6.h>
-#include <linux/udp.h>
-#include <linux/tcp.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include <uapi/linux/udp.h>
+#include <uapi/linux/tcp.h>
 
 struct rule_key {
     u8 proto;
@@ -57,7 +57,7 @@ int tc_dscp(struct __sk_buff *skb)
     if ((void *)(eth + 1) > data_end)
         return TC_ACT_OK;
 
-    if (eth->h_proto == htons(ETH_P_IP)) {
+    if (eth->h_proto == bpf_htons(ETH_P_IP)) {
         struct iphdr *ip = (void *)(eth + 1);
         if ((void *)(ip + 1) > data_end)
             return TC_ACT_OK;
@@ -77,10 +77,10 @@ int tc_dscp(struct __sk_buff *skb)
             return TC_ACT_OK;
         u32 off = ETH_HLEN + offsetof(struct iphdr, tos);
         bpf_l3_csum_replace(skb, ETH_HLEN + offsetof(struct iphdr, check),
-                            htons(old_tos), htons(new_tos), 2);
+                            bpf_htons(old_tos), bpf_htons(new_tos), 2);
         bpf_skb_store_bytes(skb, off, &new_tos, 1, 0);
         count_mark();
-    } else if (eth->h_proto == htons(ETH_P_IPV6)) {
+    } else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
         struct ipv6hdr *ip6 = (void *)(eth + 1);
         if ((void *)(ip6 + 1) > data_end)
             return TC_ACT_OK;

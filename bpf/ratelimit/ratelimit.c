@@ -6,9 +6,9 @@
  *   buckets  LRU: per-source bucket state (runtime state, kept across versions)
  *   stats    per-CPU: [0] passed, [1] dropped
  */
-#include <linux/if_ether.h>
-#include <linux/ip.h>
-#include <linux/ipv6.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
 
 #define NSEC_PER_SEC 1000000000ULL
 #define MAX_IDLE_NS (60 * NSEC_PER_SEC)
@@ -49,7 +49,7 @@ int xdp_ratelimit(struct xdp_md *ctx)
 
     if ((void *)(eth + 1) > data_end)
         return XDP_PASS;
-    if (eth->h_proto == htons(ETH_P_IP)) {
+    if (eth->h_proto == bpf_htons(ETH_P_IP)) {
         struct iphdr *ip = (void *)(eth + 1);
         if ((void *)(ip + 1) > data_end)
             return XDP_PASS;
@@ -59,7 +59,7 @@ int xdp_ratelimit(struct xdp_md *ctx)
         src.addr[10] = 0xff;
         src.addr[11] = 0xff;
         __builtin_memcpy(&src.addr[12], &saddr, 4);
-    } else if (eth->h_proto == htons(ETH_P_IPV6)) {
+    } else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
         struct ipv6hdr *ip6 = (void *)(eth + 1);
         if ((void *)(ip6 + 1) > data_end)
             return XDP_PASS;

@@ -74,6 +74,12 @@ class AgentMetrics:
             registry=r,
         )
         self.ready = Gauge("nfctl_agent_ready", "1 when the node is Ready.", registry=r)
+        self.shadowed = Gauge(
+            "nfctl_agent_shadowed_attach_points",
+            "Attach points where another tool's program can end processing before our chain.",
+            ["hook"],
+            registry=r,
+        )
         self.last_status: NodeStatus | None = None
 
     def fetch(self, seconds: float, ok: bool) -> None:
@@ -107,6 +113,14 @@ class AgentMetrics:
             ).set(1)
         for state, count in counts.items():
             self.functions.labels(state=state.value).set(count)
+        shadowed = {
+            (ap.interface, ap.hook)
+            for nf in status.functions
+            for ap in nf.attach_points
+            if ap.shadowed_by
+        }
+        for hook in ("xdp", "tc-ingress", "tc-egress"):
+            self.shadowed.labels(hook=hook).set(sum(1 for _, h in shadowed if h == hook))
 
     def register_exports(self, source: Callable[[], Iterator[ExportedValue]]) -> None:
         self.registry.register(_ExportCollector(source))

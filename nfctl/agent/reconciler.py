@@ -48,6 +48,7 @@ from nfctl.agent.store import AppliedNF, StateStore, Suspensions
 from nfctl.compiler.client import PreparedNF, prepare
 from nfctl.datapath.datapath import ChainMember, Datapath, DatapathError, LoadedBuild
 from nfctl.datapath.layout import LayoutError
+from nfctl.datapath.observe import AttachPointState
 from nfctl.diagnostics import Diagnostic
 from nfctl.manifest.model import Hook, NetworkFunction
 from nfctl.manifest.repo import scan_repo
@@ -129,6 +130,7 @@ class Reconciler(StatusReporting):
         self._changes: list[tuple[str, str]] = []
         self._entry_changes: list[tuple[str, str]] = []
         self._modes: dict[AttachPoint, str | None] = {}
+        self._observed: dict[AttachPoint, AttachPointState] = {}
         self._target: dict[AttachPoint, list[ChainEntry]] = {}
         self._converged = False
         self._synced: dict[str, tuple[str, str]] = {}
@@ -482,9 +484,11 @@ class Reconciler(StatusReporting):
         actual: dict[AttachPoint, list[ChainEntry] | None] = {}
         modes: dict[AttachPoint, str | None] = {}
         drift: dict[AttachPoint, list[str]] = {}
+        self._observed = {}
         for state in self.datapath.observe(desired):
             point = AttachPoint(state.ifname, state.hook)
-            modes[point] = state.xdp_mode if state.hook is Hook.XDP else "tc"
+            self._observed[point] = state
+            modes[point] = state.xdp_mode if state.hook is Hook.XDP else state.attach or "tc"
             drift[point] = [d for d in state.drift if "is gone" not in d]
             if state.ours:
                 actual[point] = [
@@ -549,6 +553,7 @@ class Reconciler(StatusReporting):
                         members,
                         xdp_mode=self._xdp_mode(entries),
                         take_over=correct,
+                        position=self._position(entries),
                     )
                 except Exception as exc:
                     for e in entries:
@@ -600,6 +605,16 @@ class Reconciler(StatusReporting):
                 if mode != "auto":
                     return str(mode)
         return "auto"
+
+    def _position(self, entries: list[ChainEntry]) -> str:
+        """The TCX placement of the chain: the first NF (in chain order) that sets one."""
+        for entry in entries:
+            applied = self.applied.get(entry.nf)
+            if applied:
+                position = applied.spec.get("spec", {}).get("attach", {}).get("position")
+                if position:
+                    return str(position)
+        return "first"
 
     def _commit_swaps(self) -> None:
         for name, loaded in list(self.pending_commit.items()):
@@ -708,6 +723,7 @@ class Reconciler(StatusReporting):
         """Periodic: the same convergence without fetching; returns the drift found."""
         with self.lock:
             found = self.converge()
+            self._shadowed_condition()
             if self.status.suspended:  # conditions say "Suspended" until a resume
                 self._publish()
             else:

@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from nfctl.agent.attachments import AttachmentTracker
 from nfctl.agent.plan import AttachPoint, ChainEntry, Placement
@@ -25,6 +25,7 @@ from nfctl.agent.status import (
 from nfctl.agent.store import AppliedNF, StateStore
 from nfctl.datapath.bpf import BpfMap
 from nfctl.datapath.datapath import Datapath, LoadedBuild
+from nfctl.datapath.observe import AttachPointState
 
 if TYPE_CHECKING:
     from nfctl.agent.reconciler import Metrics
@@ -57,6 +58,7 @@ class StatusReporting:
     source_error: str | None
     status_listeners: list[Callable[[NodeStatus], None]]
     _modes: dict[AttachPoint, str | None]
+    _observed: dict[AttachPoint, AttachPointState]
     _target: dict[AttachPoint, list[ChainEntry]]
     _spec_suspended: set[str]
     attachments: AttachmentTracker
@@ -116,6 +118,7 @@ class StatusReporting:
             status.last_applied_revision = revision.sha
         status.set_condition(ConditionType.RECONCILING, False, "Idle", "")
         self._attached_condition()
+        self._shadowed_condition()
         if self.stalled is not None:
             reason, message = self.stalled
             status.set_condition(ConditionType.STALLED, True, reason, message)
@@ -151,6 +154,19 @@ class StatusReporting:
         self.status.set_condition(
             ConditionType.ATTACHED, False, "InterfaceMissing", f"interface gone: {missing}"
         )
+
+    def _shadowed_condition(self) -> None:
+        shadowed = [
+            f"{p}: {', '.join(_shadow_names(s))} can end processing before nfctl's chain"
+            for p, s in sorted(self._observed.items())
+            if s.shadowed_by and p in self._target
+        ]
+        if shadowed:
+            self.status.set_condition(
+                ConditionType.SHADOWED, True, "ForeignProgramAhead", "; ".join(shadowed)
+            )
+        else:
+            self.status.set_condition(ConditionType.SHADOWED, False, "ChainRunsFirst", "")
 
     def _source_unavailable_conditions(self) -> None:
         status = self.status
@@ -207,6 +223,7 @@ class StatusReporting:
                         hook=p.hook.value,
                         mode=modes.get(p),
                         error=rt.attach_errors.get(p),
+                        **_kernel_ids(self._observed.get(p)),
                     )
                     for p in points
                 ]
@@ -273,3 +290,18 @@ class StatusReporting:
                 listener(self.status)
             except Exception:
                 log.exception("status listener failed")
+
+
+def _shadow_names(state: AttachPointState) -> list[str]:
+    return [f"{p.name} (id {p.prog_id})" for p in state.shadowed_by]
+
+
+def _kernel_ids(state: AttachPointState | None) -> dict[str, Any]:
+    if state is None:
+        return {}
+    ours = state.ours and state.hook_prog is not None
+    return {
+        "dispatcherId": state.hook_prog.prog_id if ours and state.hook_prog else None,
+        "linkId": state.link_id if ours else None,
+        "shadowedBy": _shadow_names(state),
+    }

@@ -22,6 +22,7 @@ class ConditionType(StrEnum):
     RECONCILING = "Reconciling"
     STALLED = "Stalled"
     ATTACHED = "Attached"  # every attach point an NF ran on still exists
+    SHADOWED = "Shadowed"  # another tool's program can end processing before our chain
 
 
 class Condition(_Model):
@@ -56,6 +57,10 @@ class AttachPointStatus(_Model):
     mode: str | None = None
     error: str | None = None
     missing_since: float | None = Field(default=None, alias="missingSince")  # interface gone
+    # what `bpftool net show` / `bpftool link` print, to match them to this attach point
+    dispatcher_id: int | None = Field(default=None, alias="dispatcherId")
+    link_id: int | None = Field(default=None, alias="linkId")
+    shadowed_by: list[str] = Field(default_factory=list, alias="shadowedBy")
 
 
 class MapStatus(_Model):

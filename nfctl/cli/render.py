@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 from rich.table import Table
 
-from nfctl.agent.status import NodeStatus
+from nfctl.agent.status import AttachPointStatus, NodeStatus
 from nfctl.cli.output import console
 
 STATE_COLORS = {
@@ -53,7 +53,8 @@ def render_node_status(status: NodeStatus) -> None:
             f"apply {t.apply:.3f}s  total {t.total:.3f}s"
         )
     for cond in status.conditions:
-        color = "green" if cond.status == (cond.type.value != "Stalled") else "red"
+        good_when = cond.type.value not in ("Stalled", "Shadowed")
+        color = "green" if cond.status == good_when else "red"
         console.print(
             f"  [{color}]{cond.type.value}={cond.status}[/{color}] {cond.reason} ", end=""
         )
@@ -64,10 +65,7 @@ def render_node_status(status: NodeStatus) -> None:
         table.add_column(column)
     for nf in status.functions:
         color = STATE_COLORS.get(nf.state.value, "white")
-        attached = ", ".join(
-            f"{a.interface}/{a.hook}" + (f"({a.mode})" if a.mode and a.mode != "tc" else "")
-            for a in nf.attach_points
-        )
+        attached = ", ".join(_attach_point(a) for a in nf.attach_points)
         maps = ", ".join(f"{m.name}:{m.entries}" for m in nf.maps)
         error = ""
         if nf.last_error:
@@ -88,3 +86,15 @@ def render_node_status(status: NodeStatus) -> None:
             error,
         )
     console.print(table)
+
+
+def _attach_point(point: AttachPointStatus) -> str:
+    """eth0/xdp(native, dispatcher 41, link 7): the ids bpftool net/link show print."""
+    details = [point.mode] if point.mode and point.mode != "tc" else []
+    if point.dispatcher_id:
+        details.append(f"dispatcher {point.dispatcher_id}")
+    if point.link_id:
+        details.append(f"link {point.link_id}")
+    if point.shadowed_by:
+        details.append(f"shadowed by {', '.join(point.shadowed_by)}")
+    return f"{point.interface}/{point.hook}" + (f"({', '.join(details)})" if details else "")

@@ -133,11 +133,42 @@ def verifier_diagnostic(
             source_line = int(match.group("line"))
     if source_line is not None:
         source_line = _undo_rewriter_shift(main_text, source_line)
+    complexity = complexity_limit(lines)
+    if complexity is not None:
+        reason = f"too complex for the verifier: {complexity}"
     return Diagnostic(
         file=main_rel,
         line=source_line,
         message=f"the kernel verifier rejected program {program}: {reason}",
         detail=_tail(log),
+    )
+
+
+_COMPLEXITY_RE = re.compile(
+    r"(The sequence of \d+ jumps is too complex|BPF program is too large|"
+    r"infinite loop detected|back-edge from insn|too many states|"
+    r"combined stack size|loop is not bounded)",
+    re.IGNORECASE,
+)
+_PROCESSED_RE = re.compile(r"^processed (\d+) insns \(limit (\d+)\)")
+
+
+def complexity_limit(lines: list[str]) -> str | None:
+    """For a rejection by the verifier's complexity limits (E2BIG, "Argument list too
+    long"): which limit was hit and how far it got; None for other rejections."""
+    hit = next((m.group(0) for line in lines if (m := _COMPLEXITY_RE.search(line))), None)
+    if hit is None:
+        return None
+    processed = next((m for line in lines if (m := _PROCESSED_RE.match(line))), None)
+    progress = (
+        f"; it processed {int(processed.group(1)):,} of at most {int(processed.group(2)):,} "
+        "instructions"
+        if processed
+        else ""
+    )
+    return (
+        f"{hit}{progress} (bound loops by a small constant, or split the work across "
+        "NFs or packets)"
     )
 
 

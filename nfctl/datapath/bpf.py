@@ -2,6 +2,9 @@
 
 Neither BCC nor pyroute2 exposes pin lookup, object info or map iteration without
 loading LLVM; the agent needs them in a small process, so they are done here directly.
+Debian's libbpf1 (1.1) covers every call here (bpf_map_*_elem, bpf_obj_pin/get,
+bpf_obj_get_info_by_fd, bpf_prog_load); links.py already uses it through ctypes for
+links, pins and queries, and moving these calls over is still to do.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from nfctl.compiler.build import BuildResult
 from nfctl.compiler.client import PreparedNF, build_request, run_worker
 from nfctl.compiler.codegen import PinLayout, entry_name
 from nfctl.datapath import dispatcher as disp
-from nfctl.datapath import netlink, tc
+from nfctl.datapath import hooklinks, links, netlink, tc, xdp
 from nfctl.datapath.bpf import BpfError, BpfMap, BpfProgram, possible_cpus
 from nfctl.datapath.chain import ChainTable
 from nfctl.datapath.entries import EntryPlan, convert_value, encode_entries, plan_entries
@@ -93,6 +93,9 @@ class EntrySyncResult:
     total: int
 
 
+ATTACH_POLICIES = ("auto", "link", "netlink")
+
+
 class Datapath:
     def __init__(
         self,
@@ -100,7 +103,15 @@ class Datapath:
         state_dir: Path,
         netns: str | None = None,
         tc_settings: disp.TcSettings | None = None,
+        attach: str | None = None,
     ) -> None:
+        """attach: auto (bpf_link where the kernel has it, else netlink), link (fail
+        without), netlink (never links); default from $NFCTL_ATTACH, else auto."""
+        self.attach_policy = attach or os.environ.get("NFCTL_ATTACH", "auto")
+        if self.attach_policy not in ATTACH_POLICIES:
+            raise DatapathError(
+                f"attach policy {self.attach_policy!r}: expected " + " | ".join(ATTACH_POLICIES)
+            )
         self.layout = BpffsLayout(bpffs_root)
         self.state_dir = state_dir
         self.netns = netns
@@ -109,6 +120,7 @@ class Datapath:
         self._tables: dict[str, ChainTable] = {}
         self._dispatchers: dict[Hook, BpfProgram] = {}
         self._ipr: Any = None
+        self._xdp_link_modes: dict[int, str] = {}  # ifindex -> mode the kernel gave our link
 
     # -- lifecycle ---------------------------------------------------------------
     def close(self) -> None:
@@ -372,6 +384,16 @@ class Datapath:
         return released
 
     # -- chains ------------------------------------------------------------------
+    def uses_link(self, hook: Hook) -> bool:
+        """Whether new attachments on hook go through a pinned bpf_link."""
+        if self.attach_policy == "netlink":
+            return False
+        supported = links.kernel_has_xdp_links() if hook is Hook.XDP else links.kernel_has_tcx()
+        if not supported and self.attach_policy == "link":
+            kind = "XDP links" if hook is Hook.XDP else "TCX"
+            raise DatapathError(f"attach policy is link, but this kernel has no {kind}")
+        return supported
+
     def set_chain(
         self,
         ifname: str,
@@ -379,25 +401,22 @@ class Datapath:
         members: list[ChainMember],
         xdp_mode: str = "auto",
         take_over: bool = False,
+        position: str = "first",
     ) -> str:
         """Atomically make members (in order) the chain on (ifname, hook), attaching the
-        dispatcher first if the interface has none. Returns the attach mode."""
+        dispatcher first if the interface has none. Returns the attach mode: tcx or tc,
+        or the XDP mode (native, generic). position places a new TCX link among other
+        TCX programs (first, last, before:<prog>, after:<prog>)."""
         ifindex = self.ifindex(ifname)
+        placement = hooklinks.Position.parse(position)
         table = self.table(hook)
         with contextlib.ExitStack() as stack:
             fds = [stack.enter_context(BpfProgram.from_pin(str(m.prog_pin))).fd for m in members]
             table.install(ifindex, hook, fds)
-        clsact_before = hook is Hook.XDP or tc.has_clsact(self.ipr, ifindex)
+        netlink_tc = hook is not Hook.XDP and not self.uses_link(hook)
+        clsact_before = not netlink_tc or tc.has_clsact(self.ipr, ifindex)
         try:
-            mode = disp.attach(
-                self.ipr,
-                ifindex,
-                hook,
-                self.dispatcher(hook),
-                xdp_mode=xdp_mode,
-                tc_settings=self.tc_settings,
-                take_over=take_over,
-            )
+            mode = self._attach(ifindex, hook, xdp_mode, take_over, placement)
         except Exception:
             if self.attached_prog_id(ifindex, hook) != self.dispatcher(hook).info.prog_id:
                 table.remove(ifindex, hook)  # do not leave a head for a hook we do not hold
@@ -407,12 +426,51 @@ class Datapath:
             self.note_clsact_created(ifname)
         return mode
 
+    def _attach(
+        self,
+        ifindex: int,
+        hook: Hook,
+        xdp_mode: str,
+        take_over: bool,
+        position: hooklinks.Position,
+    ) -> str:
+        program = self.dispatcher(hook)
+        if hook is Hook.XDP:
+            linked = hooklinks.linked_prog_id(self.layout, hook, ifindex)[1]
+            if linked and self.uses_link(hook):
+                # our live link holds the hook, nothing else can be there: no netlink
+                hooklinks.attach(self.layout, self.netns, ifindex, hook, program, xdp_mode)
+                if ifindex not in self._xdp_link_modes:
+                    self._xdp_link_modes[ifindex] = xdp.query(self.ipr, ifindex).mode or xdp_mode
+                return self._xdp_link_modes[ifindex]
+            # a program attached over netlink (ours from before links, or another tool's
+            # taken over) keeps the netlink path: its atomic replace stays hitless
+            if self.uses_link(hook) and self.attached_prog_id(ifindex, hook) == 0:
+                hooklinks.attach(self.layout, self.netns, ifindex, hook, program, xdp_mode)
+                mode = xdp.query(self.ipr, ifindex).mode or xdp_mode
+                self._xdp_link_modes[ifindex] = mode
+                return mode
+            return disp.attach(
+                self.ipr, ifindex, hook, program, xdp_mode=xdp_mode, take_over=take_over
+            )
+        if self.uses_link(hook):
+            if hooklinks.attach(self.layout, self.netns, ifindex, hook, program, position=position):
+                # a cls_bpf filter of an older nfctl would run our chain a second time
+                disp.detach(self.ipr, ifindex, hook, None, tc_settings=self.tc_settings)
+            return "tcx"
+        return disp.attach(self.ipr, ifindex, hook, program, tc_settings=self.tc_settings)
+
     def clear_chain(self, ifname: str, hook: Hook) -> None:
         """Detach our dispatcher from (ifname, hook) and forget its chain; another tool's
         program there is left alone."""
         ifindex = netlink.interface_index(self.ipr, ifname)
         table = self.table(hook) if self.has_tables(hook) else None
+        tracked = self._iface_state().get(ifname, {}).get("ifindex")
+        if isinstance(tracked, int) and tracked and tracked != ifindex:
+            hooklinks.detach(self.layout, hook, tracked)  # a link whose interface is gone
         if ifindex is not None:
+            hooklinks.detach(self.layout, hook, ifindex)
+            self._xdp_link_modes.pop(ifindex, None)
             created = self._created_clsact(ifname)
             disp.detach(
                 self.ipr,
@@ -427,6 +485,12 @@ class Datapath:
         self._forget_interface(ifname, hook)
 
     def attached_prog_id(self, ifindex: int, hook: Hook) -> int:
+        """The program on our attach slot: our TCX link's, the XDP program (any way
+        attached), or our cls_bpf filter's; 0 if none."""
+        if hook is not Hook.XDP:
+            linked = hooklinks.linked_prog_id(self.layout, hook, ifindex)[1]
+            if linked:
+                return linked
         return disp.attached_prog_id(self.ipr, ifindex, hook, self.tc_settings)
 
     def chain_prog_ids(self, ifname: str, hook: Hook) -> list[int] | None:
@@ -468,6 +532,7 @@ class Datapath:
                     known,
                     self.tc_settings,
                     names,
+                    self.netns,
                 )
             )
         return out

@@ -64,6 +64,10 @@ class TypeLayout:
         return _read(self.desc, raw, 0, "", self.network_order)
 
 
+# Address structs a YAML value may give as a plain address string.
+ADDRESS_STRUCTS = frozenset({"in6_addr", "in_addr"})
+
+
 def ctype_from_desc(desc: Any) -> Any:
     if isinstance(desc, str):
         try:
@@ -150,6 +154,13 @@ def _write(desc: Any, value: Any, buf: Any, offset: int, path: str, be: frozense
     members = _members(desc)
     if isinstance(value, str) and "/" in value and members and members[0][0] == "prefixlen":
         value = _cidr_to_fields(value, members, path)
+    if isinstance(value, str) and desc[0] in ADDRESS_STRUCTS:
+        # struct in6_addr / in_addr hold the address bytes in network order, as packed
+        packed = _address_bytes(value, ctypes.sizeof(ctype), path)
+        if packed is None:
+            raise LayoutError(f"{_where(path)}: {value!r} is not an IP address")
+        buf[offset : offset + len(packed)] = list(packed)
+        return
     if not isinstance(value, dict):
         raise LayoutError(
             f"{_where(path)}: expected a mapping with fields "
@@ -295,6 +306,10 @@ def _read(desc: Any, raw: bytes, offset: int, path: str, be: frozenset[str]) -> 
         order: Literal["big", "little"] = "big" if path in be else "little"
         return int.from_bytes(chunk, order, signed=desc in _SIGNED)
     ctype = ctype_from_desc(desc)
+    if desc[0] == "in6_addr":
+        return str(ipaddress.IPv6Address(raw[offset : offset + 16]))
+    if desc[0] == "in_addr":
+        return str(ipaddress.IPv4Address(raw[offset : offset + 4]))
     out: dict[str, Any] = {}
     for name, fdesc, count, bits in _members(desc):
         foffset = offset + getattr(ctype, name).offset

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nfctl.datapath import dispatcher as disp
+from nfctl.datapath import hooklinks, xdp
 from nfctl.datapath.bpf import BpfError, BpfProgram
 from nfctl.datapath.chain import ChainTable
 from nfctl.datapath.pins import BpffsLayout
@@ -42,6 +43,10 @@ class AttachPointState:
     has_head: bool = False
     xdp_mode: str | None = None
     drift: list[str] = field(default_factory=list)
+    attach: str | None = None  # tcx | xdp-link (pinned bpf_link) | tc | netlink
+    link_id: int | None = None
+    tcx: list[ProgramRef] = field(default_factory=list)  # every TCX program, in run order
+    shadowed_by: list[ProgramRef] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -51,6 +56,10 @@ class AttachPointState:
             "hookProgram": self.hook_prog.to_dict() if self.hook_prog else None,
             "ours": self.ours,
             "xdpMode": self.xdp_mode,
+            "attach": self.attach,
+            "linkId": self.link_id,
+            "tcxOrder": [p.to_dict() for p in self.tcx],
+            "shadowedBy": [p.to_dict() for p in self.shadowed_by],
             "chain": [p.to_dict() for p in self.chain],
             "drift": self.drift,
         }
@@ -71,7 +80,7 @@ def pinned_programs(layout: BpffsLayout) -> dict[int, ProgramRef]:
     return out
 
 
-def _program_ref(prog_id: int, known: dict[int, ProgramRef]) -> ProgramRef:
+def program_ref(prog_id: int, known: dict[int, ProgramRef]) -> ProgramRef:
     if prog_id in known:
         return known[prog_id]
     try:
@@ -92,6 +101,7 @@ def observe_attach_point(
     known: dict[int, ProgramRef],
     tc_settings: disp.TcSettings,
     desired: list[str] | None = None,
+    netns: str | None = None,
 ) -> AttachPointState:
     """desired: the NF names expected on this attach point, in order (None: not checked)."""
     state = AttachPointState(ifname=ifname, ifindex=ifindex, hook=hook, hook_prog=None, ours=False)
@@ -99,18 +109,25 @@ def observe_attach_point(
         if desired:
             state.drift.append(f"interface {ifname} is gone")
         return state
-    prog_id = disp.attached_prog_id(handle, ifindex, hook, tc_settings)
+    link_id, linked = hooklinks.linked_prog_id(layout, hook, ifindex)
+    legacy_id = disp.attached_prog_id(handle, ifindex, hook, tc_settings)
+    prog_id = linked or legacy_id
+    if link_id:
+        state.attach, state.link_id = ("xdp-link" if hook is Hook.XDP else "tcx"), link_id
+    elif prog_id:
+        state.attach = "netlink" if hook is Hook.XDP else "tc"
     if hook is Hook.XDP and prog_id:
-        from nfctl.datapath import xdp
-
         state.xdp_mode = xdp.query(handle, ifindex).mode
     if prog_id:
-        state.hook_prog = _program_ref(prog_id, known)
+        state.hook_prog = program_ref(prog_id, known)
         state.ours = prog_id == dispatcher_id
+    if hook is not Hook.XDP:
+        state.tcx = [program_ref(i, known) for i, _ in hooklinks.tcx_programs(netns, ifindex, hook)]
+    state.shadowed_by = shadowing(state, dispatcher_id)
     if table is not None:
         ids = table.chain_prog_ids(ifindex, hook)
         state.has_head = ids is not None
-        state.chain = [_program_ref(i, known) for i in ids or []]
+        state.chain = [program_ref(i, known) for i in ids or []]
     if desired is None:
         return state
     if desired:
@@ -134,3 +151,28 @@ def observe_attach_point(
         if state.ours:
             state.drift.append(f"our dispatcher is attached at {hook.value} but no NF should be")
     return state
+
+
+def shadowing(state: AttachPointState, dispatcher_id: int | None) -> list[ProgramRef]:
+    """Other tools' programs that can end processing before our chain runs: TCX programs
+    ahead of our TCX link, any TCX program when we sit behind TCX as a cls_bpf filter
+    (TCX runs first and its "pass" ends TC processing), or another XDP program holding
+    the hook (XDP runs one program per interface)."""
+    if dispatcher_id is None:
+        return []
+    if state.hook is Hook.XDP:
+        prog = state.hook_prog
+        if prog is not None and not disp.is_dispatcher_name(prog.name):
+            return [prog]
+        return []
+    foreign = [p for p in state.tcx if not disp.is_dispatcher_name(p.name)]
+    if state.attach == "tcx":
+        ahead = []
+        for ref in state.tcx:
+            if ref.prog_id == dispatcher_id or disp.is_dispatcher_name(ref.name):
+                break
+            ahead.append(ref)
+        return ahead
+    if state.attach == "tc":
+        return foreign
+    return []

@@ -166,11 +166,17 @@ class Attach(_Strict):
     )
     priority: int = Field(default=1000, ge=0, le=MAX_CHAIN_PRIORITY)
     xdp_mode: XdpMode = Field(default=XdpMode.AUTO, alias="xdpMode")
+    # Where our TCX link goes among other tools' TCX programs (a CNI's, bpfman's).
+    position: str | None = Field(
+        default=None, pattern=r"^(first|last|(before|after):[A-Za-z0-9_]{1,15})$"
+    )
 
     @model_validator(mode="after")
     def _xdp_mode_only_for_xdp(self) -> Attach:
         if self.hook is not Hook.XDP and self.xdp_mode is not XdpMode.AUTO:
             raise ValueError("xdpMode applies only to hook: xdp")
+        if self.hook is Hook.XDP and self.position is not None:
+            raise ValueError("position applies only to tc hooks (XDP runs one program)")
         return self
 
 
