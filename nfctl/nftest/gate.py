@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import time
 from pathlib import Path
 
+from nfctl.compiler.build import MapInfo
 from nfctl.compiler.client import PreparedNF
 from nfctl.diagnostics import Diagnostic
-from nfctl.nftest.load import tests_beside
+from nfctl.nftest.build import load_private_copy
+from nfctl.nftest.cases import Suite, build_packets, run_suites
+from nfctl.nftest.load import load_tests, tests_beside
 from nfctl.nftest.results import TestReport
 from nfctl.nftest.runner import run_tests
 
 TESTS_FAILED = "TestsFailed"
+
+log = logging.getLogger(__name__)
 
 
 # The agent retries a refused revision every interval; the same build under the same
@@ -21,9 +28,19 @@ _MEMO_SIZE = 64
 _memo: dict[tuple[str, str, str], list[Diagnostic]] = {}
 
 
-def gate_problems(prepared: PreparedNF, folder: Path, repo_root: Path) -> list[Diagnostic]:
+def gate_problems(
+    prepared: PreparedNF,
+    folder: Path,
+    repo_root: Path,
+    copy: Path | None = None,
+    maps: list[MapInfo] | None = None,
+) -> list[Diagnostic]:
     """Run the NF's cases (chain members found under folder); [] when all pass or there are
-    no tests. A tests file that does not load, or a test build that fails, refuses too."""
+    no tests. A tests file that does not load, or a test build that fails, refuses too.
+
+    copy: where the compile worker pinned the private copy of the live build (its maps
+    described by maps); the cases run on it, with no compile. Without it, or when a case
+    needs chain members, a test build of its own is compiled."""
     tests_path = tests_beside(prepared.manifest.path)
     if tests_path is None:
         return []
@@ -36,7 +53,20 @@ def gate_problems(prepared: PreparedNF, folder: Path, repo_root: Path) -> list[D
         if len(_memo) >= _MEMO_SIZE:
             _memo.pop(next(iter(_memo)))
         try:
-            report = run_tests(folder, repo_root=repo_root, only={prepared.nf.name})
+            started = time.monotonic()
+            report = run_on_copy(prepared, tests_path, repo_root, copy, maps or [])
+            how = "on the live build's private copy"
+            if report is None:
+                report = run_tests(folder, repo_root=repo_root, only={prepared.nf.name})
+                how = "on a test build of their own"
+            log.info(
+                "tests of %s ran %s: %d case(s), %d failed, %.1f ms",
+                prepared.nf.name,
+                how,
+                len(report.cases),
+                sum(not c.ok for c in report.cases),
+                (time.monotonic() - started) * 1000,
+            )
             problems = problems_of(report)
         except Exception as exc:  # fail closed: an untested version never goes live
             problems = [
@@ -47,6 +77,32 @@ def gate_problems(prepared: PreparedNF, folder: Path, repo_root: Path) -> list[D
             ]
         _memo[key] = problems
     return list(_memo[key])
+
+
+def run_on_copy(
+    prepared: PreparedNF, tests_path: Path, repo_root: Path, copy: Path | None, maps: list[MapInfo]
+) -> TestReport | None:
+    """The cases on the live build's private copy; None when they need a test build."""
+    if copy is None:
+        return None
+    report = TestReport(path=str(tests_path.parent))
+    loaded = load_tests(tests_path, repo_root)
+    if not loaded.ok:
+        report.errors.extend(loaded.diagnostics)
+        return report
+    assert loaded.tests is not None
+    if any(case.chain for case in loaded.tests.cases):
+        return None  # the other members have no copy here
+    suites = [Suite(prepared=prepared, tests=loaded)]
+    packets = build_packets(suites, repo_root)
+    builds = load_private_copy(prepared, copy, maps)
+    try:
+        for diags in builds.errors.values():
+            report.errors.extend(diags)
+        run_suites(suites, builds, packets, report)
+    finally:
+        builds.close()
+    return report
 
 
 def problems_of(report: TestReport) -> list[Diagnostic]:
