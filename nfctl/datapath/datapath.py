@@ -59,6 +59,7 @@ class LoadedBuild:
     compile_seconds: float = 0.0
     test_pin: Path | None = None  # the test gate's private copy (nfctl.nftest.private)
     test_copy_error: str = ""
+    test_copy_seconds: float = 0.0
 
     @property
     def nf(self) -> str:
@@ -257,6 +258,7 @@ class Datapath:
             compile_seconds=result.compile_seconds + result.load_seconds,
             test_pin=Path(result.test_pin_path) if result.test_pin_path else None,
             test_copy_error=result.test_copy_error,
+            test_copy_seconds=result.test_copy_seconds,
         )
         try:
             for swap in swaps:
