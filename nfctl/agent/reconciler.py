@@ -51,7 +51,7 @@ from nfctl.diagnostics import Diagnostic
 from nfctl.manifest.model import Hook, NetworkFunction
 from nfctl.manifest.repo import scan_repo
 from nfctl.nftest.build import remove_scratch, scratch_pin
-from nfctl.nftest.gate import TESTS_FAILED, gate_problems
+from nfctl.nftest.gate import TESTS_FAILED, gate_problems, prepare_cases
 from nfctl.nftest.load import tests_beside
 from nfctl.system import kernel_release
 from nfctl.validate import check_entries
@@ -377,6 +377,12 @@ class Reconciler(StatusReporting):
             policies = {m: spec.on_incompatible for m, spec in nf.spec.maps.items()}
             # with tests, the worker also pins a private copy for the gate (no 2nd compile)
             test_pin = scratch_pin(nf.name) if tests_beside(prepared.manifest.path) else None
+            ahead = None
+            if test_pin is not None:  # the gate's cases and packets, while the worker compiles
+                ahead = threading.Thread(
+                    target=prepare_cases, args=(prepared, revision.snapshot), daemon=True
+                )
+                ahead.start()
             started = time.monotonic()
             try:
                 return self.datapath.load(prepared, policies, test_pin)
@@ -387,6 +393,8 @@ class Reconciler(StatusReporting):
             finally:
                 if self.metrics:
                     self.metrics.compile(time.monotonic() - started)
+                if ahead is not None:
+                    ahead.join()
 
         workers = max(1, min(len(pending), os.cpu_count() or 1))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="compile") as pool:
