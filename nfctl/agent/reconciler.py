@@ -385,7 +385,10 @@ class Reconciler(StatusReporting):
                 ahead.start()
             started = time.monotonic()
             try:
-                return self.datapath.load(prepared, policies, test_pin)
+                loaded = self.datapath.load(prepared, policies, test_pin)
+                if test_pin is not None and loaded.test_pin is None:
+                    remove_scratch(test_pin.parent)  # no copy: the worker's folder stays empty
+                return loaded
             except DatapathError as exc:
                 if test_pin is not None:
                     remove_scratch(test_pin.parent)
