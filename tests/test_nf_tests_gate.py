@@ -14,7 +14,7 @@ import pytest
 from nfctl.compiler.client import PreparedNF
 from nfctl.datapath import bpf
 from nfctl.datapath.datapath import Datapath, LoadedBuild
-from nfctl.nftest.build import scratch_pin
+from nfctl.nftest.build import remove_scratch, scratch_pin
 from nfctl.nftest.gate import gate_problems
 from nfctl.nftest.maps import _cpus
 from tests.helpers import REPO_ROOT, prepare_nf
@@ -112,3 +112,33 @@ def test_gate_on_the_private_copy_refuses_a_version_whose_tests_fail(
         "test 'drops the IPv4 source listed in nf.yaml' failed: expected verdict drop, got pass"
     )
     assert live_state(datapath) == before
+
+
+def test_gate_falls_back_to_a_test_build_for_chain_cases(
+    datapath: Datapath, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A case with a chain needs the other members, which have no private copy: the gate
+    compiles test builds of its own, and still decides."""
+    shutil.copytree(REPO_ROOT / "bpf" / "ratelimit", tmp_path / "ratelimit")
+    prepared = blocklist_repo(tmp_path, "1.0.0")
+    tests_path = tmp_path / "blocklist" / "tests.yaml"
+    chain_case = """
+  - name: a listed source is dropped before the rate limiter
+    chain: [ratelimit]
+    packet:
+      ipv4: {src: 203.0.113.7}
+      udp: {}
+    expect:
+      verdict: drop
+"""
+    tests_path.write_text(tests_path.read_text() + chain_case)
+    loaded = datapath.load(prepared, test_pin=scratch_pin("blocklist"))
+    assert loaded.test_pin is not None
+
+    caplog.set_level(logging.INFO, logger="nfctl.nftest.gate")
+    problems = gate_problems(prepared, tmp_path, tmp_path, loaded.test_pin, loaded.record.maps)
+    assert problems == []
+    assert "tests of blocklist ran on a test build of their own: 7 case(s), 0 failed" in (
+        caplog.text
+    )
+    remove_scratch(loaded.test_pin.parent)  # what the agent does after the gate
