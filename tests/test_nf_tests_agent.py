@@ -99,6 +99,10 @@ def test_failing_tests_refuse_the_version_and_keep_the_old_one_under_traffic(
         assert refused and refused[-1]["revision"] == c2
         assert "keeping version 1.0.0" in refused[-1]["message"]
         assert agent.status()["lastAppliedRevision"] == c1
+        # both versions were tested on a private copy of their live build: no test build
+        output = agent.output()
+        assert output.count("tests of blocklist ran on the live build's private copy") >= 2
+        assert "on a test build of their own" not in output
 
         # the old version is still attached and still enforcing
         assert xdp_prog_id(veth) == live_prog

@@ -5,14 +5,17 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
+import pytest
 from junitparser import Error as JUnitError
 from junitparser import JUnitXml
 
+from nfctl.datapath.bpf import struct_pack_insns
 from nfctl.diagnostics import Diagnostic
 from nfctl.nftest.load import load_tests
 from nfctl.nftest.maps import add_values, matches_increase, subtract_values
 from nfctl.nftest.model import Packet
 from nfctl.nftest.packet import build_packet, packet_fields, same_value
+from nfctl.nftest.private import CopyError, map_fd_slots, rewrite_map_fds
 from nfctl.nftest.results import CaseResult, Failure, TestReport, junit_xml
 
 HEAD = "apiVersion: nfctl.io/v1alpha1\nkind: NetworkFunctionTests\ncases:\n"
@@ -141,3 +144,40 @@ def test_pcap_packet_by_index(tmp_path: Path) -> None:
     spec = Packet.model_validate({"pcap": "capture.pcap", "index": 1})
     assert build_packet(spec, tmp_path, tmp_path) == bytes(frames[1])
     assert packet_fields(build_packet(spec, tmp_path, tmp_path))["ipv4.src"] == "192.0.2.2"
+
+
+def _insns(*insns: tuple[int, int, int, int, int]) -> bytes:
+    return bytes(struct_pack_insns(list(insns)).raw)
+
+
+def test_the_private_copy_rewrites_every_map_reference_and_nothing_else() -> None:
+    code = _insns(
+        (0x18, 1, 1, 0, 7),  # r1 = map fd 7 (BPF_PSEUDO_MAP_FD)
+        (0x00, 0, 0, 0, 0),  # its second slot
+        (0x18, 2, 0, 0, 7),  # r2 = the plain 64-bit constant 7: not a map
+        (0x00, 0, 0, 0, 0),
+        (0x18, 3, 2, 0, 9),  # r3 = &map fd 9 value + 16 (BPF_PSEUDO_MAP_VALUE)
+        (0x00, 0, 0, 0, 16),
+        (0xB7, 0, 0, 0, 7),  # r0 = 7
+        (0x95, 0, 0, 0, 0),
+    )
+    assert list(map_fd_slots(code)) == [(0, 7), (4, 9)]
+    rewritten = rewrite_map_fds(code, {7: 40, 9: 41})
+    assert rewritten == _insns(
+        (0x18, 1, 1, 0, 40),
+        (0x00, 0, 0, 0, 0),
+        (0x18, 2, 0, 0, 7),
+        (0x00, 0, 0, 0, 0),
+        (0x18, 3, 2, 0, 41),
+        (0x00, 0, 0, 0, 16),
+        (0xB7, 0, 0, 0, 7),
+        (0x95, 0, 0, 0, 0),
+    )
+
+
+def test_the_private_copy_refuses_a_map_it_has_no_copy_of() -> None:
+    code = _insns((0x18, 1, 1, 0, 7), (0x00, 0, 0, 0, 0), (0x95, 0, 0, 0, 0))
+    with pytest.raises(CopyError, match="instruction 0 references map fd 7"):
+        rewrite_map_fds(code, {8: 40})
+    with pytest.raises(CopyError, match="not whole instructions"):
+        list(map_fd_slots(code[:-1]))

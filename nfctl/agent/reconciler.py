@@ -52,7 +52,9 @@ from nfctl.datapath.observe import AttachPointState
 from nfctl.diagnostics import Diagnostic
 from nfctl.manifest.model import Hook, NetworkFunction
 from nfctl.manifest.repo import scan_repo
-from nfctl.nftest.gate import TESTS_FAILED, gate_problems
+from nfctl.nftest.build import remove_scratch, scratch_pin
+from nfctl.nftest.gate import TESTS_FAILED, gate_problems, prepare_cases
+from nfctl.nftest.load import tests_beside
 from nfctl.system import kernel_release
 from nfctl.validate import check_entries
 
@@ -377,14 +379,29 @@ class Reconciler(StatusReporting):
         def build(item: tuple[NetworkFunction, PreparedNF]) -> LoadedBuild | DatapathError:
             nf, prepared = item
             policies = {m: spec.on_incompatible for m, spec in nf.spec.maps.items()}
+            # with tests, the worker also pins a private copy for the gate (no 2nd compile)
+            test_pin = scratch_pin(nf.name) if tests_beside(prepared.manifest.path) else None
+            ahead = None
+            if test_pin is not None:  # the gate's cases and packets, while the worker compiles
+                ahead = threading.Thread(
+                    target=prepare_cases, args=(prepared, revision.snapshot), daemon=True
+                )
+                ahead.start()
             started = time.monotonic()
             try:
-                return self.datapath.load(prepared, policies)
+                loaded = self.datapath.load(prepared, policies, test_pin)
+                if test_pin is not None and loaded.test_pin is None:
+                    remove_scratch(test_pin.parent)  # no copy: the worker's folder stays empty
+                return loaded
             except DatapathError as exc:
+                if test_pin is not None:
+                    remove_scratch(test_pin.parent)
                 return exc
             finally:
                 if self.metrics:
                     self.metrics.compile(time.monotonic() - started)
+                if ahead is not None:
+                    ahead.join()
 
         workers = max(1, min(len(pending), os.cpu_count() or 1))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="compile") as pool:
@@ -419,8 +436,15 @@ class Reconciler(StatusReporting):
         reason: str | None = None
         if not problems and loaded.compiled:  # a new build: its tests.yaml gates the swap
             folder = revision.snapshot / self.settings.path
-            problems = gate_problems(prepared, folder, revision.snapshot)
+            if loaded.test_copy_error:
+                log.warning("%s: no private copy for its tests: %s", name, loaded.test_copy_error)
+            problems = gate_problems(
+                prepared, folder, revision.snapshot, loaded.test_pin, loaded.record.maps
+            )
             reason = TESTS_FAILED
+        if loaded.test_pin is not None:  # the gate took it, or it was not needed
+            remove_scratch(loaded.test_pin.parent)
+            loaded.test_pin = None
         if problems:
             if loaded.compiled and (current is None or current.build_hash != loaded.build_hash):
                 self.datapath.discard(loaded)

@@ -49,6 +49,8 @@ class BuildRequest:
     install: bool = False  # False: compile + verifier check only, nothing pinned
     pins: PinLayout = field(default_factory=PinLayout)
     prog_pin_path: str | None = None
+    # the test gate: pin here a private copy of the program (fresh maps, never the live ones)
+    test_pin_path: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,6 +117,9 @@ class BuildResult:
     load_seconds: float = 0.0
     check_seconds: float = 0.0  # loading the author's function alone and checking references
     bcc_version: str = ""
+    test_pin_path: str | None = None  # the private copy was pinned there
+    test_copy_error: str = ""  # why it was not (the gate then makes a test build)
+    test_copy_seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -135,4 +140,7 @@ class BuildResult:
             load_seconds=data.get("load_seconds", 0.0),
             check_seconds=data.get("check_seconds", 0.0),
             bcc_version=data.get("bcc_version", ""),
+            test_pin_path=data.get("test_pin_path"),
+            test_copy_error=data.get("test_copy_error", ""),
+            test_copy_seconds=data.get("test_copy_seconds", 0.0),
         )

@@ -38,6 +38,7 @@ from nfctl.compiler.sandbox import (
 from nfctl.datapath import bpf, progrefs
 from nfctl.diagnostics import Diagnostic
 from nfctl.manifest.model import Hook
+from nfctl.nftest import private
 
 DISPATCHER_PREFIX = "dispatcher:"
 
@@ -169,6 +170,8 @@ def build_one(req: BuildRequest) -> BuildResult:
         result.program = ProgramInfo(
             name=prog.name, prog_id=prog.prog_id, tag=prog.tag, pin_path=pin_path
         )
+        if req.install and req.test_pin_path and not is_dispatcher:
+            _pin_test_copy(module, lib, function, prog_type, req.test_pin_path, result)
         result.ok = True
         created = []  # keep what this build pinned
         return result
@@ -177,6 +180,32 @@ def build_one(req: BuildRequest) -> BuildResult:
             with contextlib.suppress(OSError):
                 os.unlink(path)
         module.cleanup()
+
+
+def _pin_test_copy(
+    module: Any, lib: Any, function: str, prog_type: int, path: str, result: BuildResult
+) -> None:
+    """The gate's private copy of the program just verified (nfctl.nftest.private). Only
+    after the isolation check passed: the copy has the same code, so the same references.
+    A copy that fails is reported, not fatal: the gate then makes a test build."""
+    import ctypes
+
+    start = time.monotonic()
+    try:
+        name = function.encode()
+        insns = ctypes.string_at(
+            lib.bpf_function_start(module.module, name), lib.bpf_function_size(module.module, name)
+        )
+        fd = private.load_copy(insns, prog_type, function)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            bpf.obj_pin(fd, path)
+        finally:
+            os.close(fd)
+        result.test_pin_path = path
+    except OSError as exc:
+        result.test_copy_error = str(exc)
+    result.test_copy_seconds = time.monotonic() - start
 
 
 def snapshot(req: BuildRequest) -> dict[str, str]:
@@ -196,7 +225,13 @@ def pin_dirs(req: BuildRequest) -> list[str]:
     if not req.install:
         return []
     pins = req.pins
-    files = [pins.chain_path, pins.cursor_path, pins.heads_path, req.prog_pin_path]
+    files = [
+        pins.chain_path,
+        pins.cursor_path,
+        pins.heads_path,
+        req.prog_pin_path,
+        req.test_pin_path,
+    ]
     dirs = [pins.maps_dir, *(d for _, d in pins.staged_maps)]
     dirs += [os.path.dirname(f) for f in files if f]
     return [d for d in dict.fromkeys(dirs) if d]

@@ -57,6 +57,9 @@ class LoadedBuild:
     compiled: bool  # False when adopted from an existing pin
     swaps: list[MapSwap] = field(default_factory=list)
     compile_seconds: float = 0.0
+    test_pin: Path | None = None  # the test gate's private copy (nfctl.nftest.private)
+    test_copy_error: str = ""
+    test_copy_seconds: float = 0.0
 
     @property
     def nf(self) -> str:
@@ -196,7 +199,10 @@ class Datapath:
             return None
 
     def load(
-        self, prepared: PreparedNF, policy: dict[str, IncompatibleMapPolicy] | None = None
+        self,
+        prepared: PreparedNF,
+        policy: dict[str, IncompatibleMapPolicy] | None = None,
+        test_pin: Path | None = None,
     ) -> LoadedBuild:
         """Compile, verify, load and pin a build, or adopt it if already pinned.
 
@@ -210,7 +216,7 @@ class Datapath:
         self.dispatcher(hook)  # chain maps must exist before NFs reference them
         prog_pin = self.layout.prog_pin(nf, prepared.build_hash)
         base_pins = self._nf_pins(nf, hook)
-        result = self._build(prepared, base_pins, prog_pin)
+        result = self._build(prepared, base_pins, prog_pin, test_pin)
         swaps: list[MapSwap] = []
         if result.mismatches:
             policy = policy or {}
@@ -242,7 +248,7 @@ class Datapath:
                 staged_maps=tuple((m.name, str(staging)) for m in result.mismatches),
                 all_map_names=tuple(m.name for m in result.maps),
             )
-            result = self._build(prepared, staged_pins, prog_pin)
+            result = self._build(prepared, staged_pins, prog_pin, test_pin)
             if not result.ok:
                 remove_tree(staging)
                 raise DatapathError("build failed", result.diagnostics)
@@ -262,6 +268,9 @@ class Datapath:
             compiled=True,
             swaps=swaps,
             compile_seconds=result.compile_seconds + result.load_seconds,
+            test_pin=Path(result.test_pin_path) if result.test_pin_path else None,
+            test_copy_error=result.test_copy_error,
+            test_copy_seconds=result.test_copy_seconds,
         )
         try:
             for swap in swaps:
@@ -285,8 +294,11 @@ class Datapath:
             cursor_path=str(self.layout.cursor(kind)),
         )
 
-    def _build(self, prepared: PreparedNF, pins: PinLayout, prog_pin: Path) -> BuildResult:
+    def _build(
+        self, prepared: PreparedNF, pins: PinLayout, prog_pin: Path, test_pin: Path | None = None
+    ) -> BuildResult:
         request = build_request(prepared, install=True, pins=pins, prog_pin_path=str(prog_pin))
+        request.test_pin_path = str(test_pin) if test_pin else None
         return run_worker([request])[0]
 
     def _record(self, prepared: PreparedNF, result: BuildResult) -> BuildRecord:

@@ -113,7 +113,31 @@ def load_for_tests(prepared: list[PreparedNF]) -> TestBuilds:
                 ]
                 builds.programs.pop(name).close()
     finally:
-        _remove_scratch(scratch)
+        remove_scratch(scratch)
+    return builds
+
+
+def scratch_pin(name: str) -> Path:
+    """Where a compile worker may pin a program for tests: a fresh folder of bpffs."""
+    return BPFFS / f"nfctl-nftest-{os.getpid()}-{uuid.uuid4().hex[:8]}" / name
+
+
+def load_private_copy(prepared: PreparedNF, pin: Path, infos: list[MapInfo]) -> TestBuilds:
+    """Take the live build's private copy that the worker pinned at pin (see
+    nfctl.nftest.private): no compile. The pin and its folder are removed at once."""
+    builds = TestBuilds()
+    try:
+        program = TestProgram(prepared=prepared, fd=bpf.obj_get(str(pin)))
+    finally:
+        remove_scratch(pin.parent)
+    builds.programs[program.name] = program
+    try:
+        _open_maps(program, infos)
+    except (OSError, LayoutError) as exc:
+        builds.errors[program.name] = [
+            Diagnostic(file=prepared.source_name, message=f"cannot open the test maps: {exc}")
+        ]
+        builds.programs.pop(program.name).close()
     return builds
 
 
@@ -144,7 +168,7 @@ def _open_maps(program: TestProgram, infos: list[MapInfo]) -> None:
                     opened.close()
 
 
-def _remove_scratch(scratch: Path) -> None:
+def remove_scratch(scratch: Path) -> None:
     if not scratch.is_dir():
         return
     for pin in scratch.iterdir():
