@@ -434,7 +434,9 @@ class Reconciler(StatusReporting):
             prepared, loaded.record.maps, lambda info: loaded.record.layouts(info.name)
         )
         reason: str | None = None
-        if not problems and loaded.compiled:  # a new build: its tests.yaml gates the swap
+        # a build compiled in this pass (not one adopted from an earlier pass or the pins):
+        # its tests.yaml gates the swap
+        if not problems and compiled is not None and loaded.compiled:
             folder = revision.snapshot / self.settings.path
             if loaded.test_copy_error:
                 log.warning("%s: no private copy for its tests: %s", name, loaded.test_copy_error)
