@@ -27,6 +27,9 @@ TABLE_COMMANDS = [
     ["doctor"],
     ["diff"],
     ["top"],
+    ["test"],
+    ["teardown"],
+    ["lab", "status"],
 ]
 
 
@@ -153,3 +156,9 @@ def test_top_rates_from_two_scrapes_and_a_counter_reset() -> None:
         ("0", 200.0, "Applied", "abc"),
         ("1", 0.0, "Applied", "abc"),
     ]
+
+
+def test_lab_status_of_a_lab_that_is_not_running_is_not_ok() -> None:
+    proc = nfctl("lab", "status", "--tag", "ux2none", "-o", "json")
+    assert proc.returncode == exitcodes.NOT_OK and "not running" in proc.stderr
+    assert proc.stdout == ""
