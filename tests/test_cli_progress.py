@@ -142,7 +142,7 @@ def test_lab_up_shows_each_step_as_it_happens_and_status_speaks_json_and_yaml() 
             ["lab", "up", "--nodes", "2", "--tag", tag, "--subnet", subnet], "stdout", 400
         )
         assert proc.returncode == 0, "\n".join(line for _, line in lines)
-        nodes = [f"{tag}-n1", f"{tag}-n2"]
+        nodes = ["node1", "node2"]
         certificates = first(lines, "issuing certificates")
         # the first step was shown long before the lab was ready
         assert ended - certificates > 2.0, lines
@@ -174,3 +174,4 @@ def test_lab_up_shows_each_step_as_it_happens_and_status_speaks_json_and_yaml() 
         subprocess.run(
             [NFCTL, "lab", "down", "--tag", tag], capture_output=True, timeout=180, check=False
         )
+    assert not Path(f"/var/lib/nfctl-lab/{tag}").exists()
