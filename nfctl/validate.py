@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nfctl import progress
 from nfctl.compiler.build import BuildResult, MapInfo
 from nfctl.compiler.client import PreparedNF, build_request, prepare, run_parallel
 from nfctl.datapath.layout import LayoutError, TypeLayout, declared_types, network_order_fields
@@ -189,6 +190,7 @@ def validate_path(path: Path, compile_programs: bool = True) -> ValidationReport
     for diag in scan.diagnostics:
         (report.warnings if diag.severity == "warning" else report.errors).append(diag)
     prepared_list = [prepare(m, scan.root) for m in scan.manifests]
+    progress.note(f"found {len(prepared_list)} manifest(s) under {path}")
     to_build = [p for p in prepared_list if p.ok]
     results: dict[int, BuildResult] = {}
     if compile_programs and to_build and os.geteuid() != 0:
@@ -208,7 +210,7 @@ def validate_path(path: Path, compile_programs: bool = True) -> ValidationReport
         built = run_parallel([build_request(p) for p in to_build])
         for prepared, built_one in zip(to_build, built, strict=True):
             results[id(prepared)] = built_one
-    for prepared in prepared_list:
+    for position, prepared in enumerate(prepared_list, start=1):
         nf = prepared.manifest.nf
         if prepared.bundle is not None:
             report.warnings.extend(
@@ -255,5 +257,8 @@ def validate_path(path: Path, compile_programs: bool = True) -> ValidationReport
                         )
                     )
         report.nfs.append(nf_report)
+        verdict = "valid" if nf_report.ok else f"invalid ({len(nf_report.errors)} error(s))"
+        label = nf_report.name or nf_report.manifest
+        progress.note(f"[{position}/{len(prepared_list)}] {label}: {verdict}")
     report.seconds = time.monotonic() - start
     return report

@@ -27,6 +27,9 @@ TABLE_COMMANDS = [
     ["doctor"],
     ["diff"],
     ["top"],
+    ["test"],
+    ["teardown"],
+    ["lab", "status"],
 ]
 
 
@@ -153,3 +156,38 @@ def test_top_rates_from_two_scrapes_and_a_counter_reset() -> None:
         ("0", 200.0, "Applied", "abc"),
         ("1", 0.0, "Applied", "abc"),
     ]
+
+
+def test_lab_status_of_a_lab_that_is_not_running_is_not_ok() -> None:
+    proc = nfctl("lab", "status", "--tag", "ux2none", "-o", "json")
+    assert proc.returncode == exitcodes.NOT_OK and "not running" in proc.stderr
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "words", [["get", "functions"], ["get", "events"], ["get", "history"], ["events"]], ids=" ".join
+)
+def test_every_controller_command_says_unavailable_with_3(words: list[str]) -> None:
+    # nothing listens on port 1
+    proc = nfctl(*words, "--controller", "127.0.0.1:1", "--insecure", "-o", "json")
+    assert proc.returncode == exitcodes.UNAVAILABLE, proc.stderr
+    assert proc.stdout == ""
+
+
+def test_exit_codes_of_test_status_and_diff(tmp_path: Path) -> None:
+    import json
+
+    nf = tmp_path / "nfs" / "broken"
+    nf.mkdir(parents=True)
+    (nf / "nf.yaml").write_text("apiVersion: nfctl.io/v1alpha1\nkind: NetworkFunction\n")
+    (nf / "tests.yaml").write_text("cases: [\n")
+    # checked, and the answer is no: an NF that cannot be tested
+    proc = nfctl("test", str(tmp_path / "nfs"), "-o", "json")
+    assert proc.returncode == exitcodes.NOT_OK
+    assert json.loads(proc.stdout)["ok"] is False
+    # a node without status is not Ready
+    proc = nfctl("status", "--state-dir", str(tmp_path / "state"), "-o", "json")
+    assert proc.returncode == exitcodes.NOT_OK and "no agent status" in proc.stderr
+    # a node state folder that does not exist is bad configuration
+    proc = nfctl("diff", str(tmp_path / "nfs"), "--node-state", str(tmp_path / "nowhere"))
+    assert proc.returncode == exitcodes.USAGE, proc.stdout + proc.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from nfctl.cli.output import console, err_console
+from nfctl.cli.output import OutputFormat, console, emit_data, err_console
 
 lab_app = typer.Typer(
     help="A multi-node lab on this machine (network namespaces, root).", no_args_is_help=True
@@ -72,8 +72,12 @@ def demo(
 
 
 @lab_app.command("status")
-def status(tag: str = typer.Option("lab", "--tag")) -> None:
+def status(
+    tag: str = typer.Option("lab", "--tag"),
+    output: OutputFormat = typer.Option(OutputFormat.TEXT, "--output", "-o"),
+) -> None:
     """Nodes and NFs of a running lab, from its controller."""
+    from nfctl.cli.fleet_cmd import _dict
     from nfctl.lab.demo import Demo
     from nfctl.lab.lab import Lab
 
@@ -82,7 +86,19 @@ def status(tag: str = typer.Option("lab", "--tag")) -> None:
     if not lab.is_up():
         err_console.print(f"lab {tag!r} is not running")
         raise typer.Exit(1)
-    Demo(lab, console).fleet()
+    if output is OutputFormat.TEXT:
+        Demo(lab, console).fleet()
+        return
+    # the same three tables as the text view, with the fields `nfctl get -o json` uses
+    emit_data(
+        {
+            "lab": lab.describe(),
+            "nodes": [_dict(n) for n in lab.nodes()],
+            "functions": [_dict(f) for f in lab.functions()],
+            "events": [_dict(e) for e in lab.history(limit=12)],
+        },
+        output,
+    )
 
 
 @lab_app.command("down")

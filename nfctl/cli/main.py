@@ -10,6 +10,7 @@ import typer
 from nfctl import __version__
 from nfctl.cli import exitcodes
 from nfctl.cli.output import OutputFormat, console, emit_data, print_diagnostic
+from nfctl.cli.progress import PROGRESS, reporting
 
 app = typer.Typer(
     name="nfctl",
@@ -53,6 +54,7 @@ def validate(
         help="compile WITHOUT the sandbox (machines without namespaces only): the "
         "repository can then read any file you can read",
     ),
+    show_progress: bool | None = PROGRESS,
 ) -> None:
     """Validate manifests, compile every program and check it with the kernel verifier.
 
@@ -67,7 +69,8 @@ def validate(
 
     allow_unconfined(unconfined_compile)
 
-    report = validate_path(path, compile_programs=not no_compile)
+    with reporting(show_progress):
+        report = validate_path(path, compile_programs=not no_compile)
     if output is not OutputFormat.TEXT:
         emit_data(report.to_dict(), output)
         raise typer.Exit(0 if report.ok else 1)

@@ -8,6 +8,7 @@ import typer
 from rich.markup import escape
 
 from nfctl.cli.output import OutputFormat, console, emit_data, print_diagnostic
+from nfctl.cli.progress import PROGRESS, reporting
 
 
 def test(
@@ -15,6 +16,7 @@ def test(
     output: OutputFormat = typer.Option(OutputFormat.TEXT, "--output", "-o"),
     junit: Path | None = typer.Option(None, "--junit", help="also write JUnit XML to this file"),
     show_logs: bool = typer.Option(False, "--logs", help="print full compiler/verifier logs"),
+    show_progress: bool | None = PROGRESS,
 ) -> None:
     """Compile each NF (confined, like validate), load it unattached and run its tests.yaml
     cases with BPF_PROG_TEST_RUN on private copies of its maps.
@@ -26,7 +28,8 @@ def test(
     from nfctl.nftest.runner import run_tests
 
     target = path if path.is_dir() or path.name not in ("tests.yaml", "tests.yml") else path.parent
-    report = run_tests(target)
+    with reporting(show_progress):
+        report = run_tests(target)
     if junit is not None:
         junit.write_text(junit_xml(report))
     if output is not OutputFormat.TEXT:

@@ -10,6 +10,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nfctl import progress
 from nfctl.compiler.build import BuildRequest, BuildResult, build_hash
 from nfctl.compiler.codegen import PinLayout, function_is_defined
 from nfctl.compiler.sandbox import (
@@ -212,16 +213,26 @@ def run_parallel(requests: list[BuildRequest], workers: int | None = None) -> li
     from concurrent.futures import ThreadPoolExecutor
 
     count = max(1, min(workers or os.cpu_count() or 1, len(requests)))
+    progress.note(f"compiling {len(requests)} NF(s) in {count} worker(s) (BCC + verifier)")
     if count == 1:
-        return run_worker(requests)
+        return _noted(run_worker(requests))
     batches = [requests[i::count] for i in range(count)]
     with ThreadPoolExecutor(max_workers=count) as pool:
-        answers = list(pool.map(run_worker, batches))
+        answers = list(pool.map(lambda batch: _noted(run_worker(batch)), batches))
     by_request: dict[int, BuildResult] = {}
     for batch, results in zip(batches, answers, strict=True):
         for request, result in zip(batch, results, strict=True):
             by_request[id(request)] = result
     return [by_request[id(r)] for r in requests]
+
+
+def _noted(results: list[BuildResult]) -> list[BuildResult]:
+    """Report a worker's builds the moment it answers (a worker answers per batch)."""
+    for result in results:
+        seconds = result.compile_seconds + result.load_seconds
+        outcome = f"built ({seconds:.2f}s)" if result.ok else "failed to build"
+        progress.note(f"{result.nf}: {outcome}")
+    return results
 
 
 def _all_failed(

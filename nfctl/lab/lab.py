@@ -122,16 +122,21 @@ class Lab:
             folder.mkdir(parents=True, exist_ok=True)
         self.say(f"creating {nodes} nodes on a bridge (10.{subnet}.0.0/24) ...")
         self.topo = Topology.create(self.tag, nodes, subnet=subnet, host_link=True)
+        self.say("issuing certificates (CA, controller, nodes, operator) ...")
         self._pki()
+        self.say("seeding the NF repository ...")
         self._git_repo(seed)
         self._start_git()
         self._wait_port(self.topo.hub_ip, GIT_PORT)
+        self.say(f"git server listening on {self.topo.hub_ip}:{GIT_PORT}")
         self._start_controller()
+        self.say(f"controller listening on {self.topo.hub_ip}:9443 (mTLS)")
         for node in self.topo.nodes:
             self._start_agent(node.name, agent_args or [])
+            self.say(f"agent started on {node.name}")
         head = _git(self.paths.work, "rev-parse", "HEAD")
         self.say("waiting for every node to compile, attach and report ...")
-        self.wait_applied(head, timeout=timeout)
+        self._wait_revision(head, "applied", timeout, announce=True)
         return self.topo
 
     def _pki(self) -> None:
@@ -373,17 +378,28 @@ class Lab:
         """Until every node has tried revision (applied or refused)."""
         return self._wait_revision(revision, "attempted", timeout)
 
-    def _wait_revision(self, revision: str, which: str, timeout: float) -> float:
+    def _wait_revision(
+        self, revision: str, which: str, timeout: float, announce: bool = False
+    ) -> float:
+        """announce: say each node's arrival as it happens (lab up)."""
         assert self.topo is not None
         start = time.monotonic()
         expected = {n.name for n in self.topo.nodes}
         last: dict[str, str] = {}
+        arrived: set[str] = set()
         while time.monotonic() - start < timeout:
             with contextlib.suppress(grpc.RpcError):
                 last = {
                     n.status.node: getattr(n.status, f"last_{which}_revision") for n in self.nodes()
                 }
-                if expected <= {name for name, rev in last.items() if rev == revision}:
+                done = {name for name, rev in last.items() if rev == revision}
+                for name in sorted(done - arrived) if announce else ():
+                    self.say(
+                        f"{name} {which} {revision[:12]} "
+                        f"({len(arrived) + 1}/{len(expected)}, {time.monotonic() - start:.1f}s)"
+                    )
+                    arrived.add(name)
+                if expected <= done:
                     return time.monotonic() - start
             time.sleep(0.1)
         raise LabError(

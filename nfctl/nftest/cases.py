@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nfctl import progress
 from nfctl.compiler.client import PreparedNF
 from nfctl.datapath.layout import LayoutError
 from nfctl.manifest.model import Hook
@@ -332,6 +333,7 @@ def run_suites(
         own = suite.prepared.nf.name
         if own not in builds.programs:
             continue
+        progress.note(f"{own}: running {len(suite.tests.tests.cases)} case(s)")
         for index, case in enumerate(suite.tests.tests.cases):
             members = {own, *case.chain}
             programs = sorted(

@@ -6,6 +6,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from nfctl import progress
 from nfctl.compiler.client import PreparedNF, prepare
 from nfctl.diagnostics import Diagnostic
 from nfctl.manifest.repo import scan_repo
@@ -88,6 +89,7 @@ def run_tests(
         for case in suite.tests.tests.cases:
             needed.update(m for m in case.chain if m in known)
     to_build = [p for p in prepared_all if p.nf.name in needed]
+    progress.note(f"found {len(suites)} NF(s) with tests.yaml under {path}")
     root = (repo_root or scan_root(path)).resolve()
     if to_build:
         with ThreadPoolExecutor(max_workers=1) as pool:
