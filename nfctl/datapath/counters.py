@@ -123,11 +123,24 @@ def decode(raw: bytes, cpus: int) -> VerdictCounts:
     )
 
 
+def read_pinned(pins: CounterPins) -> dict[CounterKey, VerdictCounts]:
+    """The counters of one hook type, read through fresh fds (safe from any thread); empty
+    when nothing was ever chained there."""
+    if not (pins.counters.exists() and pins.ids.exists()):
+        return {}
+    table = CounterTable(pins, create=False)
+    try:
+        return table.read()
+    finally:
+        table.close()
+
+
 class CounterTable:
     """The counter maps of one hook type, as the agent sees them."""
 
-    def __init__(self, pins: CounterPins) -> None:
-        ensure_maps(pins)
+    def __init__(self, pins: CounterPins, create: bool = True) -> None:
+        if create:
+            ensure_maps(pins)
         self.counters = BpfMap.from_pin(str(pins.counters))
         self.slots = BpfMap.from_pin(str(pins.slots))
         self.ids = BpfMap.from_pin(str(pins.ids))

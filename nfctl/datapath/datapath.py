@@ -21,7 +21,7 @@ from nfctl.datapath import dispatcher as disp
 from nfctl.datapath import netlink, tc
 from nfctl.datapath.bpf import BpfError, BpfMap, BpfProgram, possible_cpus
 from nfctl.datapath.chain import ChainTable
-from nfctl.datapath.counters import CounterKey, CounterTable, VerdictCounts
+from nfctl.datapath.counters import CounterKey, CounterTable, VerdictCounts, read_pinned
 from nfctl.datapath.entries import EntryPlan, convert_value, encode_entries, plan_entries
 from nfctl.datapath.layout import LayoutError, TypeLayout, declared_types, network_order_fields
 from nfctl.datapath.observe import AttachPointState
@@ -172,9 +172,8 @@ class Datapath:
     def verdict_counts(self) -> dict[CounterKey, VerdictCounts]:
         """Every NF's verdict counters per attach point, for hook types in use."""
         out: dict[CounterKey, VerdictCounts] = {}
-        for hook in (Hook.XDP, Hook.TC_INGRESS):
-            if self.layout.counter_pins(hook_kind(hook)).counters.exists():
-                out.update(self.counter_table(hook).read())
+        for kind in ("xdp", "tc"):
+            out.update(read_pinned(self.layout.counter_pins(kind)))
         return out
 
     def has_tables(self, hook: Hook) -> bool:
