@@ -3,11 +3,12 @@ switched to enforce by a commit, hitlessly, with real traffic."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
 
-from tests.agent_harness import AgentProcess, metric_samples, set_blocked_v4, wait_until
+from tests.agent_harness import AgentProcess, metric_samples, nfctl, set_blocked_v4, wait_until
 from tests.test_agent_features import Lab
 from tests.test_agent_features import lab as lab_fixture
 from tests.test_datapath import PingFlood
@@ -58,6 +59,9 @@ def test_monitor_counts_then_enforce_drops_hitlessly(lab: Lab) -> None:
     )
     assert verdicts(agent)["enforce"]["dropped"] == 0
     assert verdicts(agent)["chainErrors"] == 0
+    table = nfctl("status", "--state-dir", str(lab.state_dir))
+    row = next(line for line in table.stdout.splitlines() if line.strip().startswith("blocklist"))
+    assert re.search(r"\d+/5/0/0 \(monitor\)", row), table.stdout
 
     with_mode(lab, "enforce")
     c2 = lab.repo.commit("blocklist enforced")
