@@ -2,14 +2,15 @@
 BPF_PROG_TEST_RUN (the kernel reports the average duration over `repeat` runs).
 
 Five NF bodies (parse Ethernet + IPv4, look the source up in the NF's own hash map, pass),
-four ways, on the same 64-byte IPv4/UDP packet, in one run:
+six ways, on the same 64-byte IPv4/UDP packet, in one run:
   direct          one XDP program calling the five bodies in sequence (the floor)
   bare_tail_calls each body in its own program, tail-calling the next by a constant slot:
                   what any tail-call chain costs on this machine, nothing of nfctl's
+  bare_indirect_tail_calls  the same, the slot read from a map (not a constant)
   chain           nfctl's dispatcher + five generated wrappers tail-calling each other,
                   built without the counting code (a codegen option only this uses)
   chain_counters  the same chain as the agent builds it, counting verdicts per NF
-Each run measures the four in turn; medians over --runs. The packet passes every NF, so
+Each run measures all in turn; medians over --runs. The packet passes every NF, so
 every wrapper runs: the counters are read back to prove it.
 
 sudo .venv/bin/python -m benchmarks.chain_overhead --json
@@ -106,17 +107,24 @@ class BareChain:
     """The floor of any chaining: each body then a tail call to a constant next slot (no
     dispatcher, no cursor, no counters); program 0 is run."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, indirect: bool = False) -> None:
         from bcc import BPF
 
         root.mkdir(parents=True, exist_ok=True)
         pin = root / "bare_chain"
+        next_pin = root / "bare_next"
         self.modules = []
         fds = []
         for index in range(NFS):
-            tail = f"    bare_chain.call(ctx, {index + 1});\n" if index + 1 < NFS else ""
+            # indirect: the slot comes from a map, so the kernel cannot patch the tail call
+            # into a direct jump (nfctl's wrappers read theirs from the cursor)
+            slot = f"{index + 1}"
+            if indirect:
+                slot = f"(nx = bare_next.lookup(&k)) ? *nx + {index} : {index + 1}"
+            tail = f"    u32 k = 0, *nx; bare_chain.call(ctx, {slot});\n" if index + 1 < NFS else ""
             text = (
                 f'BPF_TABLE_PINNED("prog", u32, u32, bare_chain, 8, "{pin}");\n'
+                + f'BPF_TABLE_PINNED("array", u32, u32, bare_next, 1, "{next_pin}");\n'
                 + body(index)
                 + f"int bare{index}(struct xdp_md *ctx)\n{{\n"
                 + f"    int v = body{index}(ctx);\n    if (v != XDP_PASS) return v;\n"
@@ -126,8 +134,10 @@ class BareChain:
             self.modules.append(BPF(text=text))
             fds.append(self.modules[-1].load_func(f"bare{index}", BPF.XDP).fd)
         with BpfMap.from_pin(str(pin)) as chain:
-            for slot, fd in enumerate(fds[1:], start=1):
-                chain.update(struct.pack("<I", slot), struct.pack("<I", fd))
+            for position, fd in enumerate(fds[1:], start=1):
+                chain.update(struct.pack("<I", position), struct.pack("<I", fd))
+        with BpfMap.from_pin(str(next_pin)) as nxt:
+            nxt.update(struct.pack("<I", 0), struct.pack("<I", 1))
         self.entry_fd = fds[0]
 
     def close(self) -> None:
@@ -205,22 +215,25 @@ def main() -> None:
     root = Path("/sys/fs/bpf") / f"nfctl-bench-chain-{uuid.uuid4().hex[:8]}"
     direct = BPF(text=direct_source())
     chains: dict[str, Chain] = {}
-    bare = None
+    bares: dict[str, BareChain] = {}
     try:
         direct_fd = direct.load_func("direct", BPF.XDP).fd
-        bare = BareChain(root / "bare")
+        bares["bare_tail_calls"] = BareChain(root / "bare")
+        bares["bare_indirect_tail_calls"] = BareChain(root / "indirect", indirect=True)
         chains["chain"] = Chain(root / "plain", counters=False)
         chains["chain_counters"] = Chain(root / "counted", counters=True)
         data = packet()
         samples: dict[str, list[float]] = {
             "direct": [],
             "bare_tail_calls": [],
+            "bare_indirect_tail_calls": [],
             "chain": [],
             "chain_counters": [],
         }
         for _ in range(args.runs):
             samples["direct"].append(run_ns(direct_fd, data, args.repeat))
-            samples["bare_tail_calls"].append(run_ns(bare.entry_fd, data, args.repeat))
+            for name, bare in bares.items():
+                samples[name].append(run_ns(bare.entry_fd, data, args.repeat))
             for name, chain in chains.items():
                 samples[name].append(run_ns(chain.dispatcher_fd, data, args.repeat))
         runs_total = args.runs * args.repeat
@@ -230,7 +243,7 @@ def main() -> None:
     finally:
         for chain in chains.values():
             chain.close()
-        if bare is not None:
+        for bare in bares.values():
             bare.close()
         direct.cleanup()
         remove_tree(root)
@@ -242,6 +255,7 @@ def main() -> None:
         "runs": args.runs,
         "direct_ns": med["direct"],
         "bare_tail_calls_ns": med["bare_tail_calls"],
+        "bare_indirect_tail_calls_ns": med["bare_indirect_tail_calls"],
         "chain_ns": med["chain"],
         "chain_counters_ns": med["chain_counters"],
         # per NF: what the chain adds over the bodies run directly, what counting adds on
@@ -254,6 +268,9 @@ def main() -> None:
         # shared machine's load drifts between runs more than within one
         "paired_per_nf_ns": {
             "bare_tail_calls": paired(samples["bare_tail_calls"], samples["direct"]),
+            "bare_indirect_tail_calls": paired(
+                samples["bare_indirect_tail_calls"], samples["direct"]
+            ),
             "chain": paired(samples["chain"], samples["direct"]),
             "counters": paired(samples["chain_counters"], samples["chain"]),
             "chain_counters": paired(samples["chain_counters"], samples["direct"]),
