@@ -8,6 +8,7 @@ import struct
 from pathlib import Path
 
 from nfctl.agent.reporting import verdict_totals
+from nfctl.agent.status import NFState, NFStatus, NodeStatus
 from nfctl.compiler.build import build_hash
 from nfctl.compiler.codegen import (
     COUNTER_FIELDS,
@@ -16,6 +17,7 @@ from nfctl.compiler.codegen import (
     nf_program,
 )
 from nfctl.compiler.source_guard import SourceBundle
+from nfctl.controller.convert import status_to_proto
 from nfctl.datapath.counters import CounterKey, decode
 from nfctl.manifest.model import Hook, Mode
 from tests.test_manifest_unit import base, errors, load, only_error
@@ -99,3 +101,21 @@ def test_spec_mode_defaults_to_enforce_and_rejects_unknown_values(tmp_path: Path
     bad = load(tmp_path, base().replace("  program:", "  mode: audit\n  program:"))
     field, line, message = only_error(bad)
     assert (field, line) == ("spec.mode", 7) and "'enforce' or 'monitor'" in message
+
+
+def test_the_controller_gets_the_totals_and_mode() -> None:
+    totals = verdict_totals(
+        {CounterKey("fw", 2, Hook.XDP): decode(entry([3, 1] + [0] * 5 + [2, 1]), 1)}
+    )
+    status = NodeStatus(
+        node="n1",
+        functions=[
+            NFStatus(name="fw", state=NFState.APPLIED, mode="monitor", verdicts=totals["fw"]),
+            NFStatus(name="new", state=NFState.PENDING),
+        ],
+    )
+    fw, new = status_to_proto(status).functions
+    assert fw.mode == "monitor"
+    assert (fw.verdicts.enforce.passed, fw.verdicts.enforce.dropped) == (3, 1)
+    assert fw.verdicts.monitor.other == 2 and fw.verdicts.chain_errors == 1
+    assert not new.HasField("verdicts")
