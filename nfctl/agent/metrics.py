@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -21,6 +21,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from nfctl.agent.status import NFState, NodeStatus
+from nfctl.datapath.counters import VerdictCounts
 from nfctl.datapath.layout import render_key
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,50 @@ class AgentMetrics:
 
     def register_exports(self, source: Callable[[], Iterator[ExportedValue]]) -> None:
         self.registry.register(_ExportCollector(source))
+
+    def register_verdicts(self, source: Callable[[], Iterable[VerdictSample]]) -> None:
+        self.registry.register(_VerdictCollector(source))
+
+
+# nf, hook, interface, counts: one attach point's counters, read at scrape time
+VerdictSample = tuple[str, str, str, VerdictCounts]
+
+
+class _VerdictCollector:
+    """The per-NF verdict counters kept by the chain wrapper (nfctl.datapath.counters).
+
+    `mode` says whether the verdict was applied (enforce) or only counted (monitor: the
+    packet went on as if passed); a series never resets when an NF's version changes."""
+
+    def __init__(self, source: Callable[[], Iterable[VerdictSample]]) -> None:
+        self.source = source
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            samples = list(self.source())
+        except Exception:
+            log.exception("reading verdict counters failed")
+            return
+        packets = CounterMetricFamily(
+            "nfctl_nf_packets",
+            "Packets an NF returned each verdict for, per attach point and mode.",
+            labels=["nf", "hook", "interface", "verdict", "mode"],
+        )
+        errors = CounterMetricFamily(
+            "nfctl_nf_chain_errors",
+            "Packets after an NF whose tail call to the next NF of the chain failed.",
+            labels=["nf", "hook", "interface"],
+        )
+        for nf, hook, interface, counts in samples:
+            for mode, by_verdict in counts.by_mode().items():
+                for verdict, value in by_verdict.items():
+                    packets.add_metric([nf, hook, interface, verdict, mode], float(value))
+            errors.add_metric([nf, hook, interface], float(counts.errors))
+        yield packets
+        yield errors
 
 
 ExportedValue = tuple[str, str, str, str, str, str, Any]  # metric, type, help, nf, map, key, value

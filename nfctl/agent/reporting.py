@@ -21,9 +21,12 @@ from nfctl.agent.status import (
     NFState,
     NFStatus,
     NodeStatus,
+    Verdicts,
+    VerdictTotals,
 )
 from nfctl.agent.store import AppliedNF, StateStore
 from nfctl.datapath.bpf import BpfMap
+from nfctl.datapath.counters import CounterKey, VerdictCounts
 from nfctl.datapath.datapath import Datapath, LoadedBuild
 from nfctl.datapath.observe import AttachPointState
 
@@ -185,6 +188,7 @@ class StatusReporting:
         statuses = []
         modes = self._modes
         target = self._target
+        verdicts = verdict_totals(self.datapath.verdict_counts())
         for name in sorted(names):
             rt = self._nf(name)
             applied = self.applied.get(name)
@@ -240,6 +244,8 @@ class StatusReporting:
                 last_error=rt.error,
                 suspended=state is NFState.SUSPENDED,
                 applied_at=applied.applied_at if applied else None,
+                mode=applied.spec.get("spec", {}).get("mode", "enforce") if applied else None,
+                verdicts=verdicts.get(name),
             )
             if rt.attach_errors and not status.last_error:
                 first = next(iter(rt.attach_errors.items()))
@@ -304,4 +310,26 @@ def _kernel_ids(state: AttachPointState | None) -> dict[str, Any]:
         "dispatcherId": state.hook_prog.prog_id if ours and state.hook_prog else None,
         "linkId": state.link_id if ours else None,
         "shadowedBy": _shadow_names(state),
+    }
+
+
+def _verdicts(counts: dict[str, int]) -> Verdicts:
+    return Verdicts(
+        passed=counts["pass"],
+        dropped=counts["drop"],
+        redirected=counts["redirect"],
+        other=counts["other"],
+    )
+
+
+def verdict_totals(counts: dict[CounterKey, VerdictCounts]) -> dict[str, VerdictTotals]:
+    """Per NF, its counters summed over attach points."""
+    summed: dict[str, VerdictCounts] = {}
+    for key, value in counts.items():
+        summed[key.nf] = summed.get(key.nf, VerdictCounts.zero()).add(value)
+    return {
+        nf: VerdictTotals(
+            enforce=_verdicts(c.enforce), monitor=_verdicts(c.monitor), chain_errors=c.errors
+        )
+        for nf, c in summed.items()
     }

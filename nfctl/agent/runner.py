@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import random
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ from nfctl import kernel_headers
 from nfctl.agent.config import AgentConfig
 from nfctl.agent.health import Heartbeat, serve_health
 from nfctl.agent.k8s_node import KubeApi, NodeClient, NodeLabelWatcher
-from nfctl.agent.metrics import AgentMetrics, ExportedValue, serve
+from nfctl.agent.metrics import AgentMetrics, ExportedValue, VerdictSample, serve
 from nfctl.agent.reconciler import AgentSettings, Reconciler
 from nfctl.agent.source import GitSource, SourceSettings, redact
 from nfctl.agent.store import StateStore
@@ -70,6 +71,7 @@ class Agent:
             self.metrics,
         )
         self.metrics.register_exports(self._exports)
+        self.metrics.register_verdicts(self._verdicts)
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.sync_requested = threading.Event()
@@ -150,6 +152,14 @@ class Agent:
             log.debug("link watcher stopped: %s", exc)
 
     # -- exported NF counters ----------------------------------------------------------------
+    def _verdicts(self) -> Iterator[VerdictSample]:
+        for key, counts in self.datapath.verdict_counts().items():
+            try:
+                interface = socket.if_indextoname(key.ifindex)
+            except OSError:
+                interface = f"ifindex-{key.ifindex}"  # the interface is gone
+            yield key.nf, key.hook.value, interface, counts
+
     def _exports(self) -> Iterator[ExportedValue]:
         for name, applied in list(self.reconciler.applied.items()):
             nf = NetworkFunction.model_validate(applied.spec)

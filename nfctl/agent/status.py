@@ -71,6 +71,23 @@ class MapStatus(_Model):
     managed: bool = False
 
 
+class Verdicts(_Model):
+    """Packets per verdict: what the NF returned (in monitor mode: would have done)."""
+
+    passed: int = 0
+    dropped: int = 0
+    redirected: int = 0
+    other: int = 0
+
+
+class VerdictTotals(_Model):
+    """An NF's verdict counters summed over its attach points, monotonic across versions."""
+
+    enforce: Verdicts = Field(default_factory=Verdicts)
+    monitor: Verdicts = Field(default_factory=Verdicts)
+    chain_errors: int = Field(default=0, alias="chainErrors")
+
+
 class NFStatus(_Model):
     name: str
     state: NFState
@@ -85,6 +102,8 @@ class NFStatus(_Model):
     last_error: ErrorInfo | None = Field(default=None, alias="lastError")
     suspended: bool = False
     applied_at: float | None = Field(default=None, alias="appliedAt")
+    mode: str | None = None  # enforce | monitor (spec.mode of the applied version)
+    verdicts: VerdictTotals | None = None
 
 
 class SourceStatus(_Model):

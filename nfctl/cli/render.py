@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 from rich.table import Table
 
-from nfctl.agent.status import AttachPointStatus, NodeStatus
+from nfctl.agent.status import AttachPointStatus, NFStatus, NodeStatus
 from nfctl.cli.output import console
 
 STATE_COLORS = {
@@ -29,6 +29,19 @@ def ago(ts: float | None) -> str:
     if seconds < 7200:
         return f"{seconds // 60}m ago"
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _verdicts(nf: NFStatus) -> str:
+    """pass/drop/redirect/other totals; '(monitor)' when they are only would-be verdicts."""
+    if nf.verdicts is None:
+        return "-"
+    counts = nf.verdicts.monitor if nf.mode == "monitor" else nf.verdicts.enforce
+    text = f"{counts.passed}/{counts.dropped}/{counts.redirected}/{counts.other}"
+    if nf.mode == "monitor":
+        text += " (monitor)"
+    if nf.verdicts.chain_errors:
+        text += f" errors {nf.verdicts.chain_errors}"
+    return text
 
 
 def render_node_status(status: NodeStatus) -> None:
@@ -61,7 +74,9 @@ def render_node_status(status: NodeStatus) -> None:
         console.print(cond.message, markup=False, highlight=False)
     del ready
     table = Table(show_edge=False, header_style="bold")
-    for column in ("NF", "STATE", "VERSION", "REVISION", "PROG ID", "ATTACHED", "MAPS", "ERROR"):
+    # VERDICTS: pass/drop/redirect/other
+    columns = ("NF", "STATE", "VERSION", "REVISION", "PROG ID", "ATTACHED", "VERDICTS", "MAPS")
+    for column in (*columns, "ERROR"):
         table.add_column(column)
     for nf in status.functions:
         color = STATE_COLORS.get(nf.state.value, "white")
@@ -82,6 +97,7 @@ def render_node_status(status: NodeStatus) -> None:
             (nf.revision or "-")[:12],
             str(nf.program_id or "-"),
             attached or "-",
+            _verdicts(nf),
             maps or "-",
             error,
         )

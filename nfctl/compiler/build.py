@@ -14,7 +14,9 @@ from nfctl.manifest.model import Hook
 from nfctl.system import bcc_version, kernel_release
 
 
-def build_hash(bundle: SourceBundle, function: str, cflags: list[str], hook: Hook) -> str:
+def build_hash(
+    bundle: SourceBundle, function: str, cflags: list[str], hook: Hook, monitor: bool = False
+) -> str:
     """Content hash of everything that changes the compiled program.
 
     Map entries are not part of it: they are data, applied without a rebuild.
@@ -26,6 +28,7 @@ def build_hash(bundle: SourceBundle, function: str, cflags: list[str], hook: Hoo
         "function": function,
         "cflags": cflags,
         "hook": hook.value,
+        "monitor": monitor,
         "bcc": bcc_version(),
         "kernel": kernel_release(),
     }
@@ -51,6 +54,7 @@ class BuildRequest:
     prog_pin_path: str | None = None
     # the test gate: pin here a private copy of the program (fresh maps, never the live ones)
     test_pin_path: str | None = None
+    monitor: bool = False  # spec.mode: monitor (the wrapper passes every verdict on)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

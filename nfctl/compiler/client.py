@@ -22,7 +22,7 @@ from nfctl.compiler.sandbox import (
 from nfctl.compiler.source_guard import SourceBundle, read_source
 from nfctl.diagnostics import Diagnostic
 from nfctl.manifest.loader import LoadedManifest
-from nfctl.manifest.model import NetworkFunction
+from nfctl.manifest.model import Mode, NetworkFunction
 
 WORKER_TIMEOUT_SECONDS = 300.0
 
@@ -71,7 +71,11 @@ def prepare(manifest: LoadedManifest, repo_root: Path) -> PreparedNF:
             )
         )
     prepared.build_hash = build_hash(
-        bundle, nf.spec.program.function, nf.spec.program.cflags, nf.spec.attach.hook
+        bundle,
+        nf.spec.program.function,
+        nf.spec.program.cflags,
+        nf.spec.attach.hook,
+        nf.spec.mode is Mode.MONITOR,
     )
     return prepared
 
@@ -104,6 +108,7 @@ def build_request(
         install=install,
         pins=pins or PinLayout(),
         prog_pin_path=prog_pin_path,
+        monitor=nf.spec.mode is Mode.MONITOR,
     )
 
 

@@ -21,13 +21,20 @@ from dataclasses import dataclass
 from nfctl.compiler.source_guard import logical_lines
 from nfctl.manifest.model import Hook
 
-CODEGEN_VERSION = "4"
+CODEGEN_VERSION = "5"
 CHAIN_SLOTS = 65536  # prog-array entries per hook type
 RANGE_SIZE = 32  # slots per chain range; the tail-call limit (33) bounds a chain anyway
 HEADS_MAX = 8192
 WRAPPER_FILE = "<nfctl-generated>"
 
 HOOK_IDS = {Hook.XDP: 0, Hook.TC_INGRESS: 1, Hook.TC_EGRESS: 2}
+
+# Verdict counters (nfctl.datapath.counters): one u64 per (mode, verdict), then errors.
+VERDICTS = ("pass", "drop", "redirect", "other")
+MODES = {"enforce": 0, "monitor": 1}
+COUNTER_FIELDS = len(MODES) * len(VERDICTS) + 1
+ERRORS_FIELD = COUNTER_FIELDS - 1
+COUNTER_IDS = 4096  # (nf, attach point) pairs per hook type
 
 # BCC's BPF_F_TABLE body (bcc 0.26 helpers.h) with the section chosen by nfctl. BCC's
 # frontend recognises tables by this struct layout; a test pins user maps end to end so a
@@ -76,6 +83,8 @@ class PinLayout:
     chain_path: str | None = None
     cursor_path: str | None = None
     heads_path: str | None = None
+    counters_path: str | None = None
+    slots_path: str | None = None
     # map name -> folder, for maps that must be created fresh at a staging location
     staged_maps: tuple[tuple[str, str], ...] = ()
     all_map_names: tuple[str, ...] = ()
@@ -148,17 +157,29 @@ class ChainNames:
     chain: str
     cursor: str
     probe: str
+    counters: str
+    slots: str
 
     @classmethod
     def fresh(cls) -> ChainNames:
         token = secrets.token_hex(8)
-        return cls(f"nfctl_chain_{token}", f"nfctl_cursor_{token}", f"nfctl_probe_{token}")
+        return cls(
+            f"nfctl_chain_{token}",
+            f"nfctl_cursor_{token}",
+            f"nfctl_probe_{token}",
+            f"nfctl_counters_{token}",
+            f"nfctl_slots_{token}",
+        )
 
 
 # Numeric verdicts: the author may have redefined the names of the constants.
 _XDP_PASS = 2
 _TC_ACT_OK = 0
 _TC_ACT_UNSPEC = -1
+# verdict -> index in VERDICTS; anything else is "other". XDP_ABORTED drops the packet
+# (with a trace event) and XDP_TX sends it back out: counted as drop and redirect.
+_XDP_CLASSES = {2: 0, 1: 1, 0: 1, 4: 2, 3: 2}
+_TC_CLASSES = {0: 0, -1: 0, 2: 1, 7: 2}
 _IDENTIFIER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
@@ -201,6 +222,16 @@ def _undef_all(code: str) -> str:
     return "".join(f"#undef {name}\n" for name in names)
 
 
+def _classify(hook: Hook) -> str:
+    """C statements setting k to the verdict's index in VERDICTS."""
+    classes = _XDP_CLASSES if hook is Hook.XDP else _TC_CLASSES
+    lines = ["    unsigned int k = 3;\n"]
+    for index in sorted(set(classes.values())):
+        cond = " || ".join(f"verdict == {v}" for v, i in classes.items() if i == index)
+        lines.append(f"    if ({cond}) k = {index};\n")
+    return "".join(lines)
+
+
 def nf_program(
     *,
     source_rel: str,
@@ -210,10 +241,16 @@ def nf_program(
     build_hash: str,
     pins: PinLayout,
     names: ChainNames,
+    monitor: bool = False,
+    counters: bool = True,
 ) -> str:
     """The full C text for one NF: preamble, the author's source, then the chain tables,
     the chaining wrapper and the probe (the author's function alone, loaded to check what
-    it references)."""
+    it references).
+
+    The wrapper counts the verdict (per mode) in the slot's counter entry. In monitor mode
+    every verdict goes on down the chain as a pass. counters=False leaves the counting out:
+    only the chain_overhead benchmark builds that."""
     ctx_type = "struct xdp_md" if hook is Hook.XDP else "struct __sk_buff"
     if function_is_static(source_text, function):
         rename = ""
@@ -224,27 +261,62 @@ def nf_program(
         user_fn = "nfctl_user_fn"
     if hook is Hook.XDP:
         go_on = f"verdict == {_XDP_PASS}"
-        end_of_chain = "return verdict;"
+        end_of_chain = f"return {_XDP_PASS};"
     else:
         go_on = f"verdict == {_TC_ACT_OK} || verdict == {_TC_ACT_UNSPEC}"
         # TC_ACT_UNSPEC lets tc filters of other tools (later priorities) still run.
         end_of_chain = f"return {_TC_ACT_UNSPEC};"
+    if monitor:
+        go_on = "1"
     u32 = "unsigned int"
+    u64 = "unsigned long long"
+    mode_base = MODES["monitor" if monitor else "enforce"] * len(VERDICTS)
+    tables = _hidden_table(
+        _section("prog", pins.chain_path), u32, u32, names.chain, CHAIN_SLOTS
+    ) + _hidden_table(_section("percpu_array", pins.cursor_path), u32, u32, names.cursor, 1)
+    count = ""
+    count_error = ""
+    if counters:
+        tables += (
+            f"struct {names.counters}_v {{ {u64} v[{COUNTER_FIELDS}]; }};\n"
+            + _hidden_table(
+                _section("percpu_array", pins.counters_path),
+                u32,
+                f"struct {names.counters}_v",
+                names.counters,
+                COUNTER_IDS,
+            )
+            + _hidden_table(_section("array", pins.slots_path), u32, u32, names.slots, CHAIN_SLOTS)
+        )
+        count = (
+            f"  {u32} *id = {names.slots}.lookup(&slot);\n"
+            + f"  struct {names.counters}_v *c = id ? {names.counters}.lookup(id) : 0;\n"
+            + "  if (c) {\n"
+            + _classify(hook)
+            + f"    c->v[{mode_base} + k] += 1;\n"
+            + "  }\n"
+        )
+        # Reached only when the tail call failed: an error if the slot was given an NF.
+        count_error = (
+            f"    {u32} *next_id = {names.slots}.lookup(&next);\n"
+            + f"    if (c && next_id && *next_id) c->v[{ERRORS_FIELD}] += 1;\n"
+        )
     generated = (
-        _hidden_table(_section("prog", pins.chain_path), u32, u32, names.chain, CHAIN_SLOTS)
-        + _hidden_table(_section("percpu_array", pins.cursor_path), u32, u32, names.cursor, 1)
+        tables
         + f"int {entry_name(build_hash)}({ctx_type} *ctx) {{\n"
         # volatile: a constant verdict must not fold the chaining code away, its presence
         # in the loaded program is checked
         + f"  volatile int verdict = {user_fn}(ctx);\n"
+        + f"  {u32} zero = 0;\n"
+        + f"  {u32} *pos = {names.cursor}.lookup(&zero);\n"
+        + f"  if (!pos) {{ if ({go_on}) {end_of_chain} return verdict; }}\n"
+        + f"  {u32} slot = *pos;\n"
+        + count
         + f"  if ({go_on}) {{\n"
-        + f"    {u32} zero = 0;\n"
-        + f"    {u32} *pos = {names.cursor}.lookup(&zero);\n"
-        + "    if (pos) {\n"
-        + f"      {u32} next = *pos + 1;\n"
-        + "      *pos = next;\n"
-        + f"      {names.chain}.call(ctx, next);\n"
-        + "    }\n"
+        + f"    {u32} next = slot + 1;\n"
+        + "    *pos = next;\n"
+        + f"    {names.chain}.call(ctx, next);\n"
+        + count_error
         + f"    {end_of_chain}\n"
         + "  }\n"
         + "  return verdict;\n"

@@ -88,6 +88,7 @@ def build_one(req: BuildRequest) -> BuildResult:
             build_hash=req.build_hash,
             pins=req.pins,
             names=names,
+            monitor=req.monitor,
         )
         function = entry_name(req.build_hash)
     staged_dirs = [d for _, d in req.pins.staged_maps]
@@ -229,6 +230,8 @@ def pin_dirs(req: BuildRequest) -> list[str]:
         pins.chain_path,
         pins.cursor_path,
         pins.heads_path,
+        pins.counters_path,
+        pins.slots_path,
         req.prog_pin_path,
         req.test_pin_path,
     ]
@@ -252,7 +255,12 @@ def _isolation_problems(
     """Load the author's function alone and check what both programs really reference.
     Also returns the ids of maps the source placed outside its own folder."""
     staged = dict(req.pins.staged_maps)
-    chain_pins = {names.chain: req.pins.chain_path, names.cursor: req.pins.cursor_path}
+    chain_pins = {
+        names.chain: req.pins.chain_path,
+        names.cursor: req.pins.cursor_path,
+        names.counters: req.pins.counters_path,
+        names.slots: req.pins.slots_path,
+    }
     own: list[TableRef] = []
     chain: list[TableRef] = []
     for index in range(lib.bpf_num_tables(module.module)):

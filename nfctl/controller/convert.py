@@ -59,7 +59,15 @@ def status_to_proto(status: NodeStatus) -> pb.NodeStatus:
             hook=nf.hook or "",
             suspended=nf.suspended,
             applied_at=nf.applied_at or 0.0,
+            mode=nf.mode or "",
         )
+        if nf.verdicts is not None:
+            for mode, counts in (
+                ("enforce", nf.verdicts.enforce),
+                ("monitor", nf.verdicts.monitor),
+            ):
+                getattr(fn.verdicts, mode).CopyFrom(pb.Verdicts(**counts.model_dump()))
+            fn.verdicts.chain_errors = nf.verdicts.chain_errors
         for ap in nf.attach_points:
             fn.attach_points.add(
                 interface=ap.interface,

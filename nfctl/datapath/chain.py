@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,8 +82,15 @@ class ChainTable:
         base = self.head(ifindex, hook)
         return None if base is None else self.slot_prog_ids(base)
 
-    def install(self, ifindex: int, hook: Hook, prog_fds: list[int]) -> int:
-        """Make prog_fds (in order) the chain of (ifindex, hook); returns the new base."""
+    def install(
+        self,
+        ifindex: int,
+        hook: Hook,
+        prog_fds: list[int],
+        label: Callable[[int], None] | None = None,
+    ) -> int:
+        """Make prog_fds (in order) the chain of (ifindex, hook); returns the new base.
+        label(base) runs once the range is filled, before it goes live."""
         if not prog_fds:
             raise ChainError("an empty chain is removed with remove(), not installed")
         if len(prog_fds) > MAX_CHAIN_LENGTH:
@@ -94,6 +102,8 @@ class ChainTable:
         self._clear(base)
         for offset, fd in enumerate(prog_fds):
             self.chain.update(struct.pack("<I", base + offset), struct.pack("<I", fd))
+        if label is not None:
+            label(base)
         # The switch: one element update, atomic for every packet that reads the head next.
         self.heads.update(head_key(ifindex, hook), struct.pack("<I", base))
         if old is not None:

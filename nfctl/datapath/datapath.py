@@ -21,6 +21,7 @@ from nfctl.datapath import dispatcher as disp
 from nfctl.datapath import hooklinks, links, netlink, tc, xdp
 from nfctl.datapath.bpf import BpfError, BpfMap, BpfProgram, possible_cpus
 from nfctl.datapath.chain import ChainTable
+from nfctl.datapath.counters import CounterKey, CounterTable, VerdictCounts, read_pinned
 from nfctl.datapath.entries import EntryPlan, convert_value, encode_entries, plan_entries
 from nfctl.datapath.layout import LayoutError, TypeLayout, declared_types, network_order_fields
 from nfctl.datapath.observe import AttachPointState
@@ -121,6 +122,7 @@ class Datapath:
         self.tc_settings = tc_settings or disp.TcSettings()
         self.records = RecordStore(state_dir)
         self._tables: dict[str, ChainTable] = {}
+        self._counters: dict[str, CounterTable] = {}
         self._dispatchers: dict[Hook, BpfProgram] = {}
         self._ipr: Any = None
         self._xdp_link_modes: dict[int, str] = {}  # ifindex -> mode the kernel gave our link
@@ -129,6 +131,9 @@ class Datapath:
     def close(self) -> None:
         for table in self._tables.values():
             table.close()
+        for counters in self._counters.values():
+            counters.close()
+        self._counters.clear()
         for prog in self._dispatchers.values():
             prog.close()
         self._tables.clear()
@@ -173,6 +178,19 @@ class Datapath:
             self._tables[kind] = ChainTable.open(self.layout.chain(kind), self.layout.heads(kind))
         return self._tables[kind]
 
+    def counter_table(self, hook: Hook) -> CounterTable:
+        kind = hook_kind(hook)
+        if kind not in self._counters:
+            self._counters[kind] = CounterTable(self.layout.counter_pins(kind))
+        return self._counters[kind]
+
+    def verdict_counts(self) -> dict[CounterKey, VerdictCounts]:
+        """Every NF's verdict counters per attach point, for hook types in use."""
+        out: dict[CounterKey, VerdictCounts] = {}
+        for kind in ("xdp", "tc"):
+            out.update(read_pinned(self.layout.counter_pins(kind)))
+        return out
+
     def has_tables(self, hook: Hook) -> bool:
         kind = hook_kind(hook)
         return self.layout.chain(kind).exists() and self.layout.heads(kind).exists()
@@ -214,6 +232,7 @@ class Datapath:
             return adopted
         hook = prepared.nf.spec.attach.hook
         self.dispatcher(hook)  # chain maps must exist before NFs reference them
+        self.counter_table(hook)  # and the counter maps, created as the wrapper declares them
         prog_pin = self.layout.prog_pin(nf, prepared.build_hash)
         base_pins = self._nf_pins(nf, hook)
         result = self._build(prepared, base_pins, prog_pin, test_pin)
@@ -245,6 +264,8 @@ class Datapath:
                 maps_dir=base_pins.maps_dir,
                 chain_path=base_pins.chain_path,
                 cursor_path=base_pins.cursor_path,
+                counters_path=base_pins.counters_path,
+                slots_path=base_pins.slots_path,
                 staged_maps=tuple((m.name, str(staging)) for m in result.mismatches),
                 all_map_names=tuple(m.name for m in result.maps),
             )
@@ -292,6 +313,8 @@ class Datapath:
             maps_dir=str(self.layout.maps_dir(nf)),
             chain_path=str(self.layout.chain(kind)),
             cursor_path=str(self.layout.cursor(kind)),
+            counters_path=str(self.layout.counter_pins(kind).counters),
+            slots_path=str(self.layout.counter_pins(kind).slots),
         )
 
     def _build(
@@ -422,9 +445,14 @@ class Datapath:
         ifindex = self.ifindex(ifname)
         placement = hooklinks.Position.parse(position)
         table = self.table(hook)
+        counters = self.counter_table(hook)
+        ids = [counters.counter_id(CounterKey(m.nf, ifindex, hook)) for m in members]
         with contextlib.ExitStack() as stack:
             fds = [stack.enter_context(BpfProgram.from_pin(str(m.prog_pin))).fd for m in members]
-            table.install(ifindex, hook, fds)
+            table.install(ifindex, hook, fds, label=lambda base: counters.label_slots(base, ids))
+        names = {m.nf for m in members}
+        # counters of NFs no longer on this attach point start from zero if they return
+        counters.release(lambda k: k.ifindex == ifindex and k.hook is hook and k.nf not in names)
         netlink_tc = hook is not Hook.XDP and not self.uses_link(hook)
         clsact_before = not netlink_tc or tc.has_clsact(self.ipr, ifindex)
         try:
@@ -494,6 +522,8 @@ class Datapath:
             )
             if table is not None:
                 table.remove(ifindex, hook)
+            if self.layout.counter_pins(hook_kind(hook)).counters.exists():
+                self.counter_table(hook).release(lambda k: k.ifindex == ifindex and k.hook is hook)
         self._forget_interface(ifname, hook)
 
     def attached_prog_id(self, ifindex: int, hook: Hook) -> int:
@@ -651,6 +681,9 @@ class Datapath:
             if record.nf == nf:
                 self.records.delete(record.build_hash)
         remove_tree(self.layout.nf_dir(nf))
+        for hook in (Hook.XDP, Hook.TC_INGRESS):
+            if self.layout.counter_pins(hook_kind(hook)).counters.exists():
+                self.counter_table(hook).release(lambda k: k.nf == nf)
 
     def teardown(self) -> None:
         """Remove everything nfctl attached and pinned under this root (lab/test cleanup)."""

@@ -1,6 +1,7 @@
 """The layout of nfctl's bpffs folder: everything we pin lives under one root.
 
 <root>/xdp/{chain,cursor,heads}          XDP chain prog array, per-CPU cursor, heads
+<root>/xdp/{counters,slotctr,counter-ids} per-NF verdict counters (nfctl.datapath.counters)
 <root>/xdp/dispatcher-<build>            the XDP dispatcher program
 <root>/tc/{chain,cursor,heads}           same for TC (ingress and egress share them)
 <root>/tc/dispatcher-<hook>-<build>
@@ -17,6 +18,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from nfctl.datapath.counters import CounterPins
 from nfctl.manifest.model import Hook
 
 DEFAULT_BPFFS_ROOT = Path("/sys/fs/bpf/nfctl")
@@ -41,6 +43,10 @@ class BpffsLayout:
 
     def heads(self, kind: str) -> Path:
         return self.kind_dir(kind) / "heads"
+
+    def counter_pins(self, kind: str) -> CounterPins:
+        folder = self.kind_dir(kind)
+        return CounterPins(folder / "counters", folder / "slotctr", folder / "counter-ids")
 
     def dispatcher_prefix(self, hook: Hook) -> str:
         return "dispatcher-" if hook is Hook.XDP else f"dispatcher-{hook.value}-"

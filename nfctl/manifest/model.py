@@ -51,6 +51,11 @@ class XdpMode(StrEnum):
     GENERIC = "generic"
 
 
+class Mode(StrEnum):
+    ENFORCE = "enforce"  # the NF's verdict is applied
+    MONITOR = "monitor"  # the verdict is only counted; every packet goes on as if passed
+
+
 class IncompatibleMapPolicy(StrEnum):
     MIGRATE = "migrate"  # copy and convert entries into a new map, then swap
     RECREATE = "recreate"  # start the new version with an empty map
@@ -246,6 +251,7 @@ class Spec(_Strict):
     version: str
     description: str | None = None
     suspend: bool = False
+    mode: Mode = Mode.ENFORCE
     program: Program
     attach: Attach
     node_selector: dict[str, str] = Field(default_factory=dict, alias="nodeSelector")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from nfctl.compiler.build import MapInfo
@@ -87,8 +87,12 @@ class TestBuilds:
 def load_for_tests(prepared: list[PreparedNF]) -> TestBuilds:
     builds = TestBuilds()
     scratch = BPFFS / f"nfctl-nftest-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    # Tests judge what the NF decides: in monitor mode the chain would let it pass anyway.
     requests = [
-        build_request(p, install=True, pins=PinLayout(), prog_pin_path=str(scratch / f"p{i}"))
+        replace(
+            build_request(p, install=True, pins=PinLayout(), prog_pin_path=str(scratch / f"p{i}")),
+            monitor=False,
+        )
         for i, p in enumerate(prepared)
     ]
     try:

@@ -185,6 +185,8 @@ class FunctionStatus(_message.Message):
     LAST_ERROR_FIELD_NUMBER: _builtins.int
     SUSPENDED_FIELD_NUMBER: _builtins.int
     APPLIED_AT_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    VERDICTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     state: _builtins.str
     """Applied | Degraded | Failed | Pending | Suspended | NotSelected"""
@@ -196,12 +198,18 @@ class FunctionStatus(_message.Message):
     hook: _builtins.str
     suspended: _builtins.bool
     applied_at: _builtins.float
+    mode: _builtins.str
+    """enforce | monitor (spec.mode of the applied version)"""
     @_builtins.property
     def attach_points(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttachPoint]: ...
     @_builtins.property
     def maps(self) -> _containers.RepeatedCompositeFieldContainer[Global___MapStatus]: ...
     @_builtins.property
     def last_error(self) -> Global___ErrorInfo: ...
+    @_builtins.property
+    def verdicts(self) -> Global___VerdictTotals:
+        """unset until the NF has been chained somewhere"""
+
     def __init__(
         self,
         *,
@@ -218,14 +226,78 @@ class FunctionStatus(_message.Message):
         last_error: Global___ErrorInfo | None = ...,
         suspended: _builtins.bool = ...,
         applied_at: _builtins.float = ...,
+        mode: _builtins.str = ...,
+        verdicts: Global___VerdictTotals | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_error", b"last_error"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_error", b"last_error", "verdicts", b"verdicts"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_at", b"applied_at", "attach_points", b"attach_points", "build_hash", b"build_hash", "hook", b"hook", "last_error", b"last_error", "maps", b"maps", "name", b"name", "program_id", b"program_id", "program_tag", b"program_tag", "revision", b"revision", "state", b"state", "suspended", b"suspended", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applied_at", b"applied_at", "attach_points", b"attach_points", "build_hash", b"build_hash", "hook", b"hook", "last_error", b"last_error", "maps", b"maps", "mode", b"mode", "name", b"name", "program_id", b"program_id", "program_tag", b"program_tag", "revision", b"revision", "state", b"state", "suspended", b"suspended", "verdicts", b"verdicts", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FunctionStatus: _TypeAlias = FunctionStatus  # noqa: Y015
+
+@_typing.final
+class Verdicts(_message.Message):
+    """Packets per verdict the NF returned (in monitor mode: would have returned)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PASSED_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    REDIRECTED_FIELD_NUMBER: _builtins.int
+    OTHER_FIELD_NUMBER: _builtins.int
+    passed: _builtins.int
+    dropped: _builtins.int
+    redirected: _builtins.int
+    other: _builtins.int
+    def __init__(
+        self,
+        *,
+        passed: _builtins.int = ...,
+        dropped: _builtins.int = ...,
+        redirected: _builtins.int = ...,
+        other: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped", b"dropped", "other", b"other", "passed", b"passed", "redirected", b"redirected"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Verdicts: _TypeAlias = Verdicts  # noqa: Y015
+
+@_typing.final
+class VerdictTotals(_message.Message):
+    """An NF's datapath counters summed over its attach points on the node; monotonic across
+    versions of the NF (they reset only when the NF leaves an attach point).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENFORCE_FIELD_NUMBER: _builtins.int
+    MONITOR_FIELD_NUMBER: _builtins.int
+    CHAIN_ERRORS_FIELD_NUMBER: _builtins.int
+    chain_errors: _builtins.int
+    """a tail call to the next NF failed"""
+    @_builtins.property
+    def enforce(self) -> Global___Verdicts: ...
+    @_builtins.property
+    def monitor(self) -> Global___Verdicts: ...
+    def __init__(
+        self,
+        *,
+        enforce: Global___Verdicts | None = ...,
+        monitor: Global___Verdicts | None = ...,
+        chain_errors: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["enforce", b"enforce", "monitor", b"monitor"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_errors", b"chain_errors", "enforce", b"enforce", "monitor", b"monitor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerdictTotals: _TypeAlias = VerdictTotals  # noqa: Y015
 
 @_typing.final
 class SourceStatus(_message.Message):
