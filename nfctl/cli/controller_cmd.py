@@ -26,7 +26,23 @@ def controller(
             "operators authenticate with --operator-token-file"
         ),
     ),
-    db: Path = typer.Option(Path("/var/lib/nfctl/controller.db"), "--db", help="SQLite database"),
+    db: str = typer.Option(
+        "/var/lib/nfctl/controller.db",
+        "--db",
+        help="SQLite database file (one controller), or a postgresql:// URL shared by "
+        "several controller replicas",
+        envvar="NFCTL_DB",
+    ),
+    replica: str = typer.Option(
+        "",
+        "--replica",
+        help="this replica's name with a PostgreSQL store [default: hostname-pid]",
+    ),
+    event_retention: float = typer.Option(
+        0.0,
+        "--event-retention",
+        help="PostgreSQL store: seconds of events and commands the leader keeps (0: all)",
+    ),
     tls_ca: Path = typer.Option(None, "--tls-ca"),
     tls_cert: Path = typer.Option(None, "--tls-cert"),
     tls_key: Path = typer.Option(None, "--tls-key"),
@@ -72,6 +88,8 @@ def controller(
         listen=listen,
         operator_listen=operator_listen or None,
         db=db,
+        replica=replica,
+        event_retention=event_retention,
         tls_ca=tls_ca,
         tls_cert=tls_cert,
         tls_key=tls_key,
