@@ -455,10 +455,35 @@ class Fleet:
         events, self.pending_events = self.pending_events, []
         return nodes, events
 
+    def requeue(self, nodes: list[StoredNode], events: list[pb.Event]) -> None:
+        """A batch from take_dirty could not be written: it goes into the next one."""
+        for n in nodes:
+            entry = self.nodes.get(n.name)
+            if entry is not None:
+                self.mark_dirty(entry)
+        self.pending_events[:0] = events
+
     def flush(self, everything: bool = False) -> None:
         """Write what is due now, in the caller's thread, and acknowledge stored events."""
         nodes, events = self.take_dirty(everything)
-        self.store.write(nodes, events)
+        try:
+            self.store.write(nodes, events)
+        except BaseException:
+            self.requeue(nodes, events)
+            raise
+        self.stored(nodes)
+
+    async def flush_async(self) -> None:
+        """flush() with the write in a worker thread: a slow database never stops the
+        event loop (agent streams, heartbeats)."""
+        nodes, events = self.take_dirty()
+        if not nodes and not events:
+            return
+        try:
+            await asyncio.to_thread(self.store.write, nodes, events)
+        except BaseException:
+            self.requeue(nodes, events)
+            raise
         self.stored(nodes)
 
     # -- operator queries ------------------------------------------------------------------

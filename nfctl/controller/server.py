@@ -285,18 +285,10 @@ class Controller:
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.flush_interval)
-            nodes, events = self.fleet.take_dirty()
-            if nodes or events:
-                try:
-                    await asyncio.to_thread(self.store.write, nodes, events)
-                    self.fleet.stored(nodes)
-                except Exception:
-                    log.exception("writing to the store failed; will retry")
-                    for n in nodes:
-                        entry = self.fleet.nodes.get(n.name)
-                        if entry:
-                            self.fleet.mark_dirty(entry)
-                    self.fleet.pending_events[:0] = events
+            try:
+                await self.fleet.flush_async()
+            except Exception as exc:
+                log.error("writing to the store failed (%s); will retry", exc)
 
     async def _sync_loop(self) -> None:
         """Shared store: take in the nodes other replicas wrote, so any replica shows the

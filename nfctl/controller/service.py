@@ -201,7 +201,7 @@ class FleetService(pbg.FleetServiceServicer):
         self, request: pb.GetHistoryRequest, context: Any
     ) -> pb.GetHistoryResponse:
         async def handle() -> pb.GetHistoryResponse:
-            self.fleet.flush()  # include what is not flushed yet
+            await self.fleet.flush_async()  # include what is not flushed yet
             events = await asyncio.to_thread(
                 self.fleet.store.history,
                 node=request.node,
@@ -235,7 +235,7 @@ class FleetService(pbg.FleetServiceServicer):
 
         try:
             if request.include_history or request.since:
-                self.fleet.flush()
+                await self.fleet.flush_async()
                 replay = await asyncio.to_thread(
                     self.fleet.store.history,
                     node=request.node,

@@ -1,0 +1,157 @@
+"""Two controller replicas on one real PostgreSQL, simulated agents over real gRPC+mTLS:
+one fleet view from either replica, commands from either reach agents on the other within
+a second and exactly once, one leader and a takeover after kill -9, agents moving off a
+killed replica without losing or duplicating events, PostgreSQL restarted or frozen."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.ha_harness import AgentPool, Replica, SimAgent, make_pki, wait_for
+from tests.pg_harness import PgServer, pg_url, postgres  # noqa: F401
+
+NODES = [f"ha-n{i}" for i in range(1, 7)]
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Path:
+    return make_pki(tmp_path / "pki", NODES)
+
+
+def start_replicas(url: str, pki: Path, workdir: Path, count: int = 2) -> list[Replica]:
+    return [
+        Replica(name, url, pki, workdir, "--stale-after", "30").start()
+        for name in ("ra", "rb", "rc")[:count]
+    ]
+
+
+@pytest.fixture
+def cluster(pg_url: str, pki: Path, tmp_path: Path) -> Iterator[list[Replica]]:  # noqa: F811
+    replicas = start_replicas(pg_url, pki, tmp_path)
+    try:
+        yield replicas
+    finally:
+        for r in replicas:
+            r.stop()
+
+
+def connected_nodes(replica: Replica) -> set[str]:
+    try:
+        nodes = replica.operator("get", "nodes")
+    except AssertionError:
+        return set()
+    return {n["status"]["node"] for n in nodes if n.get("connected")}
+
+
+def test_one_fleet_commands_across_replicas_and_leader_takeover(
+    cluster: list[Replica], pki: Path
+) -> None:
+    a, b = cluster
+    agents = [SimAgent(n, [a.address if i < 3 else b.address], pki) for i, n in enumerate(NODES)]
+    pool = AgentPool(agents)
+    try:
+        wait_for(lambda: all(x.connected_to for x in agents), 30, "agents to connect")
+        for r in (a, b):  # the whole fleet from either replica
+            wait_for(lambda: connected_nodes(r) == set(NODES), 15, f"fleet on {r.name}")  # noqa: B023
+
+        # a reconcile on a reaches agents held by b within a second, once each
+        sent_at = time.time()
+        reply = a.operator("reconcile", as_json=False)
+        assert "6" in reply, reply  # sent to all six, though three are on b
+        wait_for(lambda: all(x.commands for x in agents), 5, "the command on every agent")
+        latest = max(x.commands[0][1] for x in agents) - sent_at
+        assert latest < 1.0, f"slowest agent got the command {latest:.2f} s after the call"
+        # suspend through b reaches the agents of a
+        b.operator("suspend", "--nodes", ",".join(NODES[:3]), as_json=False)
+        wait_for(lambda: all(len(x.commands) == 2 for x in agents[:3]), 5, "suspend on a's agents")
+        time.sleep(1.5)  # time for a duplicate to show up, if there were one
+        for x in agents:
+            ids = Counter(cid for cid, _ in x.commands)
+            assert all(n == 1 for n in ids.values()), (x.name, x.commands)
+        assert [len(x.commands) for x in agents] == [2, 2, 2, 1, 1, 1]
+
+        # exactly one leader; kill -9 it and the other takes over
+        leaders = wait_for(
+            lambda: [r for r in (a, b) if r.metric("nfctl_controller_leader") == 1.0],
+            10,
+            "a leader",
+        )
+        assert len(leaders) == 1
+        assert {r.metric("nfctl_controller_leader") for r in (a, b)} == {0.0, 1.0}
+        leader = leaders[0]
+        other = b if leader is a else a
+        killed_at = time.monotonic()
+        leader.kill9()
+        wait_for(lambda: other.metric("nfctl_controller_leader") == 1.0, 15, "takeover")
+        failover = time.monotonic() - killed_at
+        assert failover < 10, f"takeover after {failover:.1f} s"
+        history = other.operator("events", "--reason", "LeaderElected", "--limit", "50")
+        assert any(e["node"] == f"controller/{other.name}" for e in history), history
+    finally:
+        pool.stop()
+
+
+def test_agents_move_off_a_killed_replica_and_ride_out_postgres_trouble(
+    cluster: list[Replica],
+    pki: Path,
+    postgres: PgServer,  # noqa: F811
+) -> None:
+    a, b = cluster
+    agents = [SimAgent(n, [a.address, b.address], pki) for n in NODES]  # all start on a
+    for x in agents:
+        x.add_event("Applied")
+    pool = AgentPool(agents)
+    try:
+        wait_for(lambda: all(x.connected_to == a.address for x in agents), 30, "agents on a")
+        wait_for(lambda: connected_nodes(b) == set(NODES), 15, "a's agents seen from b")
+        pool.call(lambda: _all(agents, 3, "BeforeKill"))
+        time.sleep(1)  # these were stored and acknowledged by a (flush every 0.25 s)
+        pool.call(lambda: _all(agents, 2, "RightBeforeKill"))
+        a.kill9()  # perhaps before it stored or acknowledged these two
+        killed = time.monotonic()
+        wait_for(lambda: all(x.connected_to == b.address for x in agents), 15, "agents on b")
+        moved = time.monotonic() - killed
+        assert moved < 15, f"agents back after {moved:.1f} s"
+        assert connected_nodes(b) == set(NODES)
+
+        # PostgreSQL restarted: the replica keeps its agents and stores what they send
+        postgres.stop()
+        postgres.start()
+        pool.call(lambda: _all(agents, 1, "AfterRestart"))
+        # PostgreSQL unreachable for 20 s (SIGSTOP; a minute in production terms)
+        postgres.pause()
+        try:
+            pool.call(lambda: _all(agents, 1, "DuringOutage"))
+            time.sleep(20)
+            assert all(x.connected_to == b.address for x in agents), "an agent was dropped"
+        finally:
+            postgres.resume()
+        pool.call(lambda: _all(agents, 1, "AfterOutage"))
+
+        wanted = {(x.name, s) for x in agents for s in range(1, x.sequence + 1)}
+        stored: Counter[tuple[str, int]] = Counter()
+
+        def complete() -> bool:
+            history = b.operator("events", "--limit", "1000")
+            stored.clear()
+            stored.update((e["node"], int(e["sequence"])) for e in history if e["node"] in NODES)
+            return set(stored) == wanted
+
+        try:
+            wait_for(complete, 30, "every event stored", every=1)
+        finally:
+            print("missing", sorted(wanted - set(stored)), "extra", sorted(set(stored) - wanted))
+        assert all(n == 1 for n in stored.values()), stored
+        assert all(x.sessions == 2 for x in agents), [x.sessions for x in agents]
+    finally:
+        pool.stop()
+
+
+async def _all(agents: list[SimAgent], count: int, reason: str) -> None:
+    for x in agents:
+        await x.send_new_events(count, reason)
