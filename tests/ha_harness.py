@@ -25,7 +25,8 @@ import grpc
 
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.api.nfctl.v1 import nfctl_pb2_grpc as pbg
-from tests.conftest import REPO_ROOT
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 PY = sys.executable
 
