@@ -25,6 +25,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 from tests.ha_harness import AgentPool, Replica, SimAgent, make_pki, wait_for
 from tests.pg_harness import PgServer, _bin_dir
 
@@ -49,6 +51,57 @@ def fanout(pool: AgentPool, agents: list[SimAgent], replica: Replica, timeout: f
     return max(a.commands[-1][1] for a in agents) - start
 
 
+def pg_counters(url: str) -> tuple[int, int, int]:
+    """(transactions committed, node rows written, event rows written) so far."""
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()
+        tables: dict[str, int] = dict(
+            conn.execute(
+                "SELECT relname, n_tup_ins + n_tup_upd FROM pg_stat_user_tables "
+                "WHERE relname IN ('nodes', 'events')"
+            ).fetchall()
+        )
+    return int(row[0]) if row else 0, int(tables.get("nodes", 0)), int(tables.get("events", 0))
+
+
+def steady_load(pool: AgentPool, agents: list[SimAgent], url: str, seconds: int) -> dict[str, Any]:
+    """Worst case for the store: every agent reports a significant status change and one
+    event every second (real agents do so only when something happens). Both replicas
+    write; PostgreSQL's own counters say what it did."""
+    time.sleep(1.5)  # statistics are sent to the collector with a delay
+    before = pg_counters(url)
+    start = time.monotonic()
+    for tick in range(seconds):
+
+        async def report(tick: int = tick) -> None:
+            for a in agents:
+                await a.send_status(f"steady-{tick}")
+                await a.send_new_events(1, "Steady")
+
+        pool.call(report)
+        time.sleep(max(0.0, start + tick + 1 - time.monotonic()))
+    elapsed = time.monotonic() - start
+    time.sleep(1.5)
+    after = pg_counters(url)
+    with psycopg.connect(url) as conn:
+        sizes = conn.execute(
+            "SELECT pg_total_relation_size('nodes'), pg_total_relation_size('events'), "
+            "(SELECT count(*) FROM events)"
+        ).fetchone()
+    assert sizes is not None
+    per_1000 = 1000 / len(agents)
+    return {
+        "steady_seconds": round(elapsed, 1),
+        "pg_commits_per_s": round((after[0] - before[0]) / elapsed, 1),
+        "pg_node_rows_per_s_per_1000_agents": round((after[1] - before[1]) / elapsed * per_1000),
+        "pg_event_rows_per_s_per_1000_agents": round((after[2] - before[2]) / elapsed * per_1000),
+        "pg_nodes_table_bytes_per_1000_agents": round(sizes[0] * per_1000),
+        "pg_events_table_bytes_per_event": round(sizes[1] / max(1, sizes[2])),
+    }
+
+
 def run(agents_n: int, tmp: Path) -> dict[str, Any]:
     bindir = _bin_dir()
     if bindir is None:
@@ -68,6 +121,7 @@ def run(agents_n: int, tmp: Path) -> dict[str, Any]:
         wait_for(lambda: all(a.connected_to for a in agents), 120, "agents connected")
         connect_s = time.monotonic() - start
         wait_for(lambda: all(connected(r) == set(names) for r in replicas), 30, "fleet view")
+        load = steady_load(pool, agents, url, seconds=10)
         leader = wait_for(
             lambda: [r for r in replicas if r.metric("nfctl_controller_leader") == 1.0],
             15,
@@ -134,6 +188,7 @@ def run(agents_n: int, tmp: Path) -> dict[str, Any]:
             "commands_duplicated": duplicated_commands,
             "waves_repeated": None,
             "fleet_view_complete": connected(survivor) == set(names),
+            **load,
         }
     finally:
         pool.stop()

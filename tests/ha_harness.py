@@ -201,6 +201,17 @@ class SimAgent:
                 result = pb.CommandResult(command_id=message.command.id, ok=True)
                 await call.write(pb.AgentMessage(result=result))
 
+    async def send_status(self, revision: str) -> None:
+        """A status with a new applied revision: a significant change, stored at the next
+        flush."""
+        call = self._call
+        if call is not None:
+            status = pb.NodeStatus(
+                node=self.name, last_applied_revision=revision, observed_at=time.time()
+            )
+            with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
+                await call.write(pb.AgentMessage(status=pb.StatusReport(status=status)))
+
     async def send_new_events(self, count: int, reason: str) -> None:
         for _ in range(count):
             self.add_event(reason)
