@@ -41,13 +41,14 @@ MIGRATIONS: list[tuple[int, str]] = [
         """,
     ),
     (
-        # Several replicas: which one holds a node's stream, and a change counter so a
-        # replica reads only the rows others changed since its last look.
+        # Several replicas: which one holds a node's stream, and the transaction that
+        # last wrote each row, so a replica reads only rows changed since its last look
+        # (by transaction id rather than a sequence: a sequence number is taken before
+        # its transaction commits, and a reader past it would miss that row for good).
         2,
         """
-        CREATE SEQUENCE node_changes;
         ALTER TABLE nodes ADD COLUMN holder TEXT NOT NULL DEFAULT '';
-        ALTER TABLE nodes ADD COLUMN change BIGINT NOT NULL DEFAULT nextval('node_changes');
+        ALTER TABLE nodes ADD COLUMN change XID8 NOT NULL DEFAULT pg_current_xact_id();
         CREATE INDEX nodes_change ON nodes (change);
         CREATE TABLE commands (
             id BIGSERIAL PRIMARY KEY,

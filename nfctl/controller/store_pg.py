@@ -21,7 +21,7 @@ from nfctl.controller.storage import StoredNode
 log = logging.getLogger(__name__)
 
 COMMANDS_CHANNEL = "nfctl_commands"
-NODE_COLUMNS = "name, status, registered_at, last_seen, features, epoch, acked, holder, change"
+NODE_COLUMNS = "name, status, registered_at, last_seen, features, epoch, acked, holder"
 # A snapshot from a replica that saw the node last wins: a replica that lost a node's
 # stream to another (or noticed the disconnect late) never overwrites the newer holder.
 UPSERT_NODE = """
@@ -31,7 +31,7 @@ ON CONFLICT (name) DO UPDATE SET
     status = excluded.status, last_seen = excluded.last_seen, features = excluded.features,
     acked = CASE WHEN nodes.epoch = excluded.epoch
                  THEN GREATEST(nodes.acked, excluded.acked) ELSE excluded.acked END,
-    epoch = excluded.epoch, holder = excluded.holder, change = nextval('node_changes')
+    epoch = excluded.epoch, holder = excluded.holder, change = pg_current_xact_id()
 WHERE nodes.last_seen <= excluded.last_seen
 """
 INSERT_EVENT = """
@@ -110,10 +110,19 @@ class PgStore:
         rows = self._nodes("WHERE name = %s", (name,))
         return _node(rows[0]) if rows else None
 
-    def changed_nodes(self, after: int) -> tuple[list[StoredNode], int]:
-        """Rows written since change number `after`, and the number to ask from next."""
-        rows = self._nodes("WHERE change > %s ORDER BY change", (after,))
-        return [_node(r) for r in rows], max((int(r[8]) for r in rows), default=after)
+    def changed_nodes(self, since: int) -> tuple[list[StoredNode], int]:
+        """Rows written by transactions from id `since` on, and where to look from next
+        time: the oldest transaction still running now (its rows, and those of any later
+        one, are not visible yet). A row may come twice; merging it again is harmless."""
+        with self.pool.connection() as conn, conn.transaction():
+            mark = conn.execute(
+                "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+            ).fetchone()
+            rows = conn.execute(
+                f"SELECT {NODE_COLUMNS} FROM nodes WHERE change >= %s::text::xid8",
+                (str(since),),
+            ).fetchall()
+        return [_node(r) for r in rows], int(mark[0]) if mark else since
 
     def write(self, nodes: list[StoredNode], events: list[pb.Event]) -> None:
         if not nodes and not events:
@@ -219,7 +228,7 @@ class PgStore:
         (their replica died): shown as disconnected from now on."""
         with self.pool.connection() as conn:
             rows = conn.execute(
-                "UPDATE nodes SET holder = '', change = nextval('node_changes') "
+                "UPDATE nodes SET holder = '', change = pg_current_xact_id() "
                 "WHERE holder <> '' AND last_seen < %s RETURNING name",
                 (cutoff,),
             ).fetchall()
@@ -285,7 +294,7 @@ class PgStore:
 
 
 def _node(row: tuple[Any, ...]) -> StoredNode:
-    name, blob, registered_at, last_seen, features, epoch, acked, holder, _ = row
+    name, blob, registered_at, last_seen, features, epoch, acked, holder = row
     status = pb.NodeStatus()
     status.ParseFromString(bytes(blob))
     return StoredNode(
