@@ -115,6 +115,22 @@ class Replica:
                 return float(line.split()[1])
         return None
 
+    def reconcile(self) -> pb.ReconcileResponse:
+        """FleetService.Reconcile for every node, as an operator (mTLS), over gRPC."""
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=(self.pki / "ca.crt").read_bytes(),
+            private_key=(self.pki / "operator.key").read_bytes(),
+            certificate_chain=(self.pki / "operator.crt").read_bytes(),
+        )
+        with grpc.secure_channel(self.address, creds) as channel:
+            response: pb.ReconcileResponse = pbg.FleetServiceStub(channel).Reconcile(
+                pb.ReconcileRequest(
+                    revision="",
+                ),
+                timeout=30,
+            )
+        return response
+
     def operator(self, *args: str, as_json: bool = True) -> Any:
         """The nfctl CLI against this replica; parsed JSON output (else the text)."""
         proc = subprocess.run(

@@ -52,7 +52,8 @@ def test_one_fleet_commands_across_replicas_and_leader_takeover(
     cluster: list[Replica], pki: Path
 ) -> None:
     a, b = cluster
-    agents = [SimAgent(n, [a.address if i < 3 else b.address], pki) for i, n in enumerate(NODES)]
+    # the first three start on a, the others on b; each moves to the other when it must
+    agents = [SimAgent(n, [a.address, b.address], pki, index=i // 3) for i, n in enumerate(NODES)]
     pool = AgentPool(agents)
     try:
         wait_for(lambda: all(x.connected_to for x in agents), 30, "agents to connect")
@@ -61,8 +62,8 @@ def test_one_fleet_commands_across_replicas_and_leader_takeover(
 
         # a reconcile on a reaches agents held by b within a second, once each
         sent_at = time.time()
-        reply = a.operator("reconcile", as_json=False)
-        assert "6" in reply, reply  # sent to all six, though three are on b
+        reply = a.reconcile()  # over gRPC: the time is the controllers', not the CLI's start
+        assert sorted(reply.nodes) == NODES and not reply.offline, reply
         wait_for(lambda: all(x.commands for x in agents), 5, "the command on every agent")
         latest = max(x.commands[0][1] for x in agents) - sent_at
         assert latest < 1.0, f"slowest agent got the command {latest:.2f} s after the call"
@@ -85,6 +86,10 @@ def test_one_fleet_commands_across_replicas_and_leader_takeover(
         assert {r.metric("nfctl_controller_leader") for r in (a, b)} == {0.0, 1.0}
         leader = leaders[0]
         other = b if leader is a else a
+        on_other = [x for x in agents if x.connected_to == other.address]
+        before = {x.name: len(x.commands) for x in agents}
+        # a fan-out from the leader, the leader killed as soon as the call returns
+        leader.operator("reconcile", as_json=False)
         killed_at = time.monotonic()
         leader.kill9()
         wait_for(lambda: other.metric("nfctl_controller_leader") == 1.0, 15, "takeover")
@@ -92,6 +97,16 @@ def test_one_fleet_commands_across_replicas_and_leader_takeover(
         assert failover < 10, f"takeover after {failover:.1f} s"
         history = other.operator("events", "--reason", "LeaderElected", "--limit", "50")
         assert any(e["node"] == f"controller/{other.name}" for e in history), history
+        wait_for(
+            lambda: all(len(x.commands) == before[x.name] + 1 for x in on_other),
+            5,
+            "the fan-out on the other replica's agents",
+        )
+        wait_for(lambda: all(x.connected_to == other.address for x in agents), 15, "agents moved")
+        time.sleep(1.5)
+        for x in agents:  # nothing sent twice, not even to agents that moved
+            assert len({cid for cid, _ in x.commands}) == len(x.commands), x.commands
+            assert len(x.commands) <= before[x.name] + 1
     finally:
         pool.stop()
 
