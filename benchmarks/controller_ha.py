@@ -2,6 +2,7 @@
 see tests/pg_harness.py), N simulated agents over real gRPC + mTLS split over both replicas.
 
 Baseline (same run, everything healthy): a reconcile from one replica reaching every agent.
+The simulated agents skip a command id they already executed, like the real agent.
 Then the claim in its hardest honest form: a reconcile issued on the leader and the leader
 killed with SIGKILL right after the call returned (the fan-out still in flight), events
 sent just before the kill. Measured: leader failover, agents back on the surviving
@@ -187,7 +188,8 @@ def run(agents_n: int, tmp: Path) -> dict[str, Any]:
             "events_sent": len(wanted),
             "events_lost": len(wanted - set(stored)),
             "events_duplicated": sum(n - 1 for n in stored.values()),
-            "commands_duplicated": duplicated_commands,
+            "commands_duplicated": duplicated_commands,  # executed twice by an agent
+            "commands_resent": sum(a.repeats for a in agents),  # sent again, not executed
             "waves_repeated": None,
             "fleet_view_complete": connected(survivor) == set(names),
             **load,

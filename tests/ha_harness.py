@@ -150,7 +150,8 @@ class SimAgent:
     pki: Path
     sequence: int = 0
     log: list[pb.Event] = field(default_factory=list)
-    commands: list[tuple[str, float]] = field(default_factory=list)  # (id, received at)
+    commands: list[tuple[str, float]] = field(default_factory=list)  # (id, executed at)
+    repeats: int = 0  # a command id received again (resent): answered, not executed
     connected_to: str = ""
     sessions: int = 0
     index: int = 0
@@ -213,7 +214,11 @@ class SimAgent:
             if message is grpc.aio.EOF:
                 raise RuntimeError("stream ended")
             if message.WhichOneof("body") == "command":
-                self.commands.append((message.command.id, time.time()))
+                # like the real agent: a command id already executed is only answered
+                if any(cid == message.command.id for cid, _ in self.commands):
+                    self.repeats += 1
+                else:
+                    self.commands.append((message.command.id, time.time()))
                 result = pb.CommandResult(command_id=message.command.id, ok=True)
                 await call.write(pb.AgentMessage(result=result))
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
+from nfctl.controller.store_pg import PgStore
 from tests.ha_harness import AgentPool, Replica, SimAgent, make_pki, wait_for
 from tests.pg_harness import PgServer, pg_url, postgres  # noqa: F401
 
@@ -115,6 +117,7 @@ def test_agents_move_off_a_killed_replica_and_ride_out_postgres_trouble(
     cluster: list[Replica],
     pki: Path,
     postgres: PgServer,  # noqa: F811
+    pg_url: str,  # noqa: F811
 ) -> None:
     a, b = cluster
     agents = [SimAgent(n, [a.address, b.address], pki) for n in NODES]  # all start on a
@@ -127,12 +130,21 @@ def test_agents_move_off_a_killed_replica_and_ride_out_postgres_trouble(
         pool.call(lambda: _all(agents, 3, "BeforeKill"))
         time.sleep(1)  # these were stored and acknowledged by a (flush every 0.25 s)
         pool.call(lambda: _all(agents, 2, "RightBeforeKill"))
+        # a command a replica took for the first agent and died with, unanswered
+        ghost = PgStore(pg_url, replica="ghost")
+        lost = pb.ControllerMessage(command=pb.Command(id="in-flight", reconcile=pb.ReconcileNow()))
+        ghost.add_command(
+            "in-flight", lost.SerializeToString(), [NODES[0]], [NODES[0]], time.time()
+        )
+        ghost.close()
         a.kill9()  # perhaps before it stored or acknowledged these two
         killed = time.monotonic()
         wait_for(lambda: all(x.connected_to == b.address for x in agents), 15, "agents on b")
         moved = time.monotonic() - killed
         assert moved < 15, f"agents back after {moved:.1f} s"
         assert connected_nodes(b) == set(NODES)
+        wait_for(lambda: "in-flight" in [c for c, _ in agents[0].commands], 5, "redelivery")
+        assert all("in-flight" not in [c for c, _ in x.commands] for x in agents[1:])
 
         # PostgreSQL restarted: the replica keeps its agents and stores what they send
         postgres.stop()

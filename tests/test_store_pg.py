@@ -138,6 +138,12 @@ def test_a_command_is_claimed_once_per_node(pg_url: str) -> None:  # noqa: F811
         assert sorted(b.claim("cmd-1", ["n1", "n2"])) == ["n2"]
         assert a.claim("cmd-1", ["n2", "n3"]) == ["n3"]
         assert b.commands_after(recorded.row) == []
+        # n1 reconnects to b before answering: b takes over the unanswered delivery...
+        assert [c.command_id for c in b.unanswered("n1", 0)] == ["cmd-1"]
+        # ...and once answered it is never sent again, by any replica
+        b.done([("cmd-1", "n1")])
+        assert a.unanswered("n1", 0) == []
+        assert a.unanswered("n9", 0) == []  # not a target
     finally:
         a.close()
         b.close()

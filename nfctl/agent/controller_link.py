@@ -101,6 +101,8 @@ class ControllerLink:
         self.sessions = 0  # registrations so far
         self.failures = 0  # connection attempts failed in a row
         self.endpoints = endpoints(config.controller or "") or [""]
+        # command ids executed lately: a replica resends what it has no answer for
+        self._executed: deque[str] = deque(maxlen=1000)
         self._endpoint_index = random.randrange(len(self.endpoints))
         agent.reconciler.listeners.append(self._on_event)
         agent.reconciler.status_listeners.append(self._on_status)
@@ -274,7 +276,13 @@ class ControllerLink:
         elif kind == "events_ack":
             self.acked_event_sequence = message.events_ack.event_sequence
         elif kind == "command":
-            stream.results.append(self._execute(message.command))
+            command = message.command
+            if command.id and command.id in self._executed:
+                result = pb.CommandResult(command_id=command.id, ok=True, message="already done")
+            else:
+                result = self._execute(command)
+                self._executed.append(command.id)
+            stream.results.append(result)
             stream.poke()
 
     def _execute(self, command: pb.Command) -> pb.CommandResult:

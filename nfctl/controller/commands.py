@@ -5,7 +5,10 @@ store, so a node gets one command id once even while its stream moves between re
 
 Notifications only say "look": a replica reads every command after the last one it
 handled, so one that was missed (listener reconnecting, PostgreSQL restarted) is still
-delivered when the listener is back."""
+delivered when the listener is back. An agent's answer (CommandResult) marks its delivery
+done; when an agent (re)connects, the commands of the last DELIVERY_WINDOW seconds it has
+not answered are sent again (its replica may have died with them in flight). The agent
+ignores a command id it already executed, so a resend never runs one twice."""
 
 from __future__ import annotations
 
@@ -21,8 +24,8 @@ from nfctl.controller.store_pg import COMMANDS_CHANNEL, PgStore
 
 log = logging.getLogger(__name__)
 
-# how long a recorded command is still delivered to a target that connects later to a
-# replica that had not seen it yet (the listener was down): older ones are history
+# how long an unanswered command is sent again to its node when it reconnects: older
+# ones are history (a reconcile is made good anyway: agents fetch Git on reconnect)
 DELIVERY_WINDOW = 60.0
 
 
@@ -32,6 +35,7 @@ class CommandFanout:
         self.store = store
         self.last_row = store.last_command()
         self.delivered = 0  # commands written to streams of this replica, for tests/metrics
+        self.answered: list[tuple[str, str]] = []  # (command id, node), written by run_results
 
     async def send(
         self, entries: list[NodeEntry], command: pb.Command
@@ -53,6 +57,32 @@ class CommandFanout:
             if entry is not None and entry.session is not None:
                 entry.session.send(message)
                 self.delivered += 1
+
+    def answer(self, command_id: str, node: str) -> None:
+        self.answered.append((command_id, node))
+
+    async def redeliver(self, entry: NodeEntry) -> None:
+        """A node connected here: send what it has not answered yet."""
+        try:
+            pending = await asyncio.to_thread(
+                self.store.unanswered, entry.name, time.time() - DELIVERY_WINDOW
+            )
+        except Exception as exc:
+            log.warning("node %s: cannot look up unanswered commands: %s", entry.name, exc)
+            return
+        for command in pending:
+            self._deliver([entry.name], command.body)
+
+    async def run_results(self, every: float = 0.5) -> None:
+        """Write the agents' answers in batches (a fan-out answers 10,000 at once)."""
+        while True:
+            await asyncio.sleep(every)
+            batch, self.answered = self.answered, []
+            try:
+                await asyncio.to_thread(self.store.done, batch)
+            except Exception as exc:
+                log.warning("recording command results failed (%s); will retry", exc)
+                self.answered[:0] = batch
 
     async def catch_up(self) -> None:
         """Deliver every command recorded since the last one handled here."""

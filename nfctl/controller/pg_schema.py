@@ -62,6 +62,7 @@ MIGRATIONS: list[tuple[int, str]] = [
             command_id TEXT NOT NULL,
             node TEXT NOT NULL,
             replica TEXT NOT NULL,
+            done BOOLEAN NOT NULL DEFAULT false,  -- the agent answered (CommandResult)
             PRIMARY KEY (command_id, node)
         );
         """,

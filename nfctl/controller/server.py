@@ -135,7 +135,7 @@ class Controller:
             self.metrics.leader.set(1)
         self._leader_epoch = uuid.uuid4().hex[:12]
         self._leader_events = 0
-        self.agents = AgentService(self.fleet, self.auth, self.metrics)
+        self.agents = AgentService(self.fleet, self.auth, self.metrics, self.fanout)
         self.operators = FleetService(self.fleet, self.auth, self.metrics, self.fanout)
         self.servers: list[grpc.aio.Server] = []
         self.runners: list[web.AppRunner] = []
@@ -250,6 +250,7 @@ class Controller:
             self._tasks += [
                 asyncio.create_task(self._sync_loop()),
                 asyncio.create_task(self.fanout.run()),
+                asyncio.create_task(self.fanout.run_results()),
                 asyncio.create_task(self.election.run()),
             ]
         log.info(

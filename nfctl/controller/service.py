@@ -24,10 +24,17 @@ T = TypeVar("T")
 class AgentService:
     """The agent-facing service (registered by add_service)."""
 
-    def __init__(self, fleet: Fleet, auth: AuthPolicy, metrics: ControllerMetrics) -> None:
+    def __init__(
+        self,
+        fleet: Fleet,
+        auth: AuthPolicy,
+        metrics: ControllerMetrics,
+        fanout: CommandFanout | None = None,
+    ) -> None:
         self.fleet = fleet
         self.auth = auth
         self.metrics = metrics
+        self.fanout = fanout
 
     async def Connect(self, request_iterator: Any, context: Any) -> None:
         """One agent's session. A coroutine with context.read()/write() rather than an async
@@ -61,6 +68,8 @@ class AgentService:
             # One reader task per stream; this handler only waits on the session's outbox
             # (no task or asyncio.wait per command: a fan-out is one wakeup per stream).
             reader = asyncio.create_task(self._read(context, entry, session))
+            if self.fanout is not None:
+                await self.fanout.redeliver(entry)
             while (message := await session.outbox.get()) is not None:
                 await context.write(message)
         finally:
@@ -92,6 +101,8 @@ class AgentService:
                     self.metrics.events.inc(len(fresh))
                 elif kind == "result":
                     result = message.result
+                    if self.fanout is not None:
+                        self.fanout.answer(result.command_id, entry.name)
                     if result.ok:
                         log.debug("agent %s command %s: ok", entry.name, result.command_id)
                     else:

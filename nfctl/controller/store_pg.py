@@ -279,6 +279,38 @@ class PgStore:
         ).fetchall()
         return [r[0] for r in rows]
 
+    def done(self, results: list[tuple[str, str]]) -> None:
+        """(command id, node) pairs the agents answered: never delivered again."""
+        if not results:
+            return
+        with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            cur.executemany(
+                "UPDATE deliveries SET done = true WHERE command_id = %s AND node = %s",
+                results,
+            )
+
+    def unanswered(self, node: str, since: float) -> list[StoredCommand]:
+        """Commands for `node` recorded since `since` that it has not answered (never
+        delivered, or sent by a replica that died before the answer came), now claimed
+        by this replica, oldest first."""
+        with self.pool.connection() as conn, conn.transaction():
+            rows = conn.execute(
+                "SELECT id, command_id, body, nodes FROM commands "
+                "WHERE created >= %s AND %s = ANY(nodes) ORDER BY id",
+                (since, node),
+            ).fetchall()
+            out = []
+            for r in rows:
+                taken = conn.execute(
+                    "INSERT INTO deliveries (command_id, node, replica) VALUES (%s, %s, %s) "
+                    "ON CONFLICT (command_id, node) DO UPDATE SET replica = excluded.replica "
+                    "WHERE NOT deliveries.done RETURNING node",
+                    (r[1], node, self.replica),
+                ).fetchone()
+                if taken:
+                    out.append(StoredCommand(int(r[0]), r[1], bytes(r[2]), list(r[3])))
+        return out
+
     def last_command(self) -> int:
         with self.pool.connection() as conn:
             row = conn.execute("SELECT coalesce(max(id), 0) FROM commands").fetchone()
