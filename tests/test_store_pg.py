@@ -4,6 +4,8 @@ once per node; and SQLite stays the default."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from nfctl.controller.pg_schema import LATEST, MIGRATIONS
 from nfctl.controller.storage import StoredNode, open_store
 from nfctl.controller.store import ControllerStore
 from nfctl.controller.store_pg import PgStore
+from tests.conftest import REPO_ROOT
 from tests.pg_harness import PgServer, pg_url, postgres  # noqa: F401
 
 
@@ -186,3 +189,16 @@ def test_server_restart_is_survived(postgres: PgServer, pg_url: str) -> None:  #
         assert [e.sequence for e in store.history(node="n1")] == [1, 2]
     finally:
         store.close()
+
+
+def test_an_unreachable_database_is_a_clear_error(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "nfctl", "controller", "--insecure", "--listen", "127.0.0.1:0",
+         "--db", f"postgresql://nfctl@/nfctl?host={tmp_path}", "--webhook-addr", "",
+         "--metrics-addr", "", "--health-listen", ""],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert "cannot open the PostgreSQL store" in out and str(tmp_path) in out
+    assert "Traceback" not in out

@@ -107,7 +107,13 @@ def controller(
     except ValueError as exc:
         err_console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
-    asyncio.run(run(config))
+    from nfctl.controller.storage import StoreUnavailable
+
+    try:
+        asyncio.run(run(config))
+    except StoreUnavailable as exc:
+        err_console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
 
 
 @certs_app.command("init")

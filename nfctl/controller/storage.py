@@ -50,6 +50,10 @@ class Store(Protocol):
     ) -> list[pb.Event]: ...
 
 
+class StoreUnavailable(RuntimeError):
+    """The database cannot be opened (unreachable, refused, wrong credentials)."""
+
+
 def is_postgres_url(db: str) -> bool:
     return db.startswith(("postgresql://", "postgres://"))
 

@@ -16,7 +16,7 @@ from psycopg_pool import ConnectionPool
 
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.controller.pg_schema import MIGRATION_LOCK, MIGRATIONS
-from nfctl.controller.storage import StoredNode
+from nfctl.controller.storage import StoredNode, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,10 @@ class PgStore:
     def __init__(self, url: str, replica: str = "", timeout: float = 10.0) -> None:
         self.url = url
         self.replica = replica
+        try:  # one plain connection first: its error says what is wrong, the pool's does not
+            psycopg.connect(url, connect_timeout=max(1, int(timeout))).close()
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"cannot open the PostgreSQL store: {exc}".strip()) from exc
         self.pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             url,
             min_size=1,
