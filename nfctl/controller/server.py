@@ -114,10 +114,15 @@ class Controller:
         self.replica = config.replica or f"{socket.gethostname()}-{os.getpid()}"
         self.store = open_store(config.db, replica=self.replica)
         self.pg = self.store if isinstance(self.store, PgStore) else None
+        persist_interval = config.status_persist_interval
+        if self.pg:
+            # other replicas judge staleness (and the leader releases nodes) from the
+            # stored last_seen: refresh it well within stale_after
+            persist_interval = min(persist_interval, config.stale_after / 3)
         self.fleet = Fleet(
             self.store,
             stale_after=config.stale_after,
-            persist_interval=config.status_persist_interval,
+            persist_interval=persist_interval,
             heartbeat=config.heartbeat,
             replica=self.replica if self.pg else None,
         )
