@@ -20,7 +20,7 @@ import psycopg
 
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.controller.fleet import Fleet, NodeEntry
-from nfctl.controller.store_pg import COMMANDS_CHANNEL, PgStore
+from nfctl.controller.store_pg import COMMANDS_CHANNEL, TCP_OPTIONS, PgStore
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class CommandFanout:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
-                    self.store.url, autocommit=True, connect_timeout=5
+                    self.store.url, autocommit=True, connect_timeout=5, **TCP_OPTIONS
                 ) as conn:
                     await conn.execute(f"LISTEN {COMMANDS_CHANNEL}")
                     await self.catch_up()

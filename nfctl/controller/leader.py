@@ -13,6 +13,8 @@ from typing import Any
 
 import psycopg
 
+from nfctl.controller.store_pg import TCP_OPTIONS
+
 log = logging.getLogger(__name__)
 
 LEADER_LOCK = 0x6E66_6374_6C01  # "nfctl\1": pg_try_advisory_lock key
@@ -41,7 +43,7 @@ class LeaderElection:
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
-                    self.url, autocommit=True, connect_timeout=5
+                    self.url, autocommit=True, connect_timeout=5, **TCP_OPTIONS
                 ) as conn:
                     await self._campaign(conn)
             except asyncio.CancelledError:

@@ -21,6 +21,16 @@ from nfctl.controller.storage import StoredNode, StoreUnavailable
 log = logging.getLogger(__name__)
 
 COMMANDS_CHANNEL = "nfctl_commands"
+# TCP: notice a database that went silent (partition, dead host) within ~15 s instead of
+# the kernel's retransmission timeout (many minutes), so writes fail and are retried and
+# the leader steps down. Ignored on unix sockets.
+TCP_OPTIONS: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 15_000,
+}
 NODE_COLUMNS = "name, status, registered_at, last_seen, features, epoch, acked, holder"
 # A snapshot from a replica that saw the node last wins: a replica that lost a node's
 # stream to another (or noticed the disconnect late) never overwrites the newer holder.
@@ -81,7 +91,7 @@ class PgStore:
             url,
             min_size=1,
             max_size=4,
-            kwargs={"autocommit": True, "connect_timeout": max(1, int(timeout))},
+            kwargs={"autocommit": True, "connect_timeout": max(1, int(timeout)), **TCP_OPTIONS},
             timeout=timeout,
             # a connection that died with the server (restart, failover) is replaced
             # before use instead of failing the next write
