@@ -20,7 +20,7 @@ esac
 
 PACKAGES=(python3-bpfcc bpfcc-tools libbpf1 "linux-headers-$DEB_ARCH" iproute2 iputils-ping iperf3
           bpftool tcpdump python3-venv python3-dev git gnupg openssl make ca-certificates
-          kmod procps)
+          kmod procps postgresql)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -2,6 +2,11 @@
 snapshots (on change, plus a heartbeat on a timer of its own) and events, obey commands.
 Reconnects with jittered backoff; reconciling from Git never depends on it.
 
+Several controller replicas: `--controller a:9443,b:9443` lists them; the agent starts at
+a random one (a fleet spreads over the replicas) and moves to the next whenever a stream
+ends or a connection fails. A DNS name with several addresses needs nothing here: gRPC's
+resolver tries each address in turn.
+
 Events are delivered at least once and stored exactly once: they are persisted in the
 state dir first (the agent's event log is the outbox), each stream sends them from the
 point the controller acknowledged as stored (Registered, then EventsAck), and the
@@ -47,6 +52,11 @@ def _comparable(status: pb.NodeStatus) -> bytes:
     copy.CopyFrom(status)
     copy.observed_at = 0
     return copy.SerializeToString(deterministic=True)
+
+
+def endpoints(controller: str) -> list[str]:
+    """The controller replicas of `--controller`, comma separated."""
+    return [part.strip() for part in controller.split(",") if part.strip()]
 
 
 def bpf_features() -> list[str]:
@@ -95,6 +105,10 @@ class ControllerLink:
         self.acked_event_sequence = 0
         self.sessions = 0  # registrations so far
         self.failures = 0  # connection attempts failed in a row
+        self.endpoints = endpoints(config.controller or "") or [""]
+        # command ids executed lately: a replica resends what it has no answer for
+        self._executed: deque[str] = deque(maxlen=1000)
+        self._endpoint_index = random.randrange(len(self.endpoints))
         agent.reconciler.listeners.append(self._on_event)
         agent.reconciler.status_listeners.append(self._on_status)
 
@@ -125,6 +139,14 @@ class ControllerLink:
             stream.poke()
 
     # -- stream ----------------------------------------------------------------------------
+    @property
+    def endpoint(self) -> str:
+        """The replica this agent connects (or is connected) to."""
+        return self.endpoints[self._endpoint_index]
+
+    def _next_endpoint(self) -> None:
+        self._endpoint_index = (self._endpoint_index + 1) % len(self.endpoints)
+
     def _channel(self) -> grpc.Channel:
         options = [
             ("grpc.keepalive_time_ms", 20_000),
@@ -139,7 +161,7 @@ class ControllerLink:
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", int(MAX_BACKOFF_SECONDS * 1000)),
         ]
-        target = self.config.controller or ""
+        target = self.endpoint
         if self.config.insecure:
             return grpc.insecure_channel(target, options=options)
         creds = channel_credentials(self.config.tls_ca, self.config.tls_cert, self.config.tls_key)
@@ -171,6 +193,7 @@ class ControllerLink:
                 self._call = None
             if self.stopping.is_set():
                 break
+            self._next_endpoint()
             self.failures += 1
             delay = min(MAX_BACKOFF_SECONDS, 0.25 * 2 ** min(self.failures, 8))
             delay *= random.uniform(0.5, 1)
@@ -250,7 +273,7 @@ class ControllerLink:
             self.failures = 0
             log.info(
                 "connected to controller %s (session %s, events stored up to %d)",
-                self.config.controller,
+                self.endpoint,
                 message.registered.session_id,
                 self.acked_event_sequence,
             )
@@ -261,7 +284,13 @@ class ControllerLink:
         elif kind == "events_ack":
             self.acked_event_sequence = message.events_ack.event_sequence
         elif kind == "command":
-            stream.results.append(self._execute(message.command))
+            command = message.command
+            if command.id and command.id in self._executed:
+                result = pb.CommandResult(command_id=command.id, ok=True, message="already done")
+            else:
+                result = self._execute(command)
+                self._executed.append(command.id)
+            stream.results.append(result)
             stream.poke()
 
     def _execute(self, command: pb.Command) -> pb.CommandResult:

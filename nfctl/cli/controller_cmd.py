@@ -31,7 +31,23 @@ def controller(
             "operators authenticate with --operator-token-file"
         ),
     ),
-    db: Path = typer.Option(Path("/var/lib/nfctl/controller.db"), "--db", help="SQLite database"),
+    db: str = typer.Option(
+        "/var/lib/nfctl/controller.db",
+        "--db",
+        help="SQLite database file (one controller), or a postgresql:// URL shared by "
+        "several controller replicas",
+        envvar="NFCTL_DB",
+    ),
+    replica: str = typer.Option(
+        "",
+        "--replica",
+        help="this replica's name with a PostgreSQL store [default: hostname-pid]",
+    ),
+    event_retention: float = typer.Option(
+        0.0,
+        "--event-retention",
+        help="PostgreSQL store: seconds of events and commands the leader keeps (0: all)",
+    ),
     tls_ca: Path = typer.Option(None, "--tls-ca"),
     tls_cert: Path = typer.Option(None, "--tls-cert"),
     tls_key: Path = typer.Option(None, "--tls-key"),
@@ -91,6 +107,8 @@ def controller(
         listen=listen,
         operator_listen=operator_listen or None,
         db=db,
+        replica=replica,
+        event_retention=event_retention,
         tls_ca=tls_ca,
         tls_cert=tls_cert,
         tls_key=tls_key,
@@ -111,7 +129,13 @@ def controller(
     except ValueError as exc:
         err_console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
-    asyncio.run(_run_with_enrollment(config, enrollment))
+    from nfctl.controller.storage import StoreUnavailable
+
+    try:
+        asyncio.run(_run_with_enrollment(config, enrollment))
+    except StoreUnavailable as exc:
+        err_console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
 
 
 def _enrollment_config(
@@ -129,11 +153,16 @@ def _enrollment_config(
         raise ValueError("--enroll-listen needs TLS (--tls-ca, --tls-cert, --tls-key)")
     if ca_key is None:
         raise ValueError("--enroll-listen needs --tls-ca-key (the CA key signs node certificates)")
+    if config.db.startswith(("postgresql://", "postgres://")):
+        raise ValueError(
+            "--enroll-listen keeps enrolments in a SQLite file; with --db postgresql:// run "
+            "enrolment on one replica with its own --db file (not yet in PostgreSQL)"
+        )
     if cert_hours <= 0:
         raise ValueError("--enroll-cert-hours must be positive")
     return EnrollmentConfig(
         listen=listen,
-        db=config.db,
+        db=Path(config.db),
         ca_cert=config.tls_ca,
         ca_key=ca_key,
         tls_cert=config.tls_cert,

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
-from nfctl.controller.store import ControllerStore, StoredNode
+from nfctl.controller.storage import Store, StoredNode
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,7 @@ class NodeEntry:
     last_seen: float
     features: list[str] = field(default_factory=list)
     session: Session | None = None
+    holder: str = ""  # another replica holding the node's stream (shared store only)
     # Event bookkeeping, per agent epoch (see EventLedger)
     events: EventLedger = field(default_factory=lambda: EventLedger(""))
     _blob: bytes | None = field(default=None, repr=False)
@@ -138,7 +139,7 @@ class NodeEntry:
 
     @property
     def connected(self) -> bool:
-        return self.session is not None
+        return self.session is not None or bool(self.holder)
 
     def set_status(self, status: pb.NodeStatus) -> bool:
         """Replace the status (never mutate the stored one: see the module docstring).
@@ -234,12 +235,15 @@ class Watcher:
 class Fleet:
     def __init__(
         self,
-        store: ControllerStore,
+        store: Store,
         stale_after: float = 60.0,
         persist_interval: float = 30.0,
         heartbeat: float | None = None,
+        replica: str | None = None,
     ) -> None:
         self.store = store
+        # this replica's name when several share the store; None for the only one
+        self.replica = replica
         self.stale_after = stale_after
         self.heartbeat = heartbeat or stale_after / HEARTBEATS_PER_STALE
         self.persist_interval = persist_interval
@@ -260,10 +264,47 @@ class Fleet:
                 registered_at=stored.registered_at,
                 last_seen=stored.last_seen,
                 features=stored.features,
+                holder=stored.holder if replica is not None else "",
                 events=EventLedger(
                     stored.epoch, received=stored.acked, stored=stored.acked, acked=stored.acked
                 ),
             )
+
+    def merge(self, rows: Iterable[StoredNode]) -> None:
+        """Take in nodes other replicas wrote to the shared store (their streams, their
+        latest status and acknowledged events). A node whose stream this replica holds,
+        or a row this replica wrote itself, is already newest in memory."""
+        for row in rows:
+            entry = self.nodes.get(row.name)
+            if row.holder and row.holder == self.replica:
+                continue
+            if entry is not None and entry.session is not None:
+                continue
+            if entry is None:
+                entry = NodeEntry(
+                    name=row.name,
+                    status=row.status,
+                    registered_at=row.registered_at,
+                    last_seen=row.last_seen,
+                )
+                self.nodes[row.name] = entry
+                self._ordered = None
+            elif row.last_seen < entry.last_seen:
+                continue
+            # what another replica saw later replaces what this one still meant to write
+            self._dirty.pop(row.name, None)
+            self._refreshed.pop(row.name, None)
+            entry.set_status(row.status)
+            entry.persisted_key = entry.status_key
+            entry.registered_at = row.registered_at
+            entry.last_seen = row.last_seen
+            entry.features = row.features
+            entry.holder = row.holder
+            ledger = entry.events
+            if ledger.epoch != row.epoch or row.acked >= ledger.received:
+                entry.events = EventLedger(
+                    row.epoch, received=row.acked, stored=row.acked, acked=row.acked
+                )
 
     def mark_dirty(self, entry: NodeEntry) -> None:
         """Write this node at the next flush."""
@@ -317,6 +358,7 @@ class Fleet:
         self.connects += 1
         session = Session(node=register.node, peer=peer)
         entry.session = session
+        entry.holder = ""
         return entry, session, previous
 
     def disconnect(self, entry: NodeEntry, session: Session) -> None:
@@ -407,15 +449,41 @@ class Fleet:
                     e._blob,
                     epoch=e.events.epoch,
                     acked=e.events.received,
+                    holder=(self.replica or "") if e.session is not None else "",
                 )
             )
         events, self.pending_events = self.pending_events, []
         return nodes, events
 
+    def requeue(self, nodes: list[StoredNode], events: list[pb.Event]) -> None:
+        """A batch from take_dirty could not be written: it goes into the next one."""
+        for n in nodes:
+            entry = self.nodes.get(n.name)
+            if entry is not None:
+                self.mark_dirty(entry)
+        self.pending_events[:0] = events
+
     def flush(self, everything: bool = False) -> None:
         """Write what is due now, in the caller's thread, and acknowledge stored events."""
         nodes, events = self.take_dirty(everything)
-        self.store.write(nodes, events)
+        try:
+            self.store.write(nodes, events)
+        except BaseException:
+            self.requeue(nodes, events)
+            raise
+        self.stored(nodes)
+
+    async def flush_async(self) -> None:
+        """flush() with the write in a worker thread: a slow database never stops the
+        event loop (agent streams, heartbeats)."""
+        nodes, events = self.take_dirty()
+        if not nodes and not events:
+            return
+        try:
+            await asyncio.to_thread(self.store.write, nodes, events)
+        except BaseException:
+            self.requeue(nodes, events)
+            raise
         self.stored(nodes)
 
     # -- operator queries ------------------------------------------------------------------

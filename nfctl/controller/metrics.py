@@ -7,7 +7,7 @@ import time
 from collections import Counter as Tally
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from nfctl.controller.convert import is_ready
@@ -47,6 +47,12 @@ class ControllerMetrics:
             ["kind"],
             registry=self.registry,
         )
+        self.leader = Gauge(
+            "nfctl_controller_leader",
+            "1 on the replica running the singletons (stale streams, retention), else 0; "
+            "1 on a controller that shares its store with no other.",
+            registry=self.registry,
+        )
         self.registry.register(_FleetCollector(fleet))
 
 
@@ -61,9 +67,9 @@ class _FleetCollector:
         now = time.time()
         nodes = list(self.fleet.nodes.values())
         connected = GaugeMetricFamily(
-            "nfctl_controller_agents_connected", "Agents with an open stream."
+            "nfctl_controller_agents_connected", "Agents with an open stream to this replica."
         )
-        connected.add_metric([], sum(1 for n in nodes if n.connected))
+        connected.add_metric([], sum(1 for n in nodes if n.session is not None))
         stale = GaugeMetricFamily(
             "nfctl_controller_agents_stale", "Nodes with no report within the stale timeout."
         )

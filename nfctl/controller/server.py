@@ -7,9 +7,12 @@ import contextlib
 import gc
 import ipaddress
 import logging
+import os
 import resource
 import signal
+import socket
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +23,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.controller.auth import AuthPolicy, OperatorTokenGate, server_credentials
+from nfctl.controller.commands import CommandFanout
 from nfctl.controller.fleet import Fleet
+from nfctl.controller.leader import LeaderElection
 from nfctl.controller.metrics import ControllerMetrics
 from nfctl.controller.reflection import enable_reflection
 from nfctl.controller.service import AgentService, FleetService, add_service
-from nfctl.controller.store import ControllerStore
+from nfctl.controller.storage import open_store
+from nfctl.controller.store_pg import PgStore
 from nfctl.controller.webhook import WebhookApp
 
 log = logging.getLogger(__name__)
@@ -60,7 +66,11 @@ TLS_FRAME_BYTES = 4096
 class ControllerConfig:
     listen: str = "0.0.0.0:9443"
     operator_listen: str | None = None  # TLS without client certs: operators with tokens
-    db: Path = Path("/var/lib/nfctl/controller.db")
+    db: str = "/var/lib/nfctl/controller.db"  # a SQLite file, or a postgresql:// URL
+    replica: str = ""  # this replica's name with a shared store [default: host-pid]
+    sync_interval: float = 0.5  # shared store: how often to read what other replicas wrote
+    leader_interval: float = 1.0  # shared store: leader lock tries and checks
+    event_retention: float = 0.0  # seconds of events and commands to keep; 0 keeps all
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -113,19 +123,37 @@ class Controller:
     def __init__(self, config: ControllerConfig) -> None:
         config.validate()
         self.config = config
-        self.store = ControllerStore(config.db)
+        self.replica = config.replica or f"{socket.gethostname()}-{os.getpid()}"
+        self.store = open_store(config.db, replica=self.replica)
+        self.pg = self.store if isinstance(self.store, PgStore) else None
+        persist_interval = config.status_persist_interval
+        if self.pg:
+            # other replicas judge staleness (and the leader releases nodes) from the
+            # stored last_seen: refresh it well within stale_after
+            persist_interval = min(persist_interval, config.stale_after / 3)
         self.fleet = Fleet(
             self.store,
             stale_after=config.stale_after,
-            persist_interval=config.status_persist_interval,
+            persist_interval=persist_interval,
             heartbeat=config.heartbeat,
+            replica=self.replica if self.pg else None,
         )
         self.metrics = ControllerMetrics(self.fleet)
         self.auth = AuthPolicy.create(
             tls=not config.insecure, token_file=config.operator_token_file
         )
-        self.agents = AgentService(self.fleet, self.auth, self.metrics)
-        self.operators = FleetService(self.fleet, self.auth, self.metrics)
+        self.fanout = CommandFanout(self.fleet, self.pg) if self.pg else None
+        self.election: LeaderElection | None = None
+        if self.pg:
+            self.election = LeaderElection(
+                self.pg.url, self._leadership, self._leader_duty, config.leader_interval
+            )
+        else:
+            self.metrics.leader.set(1)
+        self._leader_epoch = uuid.uuid4().hex[:12]
+        self._leader_events = 0
+        self.agents = AgentService(self.fleet, self.auth, self.metrics, self.fanout)
+        self.operators = FleetService(self.fleet, self.auth, self.metrics, self.fanout)
         self.servers: list[grpc.aio.Server] = []
         self.runners: list[web.AppRunner] = []
         self.ports: dict[str, int] = {}
@@ -244,9 +272,16 @@ class Controller:
             asyncio.create_task(self._gc_loop()),
             asyncio.create_task(self._health_loop()),
         ]
+        if self.fanout is not None and self.election is not None:
+            self._tasks += [
+                asyncio.create_task(self._sync_loop()),
+                asyncio.create_task(self.fanout.run()),
+                asyncio.create_task(self.fanout.run_results()),
+                asyncio.create_task(self.election.run()),
+            ]
         log.info(
             "controller listening: grpc %s (%s)%s, webhook %s, metrics %s, health %s; "
-            "%d nodes known",
+            "%d nodes known; store %s",
             cfg.listen,
             "plaintext" if cfg.insecure else "mTLS",
             f", operators {cfg.operator_listen} (TLS + token)" if "operator" in self.ports else "",
@@ -254,6 +289,7 @@ class Controller:
             cfg.metrics_addr or "off",
             cfg.health_addr or "off",
             len(self.fleet.nodes),
+            f"PostgreSQL, replica {self.replica}" if self.pg else "SQLite",
         )
 
     async def _serve_http(self, app: web.Application, address: str, default_port: int) -> int:
@@ -276,18 +312,59 @@ class Controller:
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.flush_interval)
-            nodes, events = self.fleet.take_dirty()
-            if nodes or events:
-                try:
-                    await asyncio.to_thread(self.store.write, nodes, events)
-                    self.fleet.stored(nodes)
-                except Exception:
-                    log.exception("writing to the store failed; will retry")
-                    for n in nodes:
-                        entry = self.fleet.nodes.get(n.name)
-                        if entry:
-                            self.fleet.mark_dirty(entry)
-                    self.fleet.pending_events[:0] = events
+            try:
+                await self.fleet.flush_async()
+            except Exception as exc:
+                log.error("writing to the store failed (%s); will retry", exc)
+
+    async def _sync_loop(self) -> None:
+        """Shared store: take in the nodes other replicas wrote, so any replica shows the
+        whole fleet."""
+        assert self.pg is not None
+        change = 0
+        while True:
+            try:
+                rows, change = await asyncio.to_thread(self.pg.changed_nodes, change)
+                self.fleet.merge(rows)
+            except Exception as exc:
+                log.warning("reading the fleet from the store failed: %s", exc)
+            await asyncio.sleep(self.config.sync_interval)
+
+    def _leadership(self, leader: bool) -> None:
+        self.metrics.leader.set(1 if leader else 0)
+        reason = "LeaderElected" if leader else "LeadershipLost"
+        message = (
+            f"replica {self.replica} now runs the singletons (stale streams, retention)"
+            if leader
+            else f"replica {self.replica} no longer leads"
+        )
+        log.warning("%s", message)
+        self._leader_events += 1
+        event = pb.Event(
+            node=f"controller/{self.replica}",
+            epoch=self._leader_epoch,
+            sequence=self._leader_events,
+            time=time.time(),
+            type="Normal" if leader else "Warning",
+            reason=reason,
+            message=message,
+        )
+        self.fleet.pending_events.append(event)
+        self.fleet.publish([event])
+
+    async def _leader_duty(self) -> None:
+        assert self.pg is not None
+        now = time.time()
+        released = await asyncio.to_thread(self.pg.release_stale, now - self.config.stale_after)
+        if released:
+            log.warning(
+                "%d nodes had no report for %.0f s from the replica holding them: shown as "
+                "disconnected",
+                len(released),
+                self.config.stale_after,
+            )
+        if self.config.event_retention > 0:
+            await asyncio.to_thread(self.pg.expire, now - self.config.event_retention)
 
     async def _gc_loop(self) -> None:
         """Keep Python's cyclic GC from stopping every stream for up to a second.

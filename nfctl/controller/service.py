@@ -13,6 +13,7 @@ import grpc
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.api.nfctl.v1 import nfctl_pb2_grpc as pbg
 from nfctl.controller.auth import AuthPolicy
+from nfctl.controller.commands import CommandFanout
 from nfctl.controller.fleet import Fleet, NodeEntry, Session, Watcher, repeated_field
 from nfctl.controller.metrics import ControllerMetrics
 
@@ -23,10 +24,17 @@ T = TypeVar("T")
 class AgentService:
     """The agent-facing service (registered by add_service)."""
 
-    def __init__(self, fleet: Fleet, auth: AuthPolicy, metrics: ControllerMetrics) -> None:
+    def __init__(
+        self,
+        fleet: Fleet,
+        auth: AuthPolicy,
+        metrics: ControllerMetrics,
+        fanout: CommandFanout | None = None,
+    ) -> None:
         self.fleet = fleet
         self.auth = auth
         self.metrics = metrics
+        self.fanout = fanout
 
     async def Connect(self, request_iterator: Any, context: Any) -> None:
         """One agent's session. A coroutine with context.read()/write() rather than an async
@@ -40,6 +48,8 @@ class AgentService:
                 grpc.StatusCode.INVALID_ARGUMENT, "the first message must be Register"
             )
         await self.auth.require_node(context, first.register.node)
+        if self.fleet.replica is not None:
+            await self._refresh(first.register.node)
         entry, session, previous = self.fleet.connect(first.register, context.peer())
         if previous is not None:
             previous.close()  # an older stream of the same node ends
@@ -58,6 +68,8 @@ class AgentService:
             # One reader task per stream; this handler only waits on the session's outbox
             # (no task or asyncio.wait per command: a fan-out is one wakeup per stream).
             reader = asyncio.create_task(self._read(context, entry, session))
+            if self.fanout is not None:
+                await self.fanout.redeliver(entry)
             while (message := await session.outbox.get()) is not None:
                 await context.write(message)
         finally:
@@ -65,6 +77,17 @@ class AgentService:
                 reader.cancel()
             self.fleet.disconnect(entry, session)
             log.debug("agent %s disconnected", entry.name)
+
+    async def _refresh(self, name: str) -> None:
+        """A node may come from another replica: start from what that one stored (its
+        acknowledged events), not from this replica's older copy."""
+        try:
+            row = await asyncio.to_thread(self.fleet.store.load_node, name)
+        except Exception as exc:
+            log.warning("node %s: cannot read its stored state (%s); using memory", name, exc)
+            return
+        if row is not None:
+            self.fleet.merge([row])
 
     async def _read(self, context: Any, entry: NodeEntry, session: Session) -> None:
         try:
@@ -78,6 +101,8 @@ class AgentService:
                     self.metrics.events.inc(len(fresh))
                 elif kind == "result":
                     result = message.result
+                    if self.fanout is not None:
+                        self.fanout.answer(result.command_id, entry.name)
                     if result.ok:
                         log.debug("agent %s command %s: ok", entry.name, result.command_id)
                     else:
@@ -126,10 +151,17 @@ def add_service(name: str, servicer: Any, server: Any) -> None:
 
 
 class FleetService(pbg.FleetServiceServicer):
-    def __init__(self, fleet: Fleet, auth: AuthPolicy, metrics: ControllerMetrics) -> None:
+    def __init__(
+        self,
+        fleet: Fleet,
+        auth: AuthPolicy,
+        metrics: ControllerMetrics,
+        fanout: CommandFanout | None = None,
+    ) -> None:
         self.fleet = fleet
         self.auth = auth
         self.metrics = metrics
+        self.fanout = fanout  # several replicas: commands go through the shared store
 
     async def _call(self, method: str, context: Any, handler: Callable[[], Awaitable[T]]) -> T:
         start = time.perf_counter()
@@ -180,7 +212,7 @@ class FleetService(pbg.FleetServiceServicer):
         self, request: pb.GetHistoryRequest, context: Any
     ) -> pb.GetHistoryResponse:
         async def handle() -> pb.GetHistoryResponse:
-            self.fleet.flush()  # include what is not flushed yet
+            await self.fleet.flush_async()  # include what is not flushed yet
             events = await asyncio.to_thread(
                 self.fleet.store.history,
                 node=request.node,
@@ -214,7 +246,7 @@ class FleetService(pbg.FleetServiceServicer):
 
         try:
             if request.include_history or request.since:
-                self.fleet.flush()
+                await self.fleet.flush_async()
                 replay = await asyncio.to_thread(
                     self.fleet.store.history,
                     node=request.node,
@@ -233,9 +265,13 @@ class FleetService(pbg.FleetServiceServicer):
         finally:
             self.fleet.watchers.discard(watcher)
 
-    def _send(
+    async def _send(
         self, entries: list[NodeEntry], command: pb.Command, kind: str
     ) -> tuple[list[str], list[str]]:
+        if self.fanout is not None:
+            sent, offline = await self.fanout.send(entries, command)
+            self.metrics.commands.labels(kind=kind).inc(len(sent))
+            return sent, offline
         sent, offline = [], []
         # serialized once for every stream
         message = pb.ControllerMessage(command=command).SerializeToString()
@@ -249,18 +285,18 @@ class FleetService(pbg.FleetServiceServicer):
         self.metrics.commands.labels(kind=kind).inc(len(sent))
         return sent, offline
 
-    def reconcile(
+    async def reconcile(
         self, entries: list[NodeEntry], revision: str, reason: str
     ) -> tuple[list[str], list[str]]:
         command = pb.Command(
             id=self.fleet.next_command_id(),
             reconcile=pb.ReconcileNow(revision=revision, reason=reason),
         )
-        return self._send(entries, command, "reconcile")
+        return await self._send(entries, command, "reconcile")
 
     async def Reconcile(self, request: pb.ReconcileRequest, context: Any) -> pb.ReconcileResponse:
         async def handle() -> pb.ReconcileResponse:
-            sent, offline = self.reconcile(
+            sent, offline = await self.reconcile(
                 self.fleet.select(request.selector), request.revision, "operator request"
             )
             return pb.ReconcileResponse(nodes=sent, offline=offline)
@@ -273,7 +309,9 @@ class FleetService(pbg.FleetServiceServicer):
                 id=self.fleet.next_command_id(),
                 suspend=pb.SetSuspended(nf=request.nf, suspended=True),
             )
-            sent, offline = self._send(self.fleet.select(request.selector), command, "suspend")
+            sent, offline = await self._send(
+                self.fleet.select(request.selector), command, "suspend"
+            )
             return pb.SuspendResponse(nodes=sent, offline=offline)
 
         return await self._call("Suspend", context, handle)
@@ -284,7 +322,7 @@ class FleetService(pbg.FleetServiceServicer):
                 id=self.fleet.next_command_id(),
                 suspend=pb.SetSuspended(nf=request.nf, suspended=False),
             )
-            sent, offline = self._send(self.fleet.select(request.selector), command, "resume")
+            sent, offline = await self._send(self.fleet.select(request.selector), command, "resume")
             return pb.ResumeResponse(nodes=sent, offline=offline)
 
         return await self._call("Resume", context, handle)

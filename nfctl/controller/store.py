@@ -1,4 +1,4 @@
-"""SQLite persistence for the controller: nodes (latest status) and the event history.
+"""SQLite persistence for one controller (storage.Store): nodes (latest status) and events.
 
 Writes are batched by the caller (a flush every fraction of a second), so thousands of
 agents reporting do not mean thousands of transactions per second. Events are unique by
@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
+from nfctl.controller.storage import StoredNode
 
 NODES_TABLE = """
 CREATE TABLE IF NOT EXISTS nodes (
@@ -55,19 +55,9 @@ CREATE INDEX IF NOT EXISTS events_revision ON events (revision);
 )
 
 
-@dataclass
-class StoredNode:
-    name: str
-    status: pb.NodeStatus
-    registered_at: float
-    last_seen: float
-    features: list[str]
-    blob: bytes | None = None  # the serialized status, when already at hand
-    epoch: str = ""  # the agent's event epoch
-    acked: int = 0  # every event of the epoch up to this sequence is stored
-
-
 class ControllerStore:
+    """The embedded SQLite backend of storage.Store (one replica)."""
+
     def __init__(self, path: Path) -> None:
         if str(path) != ":memory:":
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -115,10 +105,19 @@ class ControllerStore:
         with self._lock:
             self._db.execute("SELECT count(*) FROM nodes").fetchone()
 
+    def load_node(self, name: str) -> StoredNode | None:
+        found = self._load("WHERE name = ?", (name,))
+        return found[0] if found else None
+
     def load_nodes(self) -> list[StoredNode]:
+        return self._load("", ())
+
+    def _load(self, where: str, params: tuple[object, ...]) -> list[StoredNode]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT name, status, registered_at, last_seen, features, epoch, acked FROM nodes"
+                "SELECT name, status, registered_at, last_seen, features, epoch, acked "
+                f"FROM nodes {where}",
+                params,
             ).fetchall()
         out = []
         for name, blob, registered_at, last_seen, features, epoch, acked in rows:

@@ -9,7 +9,7 @@ import hashlib
 import hmac
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
 
-ReconcileFn = Callable[[list[NodeEntry], str, str], tuple[list[str], list[str]]]
+ReconcileFn = Callable[[list[NodeEntry], str, str], Awaitable[tuple[list[str], list[str]]]]
 
 
 def github_signature(secret: bytes, body: bytes) -> str:
@@ -123,7 +123,7 @@ class WebhookApp:
         if event != "push":
             self._count("github", "ignored")
             return web.Response(status=202, text=f"ignored event {event}\n")
-        return self._push(body, "github", "after")
+        return await self._push(body, "github", "after")
 
     async def gitlab(self, request: web.Request) -> web.Response:
         body = await self._body(request, "gitlab")
@@ -140,9 +140,9 @@ class WebhookApp:
         if event not in ("Push Hook", "Tag Push Hook"):
             self._count("gitlab", "ignored")
             return web.Response(status=202, text=f"ignored event {event}\n")
-        return self._push(body, "gitlab", "checkout_sha")
+        return await self._push(body, "gitlab", "checkout_sha")
 
-    def _push(self, body: bytes, provider: str, sha_key: str) -> web.Response:
+    async def _push(self, body: bytes, provider: str, sha_key: str) -> web.Response:
         try:
             payload = json.loads(body)
             ref = str(payload["ref"])
@@ -151,7 +151,7 @@ class WebhookApp:
             return web.Response(status=400, text="not a push payload\n")
         revision = str(payload.get(sha_key) or payload.get("after") or "")
         nodes = matching_nodes(self.fleet, ref, _repo_names(payload))
-        sent, offline = self.reconcile(nodes, revision, f"{provider} push to {ref}")
+        sent, offline = await self.reconcile(nodes, revision, f"{provider} push to {ref}")
         self._count(provider, "delivered")
         log.info(
             "%s push %s %s: reconcile sent to %d agents", provider, ref, revision[:12], len(sent)

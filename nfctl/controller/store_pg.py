@@ -1,0 +1,355 @@
+"""PostgreSQL backend of storage.Store, shared by several controller replicas, and what
+they coordinate through it: which replica holds which node's stream (nodes.holder), the
+rows changed since a replica last looked (nodes.change), and commands for every replica
+to deliver to the agents it holds, each (command, node) claimed once (deliveries)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
+from nfctl.controller.pg_schema import MIGRATION_LOCK, MIGRATIONS
+from nfctl.controller.storage import StoredNode, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+COMMANDS_CHANNEL = "nfctl_commands"
+# TCP: notice a database that went silent (partition, dead host) within ~15 s instead of
+# the kernel's retransmission timeout (many minutes), so writes fail and are retried and
+# the leader steps down. Ignored on unix sockets.
+TCP_OPTIONS: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 15_000,
+}
+NODE_COLUMNS = "name, status, registered_at, last_seen, features, epoch, acked, holder"
+# A snapshot from a replica that saw the node last wins: a replica that lost a node's
+# stream to another (or noticed the disconnect late) never overwrites the newer holder.
+UPSERT_NODE = """
+INSERT INTO nodes (name, status, registered_at, last_seen, features, epoch, acked, holder)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (name) DO UPDATE SET
+    status = excluded.status, last_seen = excluded.last_seen, features = excluded.features,
+    acked = CASE WHEN nodes.epoch = excluded.epoch
+                 THEN GREATEST(nodes.acked, excluded.acked) ELSE excluded.acked END,
+    epoch = excluded.epoch, holder = excluded.holder, change = pg_current_xact_id()
+WHERE nodes.last_seen <= excluded.last_seen
+"""
+INSERT_EVENT = """
+INSERT INTO events (node, epoch, sequence, time, type, reason, nf, revision, author,
+                    commit_time, message)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (node, epoch, sequence) DO NOTHING
+"""
+
+
+@dataclass
+class StoredCommand:
+    row: int  # commands.id: the order replicas read them in
+    command_id: str
+    body: bytes  # a serialized ControllerMessage
+    nodes: list[str]
+
+
+def migrate(conn: psycopg.Connection[Any]) -> int:
+    """Apply the migrations this database lacks; returns the version it is at."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+        current = int(row[0]) if row and row[0] is not None else 0
+        for version, sql in MIGRATIONS:
+            if version > current:
+                log.info("database schema: applying migration %d", version)
+                conn.execute(sql)  # our own constant SQL
+                conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+                current = version
+    return current
+
+
+class PgStore:
+    """storage.Store on PostgreSQL: a small connection pool; writes from the flush thread,
+    reads from operator calls."""
+
+    def __init__(self, url: str, replica: str = "", timeout: float = 10.0) -> None:
+        self.url = url
+        self.replica = replica
+        try:  # one plain connection first: its error says what is wrong, the pool's does not
+            psycopg.connect(url, connect_timeout=max(1, int(timeout))).close()
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"cannot open the PostgreSQL store: {exc}".strip()) from exc
+        self.pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=4,
+            kwargs={"autocommit": True, "connect_timeout": max(1, int(timeout)), **TCP_OPTIONS},
+            timeout=timeout,
+            # a connection that died with the server (restart, failover) is replaced
+            # before use instead of failing the next write
+            check=ConnectionPool.check_connection,
+            open=False,
+        )
+        self.pool.open(wait=True, timeout=timeout)
+        with self.pool.connection() as conn:
+            self.version = migrate(conn)
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def ping(self) -> None:
+        with self.pool.connection() as conn:
+            conn.execute("SELECT 1").fetchone()
+
+    # -- nodes -------------------------------------------------------------------------------
+    def _nodes(self, where: str, params: Sequence[object]) -> list[tuple[Any, ...]]:
+        with self.pool.connection() as conn:
+            return conn.execute(
+                f"SELECT {NODE_COLUMNS} FROM nodes {where}",
+                params,
+            ).fetchall()
+
+    def load_nodes(self) -> list[StoredNode]:
+        return [_node(r) for r in self._nodes("", ())]
+
+    def load_node(self, name: str) -> StoredNode | None:
+        rows = self._nodes("WHERE name = %s", (name,))
+        return _node(rows[0]) if rows else None
+
+    def changed_nodes(self, since: int) -> tuple[list[StoredNode], int]:
+        """Rows written by transactions from id `since` on, and where to look from next
+        time: the oldest transaction still running now (its rows, and those of any later
+        one, are not visible yet). A row may come twice; merging it again is harmless."""
+        with self.pool.connection() as conn, conn.transaction():
+            mark = conn.execute(
+                "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+            ).fetchone()
+            rows = conn.execute(
+                f"SELECT {NODE_COLUMNS} FROM nodes WHERE change >= %s::text::xid8",
+                (str(since),),
+            ).fetchall()
+        return [_node(r) for r in rows], int(mark[0]) if mark else since
+
+    def write(self, nodes: list[StoredNode], events: list[pb.Event]) -> None:
+        if not nodes and not events:
+            return
+        features: dict[tuple[str, ...], str] = {}
+        for n in nodes:
+            features.setdefault(tuple(n.features), json.dumps(n.features))
+        with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            if nodes:
+                cur.executemany(
+                    UPSERT_NODE,
+                    [
+                        (
+                            n.name,
+                            n.blob if n.blob is not None else n.status.SerializeToString(),
+                            n.registered_at,
+                            n.last_seen,
+                            features[tuple(n.features)],
+                            n.epoch,
+                            n.acked,
+                            n.holder,
+                        )
+                        for n in nodes
+                    ],
+                )
+            if events:
+                cur.executemany(
+                    INSERT_EVENT,
+                    [
+                        (
+                            e.node,
+                            e.epoch,
+                            e.sequence,
+                            e.time,
+                            e.type,
+                            e.reason,
+                            e.nf,
+                            e.revision,
+                            e.author,
+                            e.commit_time,
+                            e.message,
+                        )
+                        for e in events
+                    ],
+                )
+
+    def history(
+        self,
+        node: str = "",
+        nf: str = "",
+        revision: str = "",
+        reason: str = "",
+        since: float = 0.0,
+        until: float = 0.0,
+        limit: int = 500,
+    ) -> list[pb.Event]:
+        clauses: list[str] = []
+        params: list[object] = []
+        for column, value in (("node", node), ("nf", nf), ("reason", reason)):
+            if value:
+                clauses.append(f"{column} = %s")
+                params.append(value)
+        if revision:
+            clauses.append("revision LIKE %s")
+            params.append(revision.replace("%", r"\%").replace("_", r"\_") + "%")
+        if since:
+            clauses.append("time >= %s")
+            params.append(since)
+        if until:
+            clauses.append("time <= %s")
+            params.append(until)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        sql = (
+            "SELECT node, sequence, time, type, reason, nf, revision, author, commit_time, "
+            f"message, epoch FROM events {where} ORDER BY time DESC, id DESC LIMIT %s"
+        )
+        with self.pool.connection() as conn:
+            rows = conn.execute(
+                sql,
+                [*params, max(1, min(limit or 500, 10_000))],
+            ).fetchall()
+        events = [
+            pb.Event(
+                node=r[0],
+                sequence=r[1],
+                time=r[2],
+                type=r[3],
+                reason=r[4],
+                nf=r[5],
+                revision=r[6],
+                author=r[7],
+                commit_time=r[8],
+                message=r[9],
+                epoch=r[10],
+            )
+            for r in rows
+        ]
+        events.reverse()
+        return events
+
+    def release_stale(self, cutoff: float) -> list[str]:
+        """Nodes still shown as held by a replica although none reported since `cutoff`
+        (their replica died): shown as disconnected from now on."""
+        with self.pool.connection() as conn:
+            rows = conn.execute(
+                "UPDATE nodes SET holder = '', change = pg_current_xact_id() "
+                "WHERE holder <> '' AND last_seen < %s RETURNING name",
+                (cutoff,),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def expire(self, before: float) -> tuple[int, int]:
+        """Retention: delete events and commands (with their deliveries) older than
+        `before`; returns how many events and deliveries."""
+        with self.pool.connection() as conn, conn.transaction():
+            events = conn.execute("DELETE FROM events WHERE time < %s", (before,)).rowcount
+            deliveries = conn.execute(
+                "WITH gone AS (DELETE FROM commands WHERE created < %s RETURNING command_id) "
+                "DELETE FROM deliveries WHERE command_id IN (SELECT command_id FROM gone)",
+                (before,),
+            ).rowcount
+        return events, deliveries
+
+    # -- commands ----------------------------------------------------------------------------
+    def add_command(
+        self, command_id: str, body: bytes, nodes: list[str], claim: list[str], created: float
+    ) -> list[str]:
+        """Record a command for `nodes` and tell every replica (NOTIFY, sent at commit);
+        claims `claim` (nodes this replica holds) in the same transaction. Returns the
+        claimed nodes: deliver the command to these, and only these."""
+        with self.pool.connection() as conn, conn.transaction():
+            row = conn.execute(
+                "INSERT INTO commands (command_id, body, nodes, origin, created) "
+                "VALUES (%s, %s, %s, %s, %s) RETURNING id",
+                (command_id, body, nodes, self.replica, created),
+            ).fetchone()
+            claimed = self._claim(conn, command_id, claim)
+            conn.execute("SELECT pg_notify(%s, %s)", (COMMANDS_CHANNEL, str(row[0] if row else 0)))
+        return claimed
+
+    def claim(self, command_id: str, nodes: list[str]) -> list[str]:
+        """The nodes of `nodes` no replica has taken this command for yet, now taken."""
+        with self.pool.connection() as conn:
+            return self._claim(conn, command_id, nodes)
+
+    def _claim(self, conn: psycopg.Connection[Any], command_id: str, nodes: list[str]) -> list[str]:
+        if not nodes:
+            return []
+        rows = conn.execute(
+            "INSERT INTO deliveries (command_id, node, replica) "
+            "SELECT %s, n, %s FROM unnest(%s::text[]) AS n "
+            "ON CONFLICT DO NOTHING RETURNING node",
+            (command_id, self.replica, nodes),
+        ).fetchall()
+        return [r[0] for r in rows]
+
+    def done(self, results: list[tuple[str, str]]) -> None:
+        """(command id, node) pairs the agents answered: never delivered again."""
+        if not results:
+            return
+        with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            cur.executemany(
+                "UPDATE deliveries SET done = true WHERE command_id = %s AND node = %s",
+                results,
+            )
+
+    def unanswered(self, node: str, since: float) -> list[StoredCommand]:
+        """Commands for `node` recorded since `since` that it has not answered (never
+        delivered, or sent by a replica that died before the answer came), now claimed
+        by this replica, oldest first."""
+        with self.pool.connection() as conn, conn.transaction():
+            rows = conn.execute(
+                "SELECT id, command_id, body, nodes FROM commands "
+                "WHERE created >= %s AND %s = ANY(nodes) ORDER BY id",
+                (since, node),
+            ).fetchall()
+            out = []
+            for r in rows:
+                taken = conn.execute(
+                    "INSERT INTO deliveries (command_id, node, replica) VALUES (%s, %s, %s) "
+                    "ON CONFLICT (command_id, node) DO UPDATE SET replica = excluded.replica "
+                    "WHERE NOT deliveries.done RETURNING node",
+                    (r[1], node, self.replica),
+                ).fetchone()
+                if taken:
+                    out.append(StoredCommand(int(r[0]), r[1], bytes(r[2]), list(r[3])))
+        return out
+
+    def last_command(self) -> int:
+        with self.pool.connection() as conn:
+            row = conn.execute("SELECT coalesce(max(id), 0) FROM commands").fetchone()
+        return int(row[0]) if row else 0
+
+    def commands_after(self, row: int) -> list[StoredCommand]:
+        with self.pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT id, command_id, body, nodes FROM commands WHERE id > %s ORDER BY id",
+                (row,),
+            ).fetchall()
+        return [StoredCommand(int(r[0]), r[1], bytes(r[2]), list(r[3])) for r in rows]
+
+
+def _node(row: tuple[Any, ...]) -> StoredNode:
+    name, blob, registered_at, last_seen, features, epoch, acked, holder = row
+    status = pb.NodeStatus()
+    status.ParseFromString(bytes(blob))
+    return StoredNode(
+        name,
+        status,
+        registered_at,
+        last_seen,
+        json.loads(features),
+        epoch=epoch,
+        acked=int(acked),
+        holder=holder,
+    )

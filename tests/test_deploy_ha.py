@@ -1,0 +1,95 @@
+"""deploy/overlays/ha: rendered with `kubectl kustomize`, checked with
+`kubernetes-validate --strict`, then what high availability relies on: 2+ controller
+replicas on different nodes, a PodDisruptionBudget, the database URL from a Secret (no
+PVC, no Secret shipped), readiness from the health port that reflects the database, and
+only flags the controller CLI has. The generic checks of test_deploy.py run on it too."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import test_deploy as generic
+from tests.conftest import REPO_ROOT
+
+OVERLAY = "overlays/ha"
+
+
+@pytest.fixture(scope="module")
+def ha() -> generic.Rendered:
+    return generic.render(OVERLAY)
+
+
+def test_renders_and_validates_strict(ha: generic.Rendered, tmp_path: Path) -> None:
+    out = tmp_path / "rendered.yaml"
+    out.write_text(ha.text)
+    for version in (None, generic.MIN_KUBERNETES):
+        version_args = ["-k", version] if version else []
+        generic.run(
+            [*generic.kubernetes_validate(), "--strict", "--quiet", *version_args, str(out)]
+        )
+
+
+@pytest.mark.parametrize(
+    "check",
+    [
+        generic.test_common_labels_and_namespace,
+        generic.test_agent_daemonset_host_access,
+        generic.test_agent_least_privilege,
+        generic.test_agent_node_name_args_and_probes,
+        generic.test_every_container_has_requests_and_limits,
+        generic.test_network_policy_selects_controller,
+    ],
+    ids=lambda f: f.__name__,
+)
+def test_generic_checks(ha: generic.Rendered, check: object) -> None:
+    assert callable(check)
+    check(ha)
+
+
+def test_replicas_spread_and_protected(ha: generic.Rendered) -> None:
+    dep = ha.controller
+    assert dep["spec"]["replicas"] >= 2
+    assert dep["spec"]["strategy"]["type"] == "RollingUpdate"
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    [rule] = generic.pod_spec(dep)["affinity"]["podAntiAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert rule["topologyKey"] == "kubernetes.io/hostname"
+    assert rule["labelSelector"]["matchLabels"].items() <= pod_labels.items()
+    pdb = ha.get("PodDisruptionBudget", "nfctl-controller")
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert 1 <= pdb["spec"]["minAvailable"] < dep["spec"]["replicas"]
+
+
+def test_database_from_a_secret_and_no_local_state(ha: generic.Rendered) -> None:
+    dep = ha.controller
+    ctr = generic.container(dep, "controller")
+    got = generic.flags(ctr["args"])
+    assert got["--db"] == "$(NFCTL_DB)"
+    env = {e["name"]: e for e in ctr["env"]}
+    ref = env["NFCTL_DB"]["valueFrom"]["secretKeyRef"]
+    assert (ref["name"], ref["key"]) == ("nfctl-controller-db", "url")
+    assert got["--replica"] == "$(POD_NAME)"
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert not ha.of_kind("PersistentVolumeClaim")
+    assert all("persistentVolumeClaim" not in v for v in generic.pod_spec(dep)["volumes"])
+    assert not ha.of_kind("Secret")  # created out of band, never overwritten by an apply
+    # readiness from the plaintext health port: NOT_SERVING while the database is away
+    assert ctr["readinessProbe"]["grpc"]["port"] == 9444
+    assert "httpGet" not in ctr["readinessProbe"]
+
+
+def test_flags_exist_in_the_cli(ha: generic.Rendered) -> None:
+    help_text = subprocess.run(
+        [sys.executable, "-m", "nfctl", "controller", "--help"],
+        capture_output=True, text=True, cwd=REPO_ROOT, check=True,
+        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+    ).stdout  # fmt: skip
+    args = generic.container(ha.controller, "controller")["args"]
+    assert args[0] == "controller"
+    for flag in generic.flags(args):
+        assert flag in help_text, f"{flag} is not an option of `nfctl controller`"
