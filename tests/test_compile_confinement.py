@@ -79,22 +79,50 @@ def write_nf(repo: Path, source: str) -> Path:
     return repo
 
 
+def _reachable_by_others(path: Path) -> bool:
+    return all(os.stat(p).st_mode & 0o001 for p in [path, *path.parents])
+
+
+def as_user(user: str, python_args: list[str]) -> tuple[list[str], Path | None]:
+    """Run this venv's Python with python_args as user. When the clone is not reachable by
+    other users (it lives under /root, as on a fresh machine), the project is bind-mounted
+    onto a folder they can enter, in a mount namespace of the command's own. Returns the
+    command and that folder (the caller removes it)."""
+    drop = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"]
+    if _reachable_by_others(REPO_ROOT):
+        return [*drop, sys.executable, *python_args], None
+    mountpoint = Path(tempfile.mkdtemp(prefix="nfctl-project-"))
+    mountpoint.chmod(0o755)
+    python = mountpoint / Path(sys.executable).relative_to(REPO_ROOT)
+    script = 'mount --bind "$0" "$1" && shift && exec "$@"'
+    command = [
+        *("unshare", "--mount", "--propagation", "private", "sh", "-c", script),
+        *(str(REPO_ROOT), str(mountpoint)),
+        *("env", f"PYTHONPATH={mountpoint}", *drop, str(python), *python_args),
+    ]
+    return command, mountpoint
+
+
 def validate(
     repo: Path, *args: str, env: dict[str, str] | None = None, user: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "nfctl", "validate", str(repo), "--logs", "-o", "json"]
+    python_args = ["-m", "nfctl", "validate", str(repo), "--logs", "-o", "json", *args]
+    command, mountpoint = [sys.executable, *python_args], None
     if user:
-        command = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *command]
-
-    return subprocess.run(
-        [*command, *args],
-        capture_output=True,
-        text=True,
-        env=env or dict(os.environ),
-        timeout=300,
-        cwd=REPO_ROOT,
-        check=False,
-    )
+        command, mountpoint = as_user(user, python_args)
+    try:
+        return subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            env=env or dict(os.environ),
+            timeout=300,
+            cwd="/" if user else REPO_ROOT,
+            check=False,
+        )
+    finally:
+        if mountpoint is not None:
+            mountpoint.rmdir()
 
 
 def report_errors(proc: subprocess.CompletedProcess[str]) -> list[dict[str, object]]:
@@ -312,18 +340,17 @@ def test_unprivileged_compile_is_confined(world_dir: Path) -> None:
     repo = write_nf(world_dir / "repo", BODY)
 
     def probe(confined: bool) -> dict[str, object]:
-        proc = subprocess.run(
-            [
-                *("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"),
-                *(sys.executable, "-c", UNPRIVILEGED_PROBE),
-                *(str(repo), str(secret), "1" if confined else "0"),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            cwd="/",
-            check=True,
+        command, mountpoint = as_user(
+            "65534",
+            ["-c", UNPRIVILEGED_PROBE, str(repo), str(secret), "1" if confined else "0"],
         )
+        try:
+            proc = subprocess.run(
+                command, capture_output=True, text=True, timeout=300, cwd="/", check=True
+            )
+        finally:
+            if mountpoint is not None:
+                mountpoint.rmdir()
         result: dict[str, object] = json.loads(proc.stdout)
         return result
 
