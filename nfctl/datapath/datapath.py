@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -145,6 +146,7 @@ class Datapath:
         self._tables: dict[str, ChainTable] = {}
         self._dispatchers: dict[Hook, BpfProgram] = {}
         self._ipr: Any = None
+        self._name_sock: socket.socket | None = None
         self._xdp_link_modes: dict[int, str] = {}  # ifindex -> mode the kernel gave our link
 
     # -- lifecycle ---------------------------------------------------------------
@@ -158,6 +160,9 @@ class Datapath:
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
+        if self._name_sock is not None:
+            self._name_sock.close()
+            self._name_sock = None
 
     def __enter__(self) -> Datapath:
         return self
@@ -177,7 +182,10 @@ class Datapath:
         return netlink.list_interfaces(self.ipr)
 
     def ifindex(self, ifname: str) -> int:
-        index = netlink.interface_index(self.ipr, ifname)
+        if self._name_sock is None:
+            with links.in_netns(self.netns):  # the socket resolves names where it was made
+                self._name_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        index = netlink.index_by_name(self._name_sock, ifname)
         if index is None:
             raise DatapathError(f"interface {ifname!r} not found")
         return index
