@@ -23,12 +23,14 @@ SEQ = struct.Struct("!Q")
 REPO = Path(__file__).resolve().parent.parent
 
 
-class _Stop(Exception):
-    pass
+# Set by SIGINT. A flag, not an exception: an exception raised between sendto() and the
+# count (or recv() and the record) would miscount the datagram in flight by one.
+_stop = False
 
 
-def _raise_stop(*_: object) -> None:
-    raise _Stop
+def _request_stop(*_: object) -> None:
+    global _stop
+    _stop = True
 
 
 def receive(port: int) -> dict[str, int]:
@@ -37,16 +39,17 @@ def receive(port: int) -> dict[str, int]:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         sock.bind(("0.0.0.0", port))
+        sock.settimeout(0.05)  # to notice the stop flag while no datagram comes
         print("ready", flush=True)
-        try:
-            while True:
+        while not _stop:
+            try:
                 data = sock.recv(64)
-                seq = SEQ.unpack_from(data)[0]
-                if seq in seen:
-                    duplicates += 1
-                seen.add(seq)
-        except _Stop:
-            pass
+            except TimeoutError:
+                continue
+            seq = SEQ.unpack_from(data)[0]
+            if seq in seen:
+                duplicates += 1
+            seen.add(seq)
     highest = max(seen) if seen else -1
     return {
         "received": len(seen),
@@ -60,16 +63,13 @@ def send(host: str, port: int, rate: int) -> dict[str, int]:
     sent = 0
     start = time.perf_counter()
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        try:
-            while True:
-                sock.sendto(SEQ.pack(sent).ljust(64, b"\0"), (host, port))
-                sent += 1
-                # fixed rate on an absolute schedule: a late wake-up is caught up, not lost
-                delay = start + sent * interval - time.perf_counter()
-                if delay > 0:
-                    time.sleep(delay)
-        except _Stop:
-            pass
+        while not _stop:
+            sock.sendto(SEQ.pack(sent).ljust(64, b"\0"), (host, port))
+            sent += 1
+            # fixed rate on an absolute schedule: a late wake-up is caught up, not lost
+            delay = start + sent * interval - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
     return {"sent": sent, "rate_pps": rate}
 
 
@@ -106,7 +106,7 @@ class UdpStream:
 
 
 def main() -> None:
-    signal.signal(signal.SIGINT, _raise_stop)
+    signal.signal(signal.SIGINT, _request_stop)
     if sys.argv[1] == "recv":
         result = receive(int(sys.argv[2]))
     else:
