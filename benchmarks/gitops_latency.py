@@ -7,6 +7,9 @@
 - agent RSS at rest with 10 NFs attached, and peaks (agent and compile worker) during a compile
 
     sudo .venv/bin/python -m benchmarks.gitops_latency --commits 20 --json
+    sudo .venv/bin/python -m benchmarks.gitops_latency --nf blocklist --commits 10 --json
+
+--nf NAME measures program changes (part 1) on a library NF, bpf/NAME, as shipped.
 """
 
 from __future__ import annotations
@@ -63,6 +66,23 @@ spec:
 """
 
 
+LIBRARY = Path(__file__).resolve().parent.parent / "bpf"
+
+
+def nf_files(nf: str, rev: int) -> dict[str, str]:
+    """The repository files of the measured NF at revision rev (each rev a new program)."""
+    if nf == "trivial":
+        return {"nfs/bench/nf.c": TRIVIAL_NF, "nfs/bench/nf.yaml": manifest("bench", rev, [])}
+    source = LIBRARY / nf
+    main = next(source.glob("*.c"))
+    spec = (source / "nf.yaml").read_text()
+    # a new define changes the build like a source edit would, and the NF stays as shipped
+    spec, n = re.subn(r"cflags: \[", f'cflags: ["-DREV={rev}", ', spec, count=1)
+    if n != 1:
+        raise SystemExit(f"{nf}/nf.yaml has no cflags list to add a revision define to")
+    return {f"nfs/{nf}/{main.name}": main.read_text(), f"nfs/{nf}/nf.yaml": spec}
+
+
 def rss_mb(pid: int) -> float:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -111,7 +131,7 @@ def metric_sum(text: str, name: str) -> tuple[float, float]:
     return (float(total.group(1)) if total else 0.0, float(count.group(1)) if count else 0.0)
 
 
-def run(commits: int, nfs_at_rest: int) -> dict[str, Any]:
+def run(commits: int, nfs_at_rest: int, nf: str = "trivial") -> dict[str, Any]:
     from tests.agent_harness import AgentProcess, GitDaemon, GitRepo, wait_until
 
     root = Path("/sys/fs/bpf") / f"nfctl-bench-{uuid.uuid4().hex[:8]}"
@@ -119,9 +139,9 @@ def run(commits: int, nfs_at_rest: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp_s, VethPair.create(unique_name("gl")) as pair:
         tmp = Path(tmp_s)
         repo = GitRepo(tmp / "git" / "nfs-repo")
-        repo.write("nfs/bench/nf.c", TRIVIAL_NF)
-        repo.write("nfs/bench/nf.yaml", manifest("bench", 0, []))
-        first = repo.commit("bench NF")
+        for path, text in nf_files(nf, 0).items():
+            repo.write(path, text)
+        first = repo.commit(f"{nf} NF")
         daemon = GitDaemon(tmp / "git", pair.ns_b, pair.b_ip)
         daemon.start()
         state = tmp / "state"
@@ -144,7 +164,8 @@ def run(commits: int, nfs_at_rest: int) -> dict[str, Any]:
             for rev in range(1, commits + 1):
                 before = chain()
                 m0 = metrics()
-                repo.write("nfs/bench/nf.yaml", manifest("bench", rev, []))
+                for path, text in nf_files(nf, rev).items():
+                    repo.write(path, text)
                 time.sleep(random.uniform(0.2, 0.6))  # commits land at any phase of the poll
                 sha = repo.commit(f"rev {rev}")
                 start = time.perf_counter()  # the commit exists: from here it is the agent
@@ -173,6 +194,9 @@ def run(commits: int, nfs_at_rest: int) -> dict[str, Any]:
                     1,
                 ),
             }
+
+            if nf != "trivial":
+                return result  # the remaining parts are defined on the trivial NF's maps
 
             # 2. map-only changes
             pin = root / "nfs" / "bench" / "maps" / "allow"
@@ -241,9 +265,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--commits", type=int, default=20)
     parser.add_argument("--nfs", type=int, default=10)
+    parser.add_argument(
+        "--nf",
+        default="trivial",
+        help="trivial, or a library NF (bpf/<name>) measured for program changes only",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    data = run(args.commits, args.nfs)
+    data = run(args.commits, args.nfs, args.nf)
+    data["nf"] = args.nf
     data["interval_s"] = 0.2
     data["targets"] = {
         "program_change_p95_ms": 1000,

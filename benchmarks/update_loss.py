@@ -17,6 +17,11 @@ of these) and the next undoes it. The flood is `ping -f -l 64`. Then bypassed = 
 received - echo requests the sentinel counted (not clamped): a packet that skipped the
 end of the chain. Methods: nfctl (one chain switch) and detach, then attach; the link /
 netlink atomic-replace baselines of --scenario swap hold one program, not a chain.
+
+Every run also sends a fixed-rate UDP stream (UDP_RATE datagrams/s, sequence-numbered)
+through the hook; its receiver counts what arrived and the sequence gaps, reported per
+stream under "udp" (lost = sent - received). The NFs count ICMP only, so bypass is measured
+on the ping stream by the sentinel; UDP measures loss with a sender that never slows down.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import Flood, emit, machine, percentile
+from benchmarks.udp_stream import UdpStream
 from nfctl.datapath.datapath import ChainMember, Datapath, LoadedBuild
 from nfctl.datapath.pins import remove_tree
 from nfctl.manifest.model import Hook
@@ -59,6 +65,17 @@ def _attach_kind(dp: Datapath, pair: VethPair, hook: Hook, mode: str) -> str:
     return f"{point.attach} ({mode})" if hook is Hook.XDP else str(point.attach)
 
 
+def _udp(pair: VethPair, hook: Hook) -> UdpStream:
+    """A fixed-rate UDP stream through the hook: into a for XDP / TC ingress, out of a for
+    TC egress."""
+    if hook is Hook.TC_EGRESS:
+        return UdpStream(pair.ns_a, pair.ns_b, pair.b_ip, UDP_RATE)
+    return UdpStream(pair.ns_b, pair.ns_a, pair.a_ip, UDP_RATE)
+
+
+UDP_RATE = 2000  # datagrams per second
+
+
 def run_mode(
     dp: Datapath,
     pair: VethPair,
@@ -71,6 +88,7 @@ def run_mode(
     attach = _attach_kind(dp, pair, hook, dp.set_chain(pair.a_if, hook, [members[0]]))
     time.sleep(0.1)
     counted_before = _counted(dp, builds[0], hook)
+    udp = _udp(pair, hook)
     flood = Flood(pair.ns_b, pair.a_ip)
     timings = []
     try:
@@ -84,6 +102,7 @@ def run_mode(
             dp.reap()
     finally:
         sent, received = flood.stop()
+        udp_result = udp.stop()
     counted = _counted(dp, builds[0], hook) - counted_before
     # Every packet the NF counts also gets its reply unless dropped elsewhere; a reply
     # without a count went through the hook with no NF on it.
@@ -95,6 +114,7 @@ def run_mode(
         "counted": counted,
         "lost": sent - received,
         "bypassed": received - counted,
+        "udp": udp_result,
         "attach": attach,
         "update_ms_p50": round(percentile(timings, 50) * 1000, 3),
         "update_ms_p99": round(percentile(timings, 99) * 1000, 3),
@@ -156,6 +176,7 @@ def run_atomic_baseline(
             attach = "tc"
         time.sleep(0.1)
         before = _pinned_count(pin, hook)
+        udp = _udp(pair, hook)
         flood = Flood(pair.ns_b, pair.a_ip)
         timings = []
         try:
@@ -171,6 +192,7 @@ def run_atomic_baseline(
                 timings.append(time.perf_counter() - start)
         finally:
             sent, received = flood.stop()
+            udp_result = udp.stop()
         counted = _pinned_count(pin, hook) - before
         if link >= 0:
             links.link_detach(link)
@@ -187,6 +209,7 @@ def run_atomic_baseline(
         "counted": counted,
         "lost": sent - received,
         "bypassed": received - counted,
+        "udp": udp_result,
         "attach": attach,
         "update_ms_p50": round(percentile(timings, 50) * 1000, 3),
         "update_ms_p99": round(percentile(timings, 99) * 1000, 3),
@@ -249,6 +272,7 @@ def run_chain_ops(
     attach = _attach_kind(dp, pair, hook, dp.set_chain(pair.a_if, hook, members(0)))
     time.sleep(0.1)
     before = _counted(dp, sentinel, hook)
+    udp = _udp(pair, hook)
     flood = Flood(pair.ns_b, pair.a_ip, preload=64)
     timings = []
     try:
@@ -261,6 +285,7 @@ def run_chain_ops(
             dp.reap()
     finally:
         sent, received = flood.stop()
+        udp_result = udp.stop()
     counted = _counted(dp, sentinel, hook) - before
     dp.clear_chain(pair.a_if, hook)
     return {
@@ -270,6 +295,7 @@ def run_chain_ops(
         "received": received,
         "lost": sent - received,
         "bypassed": received - counted,
+        "udp": udp_result,
         "attach": attach,
         "update_ms_p50": round(percentile(timings, 50) * 1000, 3),
         "update_ms_p99": round(percentile(timings, 99) * 1000, 3),

@@ -17,7 +17,7 @@ from nfctl.testing.netns import VethPair
 pytestmark = pytest.mark.kernel
 
 
-@pytest.mark.parametrize("hook", [Hook.TC_INGRESS, Hook.XDP], ids=lambda h: h.value)
+@pytest.mark.parametrize("hook", [Hook.TC_INGRESS, Hook.TC_EGRESS, Hook.XDP], ids=lambda h: h.value)
 def test_chain_ops_lose_and_bypass_nothing(
     datapath: Datapath, veth: VethPair, tmp_path: Path, hook: Hook
 ) -> None:
@@ -25,6 +25,8 @@ def test_chain_ops_lose_and_bypass_nothing(
         result = run_chain_ops(datapath, veth, hook, tmp_path / "repo", op, 10, detach=False)
         assert result["sent"] > 100, result
         assert (result["lost"], result["bypassed"]) == (0, 0), result
+        udp = result["udp"]
+        assert udp["sent"] > 0 and (udp["lost"], udp["gaps"]) == (0, 0), result
         assert result["attach"] in ("tcx", "xdp-link (native)")
     baseline = run_chain_ops(datapath, veth, hook, tmp_path / "repo", "add", 10, detach=True)
     assert baseline["bypassed"] > 0, baseline

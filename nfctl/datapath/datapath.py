@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,10 +20,23 @@ from nfctl.compiler.client import PreparedNF, build_request, run_worker
 from nfctl.compiler.codegen import PinLayout, entry_name
 from nfctl.datapath import dispatcher as disp
 from nfctl.datapath import hooklinks, links, netlink, tc, xdp
-from nfctl.datapath.bpf import BpfError, BpfMap, BpfProgram, possible_cpus
+from nfctl.datapath.bpf import (
+    BPF_EXIST,
+    BPF_NOEXIST,
+    BpfError,
+    BpfMap,
+    BpfProgram,
+    possible_cpus,
+)
 from nfctl.datapath.chain import ChainTable
 from nfctl.datapath.counters import CounterKey, CounterTable, VerdictCounts, read_pinned
-from nfctl.datapath.entries import EntryPlan, convert_value, encode_entries, plan_entries
+from nfctl.datapath.entries import (
+    EntryPlan,
+    convert_value,
+    encode_entries,
+    merge_written,
+    plan_entries,
+)
 from nfctl.datapath.layout import LayoutError, TypeLayout, declared_types, network_order_fields
 from nfctl.datapath.observe import AttachPointState
 from nfctl.datapath.pins import BpffsLayout, hook_kind, remove_tree
@@ -31,6 +45,11 @@ from nfctl.diagnostics import Diagnostic
 from nfctl.manifest.model import Hook, IncompatibleMapPolicy
 
 log = logging.getLogger(__name__)
+
+# A program invocation that read the old chain before the switch may still be running;
+# BPF programs run to completion within microseconds, so this is ample.
+IN_FLIGHT_GRACE_S = 0.05
+MERGE_RETRIES = 100
 
 
 class DatapathError(RuntimeError):
@@ -47,6 +66,13 @@ class MapSwap:
     staged_pin: Path
     final_pin: Path
     migrated_entries: int = 0
+    merged_entries: int = 0  # elements the old program wrote after the copy, merged at commit
+    # what migration copied (raw old elements) and the (old key, new key, old value, new value)
+    # layouts, so commit can merge what the old program wrote in between; in memory only
+    copied: dict[bytes, bytes] | None = field(default=None, repr=False)
+    layouts: tuple[TypeLayout, TypeLayout, TypeLayout, TypeLayout] | None = field(
+        default=None, repr=False
+    )
 
 
 @dataclass
@@ -125,6 +151,7 @@ class Datapath:
         self._counters: dict[str, CounterTable] = {}
         self._dispatchers: dict[Hook, BpfProgram] = {}
         self._ipr: Any = None
+        self._name_sock: socket.socket | None = None
         self._xdp_link_modes: dict[int, str] = {}  # ifindex -> mode the kernel gave our link
 
     # -- lifecycle ---------------------------------------------------------------
@@ -141,6 +168,9 @@ class Datapath:
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
+        if self._name_sock is not None:
+            self._name_sock.close()
+            self._name_sock = None
 
     def __enter__(self) -> Datapath:
         return self
@@ -160,7 +190,10 @@ class Datapath:
         return netlink.list_interfaces(self.ipr)
 
     def ifindex(self, ifname: str) -> int:
-        index = netlink.interface_index(self.ipr, ifname)
+        if self._name_sock is None:
+            with links.in_netns(self.netns):  # the socket resolves names where it was made
+                self._name_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        index = netlink.index_by_name(self._name_sock, ifname)
         if index is None:
             raise DatapathError(f"interface {ifname!r} not found")
         return index
@@ -366,6 +399,8 @@ class Datapath:
             BpfMap.from_pin(str(swap.staged_pin)) as new,
         ):
             items = old.items()
+            swap.copied = dict(items)
+            swap.layouts = (old_key, new_key, old_value, new_value)
             if len(items) > new.info.max_entries and new.info.type_name not in (
                 "array",
                 "percpu_array",
@@ -384,8 +419,52 @@ class Datapath:
                 copied += 1
         return copied
 
+    def _merge_late_writes(self, swap: MapSwap) -> int:
+        """Carry over what the old program wrote between the migration copy and the switch
+        (rules in entries.merge_written). Per-CPU maps merge slot by slot."""
+        if swap.copied is None or swap.layouts is None or not swap.final_pin.exists():
+            return 0
+        old_key, new_key, old_value, new_value = swap.layouts
+        merged = 0
+        with (
+            BpfMap.from_pin(str(swap.final_pin)) as old,
+            BpfMap.from_pin(str(swap.staged_pin)) as new,
+        ):
+            is_array = new.info.type_name in ("array", "percpu_array")
+            now = dict(old.items())
+            for raw_key, raw in now.items():
+                copied = swap.copied.get(raw_key)
+                if copied == raw:
+                    continue
+                key = _convert(old_key, new_key, raw_key, 1)
+                if is_array and int.from_bytes(key[:4], "little") >= new.info.max_entries:
+                    continue
+                theirs = _convert_values(old, new, old_value, new_value, raw)
+                # an element the old program created after the copy merges onto zero
+                base = (
+                    _convert_values(old, new, old_value, new_value, copied)
+                    if copied is not None
+                    else bytes(len(theirs))
+                )
+                _merge_into(new, key, base, theirs, new_value)
+                merged += 1
+            for raw_key, copied in swap.copied.items():
+                if raw_key in now or is_array:
+                    continue
+                # deleted by the old program after the copy: delete unless the new one rewrote it
+                key = _convert(old_key, new_key, raw_key, 1)
+                if new.lookup(key) == _convert_values(old, new, old_value, new_value, copied):
+                    new.delete(key)
+                    merged += 1
+        return merged
+
     def commit(self, loaded: LoadedBuild) -> None:
-        """After the new version is live everywhere: put its fresh maps in place."""
+        """After the new version is live everywhere: merge what the old version wrote since
+        the copy, then put the fresh maps in place."""
+        if any(swap.copied is not None for swap in loaded.swaps):
+            time.sleep(IN_FLIGHT_GRACE_S)
+        for swap in loaded.swaps:
+            swap.merged_entries = self._merge_late_writes(swap)
         for swap in loaded.swaps:
             # bpffs refuses names with a dot
             retired = swap.final_pin.with_name(f"retired-{swap.name}-{int(time.time() * 1000)}")
@@ -721,6 +800,30 @@ def _convert_values(
         raise LayoutError("a per-CPU map cannot be migrated into a shared map")
     new_slot = (new_map.info.value_size + 7) // 8 * 8
     return b"".join(convert_value(old, new, s).ljust(new_slot, b"\0") for s in slots)
+
+
+def _merge_into(new: BpfMap, key: bytes, base: bytes, theirs: bytes, layout: TypeLayout) -> None:
+    """Read-modify-write of one element of a live map. The new program may write the same
+    element meanwhile; re-read just before writing and redo the merge if it changed, which
+    leaves only the microseconds of one update syscall in which a concurrent write is lost."""
+    slot = (new.info.value_size + 7) // 8 * 8 if new.info.is_percpu else len(base)
+    for _ in range(MERGE_RETRIES):
+        ours = new.lookup(key)
+        if ours is None:
+            try:
+                new.update(key, theirs, BPF_NOEXIST)
+                return
+            except BpfError:
+                continue  # the new program created it meanwhile: merge onto its value
+        parts = []
+        for i in range(0, len(ours), slot):
+            b, t, o = (layout.decode(v[i : i + layout.size]) for v in (base, theirs, ours))
+            parts.append(layout.encode(merge_written(b, t, o)).ljust(slot, b"\0"))
+        merged = b"".join(parts)[: len(ours)]
+        if new.lookup(key) == ours:
+            new.update(key, merged, BPF_EXIST)
+            return
+    raise OSError(f"element kept changing while merging into {new.info.name!r}")
 
 
 def _decode_value(bmap: BpfMap, layout: TypeLayout, raw: bytes) -> Any:

@@ -76,3 +76,20 @@ def _project(value: Any, desc: Any) -> Any:
         return value
     names = {f[0] for f in desc[1]}
     return {k: v for k, v in value.items() if k in names}
+
+
+def merge_written(base: Any, theirs: Any, ours: Any) -> Any:
+    """Three-way merge of one element the old program kept writing after migration copied it.
+
+    base is the copied value, theirs the old map's value at the switch, ours the new map's
+    value now (all decoded in the new layout). Integers are counters: the new value gains what
+    the old program added after the copy (ours + theirs - base), so no packet is counted twice
+    or lost. Any other field takes the old program's write unless the new program has already
+    changed it since the copy (the newer write wins)."""
+    if isinstance(ours, dict):
+        return {k: merge_written(base.get(k), theirs.get(k), v) for k, v in ours.items()}
+    if isinstance(ours, list):
+        return [merge_written(b, t, o) for b, t, o in zip(base, theirs, ours, strict=True)]
+    if isinstance(ours, int) and not isinstance(ours, bool):
+        return ours + theirs - base
+    return ours if ours != base else theirs
