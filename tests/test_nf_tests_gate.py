@@ -100,7 +100,7 @@ def test_gate_on_the_private_copy_refuses_a_version_whose_tests_fail(
 
     caplog.set_level(logging.INFO, logger="nfctl.nftest.gate")
     problems = gate_problems(prepared, tmp_path, tmp_path, v2.test_pin, v2.record.maps)
-    # both IPv4 drop cases fail: the source listed in nf.yaml and the case's own rule
+    # both IPv4 drop cases fail: the listed source and the case's own added rule
     assert f"tests of blocklist {ON_COPY}: 6 case(s), 2 failed" in caplog.text
     lines = (tmp_path / "blocklist" / "tests.yaml").read_text().splitlines()
     drop_lines = [i + 1 for i, line in enumerate(lines) if "verdict: drop" in line]
@@ -109,7 +109,7 @@ def test_gate_on_the_private_copy_refuses_a_version_whose_tests_fail(
         ("blocklist/tests.yaml", drop_lines[2]),
     ]
     assert problems[0].message.startswith(
-        "test 'drops the IPv4 source listed in nf.yaml' failed: expected verdict drop, got pass"
+        "test 'drops a listed IPv4 source' failed: expected verdict drop, got pass"
     )
     assert live_state(datapath) == before
 
