@@ -121,8 +121,8 @@ def operator(
         "-m",
         "nfctl",
         *args,
-        "--controller",
-        f"{topo.hub_ip}:9443",
+        # the hub's controller unless the caller names one (a later option would win)
+        *([] if "--controller" in args else ["--controller", f"{topo.hub_ip}:9443"]),
         *(auth if auth is not None else pki.tls("operator")),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT, timeout=60)

@@ -71,6 +71,9 @@ def test_teardown_removes_ours_and_keeps_foreign(lab: Lab) -> None:
         foreign_tc = bpf.prog_info(tc_fd).prog_id
         with ipr(veth.ns_a) as handle:
             index = handle.link_lookup(ifname=veth.a_if)[0]
+            # nfctl attaches through TCX where the kernel has it: the legacy filter of the
+            # other tool brings its own clsact qdisc
+            tc.ensure_clsact(handle, index)
             tc.replace_filter(handle, index, "ingress", tc_fd, "foreign_tc", FOREIGN_PRIO, 1)
         os.close(tc_fd)
         tc_fd = -1

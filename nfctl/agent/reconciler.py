@@ -50,7 +50,7 @@ from nfctl.datapath.datapath import ChainMember, Datapath, DatapathError, Loaded
 from nfctl.datapath.layout import LayoutError
 from nfctl.datapath.observe import AttachPointState
 from nfctl.diagnostics import Diagnostic
-from nfctl.manifest.model import Hook, NetworkFunction
+from nfctl.manifest.model import Hook, Mode, NetworkFunction
 from nfctl.manifest.repo import scan_repo
 from nfctl.nftest.build import remove_scratch, scratch_pin
 from nfctl.nftest.gate import TESTS_FAILED, gate_problems, prepare_cases
@@ -380,7 +380,10 @@ class Reconciler(StatusReporting):
             nf, prepared = item
             policies = {m: spec.on_incompatible for m, spec in nf.spec.maps.items()}
             # with tests, the worker also pins a private copy for the gate (no 2nd compile)
-            test_pin = scratch_pin(nf.name) if tests_beside(prepared.manifest.path) else None
+            # a monitor-mode build passes every packet on, so its tests (which judge what the
+            # NF decides) run on a test build of their own instead of a copy of it
+            with_copy = tests_beside(prepared.manifest.path) and nf.spec.mode is not Mode.MONITOR
+            test_pin = scratch_pin(nf.name) if with_copy else None
             ahead = None
             if test_pin is not None:  # the gate's cases and packets, while the worker compiles
                 ahead = threading.Thread(
