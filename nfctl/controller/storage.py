@@ -4,9 +4,10 @@ backend from `--db`: a postgresql:// URL, or a file path for SQLite."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 
@@ -48,6 +49,61 @@ class Store(Protocol):
         until: float = 0.0,
         limit: int = 500,
     ) -> list[pb.Event]: ...
+
+
+HISTORY_COLUMNS = (
+    "node, sequence, time, type, reason, nf, revision, author, commit_time, message, epoch"
+)
+
+
+def history_query(
+    mark: str,
+    node: str = "",
+    nf: str = "",
+    revision: str = "",
+    reason: str = "",
+    since: float = 0.0,
+    until: float = 0.0,
+    limit: int = 500,
+) -> tuple[str, list[object]]:
+    """The audit-trail query both backends run, newest first; mark is the driver's
+    parameter placeholder (? or %s). A revision is a prefix: LIKE wildcards in it are
+    escaped."""
+    clauses: list[str] = []
+    params: list[object] = []
+    for column, value in (("node", node), ("nf", nf), ("reason", reason)):
+        if value:
+            clauses.append(f"{column} = {mark}")
+            params.append(value)
+    if revision:
+        clauses.append(f"revision LIKE {mark} ESCAPE '\\'")
+        params.append(revision.replace("\\", "\\\\").replace("%", r"\%").replace("_", r"\_") + "%")
+    if since:
+        clauses.append(f"time >= {mark}")
+        params.append(since)
+    if until:
+        clauses.append(f"time <= {mark}")
+        params.append(until)
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    sql = f"SELECT {HISTORY_COLUMNS} FROM events {where} ORDER BY time DESC, id DESC LIMIT {mark}"
+    return sql, [*params, max(1, min(limit or 500, 10_000))]
+
+
+def event_from_row(r: Sequence[Any]) -> pb.Event:
+    """A row of history_query as the API's event."""
+    return pb.Event(
+        node=r[0],
+        sequence=r[1],
+        time=r[2],
+        type=r[3],
+        reason=r[4],
+        nf=r[5],
+        revision=r[6],
+        author=r[7],
+        commit_time=r[8],
+        message=r[9],
+        epoch=r[10],
+    )
 
 
 class StoreUnavailable(RuntimeError):

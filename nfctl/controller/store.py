@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
-from nfctl.controller.storage import StoredNode
+from nfctl.controller.storage import StoredNode, event_from_row, history_query
 
 NODES_TABLE = """
 CREATE TABLE IF NOT EXISTS nodes (
@@ -202,44 +202,7 @@ class ControllerStore:
         until: float = 0.0,
         limit: int = 500,
     ) -> list[pb.Event]:
-        clauses: list[str] = []
-        params: list[object] = []
-        for column, value in (("node", node), ("nf", nf), ("reason", reason)):
-            if value:
-                clauses.append(f"{column} = ?")
-                params.append(value)
-        if revision:
-            clauses.append("revision LIKE ?")
-            params.append(revision + "%")
-        if since:
-            clauses.append("time >= ?")
-            params.append(since)
-        if until:
-            clauses.append("time <= ?")
-            params.append(until)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        sql = (
-            "SELECT node, sequence, time, type, reason, nf, revision, author, commit_time, "
-            "message, epoch "
-            f"FROM events {where} ORDER BY time DESC, id DESC LIMIT ?"
-        )
+        sql, params = history_query("?", node, nf, revision, reason, since, until, limit)
         with self._lock:
-            rows = self._db.execute(sql, [*params, max(1, min(limit or 500, 10_000))]).fetchall()
-        events = [
-            pb.Event(
-                node=r[0],
-                sequence=r[1],
-                time=r[2],
-                type=r[3],
-                reason=r[4],
-                nf=r[5],
-                revision=r[6],
-                author=r[7],
-                commit_time=r[8],
-                message=r[9],
-                epoch=r[10],
-            )
-            for r in rows
-        ]
-        events.reverse()
-        return events
+            rows = self._db.execute(sql, params).fetchall()
+        return [event_from_row(r) for r in reversed(rows)]

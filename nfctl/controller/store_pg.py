@@ -16,7 +16,7 @@ from psycopg_pool import ConnectionPool
 
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.controller.pg_schema import MIGRATION_LOCK, MIGRATIONS
-from nfctl.controller.storage import StoredNode, StoreUnavailable
+from nfctl.controller.storage import StoredNode, StoreUnavailable, event_from_row, history_query
 
 log = logging.getLogger(__name__)
 
@@ -193,49 +193,10 @@ class PgStore:
         until: float = 0.0,
         limit: int = 500,
     ) -> list[pb.Event]:
-        clauses: list[str] = []
-        params: list[object] = []
-        for column, value in (("node", node), ("nf", nf), ("reason", reason)):
-            if value:
-                clauses.append(f"{column} = %s")
-                params.append(value)
-        if revision:
-            clauses.append("revision LIKE %s")
-            params.append(revision.replace("%", r"\%").replace("_", r"\_") + "%")
-        if since:
-            clauses.append("time >= %s")
-            params.append(since)
-        if until:
-            clauses.append("time <= %s")
-            params.append(until)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        sql = (
-            "SELECT node, sequence, time, type, reason, nf, revision, author, commit_time, "
-            f"message, epoch FROM events {where} ORDER BY time DESC, id DESC LIMIT %s"
-        )
+        sql, params = history_query("%s", node, nf, revision, reason, since, until, limit)
         with self.pool.connection() as conn:
-            rows = conn.execute(
-                sql,
-                [*params, max(1, min(limit or 500, 10_000))],
-            ).fetchall()
-        events = [
-            pb.Event(
-                node=r[0],
-                sequence=r[1],
-                time=r[2],
-                type=r[3],
-                reason=r[4],
-                nf=r[5],
-                revision=r[6],
-                author=r[7],
-                commit_time=r[8],
-                message=r[9],
-                epoch=r[10],
-            )
-            for r in rows
-        ]
-        events.reverse()
-        return events
+            rows = conn.execute(sql, params).fetchall()
+        return [event_from_row(r) for r in reversed(rows)]
 
     def release_stale(self, cutoff: float) -> list[str]:
         """Nodes still shown as held by a replica although none reported since `cutoff`
