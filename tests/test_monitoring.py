@@ -8,7 +8,6 @@ kubectl are required: a missing one skips on a developer machine but FAILS under
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -22,6 +21,7 @@ import yaml
 
 from nfctl.lab.topology import Topology, nsenter
 from tests.agent_harness import GitDaemon, GitRepo, wait_until
+from tests.ci import unavailable
 from tests.conftest import require_kernel
 from tests.controller_harness import (
     ControllerProcess,
@@ -58,18 +58,11 @@ LIVE_PANELS = {
 }
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
 def require_tool(name: str) -> str:
     path = shutil.which(name)
     if path:
         return path
-    message = f"{name} is not installed (sudo make setup installs it)"
-    if _in_ci():
-        pytest.fail(f"{message}: required under CI=true", pytrace=False)
-    pytest.skip(message)
+    unavailable(f"{name} is not installed (sudo make setup installs it)")
 
 
 def run(cmd: list[str], cwd: Path = REPO_ROOT) -> str:
