@@ -89,6 +89,24 @@ def history_query(
     return sql, [*params, max(1, min(limit or 500, 10_000))]
 
 
+def event_row(e: pb.Event) -> tuple[object, ...]:
+    """An event as the events table's columns (node, epoch, sequence, time, type, reason,
+    nf, revision, author, commit_time, message), for both stores' inserts."""
+    return (
+        e.node,
+        e.epoch,
+        e.sequence,
+        e.time,
+        e.type,
+        e.reason,
+        e.nf,
+        e.revision,
+        e.author,
+        e.commit_time,
+        e.message,
+    )
+
+
 def event_from_row(r: Sequence[Any]) -> pb.Event:
     """A row of history_query as the API's event."""
     return pb.Event(

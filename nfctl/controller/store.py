@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
-from nfctl.controller.storage import StoredNode, event_from_row, history_query
+from nfctl.controller.storage import StoredNode, event_from_row, event_row, history_query
 
 NODES_TABLE = """
 CREATE TABLE IF NOT EXISTS nodes (
@@ -170,22 +170,7 @@ class ControllerStore:
                     "INSERT OR IGNORE INTO events (node, epoch, sequence, time, type, reason, "
                     "nf, revision, author, commit_time, message) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        (
-                            e.node,
-                            e.epoch,
-                            e.sequence,
-                            e.time,
-                            e.type,
-                            e.reason,
-                            e.nf,
-                            e.revision,
-                            e.author,
-                            e.commit_time,
-                            e.message,
-                        )
-                        for e in events
-                    ],
+                    [event_row(e) for e in events],
                 )
                 self._db.execute("COMMIT")
             except BaseException:

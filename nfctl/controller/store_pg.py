@@ -16,7 +16,13 @@ from psycopg_pool import ConnectionPool
 
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.controller.pg_schema import MIGRATION_LOCK, MIGRATIONS
-from nfctl.controller.storage import StoredNode, StoreUnavailable, event_from_row, history_query
+from nfctl.controller.storage import (
+    StoredNode,
+    StoreUnavailable,
+    event_from_row,
+    event_row,
+    history_query,
+)
 
 log = logging.getLogger(__name__)
 
@@ -165,22 +171,7 @@ class PgStore:
             if events:
                 cur.executemany(
                     INSERT_EVENT,
-                    [
-                        (
-                            e.node,
-                            e.epoch,
-                            e.sequence,
-                            e.time,
-                            e.type,
-                            e.reason,
-                            e.nf,
-                            e.revision,
-                            e.author,
-                            e.commit_time,
-                            e.message,
-                        )
-                        for e in events
-                    ],
+                    [event_row(e) for e in events],
                 )
 
     def history(
