@@ -365,6 +365,7 @@ class NodeStatus(_message.Message):
     DRIFT_MODE_FIELD_NUMBER: _builtins.int
     OBSERVED_AT_FIELD_NUMBER: _builtins.int
     LAST_RECONCILE_FIELD_NUMBER: _builtins.int
+    APPROVED_REVISION_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     kernel: _builtins.str
     agent_version: _builtins.str
@@ -373,6 +374,10 @@ class NodeStatus(_message.Message):
     suspended: _builtins.bool
     drift_mode: _builtins.str
     observed_at: _builtins.float
+    approved_revision: _builtins.str
+    """Under a RolloutPolicy: the revision the controller approved for this node (empty when
+    the node follows its ref, no policy). last_applied_revision is what the kernel runs.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -401,10 +406,11 @@ class NodeStatus(_message.Message):
         drift_mode: _builtins.str = ...,
         observed_at: _builtins.float = ...,
         last_reconcile: Global___ReconcileTimings | None = ...,
+        approved_revision: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_reconcile", b"last_reconcile", "source", b"source"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "conditions", b"conditions", "drift_mode", b"drift_mode", "functions", b"functions", "kernel", b"kernel", "labels", b"labels", "last_applied_revision", b"last_applied_revision", "last_attempted_revision", b"last_attempted_revision", "last_reconcile", b"last_reconcile", "node", b"node", "observed_at", b"observed_at", "source", b"source", "suspended", b"suspended"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "approved_revision", b"approved_revision", "conditions", b"conditions", "drift_mode", b"drift_mode", "functions", b"functions", "kernel", b"kernel", "labels", b"labels", "last_applied_revision", b"last_applied_revision", "last_attempted_revision", b"last_attempted_revision", "last_reconcile", b"last_reconcile", "node", b"node", "observed_at", b"observed_at", "source", b"source", "suspended", b"suspended"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -544,6 +550,7 @@ class Register(_message.Message):
     LAST_EVENT_SEQUENCE_FIELD_NUMBER: _builtins.int
     EVENT_EPOCH_FIELD_NUMBER: _builtins.int
     FIRST_EVENT_SEQUENCE_FIELD_NUMBER: _builtins.int
+    APPROVED_REVISION_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     kernel: _builtins.str
     agent_version: _builtins.str
@@ -557,6 +564,8 @@ class Register(_message.Message):
     """The oldest event the agent still has (older ones were compacted away): the controller
     counts anything it is missing below it as lost instead of waiting for it forever.
     """
+    approved_revision: _builtins.str
+    """The newest approval the agent holds (persisted on the node; empty: none yet)."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -574,10 +583,11 @@ class Register(_message.Message):
         last_event_sequence: _builtins.int = ...,
         event_epoch: _builtins.str = ...,
         first_event_sequence: _builtins.int = ...,
+        approved_revision: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "bpf_features", b"bpf_features", "event_epoch", b"event_epoch", "first_event_sequence", b"first_event_sequence", "kernel", b"kernel", "labels", b"labels", "last_event_sequence", b"last_event_sequence", "node", b"node"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "approved_revision", b"approved_revision", "bpf_features", b"bpf_features", "event_epoch", b"event_epoch", "first_event_sequence", b"first_event_sequence", "kernel", b"kernel", "labels", b"labels", "last_event_sequence", b"last_event_sequence", "node", b"node"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -689,6 +699,7 @@ class Registered(_message.Message):
     SESSION_ID_FIELD_NUMBER: _builtins.int
     ACKED_EVENT_SEQUENCE_FIELD_NUMBER: _builtins.int
     HEARTBEAT_SECONDS_FIELD_NUMBER: _builtins.int
+    APPROVAL_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     acked_event_sequence: _builtins.int
     """Every event of the agent's epoch up to this sequence is stored (highest contiguous):
@@ -696,16 +707,23 @@ class Registered(_message.Message):
     """
     heartbeat_seconds: _builtins.float
     """send a message at least this often (stale detection)"""
+    @_builtins.property
+    def approval(self) -> Global___ApproveRevision:
+        """The controller's current approval for this node (a joining node: the fleet's last
+        completed revision). Empty: the controller has no approval for it (no policy).
+        """
+
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
         acked_event_sequence: _builtins.int = ...,
         heartbeat_seconds: _builtins.float = ...,
+        approval: Global___ApproveRevision | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["approval", b"approval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_event_sequence", b"acked_event_sequence", "heartbeat_seconds", b"heartbeat_seconds", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_event_sequence", b"acked_event_sequence", "approval", b"approval", "heartbeat_seconds", b"heartbeat_seconds", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -781,29 +799,69 @@ class SetSuspended(_message.Message):
 Global___SetSuspended: _TypeAlias = SetSuspended  # noqa: Y015
 
 @_typing.final
+class ApproveRevision(_message.Message):
+    """Under a RolloutPolicy the agent applies only the revision approved for it. The agent
+    still refuses a revision that is not reachable from the ref it follows or whose
+    signature does not verify: a controller can hold a node back, not move it off the branch.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISION_FIELD_NUMBER: _builtins.int
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    WAVE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    revision: _builtins.str
+    """full commit SHA"""
+    rollout_id: _builtins.str
+    wave: _builtins.int
+    """0-based wave index within the rollout"""
+    reason: _builtins.str
+    """e.g. "wave 1 of 3", "rollback: gate drop-ratio failed" """
+    def __init__(
+        self,
+        *,
+        revision: _builtins.str = ...,
+        rollout_id: _builtins.str = ...,
+        wave: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "revision", b"revision", "rollout_id", b"rollout_id", "wave", b"wave"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveRevision: _TypeAlias = ApproveRevision  # noqa: Y015
+
+@_typing.final
 class Command(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
     RECONCILE_FIELD_NUMBER: _builtins.int
     SUSPEND_FIELD_NUMBER: _builtins.int
+    APPROVE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     @_builtins.property
     def reconcile(self) -> Global___ReconcileNow: ...
     @_builtins.property
     def suspend(self) -> Global___SetSuspended: ...
+    @_builtins.property
+    def approve(self) -> Global___ApproveRevision: ...
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
         reconcile: Global___ReconcileNow | None = ...,
         suspend: Global___SetSuspended | None = ...,
+        approve: Global___ApproveRevision | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "reconcile", b"reconcile", "suspend", b"suspend"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "approve", b"approve", "reconcile", b"reconcile", "suspend", b"suspend"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "id", b"id", "reconcile", b"reconcile", "suspend", b"suspend"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "approve", b"approve", "id", b"id", "reconcile", b"reconcile", "suspend", b"suspend"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["reconcile", "suspend"]  # noqa: Y015
+    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["reconcile", "suspend", "approve"]  # noqa: Y015
     _WhichOneofArgType_action: _TypeAlias = _typing.Literal["action", b"action"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_action) -> _WhichOneofReturnType_action | None: ...
 
@@ -1432,6 +1490,279 @@ class ResumeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResumeResponse: _TypeAlias = ResumeResponse  # noqa: Y015
+
+@_typing.final
+class GateResult(_message.Message):
+    """---------------------------------------------------------------------------------
+    Progressive rollouts (RolloutPolicy in the NF repository; see docs/rollouts.md)
+    ---------------------------------------------------------------------------------
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    OK_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    BASELINE_FIELD_NUMBER: _builtins.int
+    EVALUATED_AT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    kind: _builtins.str
+    """ready | verdict | promql"""
+    ok: _builtins.bool
+    message: _builtins.str
+    """the reason, with the figures"""
+    value: _builtins.float
+    """measured (e.g. drop ratio on the wave nodes)"""
+    threshold: _builtins.float
+    """the limit it was compared with"""
+    baseline: _builtins.float
+    """e.g. drop ratio on nodes not yet updated"""
+    evaluated_at: _builtins.float
+    """unix seconds"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        ok: _builtins.bool = ...,
+        message: _builtins.str = ...,
+        value: _builtins.float = ...,
+        threshold: _builtins.float = ...,
+        baseline: _builtins.float = ...,
+        evaluated_at: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline", b"baseline", "evaluated_at", b"evaluated_at", "kind", b"kind", "message", b"message", "name", b"name", "ok", b"ok", "threshold", b"threshold", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GateResult: _TypeAlias = GateResult  # noqa: Y015
+
+@_typing.final
+class RolloutWave(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_FIELD_NUMBER: _builtins.int
+    GATES_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    name: _builtins.str
+    state: _builtins.str
+    """Pending | Progressing | Baking | Passed | Failed | RolledBack"""
+    started_at: _builtins.float
+    finished_at: _builtins.float
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def gates(self) -> _containers.RepeatedCompositeFieldContainer[Global___GateResult]:
+        """newest evaluation of each gate"""
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        name: _builtins.str = ...,
+        nodes: _abc.Iterable[_builtins.str] | None = ...,
+        state: _builtins.str = ...,
+        started_at: _builtins.float = ...,
+        finished_at: _builtins.float = ...,
+        gates: _abc.Iterable[Global___GateResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "gates", b"gates", "index", b"index", "name", b"name", "nodes", b"nodes", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RolloutWave: _TypeAlias = RolloutWave  # noqa: Y015
+
+@_typing.final
+class Rollout(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    PREVIOUS_REVISION_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    CURRENT_WAVE_FIELD_NUMBER: _builtins.int
+    WAVES_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    ON_FAILURE_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    revision: _builtins.str
+    """the commit being rolled out"""
+    previous_revision: _builtins.str
+    """the fleet's last completed revision (rollback target)"""
+    state: _builtins.str
+    """Progressing | Paused | Halted | RolledBack | Completed | Aborted | Superseded"""
+    current_wave: _builtins.int
+    started_at: _builtins.float
+    updated_at: _builtins.float
+    message: _builtins.str
+    """why it is in this state"""
+    policy: _builtins.str
+    """"file:name@revision" of the policy in force"""
+    on_failure: _builtins.str
+    """rollback | pause"""
+    @_builtins.property
+    def waves(self) -> _containers.RepeatedCompositeFieldContainer[Global___RolloutWave]: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        revision: _builtins.str = ...,
+        previous_revision: _builtins.str = ...,
+        state: _builtins.str = ...,
+        current_wave: _builtins.int = ...,
+        waves: _abc.Iterable[Global___RolloutWave] | None = ...,
+        started_at: _builtins.float = ...,
+        updated_at: _builtins.float = ...,
+        message: _builtins.str = ...,
+        policy: _builtins.str = ...,
+        on_failure: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_wave", b"current_wave", "id", b"id", "message", b"message", "on_failure", b"on_failure", "policy", b"policy", "previous_revision", b"previous_revision", "revision", b"revision", "started_at", b"started_at", "state", b"state", "updated_at", b"updated_at", "waves", b"waves"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Rollout: _TypeAlias = Rollout  # noqa: Y015
+
+@_typing.final
+class GetRolloutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """empty: the current (or newest) rollout"""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRolloutRequest: _TypeAlias = GetRolloutRequest  # noqa: Y015
+
+@_typing.final
+class GetRolloutResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> Global___Rollout: ...
+    def __init__(
+        self,
+        *,
+        rollout: Global___Rollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRolloutResponse: _TypeAlias = GetRolloutResponse  # noqa: Y015
+
+@_typing.final
+class ListRolloutsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """newest first; default 20"""
+    def __init__(
+        self,
+        *,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRolloutsRequest: _TypeAlias = ListRolloutsRequest  # noqa: Y015
+
+@_typing.final
+class ListRolloutsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollouts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Rollout]: ...
+    def __init__(
+        self,
+        *,
+        rollouts: _abc.Iterable[Global___Rollout] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollouts", b"rollouts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListRolloutsResponse: _TypeAlias = ListRolloutsResponse  # noqa: Y015
+
+@_typing.final
+class RolloutActionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """empty: the current rollout"""
+    reason: _builtins.str
+    """recorded in the audit trail"""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RolloutActionRequest: _TypeAlias = RolloutActionRequest  # noqa: Y015
+
+@_typing.final
+class RolloutActionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> Global___Rollout: ...
+    def __init__(
+        self,
+        *,
+        rollout: Global___Rollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RolloutActionResponse: _TypeAlias = RolloutActionResponse  # noqa: Y015
 
 @_typing.final
 class EnrollRequest(_message.Message):

@@ -147,6 +147,36 @@ class FleetServiceStub:
                 request_serializer=nfctl_dot_v1_dot_nfctl__pb2.ResumeRequest.SerializeToString,
                 response_deserializer=nfctl_dot_v1_dot_nfctl__pb2.ResumeResponse.FromString,
                 _registered_method=True)
+        self.GetRollout = channel.unary_unary(
+                '/nfctl.v1.FleetService/GetRollout',
+                request_serializer=nfctl_dot_v1_dot_nfctl__pb2.GetRolloutRequest.SerializeToString,
+                response_deserializer=nfctl_dot_v1_dot_nfctl__pb2.GetRolloutResponse.FromString,
+                _registered_method=True)
+        self.ListRollouts = channel.unary_unary(
+                '/nfctl.v1.FleetService/ListRollouts',
+                request_serializer=nfctl_dot_v1_dot_nfctl__pb2.ListRolloutsRequest.SerializeToString,
+                response_deserializer=nfctl_dot_v1_dot_nfctl__pb2.ListRolloutsResponse.FromString,
+                _registered_method=True)
+        self.PauseRollout = channel.unary_unary(
+                '/nfctl.v1.FleetService/PauseRollout',
+                request_serializer=nfctl_dot_v1_dot_nfctl__pb2.RolloutActionRequest.SerializeToString,
+                response_deserializer=nfctl_dot_v1_dot_nfctl__pb2.RolloutActionResponse.FromString,
+                _registered_method=True)
+        self.ResumeRollout = channel.unary_unary(
+                '/nfctl.v1.FleetService/ResumeRollout',
+                request_serializer=nfctl_dot_v1_dot_nfctl__pb2.RolloutActionRequest.SerializeToString,
+                response_deserializer=nfctl_dot_v1_dot_nfctl__pb2.RolloutActionResponse.FromString,
+                _registered_method=True)
+        self.PromoteRollout = channel.unary_unary(
+                '/nfctl.v1.FleetService/PromoteRollout',
+                request_serializer=nfctl_dot_v1_dot_nfctl__pb2.RolloutActionRequest.SerializeToString,
+                response_deserializer=nfctl_dot_v1_dot_nfctl__pb2.RolloutActionResponse.FromString,
+                _registered_method=True)
+        self.AbortRollout = channel.unary_unary(
+                '/nfctl.v1.FleetService/AbortRollout',
+                request_serializer=nfctl_dot_v1_dot_nfctl__pb2.RolloutActionRequest.SerializeToString,
+                response_deserializer=nfctl_dot_v1_dot_nfctl__pb2.RolloutActionResponse.FromString,
+                _registered_method=True)
 
 
 class FleetServiceServicer:
@@ -200,6 +230,44 @@ class FleetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRollouts(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PromoteRollout(self, request, context):
+        """Skip the current wave's remaining bake time and gates: start the next wave now.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortRollout(self, request, context):
+        """Stop the rollout; nodes not yet on the revision stay where they are.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FleetServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -242,6 +310,36 @@ def add_FleetServiceServicer_to_server(servicer, server):
                     servicer.Resume,
                     request_deserializer=nfctl_dot_v1_dot_nfctl__pb2.ResumeRequest.FromString,
                     response_serializer=nfctl_dot_v1_dot_nfctl__pb2.ResumeResponse.SerializeToString,
+            ),
+            'GetRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRollout,
+                    request_deserializer=nfctl_dot_v1_dot_nfctl__pb2.GetRolloutRequest.FromString,
+                    response_serializer=nfctl_dot_v1_dot_nfctl__pb2.GetRolloutResponse.SerializeToString,
+            ),
+            'ListRollouts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRollouts,
+                    request_deserializer=nfctl_dot_v1_dot_nfctl__pb2.ListRolloutsRequest.FromString,
+                    response_serializer=nfctl_dot_v1_dot_nfctl__pb2.ListRolloutsResponse.SerializeToString,
+            ),
+            'PauseRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseRollout,
+                    request_deserializer=nfctl_dot_v1_dot_nfctl__pb2.RolloutActionRequest.FromString,
+                    response_serializer=nfctl_dot_v1_dot_nfctl__pb2.RolloutActionResponse.SerializeToString,
+            ),
+            'ResumeRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeRollout,
+                    request_deserializer=nfctl_dot_v1_dot_nfctl__pb2.RolloutActionRequest.FromString,
+                    response_serializer=nfctl_dot_v1_dot_nfctl__pb2.RolloutActionResponse.SerializeToString,
+            ),
+            'PromoteRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteRollout,
+                    request_deserializer=nfctl_dot_v1_dot_nfctl__pb2.RolloutActionRequest.FromString,
+                    response_serializer=nfctl_dot_v1_dot_nfctl__pb2.RolloutActionResponse.SerializeToString,
+            ),
+            'AbortRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortRollout,
+                    request_deserializer=nfctl_dot_v1_dot_nfctl__pb2.RolloutActionRequest.FromString,
+                    response_serializer=nfctl_dot_v1_dot_nfctl__pb2.RolloutActionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -460,6 +558,168 @@ class FleetService:
             '/nfctl.v1.FleetService/Resume',
             nfctl_dot_v1_dot_nfctl__pb2.ResumeRequest.SerializeToString,
             nfctl_dot_v1_dot_nfctl__pb2.ResumeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nfctl.v1.FleetService/GetRollout',
+            nfctl_dot_v1_dot_nfctl__pb2.GetRolloutRequest.SerializeToString,
+            nfctl_dot_v1_dot_nfctl__pb2.GetRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRollouts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nfctl.v1.FleetService/ListRollouts',
+            nfctl_dot_v1_dot_nfctl__pb2.ListRolloutsRequest.SerializeToString,
+            nfctl_dot_v1_dot_nfctl__pb2.ListRolloutsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nfctl.v1.FleetService/PauseRollout',
+            nfctl_dot_v1_dot_nfctl__pb2.RolloutActionRequest.SerializeToString,
+            nfctl_dot_v1_dot_nfctl__pb2.RolloutActionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nfctl.v1.FleetService/ResumeRollout',
+            nfctl_dot_v1_dot_nfctl__pb2.RolloutActionRequest.SerializeToString,
+            nfctl_dot_v1_dot_nfctl__pb2.RolloutActionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nfctl.v1.FleetService/PromoteRollout',
+            nfctl_dot_v1_dot_nfctl__pb2.RolloutActionRequest.SerializeToString,
+            nfctl_dot_v1_dot_nfctl__pb2.RolloutActionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nfctl.v1.FleetService/AbortRollout',
+            nfctl_dot_v1_dot_nfctl__pb2.RolloutActionRequest.SerializeToString,
+            nfctl_dot_v1_dot_nfctl__pb2.RolloutActionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -73,6 +73,14 @@ class FleetServiceStub:
     Reconcile: _grpc.UnaryUnaryMultiCallable[_nfctl_pb2.ReconcileRequest, _nfctl_pb2.ReconcileResponse]
     Suspend: _grpc.UnaryUnaryMultiCallable[_nfctl_pb2.SuspendRequest, _nfctl_pb2.SuspendResponse]
     Resume: _grpc.UnaryUnaryMultiCallable[_nfctl_pb2.ResumeRequest, _nfctl_pb2.ResumeResponse]
+    GetRollout: _grpc.UnaryUnaryMultiCallable[_nfctl_pb2.GetRolloutRequest, _nfctl_pb2.GetRolloutResponse]
+    ListRollouts: _grpc.UnaryUnaryMultiCallable[_nfctl_pb2.ListRolloutsRequest, _nfctl_pb2.ListRolloutsResponse]
+    PauseRollout: _grpc.UnaryUnaryMultiCallable[_nfctl_pb2.RolloutActionRequest, _nfctl_pb2.RolloutActionResponse]
+    ResumeRollout: _grpc.UnaryUnaryMultiCallable[_nfctl_pb2.RolloutActionRequest, _nfctl_pb2.RolloutActionResponse]
+    PromoteRollout: _grpc.UnaryUnaryMultiCallable[_nfctl_pb2.RolloutActionRequest, _nfctl_pb2.RolloutActionResponse]
+    """Skip the current wave's remaining bake time and gates: start the next wave now."""
+    AbortRollout: _grpc.UnaryUnaryMultiCallable[_nfctl_pb2.RolloutActionRequest, _nfctl_pb2.RolloutActionResponse]
+    """Stop the rollout; nodes not yet on the revision stay where they are."""
 
 @_typing.type_check_only
 class FleetServiceAsyncStub(FleetServiceStub):
@@ -85,6 +93,14 @@ class FleetServiceAsyncStub(FleetServiceStub):
     Reconcile: _aio.UnaryUnaryMultiCallable[_nfctl_pb2.ReconcileRequest, _nfctl_pb2.ReconcileResponse]  # type: ignore[assignment]
     Suspend: _aio.UnaryUnaryMultiCallable[_nfctl_pb2.SuspendRequest, _nfctl_pb2.SuspendResponse]  # type: ignore[assignment]
     Resume: _aio.UnaryUnaryMultiCallable[_nfctl_pb2.ResumeRequest, _nfctl_pb2.ResumeResponse]  # type: ignore[assignment]
+    GetRollout: _aio.UnaryUnaryMultiCallable[_nfctl_pb2.GetRolloutRequest, _nfctl_pb2.GetRolloutResponse]  # type: ignore[assignment]
+    ListRollouts: _aio.UnaryUnaryMultiCallable[_nfctl_pb2.ListRolloutsRequest, _nfctl_pb2.ListRolloutsResponse]  # type: ignore[assignment]
+    PauseRollout: _aio.UnaryUnaryMultiCallable[_nfctl_pb2.RolloutActionRequest, _nfctl_pb2.RolloutActionResponse]  # type: ignore[assignment]
+    ResumeRollout: _aio.UnaryUnaryMultiCallable[_nfctl_pb2.RolloutActionRequest, _nfctl_pb2.RolloutActionResponse]  # type: ignore[assignment]
+    PromoteRollout: _aio.UnaryUnaryMultiCallable[_nfctl_pb2.RolloutActionRequest, _nfctl_pb2.RolloutActionResponse]  # type: ignore[assignment]
+    """Skip the current wave's remaining bake time and gates: start the next wave now."""
+    AbortRollout: _aio.UnaryUnaryMultiCallable[_nfctl_pb2.RolloutActionRequest, _nfctl_pb2.RolloutActionResponse]  # type: ignore[assignment]
+    """Stop the rollout; nodes not yet on the revision stay where they are."""
 
 class FleetServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -142,6 +158,50 @@ class FleetServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _nfctl_pb2.ResumeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_nfctl_pb2.ResumeResponse, _abc.Awaitable[_nfctl_pb2.ResumeResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetRollout(
+        self,
+        request: _nfctl_pb2.GetRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_nfctl_pb2.GetRolloutResponse, _abc.Awaitable[_nfctl_pb2.GetRolloutResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListRollouts(
+        self,
+        request: _nfctl_pb2.ListRolloutsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_nfctl_pb2.ListRolloutsResponse, _abc.Awaitable[_nfctl_pb2.ListRolloutsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PauseRollout(
+        self,
+        request: _nfctl_pb2.RolloutActionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_nfctl_pb2.RolloutActionResponse, _abc.Awaitable[_nfctl_pb2.RolloutActionResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ResumeRollout(
+        self,
+        request: _nfctl_pb2.RolloutActionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_nfctl_pb2.RolloutActionResponse, _abc.Awaitable[_nfctl_pb2.RolloutActionResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PromoteRollout(
+        self,
+        request: _nfctl_pb2.RolloutActionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_nfctl_pb2.RolloutActionResponse, _abc.Awaitable[_nfctl_pb2.RolloutActionResponse]]:
+        """Skip the current wave's remaining bake time and gates: start the next wave now."""
+
+    @_abc_1.abstractmethod
+    def AbortRollout(
+        self,
+        request: _nfctl_pb2.RolloutActionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_nfctl_pb2.RolloutActionResponse, _abc.Awaitable[_nfctl_pb2.RolloutActionResponse]]:
+        """Stop the rollout; nodes not yet on the revision stay where they are."""
 
 def add_FleetServiceServicer_to_server(servicer: FleetServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 
