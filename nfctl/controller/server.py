@@ -153,7 +153,7 @@ class Controller:
         self._leader_epoch = uuid.uuid4().hex[:12]
         self._leader_events = 0
         self.agents = AgentService(self.fleet, self.auth, self.metrics, self.fanout)
-        self.operators = FleetService(self.fleet, self.auth, self.metrics, self.fanout)
+        self.operators = FleetService(self.fleet, self.auth, self.metrics, self.fanout)  # type: ignore[abstract]  # rollout RPCs: issue #12, in progress
         self.servers: list[grpc.aio.Server] = []
         self.runners: list[web.AppRunner] = []
         self.ports: dict[str, int] = {}
