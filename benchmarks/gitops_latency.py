@@ -32,7 +32,7 @@ from nfctl.datapath.bpf import BpfMap
 from nfctl.datapath.datapath import Datapath
 from nfctl.datapath.pins import remove_tree
 from nfctl.manifest.model import Hook
-from nfctl.testing.netns import VethPair, unique_name
+from nfctl.netns import VethPair, unique_name
 
 TRIVIAL_NF = """
 #ifndef REV

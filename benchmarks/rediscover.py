@@ -16,7 +16,7 @@ from benchmarks.common import emit, machine, summary_ms
 from nfctl.datapath.datapath import ChainMember, Datapath
 from nfctl.datapath.pins import remove_tree
 from nfctl.manifest.model import Hook
-from nfctl.testing.netns import VethPair, run, unique_name
+from nfctl.netns import VethPair, run, unique_name
 
 TRIVIAL_NF = """
 BPF_ARRAY(hits, u64, 1);

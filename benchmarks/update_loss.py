@@ -39,7 +39,7 @@ from benchmarks.udp_stream import UdpStream
 from nfctl.datapath.datapath import ChainMember, Datapath, LoadedBuild
 from nfctl.datapath.pins import remove_tree
 from nfctl.manifest.model import Hook
-from nfctl.testing.netns import VethPair, unique_name
+from nfctl.netns import VethPair, unique_name
 
 
 def _load_versions(dp: Datapath, folder: Path, hook: Hook) -> tuple[LoadedBuild, LoadedBuild]:

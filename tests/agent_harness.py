@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
-from nfctl.testing.netns import VethPair
+from nfctl.netns import VethPair
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NFCTL = [sys.executable, "-m", "nfctl"]
@@ -333,13 +333,13 @@ def tc_filter_present(
 
 def delete_tc_filter(veth: VethPair, ifname: str | None = None) -> None:
     """What a careless operator does: remove nfctl's ingress filter (or TCX link) by hand."""
-    from nfctl.testing import foreign
+    from tests import foreign
 
     foreign.delete_tc_filter(veth.ns_a, ifname or veth.a_if)
 
 
 def run_in(netns: str, *args: str) -> str:
-    from nfctl.testing.netns import run
+    from nfctl.netns import run
 
     return run(*args, netns=netns)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from nfctl.doctor import bpffs_mounted
-from nfctl.testing.netns import VethPair, cleanup_stale
+from nfctl.netns import VethPair, cleanup_stale
 from tests.ci import unavailable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

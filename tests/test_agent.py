@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 
 from nfctl.datapath import links
-from nfctl.testing.foreign import delete_tc_filter, detach_links, force_foreign_xdp
-from nfctl.testing.netns import VethPair, run
+from nfctl.netns import VethPair, run
 from tests.agent_harness import AgentProcess, GitDaemon, GitRepo, wait_until
+from tests.foreign import delete_tc_filter, detach_links, force_foreign_xdp
 
 pytestmark = pytest.mark.kernel
 

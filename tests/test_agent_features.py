@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from nfctl.testing.netns import VethPair
+from nfctl.netns import VethPair
 from tests.agent_harness import (
     AgentProcess,
     GitDaemon,

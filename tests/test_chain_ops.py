@@ -12,7 +12,7 @@ import pytest
 from benchmarks.update_loss import CHAIN_OPS, run_chain_ops
 from nfctl.datapath.datapath import Datapath
 from nfctl.manifest.model import Hook
-from nfctl.testing.netns import VethPair
+from nfctl.netns import VethPair
 
 pytestmark = pytest.mark.kernel
 

@@ -16,8 +16,8 @@ import pytest
 
 from nfctl.datapath.datapath import ChainMember, Datapath, DatapathError, LoadedBuild
 from nfctl.manifest.model import Hook, IncompatibleMapPolicy
-from nfctl.testing.foreign import delete_tc_filter, force_foreign_xdp
-from nfctl.testing.netns import VethPair, run
+from nfctl.netns import VethPair, run
+from tests.foreign import delete_tc_filter, force_foreign_xdp
 from tests.helpers import prepare_nf, write_nf
 from tests.nfsources import SYNTAX_ERROR_NF, VERIFIER_REJECT_NF, counting_nf
 

@@ -14,7 +14,7 @@ import pytest
 from nfctl.diagnostics import Diagnostic
 from nfctl.diff import AppliedView, Change, DesiredNF, NodeView, Program, diff_node
 from nfctl.manifest.model import NetworkFunction
-from nfctl.testing.netns import VethPair
+from nfctl.netns import VethPair
 from tests.agent_harness import REPO_ROOT, AgentProcess, GitRepo, set_blocked_v4
 
 NFCTL = [str(Path(sys.executable).parent / "nfctl")]

@@ -9,7 +9,7 @@ import pytest
 
 from nfctl.datapath.datapath import ChainMember, Datapath
 from nfctl.manifest.model import Hook
-from nfctl.testing.netns import VethPair
+from nfctl.netns import VethPair
 from tests.helpers import prepare_nf, write_nf
 
 pytestmark = pytest.mark.kernel

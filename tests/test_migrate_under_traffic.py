@@ -12,7 +12,7 @@ import pytest
 
 from nfctl.datapath.datapath import ChainMember, Datapath, LoadedBuild
 from nfctl.manifest.model import Hook
-from nfctl.testing.netns import VethPair
+from nfctl.netns import VethPair
 from tests.helpers import prepare_nf, write_nf
 from tests.test_datapath import PingFlood
 

@@ -16,7 +16,7 @@ import pytest
 
 from nfctl.datapath.datapath import ChainMember, Datapath, DatapathError, LoadedBuild
 from nfctl.manifest.model import Hook
-from nfctl.testing.netns import VethPair
+from nfctl.netns import VethPair
 from tests.helpers import prepare_library_nf, prepare_nf, write_nf
 from tests.nfsources import counting_nf
 

@@ -2,7 +2,7 @@
 attached through the dispatcher on a veth in a throwaway namespace, fed managed map entries
 and checked with real packets, the way a user would check it (ping, UDP sockets, counters).
 
-Topology (see nfctl.testing.netns.VethPair): the NF sits on a_if in namespace a; b is the
+Topology (see nfctl.netns.VethPair): the NF sits on a_if in namespace a; b is the
 peer. XDP and tc-ingress see what b sends to a; tc-egress sees what a sends to b.
 """
 
@@ -22,7 +22,7 @@ import pytest
 
 from nfctl.datapath.datapath import ChainMember, Datapath, LoadedBuild
 from nfctl.manifest.model import Hook
-from nfctl.testing.netns import VethPair, run
+from nfctl.netns import VethPair, run
 from tests.helpers import prepare_library_nf
 
 ETH_P_IP = 0x0800

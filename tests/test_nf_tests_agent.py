@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from nfctl.testing.netns import VethPair
+from nfctl.netns import VethPair
 from tests.agent_harness import (
     AgentProcess,
     GitDaemon,

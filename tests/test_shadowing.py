@@ -15,8 +15,7 @@ from nfctl.datapath import bpf, links
 from nfctl.datapath.datapath import ChainMember, Datapath
 from nfctl.datapath.shadowscan import scan
 from nfctl.manifest.model import Hook
-from nfctl.testing.foreign import force_foreign_xdp
-from nfctl.testing.netns import VethPair, run
+from nfctl.netns import VethPair, run
 from tests.agent_harness import (
     AgentProcess,
     GitDaemon,
@@ -25,6 +24,7 @@ from tests.agent_harness import (
     nfctl,
     wait_until,
 )
+from tests.foreign import force_foreign_xdp
 from tests.helpers import prepare_nf, write_nf
 from tests.nfsources import counting_nf
 

@@ -18,7 +18,7 @@ import pytest
 from nfctl.datapath import bpf, hooklinks, links
 from nfctl.datapath.datapath import ChainMember, Datapath, DatapathError, LoadedBuild
 from nfctl.manifest.model import Hook
-from nfctl.testing.netns import VethPair, run
+from nfctl.netns import VethPair, run
 from tests.helpers import prepare_nf, write_nf
 from tests.nfsources import counting_nf
 
@@ -299,7 +299,7 @@ def test_foreign_xdp_program_is_refused_and_reported(
     nf = load_counting(datapath, tmp_path, "xnf", Hook.XDP)
     datapath.set_chain(veth.a_if, Hook.XDP, [member(nf)])
     # our XDP link owns the hook: a netlink attach by another tool is refused
-    from nfctl.testing.foreign import force_foreign_xdp
+    from tests.foreign import force_foreign_xdp
 
     with pytest.raises(Exception, match="busy"):
         force_foreign_xdp(veth.ns_a, veth.a_if, name="other_xdp")

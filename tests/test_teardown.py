@@ -19,9 +19,9 @@ import pytest
 
 from nfctl.datapath import bpf, tc
 from nfctl.datapath.netlink import ipr
+from nfctl.netns import VethPair, run, unique_name
 from nfctl.teardown import teardown
-from nfctl.testing import foreign
-from nfctl.testing.netns import VethPair, run, unique_name
+from tests import foreign
 from tests.agent_harness import nfctl, set_blocked_v4, tc_filter_present, wait_until, xdp_prog_id
 from tests.test_agent_features import Lab, lab
 

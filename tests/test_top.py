@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from nfctl.testing.netns import VethPair
+from nfctl.netns import VethPair
 from tests.agent_harness import REPO_ROOT, AgentProcess, GitRepo
 
 pytestmark = pytest.mark.kernel

@@ -15,7 +15,7 @@ import yaml
 from nfctl.datapath.counters import CounterKey, VerdictCounts
 from nfctl.datapath.datapath import ChainMember, Datapath, DatapathError, LoadedBuild
 from nfctl.manifest.model import Hook
-from nfctl.testing.netns import VethPair, run
+from nfctl.netns import VethPair, run
 from tests.helpers import prepare_nf, write_nf
 
 pytestmark = pytest.mark.kernel

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from nfctl.datapath import bpf, tc, xdp
-from nfctl.testing.netns import VethPair, unique_name
+from nfctl.netns import VethPair, unique_name
 
 XDP_PASS = 2
 TC_ACT_OK = 0

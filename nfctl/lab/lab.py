@@ -157,7 +157,7 @@ class Lab:
         hook = bare / "hooks" / "post-receive"
         hook.write_text(
             "#!/bin/sh\n"
-            f"exec env PYTHONPATH={REPO_ROOT} {sys.executable} -m nfctl.lab.hook "
+            f"exec env PYTHONPATH={REPO_ROOT} {sys.executable} -m nfctl.lab.post_receive "
             f"http://{self.topo.hub_ip}:9080/hooks/github {self.paths.secret} nfs\n"
         )
         hook.chmod(0o755)

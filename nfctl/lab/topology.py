@@ -12,7 +12,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from nfctl.testing.netns import delete_netns, netns_exists, run
+from nfctl.netns import delete_netns, netns_exists, run
 
 STATE_FILE = Path("/run/nfctl-lab")
 

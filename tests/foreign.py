@@ -1,4 +1,4 @@
-"""What other tools (and careless operators) do to our hooks, for drift tests."""
+"""What other tools (and careless operators) do to our hooks, for drift tests (test-only)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from nfctl.datapath import bpf, links, xdp
 from nfctl.datapath.dispatcher import TcSettings
-from nfctl.testing.netns import run
+from nfctl.netns import run
 
 XDP_PASS = 2
 

@@ -1,4 +1,6 @@
-"""Throwaway network namespaces joined by veth pairs, always removed.
+"""Throwaway network namespaces joined by veth pairs, always removed: the lab builds its
+nodes with these, the hook check probes the kernel with them, tests and benchmarks send
+traffic through them.
 
 with VethPair.create("t1") as pair:   # netns nfct-t1-a / nfct-t1-b, 10.77.x.1/.2
     pair.ping_from_b(count=5)

@@ -1,2 +1,0 @@
-"""Helpers shared by tests, benchmarks, doctor and the lab: throwaway network namespaces
-with veth pairs, and traffic through them."""
