@@ -33,7 +33,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import _kernel_unavailable_reason
+from tests.ci import unavailable
+from tests.conftest import _kernel_unavailable_reason, require_kernel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CORPUS = Path(__file__).resolve().parent / "corpus"
@@ -200,10 +201,10 @@ def test_secret_never_reaches_the_output(name: str, runs: Runs) -> None:
     """Cases that try to read /etc/shadow (include, cflags, symlink, .incbin) must not
     print any of it, in the message or in the compiler/verifier log."""
     if not os.access("/etc/shadow", os.R_OK):
-        pytest.skip("/etc/shadow is not readable by this user")
+        unavailable("/etc/shadow is not readable by this user")
     case = next(c for c in CASES if c.name == name)
-    if case.kernel and _kernel_unavailable_reason() is not None:
-        pytest.skip("needs BCC")
+    if case.kernel:
+        require_kernel()
     secrets = set()
     for line in Path("/etc/shadow").read_text(errors="replace").splitlines():
         if line.strip():
