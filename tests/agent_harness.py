@@ -5,10 +5,12 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -234,6 +236,13 @@ class AgentProcess:
     def output(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
+    def compile_workers(self) -> set[int]:
+        """Pids of the agent's compile worker processes (the warm standby among them)."""
+        assert self.proc is not None
+        return {
+            pid for pid in descendants(self.proc.pid) if b"nfctl.compiler.worker" in cmdline(pid)
+        }
+
     def status(self) -> dict[str, Any]:
         try:
             data: dict[str, Any] = json.loads((self.state_dir / "status.json").read_text())
@@ -267,6 +276,40 @@ class AgentProcess:
         )
         return self.status()
 
+    def wait_passes(self, count: int = 1, timeout: float = 30) -> dict[str, Any]:
+        """Until count more full reconcile passes (fetch, build, converge) have finished, each
+        started after the one before: the positive point after which "nothing changed" means
+        the agent looked and decided so. Returns the status."""
+        after = time.time()
+        for _ in range(count):
+            after = wait_until(
+                lambda since=after: self._later("lastReconcile", since),
+                timeout,
+                every=0.02,
+                what=f"a reconcile pass\n{self.output()[-2000:]}",
+            )
+        return self.status()
+
+    def wait_published(self, count: int = 1, timeout: float = 30) -> dict[str, Any]:
+        """Until the agent has published its status count more times (a suspended node runs
+        no full pass but still publishes each loop). Returns the status."""
+        after = time.time()
+        for _ in range(count):
+            after = wait_until(
+                lambda since=after: self._later("observedAt", since),
+                timeout,
+                every=0.02,
+                what="a status update",
+            )
+        return self.status()
+
+    def _later(self, field: str, since: float) -> float:
+        """The time in status field (lastReconcile: when that pass started) if after since,
+        else 0."""
+        value = self.status().get(field) or 0
+        when = float(value["startedAt"] if isinstance(value, dict) else value)
+        return when if when > since else 0.0
+
     def http_get(self, path: str, port: int = 9101) -> tuple[int, str]:
         code = (
             "import urllib.request, urllib.error, sys\n"
@@ -284,6 +327,60 @@ class AgentProcess:
         ).stdout
         status, _, body = out.partition("\n")
         return int(status), body
+
+
+def descendants(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    direct = [int(p) for p in out.split()]
+    return direct + [c for p in direct for c in descendants(p)]
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""  # gone meanwhile
+
+
+class PingStream:
+    """Echo requests from a namespace, batch after batch, until stopped: a user's check that
+    traffic kept flowing (or kept being dropped) meanwhile. Each batch of ping runs to its
+    end, so no request is still in flight when the counts are read."""
+
+    def __init__(self, netns: str, target: str, source: str | None = None, batch: int = 50):
+        self.args = ["ping", "-n", "-q", "-c", str(batch), "-i", "0.01", "-W", "2"]
+        self.args += ["-I", source] if source else []
+        self.args.append(target)
+        self.netns = netns
+        self.sent = 0
+        self.received = 0
+        self.error: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            out = subprocess.run(
+                ["nsenter", f"--net=/run/netns/{self.netns}", *self.args],
+                capture_output=True,
+                text=True,
+                check=False,
+                timeout=60,
+            ).stdout
+            match = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+            if match is None:
+                self.error = f"ping gave no summary: {out}"
+                return
+            self.sent += int(match.group(1))
+            self.received += int(match.group(2))
+
+    def stop(self) -> tuple[int, int]:
+        """(sent, received) once the running batch has finished."""
+        self._stop.set()
+        self._thread.join(timeout=90)
+        assert self.error is None, self.error
+        return self.sent, self.received
 
 
 def nfctl(

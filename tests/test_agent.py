@@ -16,8 +16,17 @@ from typing import Any
 import pytest
 
 from nfctl.datapath import links
+from nfctl.datapath.datapath import Datapath
+from nfctl.manifest.model import Hook
 from nfctl.netns import VethPair, run
-from tests.agent_harness import AgentProcess, GitDaemon, GitRepo, wait_until
+from tests.agent_harness import (
+    AgentProcess,
+    GitDaemon,
+    GitRepo,
+    PingStream,
+    metric_samples,
+    wait_until,
+)
 from tests.foreign import delete_tc_filter, detach_links, force_foreign_xdp
 
 pytestmark = pytest.mark.kernel
@@ -242,10 +251,11 @@ def test_gitops_lifecycle(
 
         # 10. restart: SIGTERM leaves everything attached; the new agent recompiles nothing
         ids_before = {nf["name"]: nf["programId"] for nf in agent.status()["functions"]}
+        kernel = Datapath(bpffs_root, tmp_path / "state", netns=veth.ns_a)
+        chains_before = chain_ids(kernel, veth)
         assert agent.stop(signal.SIGTERM) == 0
         assert veth.ping(veth.ns_b, veth.a_ip, 2, source=blocked, timeout_s=0.3) == 0
         assert tc_filter_present(veth) and xdp_prog_id(veth) != 0
-        compiled_before = len([e for e in agent.events() if "compiled" in e["message"]])
         restart = time.monotonic()
         agent.start()
         wait_until(
@@ -255,11 +265,16 @@ def test_gitops_lifecycle(
         )
         assert time.monotonic() - restart < 10
         assert {nf["name"]: nf["programId"] for nf in agent.status()["functions"]} == ids_before
-        assert len([e for e in agent.events() if "compiled" in e["message"]]) == compiled_before
+        # a recompile, even of the same build, would put a new program id into the chain
+        assert chain_ids(kernel, veth) == chains_before
 
-        # 11. SIGKILL in the middle of applying a new version: never a hook without a program
-        watch = HookWatch(veth)
-        with watch:
+        # 11. SIGKILL in the middle of applying a new version: packets keep going through
+        # the old version of each NF until the new one takes over, never through none
+        counter_old = agent.nf("counter")["programId"]
+        counted_before = counted_packets(agent)
+        with ChainWatch(kernel, veth) as watch:
+            allowed = PingStream(veth.ns_b, veth.a_ip)
+            dropped = PingStream(veth.ns_b, veth.a_ip, source=blocked)
             repo.write(
                 "nfs/counter/counter.c",
                 repo.read("nfs/counter/counter.c").replace(
@@ -270,13 +285,25 @@ def test_gitops_lifecycle(
                 "nfs/blocklist/blocklist.c",
                 repo.read("nfs/blocklist/blocklist.c").replace("#define REV 3", "#define REV 11"),
             )
+            workers = agent.compile_workers()  # the warm standby
             c11 = repo.commit("new versions of both")
-            time.sleep(1.0)  # the agent is fetching / compiling now
+            # a compile has begun once a worker other than the idle standby runs
+            wait_until(lambda: agent.compile_workers() - workers, 30, every=0.02, what="compile")
             agent.stop(signal.SIGKILL)
             agent.start()
             agent.wait_ready(c11, timeout=90)
-        assert watch.gaps == 0, f"{watch.gaps} samples without a program on a hook"
-        assert agent.nf("blocklist")["programId"] not in (p1, p2)
+            sent, received = allowed.stop()
+            sent_blocked, received_blocked = dropped.stop()
+        p3 = agent.nf("blocklist")["programId"]
+        counter_new = agent.nf("counter")["programId"]
+        assert p3 not in (p1, p2) and counter_new != counter_old
+        assert sent >= 50 and received == sent, f"{sent - received} of {sent} packets lost"
+        assert sent_blocked >= 50 and received_blocked == 0, "the blocklist let packets by"
+        # every packet that got through was counted, by the old counter or by the new one
+        assert counted_packets(agent) - counted_before >= received
+        assert watch.versions(Hook.XDP) in ([[p2]], [[p2], [p3]]), watch.seen
+        assert watch.versions(Hook.TC_INGRESS) in ([[counter_old]], [[counter_old], [counter_new]])
+        assert chain_ids(kernel, veth) == {Hook.XDP: [p3], Hook.TC_INGRESS: [counter_new]}
 
         # 12. prune: an NF removed from Git is detached and its pins removed
         repo.remove("nfs/counter")
@@ -289,49 +316,53 @@ def test_gitops_lifecycle(
         assert "clsact" not in run("tc", "qdisc", "show", "dev", veth.a_if, netns=veth.ns_a)
     finally:
         agent.stop(signal.SIGTERM)
-        from nfctl.datapath.datapath import Datapath
-
         Datapath(bpffs_root, tmp_path / "state", netns=veth.ns_a).teardown()
 
 
-class HookWatch:
-    """Samples XDP and tc ingress (filter or TCX) of a's veth every few ms; counts samples
-    with no program."""
+def chain_ids(kernel: Datapath, veth: VethPair) -> dict[Hook, list[int] | None]:
+    """The program ids in the chains on a's veth, in order, as the kernel runs them."""
+    return {hook: kernel.chain_prog_ids(veth.a_if, hook) for hook in (Hook.XDP, Hook.TC_INGRESS)}
 
-    def __init__(self, veth: VethPair) -> None:
+
+def counted_packets(agent: AgentProcess) -> float:
+    """Packets the counter NF counted, as its exported metric says."""
+    code, text = agent.http_get("/metrics")
+    assert code == 200, text
+    return sum(v for _, v in metric_samples(text, "nfctl_nf_counter_packets_total"))
+
+
+class ChainWatch:
+    """Samples the chains on a's veth every few ms: which programs packets would run."""
+
+    def __init__(self, kernel: Datapath, veth: VethPair) -> None:
+        self.kernel = kernel
         self.veth = veth
-        self.gaps = 0
-        self.samples = 0
+        self.seen: list[dict[Hook, list[int] | None]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        from nfctl.datapath import tc as tcmod
-        from nfctl.datapath.hooklinks import tcx_programs
-        from nfctl.datapath.netlink import ipr
-        from nfctl.datapath.xdp import query
-        from nfctl.manifest.model import Hook
+        while not self._stop.is_set():
+            self.seen.append(chain_ids(self.kernel, self.veth))
+            time.sleep(0.005)
 
-        with ipr(self.veth.ns_a) as handle:
-            index = handle.link_lookup(ifname=self.veth.a_if)[0]
-            while not self._stop.is_set():
-                xdp_ok = query(handle, index).prog_id != 0
-                tc_ok = any(
-                    f.prog_id for f in tcmod.list_filters(handle, index, "ingress")
-                ) or bool(tcx_programs(self.veth.ns_a, index, Hook.TC_INGRESS))
-                self.samples += 1
-                if not (xdp_ok and tc_ok):
-                    self.gaps += 1
-                time.sleep(0.005)
+    def versions(self, hook: Hook) -> list[list[int] | None]:
+        """The distinct chains seen on hook, in the order they appeared."""
+        out: list[list[int] | None] = []
+        for sample in self.seen:
+            if not out or out[-1] != sample[hook]:
+                out.append(sample[hook])
+        return out
 
-    def __enter__(self) -> HookWatch:
+    def __enter__(self) -> ChainWatch:
+        chain_ids(self.kernel, self.veth)  # the chain maps are opened before the thread reads
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        assert self.samples > 50
+        assert len(self.seen) > 50
 
 
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
