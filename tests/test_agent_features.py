@@ -225,8 +225,7 @@ def test_signed_commits_only(lab: Lab) -> None:
             30,
             what=f"source unavailable after restart\n{restarted.output()[-2000:]}",
         )
-        time.sleep(1.0)
-        status = restarted.status()
+        status = restarted.wait_passes(1)
         assert status["lastAppliedRevision"] == c4
         assert restarted.nf("blocklist")["revision"] == c4
         applied = {e["revision"] for e in events_of(restarted, "Applied")}
@@ -270,7 +269,7 @@ def test_refs_tag_commit_and_force_reset(lab: Lab) -> None:
     events = events_of(agent, "Applied", "blocklist")
     assert events[0]["revision"] == c1
     prog = agent.nf("blocklist")["programId"]
-    time.sleep(1.5)  # several fetches of the tag: nothing else is applied
+    agent.wait_passes(2)  # two more fetches of the tag: nothing else is applied
     assert agent.status()["lastAppliedRevision"] == c1
     assert lab.ping_from(blocked) == 2 and lab.ping_from(other) == 2
 
@@ -385,8 +384,7 @@ def test_suspend_and_resume(lab: Lab) -> None:
     assert condition(agent.status(), "Reconciling")["reason"] == "Suspended"
     set_blocked_v4(repo, ["203.0.113.7", blocked])
     c2 = repo.commit("block a source")
-    time.sleep(2.5)  # five fetch intervals
-    status = agent.status()
+    status = agent.wait_published(3)  # suspended: the loop runs but fetches nothing
     assert status["suspended"] is True
     assert status["lastAppliedRevision"] == c1 and status["lastAttemptedRevision"] == c1
     assert lab.ping_from(blocked) == 2
@@ -406,7 +404,7 @@ def test_suspend_and_resume(lab: Lab) -> None:
     set_blocked_v4(repo, ["203.0.113.7"])
     c3 = repo.commit("unblock")
     wait_until(lambda: agent.status().get("lastAttemptedRevision") == c3, 10, what="c3 attempted")
-    time.sleep(1.0)
+    agent.wait_passes(1)
     assert agent.nf("blocklist")["state"] == "Suspended"
     assert agent.nf("blocklist")["revision"] == c2
     assert lab.ping_from(blocked) == 0  # still blocked: frozen as it was
@@ -703,7 +701,7 @@ def test_drift_warn_reports_without_correcting(lab: Lab) -> None:
         lambda: events_of(agent, "DriftDetected"), 15, what=f"drift\n{agent.output()[-2000:]}"
     )
     assert detected[0]["type"] == "Warning" and f"{veth.a_if}/tc-ingress" in detected[0]["message"]
-    time.sleep(2.5)  # five drift intervals
+    agent.wait_passes(2)  # each pass converges too: warn mode leaves the drift alone
     assert not tc_filter_present(veth)
     assert len(events_of(agent, "DriftDetected")) == 1
     assert not events_of(agent, "DriftCorrected")
@@ -789,7 +787,7 @@ def test_credentials_never_leak(lab: Lab) -> None:
             30,
             what="git:// with userinfo reported",
         )
-        time.sleep(1.0)
+        agent.wait_passes(1)
         status_text = (lab.state_dir / "status.json").read_text()
         assert agent.stop() == 0
     finally:
