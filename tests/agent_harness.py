@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import re
@@ -283,7 +284,7 @@ class AgentProcess:
         after = time.time()
         for _ in range(count):
             after = wait_until(
-                lambda since=after: self._later("lastReconcile", since),
+                functools.partial(self._later, "lastReconcile", after),
                 timeout,
                 every=0.02,
                 what=f"a reconcile pass\n{self.output()[-2000:]}",
@@ -296,7 +297,7 @@ class AgentProcess:
         after = time.time()
         for _ in range(count):
             after = wait_until(
-                lambda since=after: self._later("observedAt", since),
+                functools.partial(self._later, "observedAt", after),
                 timeout,
                 every=0.02,
                 what="a status update",
