@@ -92,6 +92,9 @@ class Stream:
 
 
 class ControllerLink:
+    """The agent's side of its controller stream: registers, reports status and events,
+    answers commands; a thread of its own, so Git-driven reconciling never waits on it."""
+
     def __init__(self, agent: Agent, config: AgentConfig) -> None:
         self.agent = agent
         self.config = config

@@ -30,6 +30,9 @@ _FAST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 class AgentMetrics:
+    """The agent's Prometheus registry: reconcile, fetch and compile timings, fetch failures,
+    drift, and the NF map values the manifests export (read at scrape time)."""
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         ProcessCollector(registry=self.registry)

@@ -36,6 +36,9 @@ MAX_BACKOFF_SECONDS = 300.0
 
 
 class Agent:
+    """One node agent process: owns the state folder, datapath, Git source, reconciler,
+    metrics and controller link, and drives them from timers, signals and interface events."""
+
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.store = StateStore(config.state_dir)

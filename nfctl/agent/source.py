@@ -98,6 +98,10 @@ def url_secrets(url: str) -> list[str]:
 
 
 class GitSource:
+    """The NF repository as seen by one agent: a local mirror fetched from the configured
+    ref, and immutable per-revision snapshots that the compiler reads (commit signatures
+    checked when verification is on)."""
+
     def __init__(self, settings: SourceSettings, state_dir: Path) -> None:
         self.settings = settings
         self.mirror = state_dir / "git" / "mirror.git"

@@ -126,6 +126,9 @@ class ReconcileTimings(_Model):
 
 
 class NodeStatus(_Model):
+    """What a node reports (status.json, `nfctl status`, the controller): revisions applied
+    and attempted, Flux-style conditions, and each NF's state, program and attach points."""
+
     node: str
     labels: dict[str, str] = Field(default_factory=dict)
     kernel: str = ""

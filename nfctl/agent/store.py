@@ -47,6 +47,9 @@ class AgentLockedError(RuntimeError):
 
 
 class StateStore:
+    """The agent's state folder: what is applied, the last status, the bounded event log with
+    its epoch, operator suspensions, and the lock that allows one agent per folder."""
+
     def __init__(self, state_dir: Path) -> None:
         self.dir = state_dir
         self.dir.mkdir(parents=True, exist_ok=True)

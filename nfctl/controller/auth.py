@@ -17,6 +17,8 @@ OPERATORS_ORG = "nfctl-operators"
 
 @dataclass(frozen=True)
 class Identity:
+    """The caller's client certificate, as far as authorisation needs it."""
+
     common_name: str | None
     organization: str | None
 
@@ -39,6 +41,9 @@ def identity(context: Any) -> Identity:
 
 @dataclass
 class AuthPolicy:
+    """Who may call what: operators by certificate group or bearer token, agents by a node
+    certificate for their own name only; --insecure without a token leaves calls open."""
+
     tls: bool
     operator_token: str | None = None
 

@@ -30,6 +30,9 @@ DELIVERY_WINDOW = 60.0
 
 
 class CommandFanout:
+    """Commands through the shared store, so every replica delivers to the streams it holds
+    and each node gets a command once (see the module docstring)."""
+
     def __init__(self, fleet: Fleet, store: PgStore) -> None:
         self.fleet = fleet
         self.store = store

@@ -124,6 +124,9 @@ class EventLedger:
 
 @dataclass
 class NodeEntry:
+    """One node as the controller holds it: its latest status (replaced, never mutated), its
+    stream if this replica holds it, and the bookkeeping of its events."""
+
     name: str
     status: pb.NodeStatus
     registered_at: float
@@ -233,6 +236,9 @@ class Watcher:
 
 
 class Fleet:
+    """The controller's in-memory view of every node: sessions, statuses, events and watchers;
+    operators read from it, and it writes behind to the store (see the module docstring)."""
+
     def __init__(
         self,
         store: Store,

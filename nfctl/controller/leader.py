@@ -21,6 +21,9 @@ LEADER_LOCK = 0x6E66_6374_6C01  # "nfctl\1": pg_try_advisory_lock key
 
 
 class LeaderElection:
+    """Campaign for, hold and give up the replicas' leadership (see the module docstring);
+    runs `duty` while leading."""
+
     def __init__(
         self,
         url: str,

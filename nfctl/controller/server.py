@@ -120,6 +120,9 @@ def _split(address: str, default_port: int) -> tuple[str, int]:
 
 
 class Controller:
+    """One `nfctl controller` replica: opens the store, holds the fleet, serves the agent and
+    operator gRPC services, the webhook and metrics, and flushes state to the store."""
+
     def __init__(self, config: ControllerConfig) -> None:
         config.validate()
         self.config = config

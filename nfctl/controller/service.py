@@ -151,6 +151,9 @@ def add_service(name: str, servicer: Any, server: Any) -> None:
 
 
 class FleetService(pbg.FleetServiceServicer):
+    """The operator-facing gRPC service: reads answered from the fleet, commands (reconcile,
+    suspend, resume) sent to the selected nodes' streams, every call authorised first."""
+
     def __init__(
         self,
         fleet: Fleet,

@@ -73,6 +73,9 @@ def matching_nodes(fleet: Fleet, ref: str, repos: set[str]) -> list[NodeEntry]:
 
 
 class WebhookApp:
+    """The HTTP receiver of Git push webhooks: checks the GitHub signature or GitLab token,
+    then asks the agents following the pushed ref to reconcile now."""
+
     def __init__(
         self, fleet: Fleet, reconcile: ReconcileFn, secret: bytes | None, metrics: Any
     ) -> None:

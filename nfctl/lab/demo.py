@@ -31,6 +31,9 @@ class StepResult:
 
 
 class Demo:
+    """The steps of `nfctl lab demo`, each run against a live lab and checked; the verdict
+    is whether every step behaved."""
+
     def __init__(self, lab: Lab, console: Console) -> None:
         self.lab = lab
         self.console = console

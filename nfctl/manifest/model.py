@@ -279,6 +279,8 @@ class Spec(_Strict):
 
 
 class NetworkFunction(_Strict):
+    """One nf.yaml, validated: the NF's name, program, attach point, maps and mode."""
+
     api_version: Literal["nfctl.io/v1alpha1"] = Field(alias="apiVersion")
     kind: Literal["NetworkFunction"]
     metadata: Metadata
