@@ -8,37 +8,21 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
+from nfctl.lab.process import NFCTL, Process, agent_command
+
+# re-exported: the agent tests and benchmarks take them from here
+from nfctl.lab.process import REPO_ROOT as REPO_ROOT
+from nfctl.lab.process import wait_until as wait_until
 from nfctl.netns import VethPair
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-NFCTL = [sys.executable, "-m", "nfctl"]
-T = TypeVar("T")
-
-
-def wait_until(
-    predicate: Callable[[], T], timeout: float = 30.0, every: float = 0.1, what: str = ""
-) -> T:
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(every)
-    raise AssertionError(
-        f"timed out after {timeout}s waiting for {what or predicate}: last={last!r}"
-    )
 
 
 class GitRepo:
@@ -167,8 +151,9 @@ class GitDaemon:
         return f"git://{self.address}:{self.port}/{repo}"
 
 
-class AgentProcess:
-    """`nfctl agent` running in namespace a of a veth pair (nsenter: same bpffs, new net)."""
+class AgentProcess(Process):
+    """`nfctl agent` running in namespace a of a veth pair (nsenter: same bpffs, new net);
+    its log starts afresh at every start."""
 
     def __init__(
         self, veth: VethPair, repo_url: str, state_dir: Path, bpffs_root: Path, *extra: str
@@ -176,21 +161,11 @@ class AgentProcess:
         self.veth = veth
         self.state_dir = state_dir
         self.bpffs_root = bpffs_root
-        self.args = [
-            "nsenter",
-            f"--net=/run/netns/{veth.ns_a}",
-            *NFCTL,
-            "agent",
-            "--repo",
+        command = agent_command(
             repo_url,
-            "--path",
-            "nfs",
-            "--node",
             "node-a",
-            "--state-dir",
-            str(state_dir),
-            "--bpffs-dir",
-            str(bpffs_root),
+            state_dir,
+            bpffs_root,
             "--interval",
             "0.5",
             "--drift-interval",
@@ -200,42 +175,14 @@ class AgentProcess:
             "--metrics-addr",
             "127.0.0.1:9101",
             *extra,
-        ]
-        self.proc: subprocess.Popen[str] | None = None
-        self.log_path = state_dir.parent / f"agent-{int(time.time() * 1000)}.log"
-
-    def start(self) -> AgentProcess:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.log = self.log_path.open("w")
-        self.proc = subprocess.Popen(
-            self.args, stdout=self.log, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT
         )
+        log_path = state_dir.parent / f"agent-{int(time.time() * 1000)}.log"
+        super().__init__(command, log_path, netns=veth.ns_a, log_mode="w")
+
+    def start(self, ready: str | None = None, timeout: float = 30) -> AgentProcess:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        super().start(ready, timeout)
         return self
-
-    def send(self, signum: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signum)
-
-    def stop(self, signum: int = signal.SIGTERM, timeout: float = 15) -> int:
-        if self.proc is None:
-            return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signum)
-        code = self.proc.wait(timeout=timeout)
-        self.proc = None
-        self.log.close()
-        return code
-
-    def wait(self, timeout: float = 60) -> int:
-        """Wait for the agent to exit by itself (--once); returns its exit code."""
-        assert self.proc is not None
-        code = self.proc.wait(timeout=timeout)
-        self.proc = None
-        self.log.close()
-        return code
-
-    def output(self) -> str:
-        return self.log_path.read_text() if self.log_path.exists() else ""
 
     def compile_workers(self) -> set[int]:
         """Pids of the agent's compile worker processes (the warm standby among them)."""

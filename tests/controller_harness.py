@@ -8,10 +8,17 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
-from nfctl.lab.topology import Topology, nsenter
-from tests.agent_harness import REPO_ROOT
+from nfctl.lab.process import (
+    REPO_ROOT,
+    Process,
+    agent_command,
+    controller_command,
+    nsenter,
+    tls_flags,
+)
+from nfctl.lab.topology import Topology
 
 PY = sys.executable
 
@@ -47,68 +54,31 @@ class Pki:
         )
 
     def tls(self, name: str) -> list[str]:
-        return [
-            "--tls-ca",
-            str(self.dir / "ca.crt"),
-            "--tls-cert",
-            str(self.dir / f"{name}.crt"),
-            "--tls-key",
-            str(self.dir / f"{name}.key"),
-        ]
+        return tls_flags(self.dir, name)
 
 
-class ControllerProcess:
+class ControllerProcess(Process):
+    """`nfctl controller` in the hub namespace of a lab topology."""
+
     def __init__(self, topo: Topology, pki: Pki, db: Path, *extra: str) -> None:
         self.topo = topo
         self.address = f"{topo.hub_ip}:9443"
-        self.args = [
-            *nsenter(topo.hub),
-            PY,
-            "-m",
-            "nfctl",
-            "controller",
-            "--listen",
+        command = controller_command(
             self.address,
-            "--db",
-            str(db),
-            "--tls-ca",
-            str(pki.dir / "ca.crt"),
-            "--tls-cert",
-            str(pki.dir / "controller.crt"),
-            "--tls-key",
-            str(pki.dir / "controller.key"),
+            db,
+            pki.dir,
             "--webhook-addr",
             f"{topo.hub_ip}:9080",
             "--metrics-addr",
             f"{topo.hub_ip}:9102",
             *extra,
-        ]
-        self.log_path = db.parent / f"controller-{int(time.time() * 1000)}.log"
-        self.proc: subprocess.Popen[str] | None = None
-
-    def start(self) -> ControllerProcess:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.log = self.log_path.open("w")
-        self.proc = subprocess.Popen(
-            self.args, stdout=self.log, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT
         )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if "controller listening" in self.log_path.read_text():
-                return self
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        raise AssertionError(f"controller did not start:\n{self.log_path.read_text()}")
+        log_path = db.parent / f"controller-{int(time.time() * 1000)}.log"
+        super().__init__(command, log_path, netns=topo.hub, log_mode="w")
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=15)
-        self.proc = None
-
-    def output(self) -> str:
-        return self.log_path.read_text()
+    def start(self, ready: str | None = "controller listening", timeout: float = 20) -> Self:
+        super().start(ready, timeout)
+        return self
 
 
 def operator(
@@ -146,32 +116,20 @@ def hub_python(topo: Topology, code: str, timeout: float = 60) -> str:
     return proc.stdout
 
 
-class NodeAgent:
+class NodeAgent(Process):
     """`nfctl agent` in a lab node's namespace, reporting to the controller over mTLS."""
 
     def __init__(
         self, topo: Topology, node: str, pki: Pki, repo_url: str, workdir: Path, *extra: str
     ) -> None:
-        netns = topo.node(node).netns
         self.node = node
         self.state_dir = workdir / f"state-{node}"
         self.bpffs = Path("/sys/fs/bpf") / f"nfctl-test-{topo.tag}-{node}"
-        self.args = [
-            *nsenter(netns),
-            PY,
-            "-m",
-            "nfctl",
-            "agent",
-            "--repo",
+        command = agent_command(
             repo_url,
-            "--path",
-            "nfs",
-            "--node",
             node,
-            "--state-dir",
-            str(self.state_dir),
-            "--bpffs-dir",
-            str(self.bpffs),
+            self.state_dir,
+            self.bpffs,
             "--metrics-addr",
             "",
             "--controller",
@@ -180,22 +138,12 @@ class NodeAgent:
             "--drift-interval",
             "1",
             *extra,
-        ]
-        self.log_path = workdir / f"agent-{node}.log"
-        self.proc: subprocess.Popen[str] | None = None
-
-    def start(self) -> NodeAgent:
-        self.log = self.log_path.open("a")
-        self.proc = subprocess.Popen(
-            self.args, stdout=self.log, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT
         )
-        return self
+        super().__init__(command, workdir / f"agent-{node}.log", netns=topo.node(node).netns)
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=15)
-        self.proc = None
+    def start(self, ready: str | None = None, timeout: float = 30) -> Self:
+        super().start(ready, timeout)
+        return self
 
     def status(self) -> dict[str, Any]:
         try:

@@ -10,7 +10,6 @@ import contextlib
 import json
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,88 +18,43 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import grpc
 
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.api.nfctl.v1 import nfctl_pb2_grpc as pbg
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from nfctl.lab.process import REPO_ROOT, Process, controller_command, tls_flags, wait_until
+from tests import loopback_controller
+from tests.loopback_controller import free_port
 
 PY = sys.executable
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def make_pki(folder: Path, nodes: list[str]) -> Path:
-    subprocess.run(
-        [PY, "-m", "nfctl", "certs", "init", "--dir", str(folder),
-         "--controller-names", "localhost,127.0.0.1", "--nodes", ",".join(nodes),
-         "--operators", "operator"],
-        check=True, capture_output=True, cwd=REPO_ROOT,
-    )  # fmt: skip
-    return folder
+    return loopback_controller.make_pki(folder, nodes, ["operator"])
 
 
-def tls(pki: Path, name: str) -> list[str]:
-    return ["--tls-ca", str(pki / "ca.crt"), "--tls-cert", str(pki / f"{name}.crt"),
-            "--tls-key", str(pki / f"{name}.key")]  # fmt: skip
-
-
-class Replica:
+class Replica(Process):
     """`nfctl controller --db postgresql://...` as its own process."""
 
     def __init__(self, name: str, db_url: str, pki: Path, workdir: Path, *extra: str) -> None:
         self.name = name
         self.port, self.metrics_port = free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
-        self.args = [
-            PY, "-m", "nfctl", "controller", "--listen", self.address, "--db", db_url,
-            "--replica", name, *tls(pki, "controller"), "--webhook-addr", "",
-            "--metrics-addr", f"127.0.0.1:{self.metrics_port}", "--health-listen", "",
-            *extra,
-        ]  # fmt: skip
         self.pki = pki
-        self.log_path = workdir / f"controller-{name}.log"
-        self.proc: subprocess.Popen[str] | None = None
+        command = controller_command(
+            self.address, db_url, pki, "--replica", name, "--webhook-addr", "",
+            "--metrics-addr", f"127.0.0.1:{self.metrics_port}", "--health-listen", "", *extra,
+        )  # fmt: skip
+        super().__init__(command, workdir / f"controller-{name}.log")
 
-    def start(self) -> Replica:
-        log = self.log_path.open("a")
-        self.proc = subprocess.Popen(
-            self.args, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if "controller listening" in self.log_path.read_text():
-                return self
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.1)
-        raise AssertionError(f"replica {self.name} did not start:\n{self.output()}")
+    def start(self, ready: str | None = "controller listening", timeout: float = 30) -> Self:
+        super().start(ready, timeout)
+        return self
 
-    def kill9(self) -> None:
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
-            self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self.proc = None
-
-    def output(self) -> str:
-        return self.log_path.read_text()
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 20) -> int:
+        return super().stop(signum, timeout)
 
     def metric(self, name: str) -> float | None:
         try:
@@ -135,7 +89,7 @@ class Replica:
         """The nfctl CLI against this replica; parsed JSON output (else the text)."""
         proc = subprocess.run(
             [PY, "-m", "nfctl", *args, "--controller", self.address,
-             *tls(self.pki, "operator"), *(["-o", "json"] if as_json else [])],
+             *tls_flags(self.pki, "operator"), *(["-o", "json"] if as_json else [])],
             capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,
         )  # fmt: skip
         if proc.returncode != 0:
@@ -278,11 +232,4 @@ class AgentPool:
 
 
 def wait_for(check: Callable[[], Any], timeout: float, what: str, every: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what} (last: {last!r})")
+    return wait_until(check, timeout, every, what)

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from nfctl.lab.process import REPO_ROOT, Process, controller_command
+
 PY = sys.executable
 
 
@@ -33,8 +34,14 @@ def nfctl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     )
 
 
-def make_pki(folder: Path) -> Path:
-    out = nfctl("certs", "init", "--dir", str(folder), "--controller-names", "localhost,127.0.0.1")
+def make_pki(
+    folder: Path, nodes: list[str] | None = None, operators: list[str] | None = None
+) -> Path:
+    """`nfctl certs init` for a controller on loopback, and the named agents and operators."""
+    args = ["certs", "init", "--dir", str(folder), "--controller-names", "localhost,127.0.0.1"]
+    args += ["--nodes", ",".join(nodes)] if nodes else []
+    args += ["--operators", ",".join(operators)] if operators else []
+    out = nfctl(*args)
     assert out.returncode == 0, out.stdout + out.stderr
     return folder
 
@@ -42,34 +49,12 @@ def make_pki(folder: Path) -> Path:
 @contextmanager
 def running_controller(tmp: Path, pki: Path, listen: str, *extra: str) -> Iterator[Path]:
     """The controller until the block ends; yields its log file."""
-    log_path = tmp / f"controller-{time.monotonic_ns()}.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            [
-                PY, "-m", "nfctl", "controller",
-                "--listen", listen,
-                "--db", str(tmp / "controller.db"),
-                "--tls-ca", str(pki / "ca.crt"),
-                "--tls-cert", str(pki / "controller.crt"),
-                "--tls-key", str(pki / "controller.key"),
-                "--webhook-addr", "",
-                "--metrics-addr", "",
-                *extra,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT,
-        )  # fmt: skip
-        try:
-            deadline = time.monotonic() + 60
-            output = ""
-            while time.monotonic() < deadline and proc.poll() is None:
-                output = log_path.read_text()
-                if "controller listening" in output:
-                    break
-                time.sleep(0.1)
-            assert "controller listening" in output, output
-            yield log_path
-        finally:
-            proc.terminate()
-            proc.wait(timeout=20)
+    command = controller_command(
+        listen, tmp / "controller.db", pki, "--webhook-addr", "", "--metrics-addr", "", *extra
+    )
+    process = Process(command, tmp / f"controller-{time.monotonic_ns()}.log", log_mode="w")
+    process.start(ready="controller listening", timeout=60)
+    try:
+        yield process.log_path
+    finally:
+        process.stop(timeout=20)

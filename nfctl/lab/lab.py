@@ -23,9 +23,18 @@ from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.api.nfctl.v1 import nfctl_pb2_grpc as pbg
 from nfctl.controller.auth import channel_credentials
 from nfctl.lab.gitserver import GIT_PORT
-from nfctl.lab.topology import Topology, leftover_namespaces, nsenter
+from nfctl.lab.process import (
+    REPO_ROOT,
+    Process,
+    ProcessError,
+    agent_command,
+    alive,
+    controller_command,
+    nsenter,
+    tls_flags,
+)
+from nfctl.lab.topology import Topology, leftover_namespaces
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKSPACES = Path("/var/lib/nfctl-lab")
 LAB_NFS = ("blocklist", "ratelimit", "counter", "dscp")
 
@@ -36,6 +45,9 @@ class LabError(RuntimeError):
 
 @dataclass
 class LabPaths:
+    """Where one lab keeps its files: PKI, the bare and working Git repositories, logs,
+    pid files, the webhook secret and each node's agent state."""
+
     root: Path
 
     @property
@@ -85,6 +97,9 @@ def seed_library(work: Path) -> None:
 
 
 class Lab:
+    """One `nfctl lab`, named by its tag: brings the topology and processes up and down, and
+    acts as the operator (commits, controller queries, traffic) for the demo and tests."""
+
     def __init__(self, tag: str = "lab", say: Callable[[str], None] = print) -> None:
         self.tag = tag
         self.paths = LabPaths(WORKSPACES / tag)
@@ -172,117 +187,77 @@ class Lab:
         )
         self.commit("Seed the lab with the nfctl NF library")
 
-    def _spawn(self, name: str, args: list[str]) -> None:
-        log = (self.paths.logs / f"{name}.log").open("a")
-        proc = subprocess.Popen(
-            args,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=REPO_ROOT,
-            start_new_session=True,
-            env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"},
-        )
-        (self.paths.run / f"{name}.pid").write_text(str(proc.pid))
+    def _spawn(self, name: str, args: list[str], netns: str, ready: str | None = None) -> None:
+        process = Process(args, self.paths.logs / f"{name}.log", netns=netns, detach=True)
+        process.start()
+        (self.paths.run / f"{name}.pid").write_text(str(process.pid))
+        if ready is not None:
+            try:
+                process.wait_for_output(ready, timeout=20)
+            except ProcessError as exc:
+                raise LabError(f"{name}: {exc}") from exc
 
     def _alive(self, name: str) -> bool:
         try:
-            pid = int((self.paths.run / f"{name}.pid").read_text())
-            os.kill(pid, 0)
+            return alive(int((self.paths.run / f"{name}.pid").read_text()))
         except (OSError, ValueError):
             return False
-        return True
 
     def _start_git(self) -> None:
         assert self.topo is not None
         self._spawn(
             "git",
             [
-                *nsenter(self.topo.hub),
                 sys.executable,
                 "-m",
                 "nfctl.lab.gitserver",
                 f"--listen={self.topo.hub_ip}",
                 f"--base-path={self.paths.bare.parent}",
             ],
+            self.topo.hub,
         )
 
     def _start_controller(self) -> None:
         assert self.topo is not None
-        pki = self.paths.pki
-        self._spawn(
-            "controller",
-            [
-                *nsenter(self.topo.hub),
-                sys.executable,
-                "-m",
-                "nfctl",
-                "controller",
-                "--listen",
-                f"{self.topo.hub_ip}:9443",
-                "--db",
-                str(self.paths.root / "controller.db"),
-                "--tls-ca",
-                str(pki / "ca.crt"),
-                "--tls-cert",
-                str(pki / "controller.crt"),
-                "--tls-key",
-                str(pki / "controller.key"),
-                "--webhook-addr",
-                f"{self.topo.hub_ip}:9080",
-                "--webhook-secret-file",
-                str(self.paths.secret),
-                "--metrics-addr",
-                f"{self.topo.hub_ip}:9102",
-                "--stale-after",
-                "30",
-            ],
+        hub = self.topo.hub_ip
+        command = controller_command(
+            f"{hub}:9443",
+            self.paths.root / "controller.db",
+            self.paths.pki,
+            "--webhook-addr",
+            f"{hub}:9080",
+            "--webhook-secret-file",
+            str(self.paths.secret),
+            "--metrics-addr",
+            f"{hub}:9102",
+            "--stale-after",
+            "30",
         )
-        self._wait_port(self.topo.hub_ip, 9443)
+        self._spawn("controller", command, self.topo.hub, ready="controller listening")
 
     def _start_agent(self, node: str, extra: list[str]) -> None:
         assert self.topo is not None
-        pki = self.paths.pki
-        netns = self.topo.node(node).netns
-        self._spawn(
+        command = agent_command(
+            f"git://{self.topo.hub_ip}/nfs.git",
             node,
-            [
-                *nsenter(netns),
-                sys.executable,
-                "-m",
-                "nfctl",
-                "agent",
-                "--repo",
-                f"git://{self.topo.hub_ip}/nfs.git",
-                "--ref",
-                "main",
-                "--path",
-                "nfs",
-                "--node",
-                node,
-                "--labels",
-                f"lab={self.tag},role=edge",
-                "--state-dir",
-                str(self.paths.state(node)),
-                "--bpffs-dir",
-                str(self.bpffs(node)),
-                "--interval",
-                "60",
-                "--drift-interval",
-                "2",
-                "--metrics-addr",
-                "127.0.0.1:9101",
-                "--controller",
-                f"{self.topo.hub_ip}:9443",
-                "--tls-ca",
-                str(pki / "ca.crt"),
-                "--tls-cert",
-                str(pki / f"{node}.crt"),
-                "--tls-key",
-                str(pki / f"{node}.key"),
-                *extra,
-            ],
+            self.paths.state(node),
+            self.bpffs(node),
+            "--ref",
+            "main",
+            "--labels",
+            f"lab={self.tag},role=edge",
+            "--interval",
+            "60",
+            "--drift-interval",
+            "2",
+            "--metrics-addr",
+            "127.0.0.1:9101",
+            "--controller",
+            f"{self.topo.hub_ip}:9443",
+            *tls_flags(self.paths.pki, node),
+            *extra,
         )
+        self._spawn(node, command, self.topo.node(node).netns)
 
     def _wait_port(self, host: str, port: int, timeout: float = 20) -> None:
         import socket

@@ -12,6 +12,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from nfctl.lab.process import nsenter as nsenter  # where the lab's callers look for it
 from nfctl.netns import delete_netns, netns_exists, run
 
 STATE_FILE = Path("/run/nfctl-lab")
@@ -27,6 +28,9 @@ class Node:
 
 @dataclass
 class Topology:
+    """The lab's network: a hub namespace with a bridge, one namespace per node plugged into
+    it, and optionally a host link; saved under /run so `lab down` finds it after a crash."""
+
     tag: str
     subnet: int
     hub: str
@@ -144,12 +148,6 @@ class Topology:
             return None
         nodes = [Node(**n) for n in data.pop("nodes", [])]
         return cls(nodes=nodes, **data)
-
-
-def nsenter(netns: str) -> list[str]:
-    """Enter only the network namespace: unlike `ip netns exec`, this keeps /sys (and so
-    the host's bpffs at /sys/fs/bpf) visible."""
-    return ["nsenter", f"--net=/run/netns/{netns}"]
 
 
 def leftover_namespaces(tag: str) -> list[str]:
