@@ -29,7 +29,7 @@ from tests.agent_harness import (
 )
 from tests.foreign import delete_tc_filter, detach_links, force_foreign_xdp
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.e2e]
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from tests.controller_harness import (
     operator,
 )
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.e2e]
 
 NODES = ("node1", "node2")
 

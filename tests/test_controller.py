@@ -27,7 +27,7 @@ from tests.controller_harness import (
     operator,
 )
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.e2e]
 
 
 @pytest.fixture
@@ -76,6 +76,7 @@ def controller_metrics(topo: Topology) -> str:
     )
 
 
+@pytest.mark.slow
 def test_fleet_status_events_and_commands(topo: Topology, tmp_path: Path) -> None:
     pki = Pki(tmp_path / "pki", topo, ["node1", "node2"])
     secret = b"hook-secret-123"

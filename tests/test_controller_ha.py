@@ -17,6 +17,8 @@ from nfctl.controller.store_pg import PgStore
 from tests.ha_harness import AgentPool, Replica, SimAgent, make_pki, wait_for
 from tests.pg_harness import PgServer, pg_url, postgres  # noqa: F401
 
+pytestmark = pytest.mark.e2e
+
 NODES = [f"ha-n{i}" for i in range(1, 7)]
 
 
@@ -113,6 +115,7 @@ def test_one_fleet_commands_across_replicas_and_leader_takeover(
         pool.stop()
 
 
+@pytest.mark.slow
 def test_agents_move_off_a_killed_replica_and_ride_out_postgres_trouble(
     cluster: list[Replica],
     pki: Path,

@@ -21,7 +21,7 @@ from tests.conftest import require_kernel
 from tests.controller_harness import ControllerProcess, NodeAgent, Pki, new_topology, operator
 from tests.pg_harness import PgServer, pg_url, postgres  # noqa: F401
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.e2e, pytest.mark.slow]
 
 NODE = "node1"
 

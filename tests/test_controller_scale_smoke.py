@@ -8,8 +8,11 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO_ROOT
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 AGENTS = 100
 
 

@@ -14,7 +14,7 @@ from nfctl.lab.topology import Topology
 from tests.conftest import require_kernel
 from tests.controller_harness import PY, REPO_ROOT, ControllerProcess, Pki, hub_python, new_topology
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.e2e]
 
 
 @pytest.fixture

@@ -23,6 +23,8 @@ from nfctl.api.nfctl.v1 import nfctl_pb2_grpc as pbg
 from nfctl.controller.auth import channel_credentials
 from tests.loopback_controller import free_port, make_pki, nfctl, running_controller
 
+pytestmark = pytest.mark.e2e
+
 TOKEN = "bootstrap-7d0c1f3a9e"
 
 

@@ -15,7 +15,7 @@ import pytest
 from nfctl.lab.topology import leftover_namespaces
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.e2e]
 
 
 def nfctl(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -45,6 +45,7 @@ def leftovers(tag: str) -> list[str]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_lab_demo_tells_the_whole_story() -> None:
     tag = "t" + uuid.uuid4().hex[:5]

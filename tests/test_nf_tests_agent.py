@@ -20,7 +20,7 @@ from tests.agent_harness import (
     xdp_prog_id,
 )
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.e2e]
 
 
 @pytest.fixture

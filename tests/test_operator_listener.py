@@ -28,6 +28,8 @@ from hyperframe.frame import (
 from nfctl.controller.server import OPERATOR_LISTENER_LIMITS
 from tests.loopback_controller import free_port, make_pki, running_controller
 
+pytestmark = pytest.mark.e2e
+
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 REFUSED_STREAM = 0x7
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"

@@ -13,7 +13,7 @@ from tests.test_agent_features import Lab
 from tests.test_agent_features import lab as lab_fixture
 from tests.test_datapath import PingFlood
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.e2e]
 lab = lab_fixture  # the agent features' lab: a veth pair, a Git daemon, agents
 
 
