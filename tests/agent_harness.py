@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -110,42 +111,33 @@ class GitRepo:
         return self.git("rev-parse", "HEAD")
 
 
-class GitDaemon:
+class GitDaemon(Process):
     """`git daemon` serving a folder of repositories inside a network namespace."""
 
     def __init__(self, base: Path, netns: str, address: str, port: int = 9418) -> None:
         self.base = base
-        self.netns = netns
         self.address = address
         self.port = port
-        self.proc: subprocess.Popen[bytes] | None = None
+        command = [
+            "git",
+            "daemon",
+            "--verbose",
+            "--reuseaddr",
+            "--export-all",
+            f"--base-path={base}",
+            f"--listen={address}",
+            f"--port={port}",
+            str(base),
+        ]
+        log_path = base.parent / f"git-daemon-{port}.log"
+        super().__init__(command, log_path, netns=netns, log_mode="w")
 
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                self.netns,
-                "git",
-                "daemon",
-                "--reuseaddr",
-                "--export-all",
-                f"--base-path={self.base}",
-                f"--listen={self.address}",
-                f"--port={self.port}",
-                str(self.base),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        time.sleep(0.3)
+    def start(self, ready: str | None = "Ready to rumble", timeout: float = 30) -> GitDaemon:
+        super().start(ready, timeout)
+        return self
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-            self.proc = None
+    def stop(self, signum: int = signal.SIGTERM, timeout: float = 10) -> int:
+        return super().stop(signum, timeout)
 
     def url(self, repo: str) -> str:
         return f"git://{self.address}:{self.port}/{repo}"
