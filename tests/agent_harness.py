@@ -220,26 +220,21 @@ class AgentProcess(Process):
         """Until count more full reconcile passes (fetch, build, converge) have finished, each
         started after the one before: the positive point after which "nothing changed" means
         the agent looked and decided so. Returns the status."""
-        after = time.time()
-        for _ in range(count):
-            after = wait_until(
-                functools.partial(self._later, "lastReconcile", after),
-                timeout,
-                every=0.02,
-                what=f"a reconcile pass\n{self.output()[-2000:]}",
-            )
-        return self.status()
+        return self._wait_later("lastReconcile", count, timeout, "a reconcile pass")
 
     def wait_published(self, count: int = 1, timeout: float = 30) -> dict[str, Any]:
         """Until the agent has published its status count more times (a suspended node runs
         no full pass but still publishes each loop). Returns the status."""
+        return self._wait_later("observedAt", count, timeout, "a status update")
+
+    def _wait_later(self, field: str, count: int, timeout: float, what: str) -> dict[str, Any]:
         after = time.time()
         for _ in range(count):
             after = wait_until(
-                functools.partial(self._later, "observedAt", after),
+                functools.partial(self._later, field, after),
                 timeout,
                 every=0.02,
-                what="a status update",
+                what=f"{what}\n{self.output()[-2000:]}",
             )
         return self.status()
 

@@ -11,7 +11,6 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -24,8 +23,12 @@ from tests.agent_harness import (
     GitDaemon,
     GitRepo,
     PingStream,
+    events_of,
     metric_samples,
+    set_blocked_v4,
+    tc_filter_present,
     wait_until,
+    xdp_prog_id,
 )
 from tests.foreign import delete_tc_filter, detach_links, force_foreign_xdp
 
@@ -47,42 +50,6 @@ def daemon(gitdir: Path, veth: VethPair) -> Iterator[GitDaemon]:
         yield server
     finally:
         server.stop()
-
-
-def xdp_prog_id(veth: VethPair) -> int:
-    from nfctl.datapath.netlink import ipr
-    from nfctl.datapath.xdp import query
-
-    with ipr(veth.ns_a) as handle:
-        index = handle.link_lookup(ifname=veth.a_if)[0]
-        return query(handle, index).prog_id
-
-
-def tc_filter_present(veth: VethPair, direction: str = "ingress") -> bool:
-    """Our TC dispatcher is on the hook: as a TCX link (kernels with TCX) or a filter."""
-    from nfctl.datapath.hooklinks import tcx_programs
-    from nfctl.manifest.model import Hook
-
-    out = run("tc", "filter", "show", "dev", veth.a_if, direction, netns=veth.ns_a)
-    index = int(run("cat", f"/sys/class/net/{veth.a_if}/ifindex", netns=veth.ns_a))
-    hook = Hook.TC_INGRESS if direction == "ingress" else Hook.TC_EGRESS
-    tcx = [name for _, name in tcx_programs(veth.ns_a, index, hook)]
-    return "nfctl_tc" in out or any(name.startswith("nfctl_tc") for name in tcx)
-
-
-def blocklist_with(repo: GitRepo, sources: list[str]) -> None:
-    entries = "\n".join(f"        - {{key: {ip}, value: 1}}" for ip in sources)
-    text = repo.read("nfs/blocklist/nf.yaml")
-    start = text.index("    blocked_v4:")
-    end = text.index("    blocked_v6:")
-    block = f"    blocked_v4:\n      managed: true\n      entries:\n{entries}\n"
-    repo.write("nfs/blocklist/nf.yaml", text[:start] + block + text[end:])
-
-
-def events_of(agent: AgentProcess, reason: str, nf: str | None = None) -> list[dict[str, Any]]:
-    return [
-        e for e in agent.events() if e["reason"] == reason and (nf is None or e.get("nf") == nf)
-    ]
 
 
 def test_gitops_lifecycle(
@@ -110,7 +77,7 @@ def test_gitops_lifecycle(
         assert applied[0]["author"] == "Alice Operator <alice@example.org>"
 
         # 2. map-only change: enforced live, same program
-        blocklist_with(repo, ["203.0.113.7", blocked])
+        set_blocked_v4(repo, ["203.0.113.7", blocked])
         c2 = repo.commit("block a noisy source")
         agent.wait_ready(c2)
         assert veth.ping(veth.ns_b, veth.a_ip, 3, source=blocked, timeout_s=0.3) == 0
