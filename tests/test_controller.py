@@ -185,9 +185,16 @@ def test_fleet_status_events_and_commands(topo: Topology, tmp_path: Path) -> Non
             repo.read("nfs/counter/nf.yaml").replace("version: 1.0.1", "version: 1.0.2"),
         )
         c3 = repo.commit("counter 1.0.2")
+        node1 = next(a for a in agents if a.node == "node1")
+        told = node1.output().count("controller: reconcile now")
         operator(topo, pki, "reconcile")
         wait_until(lambda: applied_at(topo, pki, "node2", c3), 30, what="node2 at c3")
-        time.sleep(1.5)
+        # node1 got the command too, and has published its status since: it looked, and
+        # being suspended, applied nothing
+        wait_until(lambda: node1.output().count("controller: reconcile now") > told, 30)
+        received = time.time()
+        wait_until(lambda: node1.status().get("observedAt", 0) > received, 30, what="node1")
+        assert node1.status()["lastAppliedRevision"] == c2
         assert applied_at(topo, pki, "node1", c2)
         operator(topo, pki, "resume", "--nodes", "node1")
         operator(topo, pki, "reconcile", "--nodes", "node1")
