@@ -179,7 +179,7 @@ def build_one(req: BuildRequest) -> BuildResult:
 def _pin_test_copy(
     module: Any, lib: Any, function: str, prog_type: int, path: str, result: BuildResult
 ) -> None:
-    """The gate's private copy of the program just verified (nfctl.nftest.private). Only
+    """The gate's private copy of the program just verified (nfctl.bpf.progcopy). Only
     after the isolation check passed: the copy has the same code, so the same references.
     A copy that fails is reported, not fatal: the gate then makes a test build."""
     import ctypes

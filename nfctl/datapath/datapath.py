@@ -78,7 +78,7 @@ class LoadedBuild:
     compiled: bool  # False when adopted from an existing pin
     swaps: list[MapSwap] = field(default_factory=list)
     compile_seconds: float = 0.0
-    test_pin: Path | None = None  # the test gate's private copy (nfctl.nftest.private)
+    test_pin: Path | None = None  # the test gate's private copy (nfctl.bpf.progcopy)
     test_copy_error: str = ""
     test_copy_seconds: float = 0.0
 

@@ -127,7 +127,7 @@ def scratch_pin(name: str) -> Path:
 
 def load_private_copy(prepared: PreparedNF, pin: Path, infos: list[MapInfo]) -> TestBuilds:
     """Take the live build's private copy that the worker pinned at pin (see
-    nfctl.nftest.private): no compile. The pin and its folder are removed at once."""
+    nfctl.bpf.progcopy): no compile. The pin and its folder are removed at once."""
     builds = TestBuilds()
     try:
         program = TestProgram(prepared=prepared, fd=syscall.obj_get(str(pin)))
