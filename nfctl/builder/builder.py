@@ -62,9 +62,8 @@ class Builder:
             return adopted
         hook = prepared.nf.spec.attach.hook
         self.ensure_dispatcher(hook)  # chain maps must exist before NFs reference them
-        self.datapath.counter_table(
-            hook
-        )  # and the counter maps, created as the wrapper declares them
+        # and the counter maps, created as the wrapper declares them
+        self.datapath.counter_table(hook)
         prog_pin = self.datapath.paths.prog_pin(nf, prepared.build_hash)
         base_pins = self._nf_pins(nf, hook)
         result = self._compile(prepared, base_pins, prog_pin, test_pin)
