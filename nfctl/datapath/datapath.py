@@ -6,7 +6,6 @@ planner's."""
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -34,9 +33,10 @@ from nfctl.datapath.entries import (
     encode_entries,
     plan_entries,
 )
+from nfctl.datapath.interfaces import TouchedInterfaces
 from nfctl.datapath.observe import AttachPointState
 from nfctl.datapath.pins import BpffsPaths, hook_kind, remove_tree
-from nfctl.datapath.records import BuildRecord, RecordStore, write_json_atomic
+from nfctl.datapath.records import BuildRecord, RecordStore
 from nfctl.diagnostics import Diagnostic
 from nfctl.manifest.model import Hook
 
@@ -154,6 +154,7 @@ class Datapath:
         self.tc_settings = tc_settings or disp.TcSettings()
         self.dispatcher_compiler = dispatcher_compiler
         self.records = RecordStore(state_dir)
+        self.touched = TouchedInterfaces(state_dir)
         self._tables: dict[str, ChainTable] = {}
         self._counters: dict[str, CounterTable] = {}
         self._dispatchers: dict[Hook, BpfProgram] = {}
@@ -345,9 +346,9 @@ class Datapath:
             if self.attached_prog_id(ifindex, hook) != self.dispatcher(hook).info.prog_id:
                 table.remove(ifindex, hook)  # do not leave a head for a hook we do not hold
             raise
-        self._note_interface(ifname, ifindex, hook)
+        self.touched.note_hook(ifname, ifindex, hook)
         if not clsact_before:
-            self.note_clsact_created(ifname)
+            self.touched.note_clsact_created(ifname)
         return mode
 
     def _attach(
@@ -389,26 +390,26 @@ class Datapath:
         program there is left alone."""
         ifindex = netlink.interface_index(self.ipr, ifname)
         table = self.table(hook) if self.has_tables(hook) else None
-        tracked = self._iface_state().get(ifname, {}).get("ifindex")
+        tracked = self.touched.all().get(ifname, {}).get("ifindex")
         if isinstance(tracked, int) and tracked and tracked != ifindex:
             hooklinks.detach(self.paths, hook, tracked)  # a link whose interface is gone
         if ifindex is not None:
             hooklinks.detach(self.paths, hook, ifindex)
             self._xdp_link_modes.pop(ifindex, None)
-            created = self._created_clsact(ifname)
+            created = self.touched.created_clsact(ifname)
             disp.detach(
                 self.ipr,
                 ifindex,
                 hook,
                 self._dispatchers.get(hook),
                 tc_settings=self.tc_settings,
-                remove_clsact=created and not self._other_tc_hook_in_use(ifname, hook),
+                remove_clsact=created and not self.touched.other_tc_hook_in_use(ifname, hook),
             )
             if table is not None:
                 table.remove(ifindex, hook)
             if self.paths.counter_pins(hook_kind(hook)).counters.exists():
                 self.counter_table(hook).release(lambda k: k.ifindex == ifindex and k.hook is hook)
-        self._forget_interface(ifname, hook)
+        self.touched.forget_hook(ifname, hook)
 
     def attached_prog_id(self, ifindex: int, hook: Hook) -> int:
         """The program on our attach slot: our TCX link's, the XDP program (any way
@@ -467,53 +468,8 @@ class Datapath:
         for table in self._tables.values():
             table.reap(force=force)
 
-    # -- interfaces we touched (to leave them as we found them) -----------------------
-    def _iface_state_path(self) -> Path:
-        return self.state_dir / "datapath" / "interfaces.json"
-
-    def _iface_state(self) -> dict[str, dict[str, Any]]:
-        try:
-            data = json.loads(self._iface_state_path().read_text())
-            return data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
-            return {}
-
-    def _note_interface(self, ifname: str, ifindex: int, hook: Hook) -> None:
-        state = self._iface_state()
-        entry = state.get(ifname)
-        if entry and entry.get("ifindex") == ifindex and hook.value in entry.get("hooks", []):
-            return  # already recorded: no write on the hot path of a chain update
-        entry = state.setdefault(ifname, {"ifindex": ifindex, "hooks": [], "created_clsact": False})
-        if entry.get("ifindex") != ifindex:
-            entry.update({"ifindex": ifindex, "hooks": [], "created_clsact": False})
-        if hook.value not in entry["hooks"]:
-            entry["hooks"].append(hook.value)
-        write_json_atomic(self._iface_state_path(), state)
-
-    def note_clsact_created(self, ifname: str) -> None:
-        state = self._iface_state()
-        state.setdefault(ifname, {"ifindex": 0, "hooks": []})["created_clsact"] = True
-        write_json_atomic(self._iface_state_path(), state)
-
-    def _created_clsact(self, ifname: str) -> bool:
-        return bool(self._iface_state().get(ifname, {}).get("created_clsact"))
-
-    def _other_tc_hook_in_use(self, ifname: str, hook: Hook) -> bool:
-        hooks = self._iface_state().get(ifname, {}).get("hooks", [])
-        return any(h != hook.value and h != Hook.XDP.value for h in hooks)
-
-    def _forget_interface(self, ifname: str, hook: Hook) -> None:
-        state = self._iface_state()
-        entry = state.get(ifname)
-        if entry is None:
-            return
-        entry["hooks"] = [h for h in entry.get("hooks", []) if h != hook.value]
-        if not entry["hooks"]:
-            del state[ifname]
-        write_json_atomic(self._iface_state_path(), state)
-
     def tracked_interfaces(self) -> dict[str, dict[str, Any]]:
-        return self._iface_state()
+        return self.touched.all()
 
     # -- map entries -------------------------------------------------------------
     def sync_entries(
@@ -579,7 +535,7 @@ class Datapath:
         remove_tree(self.paths.root)
         for record in self.records.all():
             self.records.delete(record.build_hash)
-        self._iface_state_path().unlink(missing_ok=True)
+        self.touched.clear()
 
 
 def _decode_value(bmap: BpfMap, codec: TypeCodec, raw: bytes) -> Any:
