@@ -317,6 +317,7 @@ ATTACHER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
+    from nfctl.builder.builder import Builder
     from nfctl.datapath.datapath import ChainMember, Datapath
     from tests.helpers import prepare_nf
     root, state, netns, ifname, folder = sys.argv[1:6]

@@ -154,6 +154,7 @@ ATTACHER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
+    from nfctl.builder.builder import Builder
     from nfctl.datapath.datapath import ChainMember, Datapath
     from nfctl.manifest.model import Hook
     from tests.helpers import prepare_nf
