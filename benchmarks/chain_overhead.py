@@ -27,19 +27,18 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import emit, machine
+from nfctl.bpf import syscall
+from nfctl.bpf.abi import dispatcher_name, entry_name
+from nfctl.bpf.syscall import BpfMap
 from nfctl.compiler.codegen import (
+    BuildPins,
     ChainNames,
-    PinLayout,
-    dispatcher_name,
     dispatcher_program,
-    entry_name,
     nf_program,
 )
-from nfctl.datapath import bpf
-from nfctl.datapath.bpf import BpfMap
 from nfctl.datapath.chain import head_key
 from nfctl.datapath.counters import CounterKey, CounterTable, ensure_maps
-from nfctl.datapath.pins import BpffsLayout, remove_tree
+from nfctl.datapath.pins import BpffsPaths, remove_tree
 from nfctl.manifest.model import Hook
 from nfctl.nftest.kernel import BPF_PROG_TEST_RUN, _TestRunAttr
 
@@ -97,7 +96,7 @@ def run_ns(prog_fd: int, data: bytes, repeat: int) -> float:
         data_out=ctypes.addressof(data_out),
         repeat=repeat,
     )
-    bpf._bpf(BPF_PROG_TEST_RUN, attr, "BPF_PROG_TEST_RUN")
+    syscall._bpf(BPF_PROG_TEST_RUN, attr, "BPF_PROG_TEST_RUN")
     if attr.retval != 2:
         raise RuntimeError(f"the packet did not pass (retval {attr.retval})")
     return float(attr.duration)
@@ -151,12 +150,12 @@ class Chain:
     def __init__(self, root: Path, counters: bool) -> None:
         from bcc import BPF
 
-        layout = BpffsLayout(root)
-        cpins = layout.counter_pins("xdp")
-        pins = PinLayout(
-            chain_path=str(layout.chain("xdp")),
-            cursor_path=str(layout.cursor("xdp")),
-            heads_path=str(layout.heads("xdp")),
+        paths = BpffsPaths(root)
+        cpins = paths.counter_pins("xdp")
+        pins = BuildPins(
+            chain_path=str(paths.chain("xdp")),
+            cursor_path=str(paths.cursor("xdp")),
+            heads_path=str(paths.heads("xdp")),
             counters_path=str(cpins.counters),
             slots_path=str(cpins.slots),
         )

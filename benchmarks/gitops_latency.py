@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import Flood, emit, machine, percentile, summary_ms
-from nfctl.datapath.bpf import BpfMap
+from nfctl.bpf.syscall import BpfMap
 from nfctl.datapath.datapath import Datapath
 from nfctl.datapath.pins import remove_tree
 from nfctl.manifest.model import Hook

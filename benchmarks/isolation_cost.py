@@ -22,8 +22,8 @@ from typing import Any
 
 from benchmarks.common import REPO_ROOT, emit, machine
 from nfctl.compiler.client import PreparedNF, build_request, prepare
-from nfctl.compiler.codegen import PinLayout
-from nfctl.datapath.pins import BpffsLayout, remove_tree
+from nfctl.compiler.codegen import BuildPins
+from nfctl.datapath.pins import BpffsPaths, remove_tree
 from nfctl.manifest.repo import scan_repo
 
 
@@ -35,16 +35,16 @@ def export_ref(ref: str, into: Path) -> None:
 
 
 def one_build(code_root: Path, prepared: PreparedNF) -> dict[str, Any]:
-    layout = BpffsLayout(Path("/sys/fs/bpf") / f"nfctl-bench-iso-{uuid.uuid4().hex[:8]}")
+    paths = BpffsPaths(Path("/sys/fs/bpf") / f"nfctl-bench-iso-{uuid.uuid4().hex[:8]}")
     nf = prepared.nf.name
-    os.makedirs(layout.kind_dir("xdp"))
-    pins = PinLayout(
-        maps_dir=str(layout.maps_dir(nf)),
-        chain_path=str(layout.chain("xdp")),
-        cursor_path=str(layout.cursor("xdp")),
+    os.makedirs(paths.kind_dir("xdp"))
+    pins = BuildPins(
+        maps_dir=str(paths.maps_dir(nf)),
+        chain_path=str(paths.chain("xdp")),
+        cursor_path=str(paths.cursor("xdp")),
     )
     request = build_request(
-        prepared, install=True, pins=pins, prog_pin_path=str(layout.prog_pin(nf, "b" * 32))
+        prepared, install=True, pins=pins, prog_pin_path=str(paths.prog_pin(nf, "b" * 32))
     )
     env = {**os.environ, "PYTHONPATH": str(code_root)}
     try:
@@ -60,7 +60,7 @@ def one_build(code_root: Path, prepared: PreparedNF) -> dict[str, Any]:
         )
         wall = time.perf_counter() - start
     finally:
-        remove_tree(layout.root)
+        remove_tree(paths.root)
     [result] = json.loads(done.stdout)
     assert result["ok"], result["diagnostics"]
     return {

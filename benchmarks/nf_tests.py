@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from benchmarks.common import REPO_ROOT, emit, machine, summary_ms
+from nfctl.builder.builder import Builder
 from nfctl.compiler.client import PreparedNF, prepare
 from nfctl.datapath.datapath import Datapath
 from nfctl.datapath.pins import remove_tree
@@ -103,7 +104,7 @@ def measure_gate(rounds: int) -> dict[str, Any]:
             for round_no in range(rounds + 1):  # round 0 warms up (imports scapy once)
                 prepared = _version(folder, round_no, "off")
                 start = time.perf_counter()
-                datapath.load(prepared)
+                Builder(datapath).build(prepared)
                 off_s = time.perf_counter() - start
 
                 prepared = _version(folder, round_no, "on")
@@ -111,7 +112,7 @@ def measure_gate(rounds: int) -> dict[str, Any]:
                 # as the agent does: cases parsed and packets built while the worker compiles
                 ahead = threading.Thread(target=prepare_cases, args=(prepared, root))
                 ahead.start()
-                loaded = datapath.load(prepared, test_pin=scratch_pin("blocklist"))
+                loaded = Builder(datapath).build(prepared, test_pin=scratch_pin("blocklist"))
                 loaded_at = time.perf_counter()
                 ahead.join()
                 gate_start = time.perf_counter()

@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 
 from benchmarks.common import emit, machine, summary_ms
+from nfctl.builder.builder import Builder
 from nfctl.datapath.datapath import ChainMember, Datapath
 from nfctl.datapath.pins import remove_tree
 from nfctl.manifest.model import Hook
@@ -66,13 +67,13 @@ def main() -> None:
                 write_nf(repo, name, TRIVIAL_NF, "xdp_n", cflags=[f"-DID={i + 1}"])
                 prepared = prepare_nf(repo, name)
                 hashes[name] = prepared.build_hash
-                dp.load(prepared)
+                Builder(dp).build(prepared)
                 ifname = f"rd{i // args.per_interface}"
                 desired.setdefault((ifname, Hook.XDP), []).append(name)
             first_load = time.monotonic() - load_start
             for (ifname, hook), names in desired.items():
                 members = [
-                    ChainMember(n, hashes[n], dp.layout.prog_pin(n, hashes[n])) for n in names
+                    ChainMember(n, hashes[n], dp.paths.prog_pin(n, hashes[n])) for n in names
                 ]
                 dp.set_chain(ifname, hook, members)
             dp.close()

@@ -36,6 +36,7 @@ from typing import Any
 
 from benchmarks.common import Flood, emit, machine, percentile
 from benchmarks.udp_stream import UdpStream
+from nfctl.builder.builder import Builder
 from nfctl.datapath.datapath import ChainMember, Datapath, LoadedBuild
 from nfctl.datapath.pins import remove_tree
 from nfctl.manifest.model import Hook
@@ -50,7 +51,7 @@ def _load_versions(dp: Datapath, folder: Path, hook: Hook) -> tuple[LoadedBuild,
     for version in (1, 2):
         source, function, cflags = counting_nf(hook.value, version)
         write_nf(folder, "bench", source, function, hook=hook.value, cflags=cflags)
-        builds.append(dp.load(prepare_nf(folder, "bench")))
+        builds.append(Builder(dp).build(prepare_nf(folder, "bench")))
     return builds[0], builds[1]
 
 
@@ -143,7 +144,7 @@ def _standalone(hook: Hook, pin: Path) -> tuple[list[Any], list[int]]:
 
 
 def _pinned_count(pin: Path, hook: Hook) -> int:
-    from nfctl.datapath.bpf import BpfMap
+    from nfctl.bpf.syscall import BpfMap
 
     with BpfMap.from_pin(str(pin)) as counts:
         raw = counts.lookup((1 if hook is Hook.TC_EGRESS else 0).to_bytes(4, "little"))
@@ -229,7 +230,7 @@ def _load_chain(
     def build(name: str, version: int) -> LoadedBuild:
         source, function, cflags = counting_nf(hook.value, version)
         write_nf(folder, name, source, function, hook=hook.value, cflags=cflags)
-        return dp.load(prepare_nf(folder, name))
+        return Builder(dp).build(prepare_nf(folder, name))
 
     pairs = [(build(f"c{i}", 1), build(f"c{i}", 2)) for i in range(5)]
     return pairs, build("extra", 1), build("sentinel", 1)

@@ -47,10 +47,10 @@ def check_capabilities() -> Check:
 
 
 def check_bpf_syscall() -> Check:
-    from nfctl.datapath import bpf
+    from nfctl.bpf import syscall
 
     try:
-        fd = bpf.map_create(2, 4, 8, 1, name="nfctl_doctor")
+        fd = syscall.map_create(2, 4, 8, 1, name="nfctl_doctor")
     except OSError as exc:
         return Check(
             "bpf-syscall",
@@ -144,7 +144,7 @@ def check_bcc_compile() -> Check:
 
 def check_netlink_hooks() -> Check:
     """clsact qdisc and XDP attach on a veth pair in a throwaway network namespace."""
-    from nfctl.datapath.hookcheck import probe_hooks
+    from nfctl.hookprobe import probe_hooks
 
     try:
         message = probe_hooks()

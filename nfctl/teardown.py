@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nfctl.datapath import bpf, netlink, tc, xdp
+from nfctl.bpf import syscall
+from nfctl.datapath import netlink, tc, xdp
 from nfctl.datapath.datapath import Datapath
 from nfctl.datapath.dispatcher import is_dispatcher_name
 from nfctl.datapath.pins import remove_tree
@@ -75,16 +76,16 @@ def _scan_pins(root: Path, report: TeardownReport) -> set[int]:
     ours: set[int] = set()
     for pin in _pins(root):
         try:
-            fd = bpf.obj_get(str(pin))
+            fd = syscall.obj_get(str(pin))
         except OSError:
             continue
         try:
             kind = _fd_kind(fd)
             if kind == "prog":
-                ours.add(bpf.prog_info(fd).prog_id)
+                ours.add(syscall.prog_info(fd).prog_id)
             elif kind == "link":
                 with contextlib.suppress(OSError):
-                    bpf._bpf(BPF_LINK_DETACH, _LinkDetachAttr(link_fd=fd), f"detach link {pin}")
+                    syscall._bpf(BPF_LINK_DETACH, _LinkDetachAttr(link_fd=fd), f"detach link {pin}")
                 report.links.append(str(pin))
         finally:
             os.close(fd)
@@ -93,7 +94,7 @@ def _scan_pins(root: Path, report: TeardownReport) -> set[int]:
 
 def _prog_name(prog_id: int) -> str:
     try:
-        with bpf.BpfProgram.from_id(prog_id) as prog:
+        with syscall.BpfProgram.from_id(prog_id) as prog:
             return prog.info.name
     except OSError:
         return "?"

@@ -6,15 +6,15 @@ from __future__ import annotations
 import functools
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from nfctl import progress
-from nfctl.compiler.build import BuildResult, MapInfo
+from nfctl.bpf.mapinfo import map_codecs
+from nfctl.builder.check import check_entries
+from nfctl.compiler.build import BuildResult
 from nfctl.compiler.client import PreparedNF, build_request, prepare, run_parallel
-from nfctl.datapath.layout import LayoutError, TypeLayout, declared_types, network_order_fields
 from nfctl.diagnostics import Diagnostic
 from nfctl.manifest.repo import scan_repo
 from nfctl.uapi_headers import internal_header_warnings
@@ -74,105 +74,6 @@ class ValidationReport:
             "errors": [e.to_dict() for e in self.errors],
             "warnings": [w.to_dict() for w in self.warnings],
         }
-
-
-MANAGEABLE_MAP_TYPES = frozenset(
-    {"hash", "array", "lru_hash", "lpm_trie", "percpu_hash", "percpu_array", "lru_percpu_hash"}
-)
-
-
-def map_layouts(info: MapInfo, source: str) -> tuple[TypeLayout, TypeLayout]:
-    key_type, value_type = declared_types(source).get(info.name, (None, None))
-    return (
-        TypeLayout(info.key_desc, network_order_fields(source, info.key_desc, key_type)),
-        TypeLayout(info.value_desc, network_order_fields(source, info.value_desc, value_type)),
-    )
-
-
-LayoutsOf = Callable[[MapInfo], tuple[TypeLayout, TypeLayout]]
-
-
-def check_entries(
-    prepared: PreparedNF, maps: list[MapInfo], layouts_of: LayoutsOf
-) -> list[Diagnostic]:
-    """Every map the manifest names exists; every managed entry encodes into the map's C key
-    and value types, once per key, within array bounds; exported fields exist. Used by
-    `nfctl validate` and by the agent before a new version goes live."""
-    manifest, nf, source_rel = prepared.manifest, prepared.nf, prepared.source_name
-    problems: list[Diagnostic] = []
-    declared = {m.name: m for m in maps}
-    for map_name, spec in nf.spec.maps.items():
-        field_base = f"spec.maps.{map_name}"
-        info = declared.get(map_name)
-        if info is None:
-            problems.append(
-                manifest.diagnostic(
-                    field_base,
-                    (
-                        f"map {map_name!r} is not declared in {source_rel}"
-                        f" (declared: {', '.join(sorted(declared)) or 'none'})"
-                    ),
-                )
-            )
-            continue
-        if spec.managed and info.map_type not in MANAGEABLE_MAP_TYPES:
-            problems.append(
-                manifest.diagnostic(field_base, f"a {info.map_type} map cannot be managed from Git")
-            )
-            continue
-        key_layout, value_layout = layouts_of(info)
-        seen_keys: dict[bytes, int] = {}
-        for index, entry in enumerate(spec.entries):
-            for part, layout, value in (
-                ("key", key_layout, entry.key),
-                ("value", value_layout, entry.value),
-            ):
-                field_path = f"{field_base}.entries.{index}.{part}"
-                try:
-                    encoded = layout.encode(value)
-                except LayoutError as exc:
-                    problems.append(manifest.diagnostic(field_path, str(exc)))
-                    continue
-                if part == "key":
-                    if encoded in seen_keys:
-                        problems.append(
-                            manifest.diagnostic(
-                                field_path, f"duplicate key (same as entry {seen_keys[encoded]})"
-                            )
-                        )
-                    seen_keys[encoded] = index
-                    if info.map_type in ("array", "percpu_array"):
-                        index_value = int.from_bytes(encoded[:4], "little")
-                        if index_value >= info.max_entries:
-                            problems.append(
-                                manifest.diagnostic(
-                                    field_path,
-                                    (
-                                        f"array index {index_value} is out of range "
-                                        f"(max_entries {info.max_entries})"
-                                    ),
-                                )
-                            )
-        if len(spec.entries) > info.max_entries:
-            problems.append(
-                manifest.diagnostic(
-                    f"{field_base}.entries",
-                    f"{len(spec.entries)} entries exceed max_entries {info.max_entries}",
-                )
-            )
-        for export_index, export in enumerate(spec.export):
-            if export.field and not _has_field(info.value_desc, export.field):
-                export_path = f"{field_base}.export.{export_index}.field"
-                problems.append(
-                    manifest.diagnostic(export_path, f"value type has no field {export.field!r}")
-                )
-    return problems
-
-
-def _has_field(desc: Any, name: str) -> bool:
-    if isinstance(desc, str):
-        return False
-    return any(f[0] == name for f in desc[1])
 
 
 def _tests_file_problems(prepared: PreparedNF, repo_root: Path) -> list[Diagnostic]:
@@ -246,7 +147,7 @@ def validate_path(path: Path, compile_programs: bool = True) -> ValidationReport
                     source = prepared.bundle.main_text if prepared.bundle else ""
                     nf_report.errors.extend(
                         check_entries(
-                            prepared, result.maps, functools.partial(map_layouts, source=source)
+                            prepared, result.maps, functools.partial(map_codecs, source=source)
                         )
                     )
                 except Exception as exc:  # report, never a traceback in a user's CI

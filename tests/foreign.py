@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from nfctl.datapath import bpf, links, xdp
+from nfctl.bpf import syscall
+from nfctl.datapath import links, xdp
 from nfctl.datapath.dispatcher import TcSettings
 from nfctl.netns import run
 
@@ -16,7 +17,7 @@ def force_foreign_xdp(netns: str, ifname: str, name: str = "other_tool") -> None
     """Attach another program over ours with plain netlink (no compare-and-swap)."""
     from pyroute2 import IPRoute
 
-    fd = bpf.load_return_program(bpf.PROG_TYPE_XDP, XDP_PASS, name)
+    fd = syscall.load_return_program(syscall.PROG_TYPE_XDP, XDP_PASS, name)
     try:
         with IPRoute(netns=netns) as ipr:
             index = ipr.link_lookup(ifname=ifname)[0]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from nfctl.builder.builder import Builder
 from nfctl.datapath.datapath import ChainMember, Datapath, DatapathError, LoadedBuild
 from nfctl.manifest.model import Hook, IncompatibleMapPolicy
 from nfctl.netns import VethPair, run
@@ -31,7 +32,7 @@ def load_counting(
 ) -> LoadedBuild:
     source, function, cflags = counting_nf(hook.value, version)
     write_nf(folder, name, source, function, hook=hook.value, priority=priority, cflags=cflags)
-    return dp.load(prepare_nf(folder, name))
+    return Builder(dp).build(prepare_nf(folder, name))
 
 
 def member(loaded: LoadedBuild) -> ChainMember:
@@ -159,7 +160,7 @@ def test_failed_new_version_keeps_the_old_one(
 
     write_nf(tmp_path, "guard", bad_source, "xdp_main", version="2.0.0")
     with pytest.raises(DatapathError) as failure:
-        datapath.load(prepare_nf(tmp_path, "guard"))
+        Builder(datapath).build(prepare_nf(tmp_path, "guard"))
     diags = failure.value.diagnostics
     assert diags and diags[0].file.endswith("guard/guard.c") and diags[0].line is not None
     if bad_source is VERIFIER_REJECT_NF:
@@ -170,7 +171,7 @@ def test_failed_new_version_keeps_the_old_one(
     assert datapath.chain_prog_ids(veth.a_if, Hook.XDP) == [good.prog_id]
     assert veth.ping_a_from_b(3) == 3
     assert seen(datapath, good, Hook.XDP) == 5
-    assert sorted(p.name for p in datapath.layout.pinned_progs("guard")) == [good.build_hash[:32]]
+    assert sorted(p.name for p in datapath.paths.pinned_progs("guard")) == [good.build_hash[:32]]
 
 
 STATS_V1 = r"""
@@ -212,7 +213,7 @@ def test_incompatible_map_follows_policy(
     datapath: Datapath, veth: VethPair, tmp_path: Path, policy: IncompatibleMapPolicy
 ) -> None:
     _stats_nf(tmp_path, STATS_V1, 64, "1.0.0")
-    v1 = datapath.load(prepare_nf(tmp_path, "stats"))
+    v1 = Builder(datapath).build(prepare_nf(tmp_path, "stats"))
     datapath.set_chain(veth.a_if, Hook.XDP, [member(v1)])
     assert veth.ping_a_from_b(4) == 4
     assert dict(datapath.map_entries(v1, "per_proto"))[1]["packets"] >= 4
@@ -222,21 +223,21 @@ def test_incompatible_map_follows_policy(
     policies = {"per_proto": policy}
     if policy is IncompatibleMapPolicy.FAIL:
         with pytest.raises(DatapathError, match="incompatible"):
-            datapath.load(prepare_nf(tmp_path, "stats"), policies)
+            Builder(datapath).build(prepare_nf(tmp_path, "stats"), policies)
         assert datapath.chain_prog_ids(veth.a_if, Hook.XDP) == [v1.prog_id]
-        from nfctl.datapath.bpf import BpfMap
+        from nfctl.bpf.syscall import BpfMap
 
-        with BpfMap.from_pin(str(datapath.layout.map_pin("stats", "per_proto"))) as m:
+        with BpfMap.from_pin(str(datapath.paths.map_pin("stats", "per_proto"))) as m:
             assert (m.info.value_size, m.info.max_entries) == (8, 64)
         return
 
-    v2 = datapath.load(prepare_nf(tmp_path, "stats"), policies)
+    v2 = Builder(datapath).build(prepare_nf(tmp_path, "stats"), policies)
     assert len(v2.swaps) == 1
     datapath.set_chain(veth.a_if, Hook.XDP, [member(v2)])
-    datapath.commit(v2)
-    from nfctl.datapath.bpf import BpfMap
+    Builder(datapath).commit(v2)
+    from nfctl.bpf.syscall import BpfMap
 
-    with BpfMap.from_pin(str(datapath.layout.map_pin("stats", "per_proto"))) as m:
+    with BpfMap.from_pin(str(datapath.paths.map_pin("stats", "per_proto"))) as m:
         assert (m.info.value_size, m.info.max_entries) == (16, 128)
     assert veth.ping_a_from_b(3) == 3
     after = dict(datapath.map_entries(v2, "per_proto"))[1]
@@ -287,7 +288,7 @@ def test_typed_entries_reach_the_program(
     datapath: Datapath, veth: VethPair, tmp_path: Path
 ) -> None:
     write_nf(tmp_path, "lpm", LPM_NF, "xdp_main")
-    loaded = datapath.load(prepare_nf(tmp_path, "lpm"))
+    loaded = Builder(datapath).build(prepare_nf(tmp_path, "lpm"))
     datapath.set_chain(veth.a_if, Hook.XDP, [member(loaded)])
     extra = veth.b_ip.rsplit(".", 1)[0] + ".77"
     veth.add_b_address(extra)
@@ -304,9 +305,9 @@ def test_typed_entries_reach_the_program(
     datapath.sync_entries(loaded, "peers", [(1, peer)])
     stored = dict(datapath.map_entries(loaded, "peers"))[1]
     assert stored == peer
-    from nfctl.datapath.bpf import BpfMap
+    from nfctl.bpf.syscall import BpfMap
 
-    with BpfMap.from_pin(str(datapath.layout.map_pin("lpm", "peers"))) as raw_map:
+    with BpfMap.from_pin(str(datapath.paths.map_pin("lpm", "peers"))) as raw_map:
         raw = dict(raw_map.items())[(1).to_bytes(4, "little")]
     assert raw[6:8] == (8080).to_bytes(2, "big")  # __be16: network order in the kernel
     assert raw[:6] == bytes.fromhex("02005e100001")
@@ -316,11 +317,12 @@ ATTACHER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
+    from nfctl.builder.builder import Builder
     from nfctl.datapath.datapath import ChainMember, Datapath
     from tests.helpers import prepare_nf
     root, state, netns, ifname, folder = sys.argv[1:6]
     dp = Datapath(Path(root), Path(state), netns=netns)
-    loaded = dp.load(prepare_nf(Path(folder), "survivor"))
+    loaded = Builder(dp).build(prepare_nf(Path(folder), "survivor"))
     dp.set_chain(ifname, __import__("nfctl.manifest.model").manifest.model.Hook.XDP,
                  [ChainMember(loaded.nf, loaded.build_hash, loaded.prog_pin)])
     dp.sync_entries(loaded, "drop_flag", [(0, 0)])

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from nfctl.builder.builder import Builder
 from nfctl.datapath.datapath import ChainMember, Datapath
 from nfctl.manifest.model import Hook
 from nfctl.netns import VethPair
@@ -49,7 +50,7 @@ def test_in6_addr_field_takes_an_ipv6_string(
     datapath: Datapath, veth: VethPair, tmp_path: Path
 ) -> None:
     write_nf(tmp_path, "v6block", V6_BLOCK_NF, "xdp_v6")
-    loaded = datapath.load(prepare_nf(tmp_path, "v6block"))
+    loaded = Builder(datapath).build(prepare_nf(tmp_path, "v6block"))
     datapath.set_chain(
         veth.a_if, Hook.XDP, [ChainMember("v6block", loaded.build_hash, loaded.prog_pin)]
     )

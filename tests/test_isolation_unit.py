@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import struct
 
-from nfctl.compiler.codegen import WRAPPER_FILE, ChainNames, PinLayout, nf_program
+from nfctl.compiler.codegen import WRAPPER_FILE, BuildPins, ChainNames, nf_program
 from nfctl.compiler.isolation import (
     BPF_FUNC_TAIL_CALL,
     ProgramRefs,
@@ -103,7 +103,7 @@ def generated(names: ChainNames) -> tuple[str, str]:
         function="f",
         hook=Hook.XDP,
         build_hash="ab" * 32,
-        pins=PinLayout(),
+        pins=BuildPins(),
         names=names,
     )
     before, _, after = text.partition(AUTHOR)

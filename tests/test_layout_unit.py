@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from nfctl.bpf.codec import CodecError, TypeCodec, declared_types, network_order_fields
 from nfctl.datapath.entries import convert_value
-from nfctl.datapath.layout import LayoutError, TypeLayout, declared_types, network_order_fields
 
 KEY4 = [
     "key4",
@@ -25,43 +25,43 @@ NESTED = [
 
 
 def test_scalars_ranges_and_host_order() -> None:
-    u32 = TypeLayout("unsigned int")
+    u32 = TypeCodec("unsigned int")
     assert u32.encode(1) == b"\x01\x00\x00\x00"
     assert u32.encode("0x10") == b"\x10\x00\x00\x00"
     assert u32.decode(u32.encode(4_000_000_000)) == 4_000_000_000
-    with pytest.raises(LayoutError, match="does not fit"):
-        TypeLayout("unsigned char").encode(300)
-    assert TypeLayout("int").decode(TypeLayout("int").encode(-5)) == -5
-    with pytest.raises(LayoutError, match="expected an integer"):
+    with pytest.raises(CodecError, match="does not fit"):
+        TypeCodec("unsigned char").encode(300)
+    assert TypeCodec("int").decode(TypeCodec("int").encode(-5)) == -5
+    with pytest.raises(CodecError, match="expected an integer"):
         u32.encode("ten")
 
 
 def test_addresses_are_network_order_and_big_endian_fields_marked() -> None:
-    layout = TypeLayout(KEY4, frozenset({"addr", "port"}))
-    raw = layout.encode({"addr": "192.0.2.1", "port": 443, "mac": "02:00:5e:00:53:01"})
+    codec = TypeCodec(KEY4, frozenset({"addr", "port"}))
+    raw = codec.encode({"addr": "192.0.2.1", "port": 443, "mac": "02:00:5e:00:53:01"})
     assert raw[:4] == bytes([192, 0, 2, 1]) and raw[4:6] == (443).to_bytes(2, "big")
     assert raw[6:] == bytes.fromhex("02005e005301") and len(raw) == 12
-    assert layout.decode(raw) == {"addr": "192.0.2.1", "port": 443, "mac": "02:00:5e:00:53:01"}
-    whole = TypeLayout("unsigned int", frozenset({""}))
+    assert codec.decode(raw) == {"addr": "192.0.2.1", "port": 443, "mac": "02:00:5e:00:53:01"}
+    whole = TypeCodec("unsigned int", frozenset({""}))
     assert whole.encode("203.0.113.7") == bytes([203, 0, 113, 7])
     assert whole.decode(whole.encode("203.0.113.7")) == "203.0.113.7"
 
 
 def test_ipv6_cidr_nested_unknown_fields_and_sizes() -> None:
-    assert TypeLayout(V6).decode(TypeLayout(V6).encode({"addr": "2001:db8::1"})) == {
+    assert TypeCodec(V6).decode(TypeCodec(V6).encode({"addr": "2001:db8::1"})) == {
         "addr": "2001:db8::1"
     }
-    with pytest.raises(LayoutError, match="IPv6 address needs 16 bytes"):
-        TypeLayout("unsigned int").encode("2001:db8::1")
-    lpm = TypeLayout(LPM, frozenset({"addr"}))
+    with pytest.raises(CodecError, match="IPv6 address needs 16 bytes"):
+        TypeCodec("unsigned int").encode("2001:db8::1")
+    lpm = TypeCodec(LPM, frozenset({"addr"}))
     assert lpm.decode(lpm.encode("10.1.2.0/24")) == {"prefixlen": 24, "addr": "10.1.2.0"}
-    nested = TypeLayout(NESTED)
+    nested = TypeCodec(NESTED)
     assert nested.size == 24  # alignment follows the C ABI
     assert nested.decode(nested.encode({"inner": {"b": 7}, "n": -1})) == {
         "inner": {"a": 0, "b": 7},
         "n": -1,
     }
-    with pytest.raises(LayoutError, match="unknown field"):
+    with pytest.raises(CodecError, match="unknown field"):
         nested.encode({"inner": {"c": 1}})
 
 
@@ -76,8 +76,8 @@ def test_source_hints_for_byte_order() -> None:
 
 
 def test_migration_projects_fields_by_name() -> None:
-    old = TypeLayout(["s", [["packets", "unsigned long long"]], "struct"])
-    new = TypeLayout(
+    old = TypeCodec(["s", [["packets", "unsigned long long"]], "struct"])
+    new = TypeCodec(
         ["s", [["packets", "unsigned long long"], ["bytes", "unsigned long long"]], "struct"]
     )
     raw = convert_value(old, new, old.encode({"packets": 42}))

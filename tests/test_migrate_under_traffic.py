@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from nfctl.builder.builder import Builder
 from nfctl.datapath.datapath import ChainMember, Datapath, LoadedBuild
 from nfctl.manifest.model import Hook
 from nfctl.netns import VethPair
@@ -69,7 +70,7 @@ def load_counter(dp: Datapath, folder: Path, map_type: str, v2: bool) -> LoadedB
     source = COUNTER_NF.replace("MAP_DECL", MAP_DECLS[map_type])
     version = "2.0.0" if v2 else "1.0.0"
     write_nf(folder, "counter", source, "xdp_main", version=version, cflags=[f"-DV2={int(v2)}"])
-    return dp.load(prepare_nf(folder, "counter"))
+    return Builder(dp).build(prepare_nf(folder, "counter"))
 
 
 def packets(dp: Datapath, loaded: LoadedBuild) -> int:
@@ -97,7 +98,7 @@ def test_migration_keeps_counts_written_until_the_switch(
         time.sleep(0.5)
         datapath.set_chain(veth.a_if, Hook.XDP, [ChainMember(v2.nf, v2.build_hash, v2.prog_pin)])
         time.sleep(0.3)
-        datapath.commit(v2)
+        Builder(datapath).commit(v2)
         switched_mid_flood = flood.thread.is_alive()
     sent, received = flood.result()
 

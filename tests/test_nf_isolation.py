@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from nfctl.builder.builder import Builder
 from nfctl.datapath.datapath import ChainMember, Datapath, DatapathError, LoadedBuild
 from nfctl.manifest.model import Hook
 from nfctl.netns import VethPair
@@ -228,9 +229,9 @@ def other_replies(veth: VethPair, other: str) -> int:
 
 
 def load_attacker(datapath: Datapath, repo: Path, source: str, version: str) -> LoadedBuild:
-    source = source.replace("ROOT", str(datapath.layout.root))
+    source = source.replace("ROOT", str(datapath.paths.root))
     write_nf(repo, "attacker", source, "xdp_attack", priority=10, version=version)
-    return datapath.load(prepare_nf(repo, "attacker"))
+    return Builder(datapath).build(prepare_nf(repo, "attacker"))
 
 
 def chain_of_pass_all_and_blocklist(
@@ -239,7 +240,7 @@ def chain_of_pass_all_and_blocklist(
     """A running chain: a harmless first version of the attacker at priority 10, then the
     blocklist blocking b's address. Returns both and another source address on b."""
     first = load_attacker(datapath, repo, PASS_ALL, "1.0.0")
-    blocklist = datapath.load(prepare_library_nf("blocklist"))
+    blocklist = Builder(datapath).build(prepare_library_nf("blocklist"))
     datapath.sync_entries(blocklist, "blocked_v4", [(veth.b_ip, 1)])
     datapath.set_chain(veth.a_if, Hook.XDP, [member(first), member(blocklist)])
     other = str(ipaddress.ip_interface(f"{veth.b_ip}/24").network[3])
@@ -254,7 +255,7 @@ def test_attacker_nf_is_refused_and_blocklist_keeps_blocking(
     datapath: Datapath, veth: VethPair, tmp_path: Path, attack: str
 ) -> None:
     first, blocklist, other = chain_of_pass_all_and_blocklist(datapath, veth, tmp_path)
-    blocklist_pins = datapath.layout.pinned_maps("blocklist")
+    blocklist_pins = datapath.paths.pinned_maps("blocklist")
     try:
         attacker = load_attacker(datapath, tmp_path, ATTACKS[attack], "2.0.0")
     except DatapathError as exc:
@@ -273,8 +274,8 @@ def test_attacker_nf_is_refused_and_blocklist_keeps_blocking(
     assert other_replies(veth, other) == 3
     assert dict(datapath.map_entries(blocklist, "blocked_v4")) == {veth.b_ip: 1}
     # a refused build leaves no program pinned beside the running one, nothing planted
-    assert datapath.layout.pinned_maps("blocklist") == blocklist_pins
-    assert [p.name for p in datapath.layout.pinned_progs("attacker")] == [first.prog_pin.name]
+    assert datapath.paths.pinned_maps("blocklist") == blocklist_pins
+    assert [p.name for p in datapath.paths.pinned_progs("attacker")] == [first.prog_pin.name]
 
 
 @pytest.mark.parametrize("attack", sorted(NEUTRALISED))
@@ -307,15 +308,15 @@ def test_tc_attacker_cannot_skip_a_later_tc_firewall(
     """The same check on tc-ingress: a later NF drops b's pings; the attacker is refused."""
     source, function, cflags = counting_nf("tc-ingress")
     write_nf(tmp_path, "fw", source, function, hook="tc-ingress", priority=20, cflags=cflags)
-    firewall = datapath.load(prepare_nf(tmp_path, "fw"))
+    firewall = Builder(datapath).build(prepare_nf(tmp_path, "fw"))
     datapath.sync_entries(firewall, "drop_flag", [(0, 1)])
     datapath.set_chain(veth.a_if, Hook.TC_INGRESS, [member(firewall)])
     assert veth.ping_a_from_b(PINGS, timeout_s=REPLY_WAIT_S) == 0
 
-    attack = TC_CURSOR_ATTACK.replace("ROOT", str(datapath.layout.root))
+    attack = TC_CURSOR_ATTACK.replace("ROOT", str(datapath.paths.root))
     write_nf(tmp_path, "attacker", attack, "tc_attack", hook="tc-ingress", priority=10)
     with pytest.raises(DatapathError) as refused:
-        datapath.load(prepare_nf(tmp_path, "attacker"))
+        Builder(datapath).build(prepare_nf(tmp_path, "attacker"))
     messages = [d.message for d in refused.value.diagnostics]
     assert any("chain's internal state" in m for m in messages), messages
     assert datapath.chain_prog_ids(veth.a_if, Hook.TC_INGRESS) == [firewall.prog_id]

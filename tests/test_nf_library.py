@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from nfctl.builder.builder import Builder
 from nfctl.datapath.datapath import ChainMember, Datapath, LoadedBuild
 from nfctl.manifest.model import Hook
 from nfctl.netns import VethPair, run
@@ -47,7 +48,7 @@ def attach_library_nf(datapath: Datapath, veth: VethPair, name: str, hook: Hook)
     """Compile, load and attach the library NF `name` alone on (a_if, hook)."""
     prepared = prepare_library_nf(name)
     assert prepared.nf.spec.attach.hook is hook, f"{name} is declared for another hook"
-    loaded = datapath.load(prepared)
+    loaded = Builder(datapath).build(prepared)
     assert loaded.compiled
     datapath.set_chain(
         veth.a_if, hook, [ChainMember(loaded.nf, loaded.build_hash, loaded.prog_pin)]

@@ -16,8 +16,8 @@ import yaml
 from junitparser import Failure as JUnitFailure
 from junitparser import JUnitXml
 
-from nfctl.compiler.codegen import entry_name
-from nfctl.datapath import bpf
+from nfctl.bpf import syscall
+from nfctl.bpf.abi import entry_name
 from nfctl.nftest.results import CaseResult, TestReport
 from nfctl.nftest.runner import run_tests
 from tests.agent_harness import nfctl
@@ -345,9 +345,9 @@ def test_tests_never_touch_pinned_maps(tmp_path: Path) -> None:
     result = run_tests(root, repo_root=root)
     assert result.ok, result.to_dict()
     alive = []
-    for prog_id in bpf.prog_ids():
+    for prog_id in syscall.prog_ids():
         try:
-            with bpf.BpfProgram.from_id(prog_id) as prog:
+            with syscall.BpfProgram.from_id(prog_id) as prog:
                 alive.append(prog.info.name)
         except OSError:
             continue  # freed meanwhile

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from nfctl.bpf import syscall
+from nfctl.builder.builder import Builder
 from nfctl.compiler.client import PreparedNF
-from nfctl.datapath import bpf
 from nfctl.datapath.datapath import Datapath, LoadedBuild
 from nfctl.nftest.build import remove_scratch, scratch_pin
 from nfctl.nftest.gate import gate_problems
@@ -41,25 +42,25 @@ def blocklist_repo(root: Path, version: str, broken: bool = False) -> PreparedNF
 def live_state(datapath: Datapath) -> dict[str, tuple[int, list[tuple[bytes, bytes]]]]:
     """Every pinned map of the blocklist: its id and its entries."""
     state = {}
-    for pin in datapath.layout.pinned_maps("blocklist"):
-        with bpf.BpfMap.from_pin(str(pin)) as live:
+    for pin in datapath.paths.pinned_maps("blocklist"):
+        with syscall.BpfMap.from_pin(str(pin)) as live:
             state[pin.name] = (live.info.map_id, sorted(live.items()))
     return state
 
 
 def running_blocklist(datapath: Datapath, root: Path) -> LoadedBuild:
     """Version 1 with live data a test would destroy: a rule of its own, 77 drops counted."""
-    v1 = datapath.load(blocklist_repo(root, "1.0.0"))
+    v1 = Builder(datapath).build(blocklist_repo(root, "1.0.0"))
     datapath.sync_entries(v1, "blocked_v4", [("192.0.2.55", 1), ("203.0.113.7", 1)])
-    with bpf.BpfMap.from_pin(str(datapath.layout.map_pin("blocklist", "drops"))) as drops:
+    with syscall.BpfMap.from_pin(str(datapath.paths.map_pin("blocklist", "drops"))) as drops:
         drops.update((0).to_bytes(4, "little"), (77).to_bytes(8, "little") * _cpus())
     return v1
 
 
 def program_map_ids(pin: Path) -> set[int]:
-    fd = bpf.obj_get(str(pin))
+    fd = syscall.obj_get(str(pin))
     try:
-        return set(bpf.prog_info(fd).map_ids)
+        return set(syscall.prog_info(fd).map_ids)
     finally:
         os.close(fd)
 
@@ -72,7 +73,7 @@ def test_gate_runs_on_a_private_copy_and_never_touches_live_maps(
     assert before["drops"][1] and before["blocked_v4"][1]
 
     prepared = blocklist_repo(tmp_path, "1.1.0")
-    v2 = datapath.load(prepared, test_pin=scratch_pin("blocklist"))
+    v2 = Builder(datapath).build(prepared, test_pin=scratch_pin("blocklist"))
     assert v2.compiled and v2.test_copy_error == ""
     assert v2.test_pin is not None and v2.test_pin.exists()
     live_ids = {map_id for map_id, _ in before.values()}
@@ -95,7 +96,7 @@ def test_gate_on_the_private_copy_refuses_a_version_whose_tests_fail(
     before = live_state(datapath)
 
     prepared = blocklist_repo(tmp_path, "1.1.0", broken=True)
-    v2 = datapath.load(prepared, test_pin=scratch_pin("blocklist"))
+    v2 = Builder(datapath).build(prepared, test_pin=scratch_pin("blocklist"))
     assert v2.test_pin is not None and v2.test_copy_error == ""
 
     caplog.set_level(logging.INFO, logger="nfctl.nftest.gate")
@@ -132,7 +133,7 @@ def test_gate_falls_back_to_a_test_build_for_chain_cases(
       verdict: drop
 """
     tests_path.write_text(tests_path.read_text() + chain_case)
-    loaded = datapath.load(prepared, test_pin=scratch_pin("blocklist"))
+    loaded = Builder(datapath).build(prepared, test_pin=scratch_pin("blocklist"))
     assert loaded.test_pin is not None
 
     caplog.set_level(logging.INFO, logger="nfctl.nftest.gate")

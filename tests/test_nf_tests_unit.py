@@ -9,13 +9,13 @@ import pytest
 from junitparser import Error as JUnitError
 from junitparser import JUnitXml
 
-from nfctl.datapath.bpf import struct_pack_insns
+from nfctl.bpf.progcopy import CopyError, map_fd_slots, rewrite_map_fds
+from nfctl.bpf.syscall import struct_pack_insns
 from nfctl.diagnostics import Diagnostic
 from nfctl.nftest.load import load_tests
 from nfctl.nftest.maps import add_values, matches_increase, subtract_values
 from nfctl.nftest.model import Packet
 from nfctl.nftest.packet import build_packet, packet_fields, same_value
-from nfctl.nftest.private import CopyError, map_fd_slots, rewrite_map_fds
 from nfctl.nftest.results import CaseResult, Failure, TestReport, junit_xml
 
 HEAD = "apiVersion: nfctl.io/v1alpha1\nkind: NetworkFunctionTests\ncases:\n"

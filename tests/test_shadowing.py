@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from nfctl.datapath import bpf, links
+from nfctl.bpf import syscall
+from nfctl.builder.builder import Builder
+from nfctl.datapath import links
 from nfctl.datapath.datapath import ChainMember, Datapath
 from nfctl.datapath.shadowscan import scan
 from nfctl.manifest.model import Hook
@@ -36,13 +38,13 @@ TCX_PASS = 0  # TC_ACT_OK: what a CNI returns for traffic it lets through
 @contextmanager
 def cni_like_tcx(veth: VethPair, name: str = "cil_from_netdev") -> Iterator[int]:
     """A foreign TCX program put first on ingress of a, returning pass; yields its id."""
-    prog = bpf.load_return_program(bpf.PROG_TYPE_SCHED_CLS, TCX_PASS, name)
+    prog = syscall.load_return_program(syscall.PROG_TYPE_SCHED_CLS, TCX_PASS, name)
     index = int(run("cat", f"/sys/class/net/{veth.a_if}/ifindex", netns=veth.ns_a))
     try:
         with links.in_netns(veth.ns_a):
             link = links.link_create(prog, index, links.BPF_TCX_INGRESS, links.BPF_F_BEFORE)
         try:
-            yield bpf.prog_info(prog).prog_id
+            yield syscall.prog_info(prog).prog_id
         finally:
             os.close(link)
     finally:
@@ -64,7 +66,7 @@ def test_doctor_scan_names_what_runs_before_our_chain(
     try:
         source, function, cflags = counting_nf("tc-ingress")
         write_nf(tmp_path, "fw", source, function, hook="tc-ingress", cflags=cflags)
-        loaded = dp.load(prepare_nf(tmp_path, "fw"))
+        loaded = Builder(dp).build(prepare_nf(tmp_path, "fw"))
         dp.set_chain(
             veth.a_if, Hook.TC_INGRESS, [ChainMember("fw", loaded.build_hash, loaded.prog_pin)]
         )

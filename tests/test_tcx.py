@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from nfctl.datapath import bpf, hooklinks, links
+from nfctl.bpf import syscall
+from nfctl.builder.builder import Builder
+from nfctl.datapath import hooklinks, links
 from nfctl.datapath.datapath import ChainMember, Datapath, DatapathError, LoadedBuild
 from nfctl.manifest.model import Hook
 from nfctl.netns import VethPair, run
@@ -31,7 +33,7 @@ VERDICTS = {"next": TCX_NEXT, "pass": TCX_PASS, "drop": TCX_DROP}
 def load_counting(dp: Datapath, folder: Path, name: str, hook: Hook) -> LoadedBuild:
     source, function, cflags = counting_nf(hook.value)
     write_nf(folder, name, source, function, hook=hook.value, cflags=cflags)
-    return dp.load(prepare_nf(folder, name))
+    return Builder(dp).build(prepare_nf(folder, name))
 
 
 def member(loaded: LoadedBuild) -> ChainMember:
@@ -51,12 +53,12 @@ def foreign_tcx(
     veth: VethPair, verdict: int, name: str, where: int = links.BPF_F_BEFORE
 ) -> Iterator[int]:
     """Another tool's TCX program (as a CNI attaches it) on ingress of a; yields its id."""
-    prog = bpf.load_return_program(bpf.PROG_TYPE_SCHED_CLS, verdict, name)
+    prog = syscall.load_return_program(syscall.PROG_TYPE_SCHED_CLS, verdict, name)
     try:
         with links.in_netns(veth.ns_a):
             link = links.link_create(prog, ifindex(veth), links.BPF_TCX_INGRESS, where)
         try:
-            yield bpf.prog_info(prog).prog_id
+            yield syscall.prog_info(prog).prog_id
         finally:
             os.close(link)
     finally:
@@ -98,7 +100,7 @@ def test_chain_attaches_through_a_pinned_link(
     nf = load_counting(datapath, tmp_path, "linked", hook)
     mode = datapath.set_chain(veth.a_if, hook, [member(nf)])
     assert mode == ("tcx" if hook is Hook.TC_INGRESS else "native")
-    pin = hooklinks.link_pin(datapath.layout, hook, ifindex(veth))
+    pin = hooklinks.link_pin(datapath.paths, hook, ifindex(veth))
     assert pin.exists()
     filters = run("tc", "filter", "show", "dev", veth.a_if, "ingress", netns=veth.ns_a)
     assert "bpf" not in filters  # no cls_bpf filter: the link is the attachment
@@ -126,9 +128,9 @@ def test_link_update_is_compare_and_swap(
 ) -> None:
     nf = load_counting(datapath, tmp_path, "cas", Hook.TC_INGRESS)
     datapath.set_chain(veth.a_if, Hook.TC_INGRESS, [member(nf)])
-    pin = str(hooklinks.link_pin(datapath.layout, Hook.TC_INGRESS, ifindex(veth)))
-    other = bpf.load_return_program(bpf.PROG_TYPE_SCHED_CLS, TCX_NEXT, "nfctl_other")
-    stale = bpf.load_return_program(bpf.PROG_TYPE_SCHED_CLS, TCX_NEXT, "stale")
+    pin = str(hooklinks.link_pin(datapath.paths, Hook.TC_INGRESS, ifindex(veth)))
+    other = syscall.load_return_program(syscall.PROG_TYPE_SCHED_CLS, TCX_NEXT, "nfctl_other")
+    stale = syscall.load_return_program(syscall.PROG_TYPE_SCHED_CLS, TCX_NEXT, "stale")
     try:
         with links.PinnedLink(links.obj_get(pin)) as link:
             before = link.info.link_id
@@ -137,7 +139,7 @@ def test_link_update_is_compare_and_swap(
             links.link_update(link.fd, other, datapath.dispatcher(Hook.TC_INGRESS).fd)
         with links.PinnedLink(links.obj_get(pin)) as link:
             assert link.info.link_id == before
-            assert link.info.prog_id == bpf.prog_info(other).prog_id
+            assert link.info.prog_id == syscall.prog_info(other).prog_id
         # our attach puts the dispatcher back through the same link
         datapath.set_chain(veth.a_if, Hook.TC_INGRESS, [member(nf)])
         with links.PinnedLink(links.obj_get(pin)) as link:
@@ -152,12 +154,13 @@ ATTACHER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
+    from nfctl.builder.builder import Builder
     from nfctl.datapath.datapath import ChainMember, Datapath
     from nfctl.manifest.model import Hook
     from tests.helpers import prepare_nf
     root, state, netns, ifname, folder = sys.argv[1:6]
     dp = Datapath(Path(root), Path(state), netns=netns)
-    loaded = dp.load(prepare_nf(Path(folder), "survivor"))
+    loaded = Builder(dp).build(prepare_nf(Path(folder), "survivor"))
     mode = dp.set_chain(ifname, Hook.TC_INGRESS,
                         [ChainMember(loaded.nf, loaded.build_hash, loaded.prog_pin)])
     print("attached", mode, flush=True)

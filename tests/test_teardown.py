@@ -17,7 +17,8 @@ from typing import ClassVar
 
 import pytest
 
-from nfctl.datapath import bpf, tc
+from nfctl.bpf import syscall
+from nfctl.datapath import tc
 from nfctl.datapath.netlink import ipr
 from nfctl.netns import VethPair, run, unique_name
 from nfctl.teardown import teardown
@@ -64,11 +65,11 @@ def test_teardown_removes_ours_and_keeps_foreign(lab: Lab) -> None:
     run("ip", "link", "set", other_if, "up", netns=veth.ns_a)
     foreign.force_foreign_xdp(veth.ns_a, other_if, "foreign_xdp")
     foreign_xdp = xdp_prog_id(veth, other_if)
-    tc_fd = bpf.load_return_program(bpf.PROG_TYPE_SCHED_CLS, TC_ACT_OK, "foreign_tc")
+    tc_fd = syscall.load_return_program(syscall.PROG_TYPE_SCHED_CLS, TC_ACT_OK, "foreign_tc")
     foreign_pin = Path("/sys/fs/bpf") / unique_name("k8s-teardown-foreign-")
     try:
-        bpf.obj_pin(tc_fd, str(foreign_pin))
-        foreign_tc = bpf.prog_info(tc_fd).prog_id
+        syscall.obj_pin(tc_fd, str(foreign_pin))
+        foreign_tc = syscall.prog_info(tc_fd).prog_id
         with ipr(veth.ns_a) as handle:
             index = handle.link_lookup(ifname=veth.a_if)[0]
             # nfctl attaches through TCX where the kernel has it: the legacy filter of the
@@ -161,7 +162,7 @@ def _tcx_link_in(netns: str, ifname: str, prog_fd: int) -> int:
             attr = _LinkCreateAttr(
                 prog_fd=prog_fd, target_ifindex=index, attach_type=BPF_TCX_INGRESS
             )
-            result.append(bpf._bpf(BPF_LINK_CREATE, attr, "link create"))
+            result.append(syscall._bpf(BPF_LINK_CREATE, attr, "link create"))
         except BaseException as exc:
             errors.append(exc)
 
@@ -186,13 +187,13 @@ def test_teardown_detaches_pinned_links_even_while_held(
 ) -> None:
     """A bpf_link pinned under our folder is detached (not only unpinned: another fd may
     still hold it); one pinned elsewhere stays attached."""
-    drop = bpf.load_return_program(bpf.PROG_TYPE_SCHED_CLS, TC_ACT_SHOT, "linked_drop")
+    drop = syscall.load_return_program(syscall.PROG_TYPE_SCHED_CLS, TC_ACT_SHOT, "linked_drop")
     ours = theirs = -1
     foreign_pin = Path("/sys/fs/bpf") / unique_name("k8s-teardown-link-")
     try:
         ours = _tcx_link_in(veth.ns_a, veth.a_if, drop)
         (bpffs_root / "links").mkdir(parents=True)
-        bpf.obj_pin(ours, str(bpffs_root / "links" / f"tcx-ingress-{veth.a_if}"))
+        syscall.obj_pin(ours, str(bpffs_root / "links" / f"tcx-ingress-{veth.a_if}"))
         assert _link_ifindex(ours) > 0
         assert veth.ping(veth.ns_b, veth.a_ip, 2, timeout_s=0.3) == 0  # the link drops
 
@@ -201,7 +202,7 @@ def test_teardown_detaches_pinned_links_even_while_held(
             "ip", "link", "add", other, "type", "veth", "peer", "name", other + "p", netns=veth.ns_a
         )
         theirs = _tcx_link_in(veth.ns_a, other, drop)
-        bpf.obj_pin(theirs, str(foreign_pin))
+        syscall.obj_pin(theirs, str(foreign_pin))
 
         report = teardown(bpffs_root, tmp_path / "state", netns=veth.ns_a)
         assert report.links == [str(bpffs_root / "links" / f"tcx-ingress-{veth.a_if}")]

@@ -14,8 +14,8 @@ import pytest
 from pydantic import ValidationError
 
 from nfctl.agent.source import SHA_RE
+from nfctl.bpf.codec import _MAC_RE
 from nfctl.controller.enroll import NODE_NAME_RE
-from nfctl.datapath.layout import _MAC_RE
 from nfctl.manifest.model import NetworkFunction, validate_cflag, validate_interface_glob
 
 NFCTL = Path(__file__).resolve().parents[1] / "nfctl"

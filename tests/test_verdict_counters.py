@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from nfctl.builder.builder import Builder
 from nfctl.datapath.counters import CounterKey, VerdictCounts
 from nfctl.datapath.datapath import ChainMember, Datapath, DatapathError, LoadedBuild
 from nfctl.manifest.model import Hook
@@ -85,7 +86,7 @@ def load_blocker(
         manifest = yaml.safe_load(path.read_text())
         manifest["spec"]["mode"] = mode
         path.write_text(yaml.safe_dump(manifest, sort_keys=False))
-    return dp.load(prepare_nf(folder, name))
+    return Builder(dp).build(prepare_nf(folder, name))
 
 
 def member(loaded: LoadedBuild) -> ChainMember:
@@ -150,7 +151,7 @@ def test_counters_match_traffic_and_survive_a_version_swap(
     assert verdicts(counts(datapath, veth, "blocker", hook)) == {"pass": 10, "drop": 7}
 
     # the agent's restart: a new Datapath reads the same pinned counters
-    with Datapath(datapath.layout.root, tmp_path / "state", netns=veth.ns_a) as again:
+    with Datapath(datapath.paths.root, tmp_path / "state", netns=veth.ns_a) as again:
         assert verdicts(counts(again, veth, "blocker", hook)) == {"pass": 10, "drop": 7}
 
 
@@ -213,10 +214,10 @@ def test_an_nf_cannot_write_the_counters(
     quiet(veth)
     blocker = load_blocker(datapath, tmp_path, Hook.XDP, veth.b_ip)
     datapath.set_chain(veth.a_if, Hook.XDP, [member(blocker)])
-    attack = COUNTER_WRITE_ATTACK.replace("ROOT", str(datapath.layout.root))
+    attack = COUNTER_WRITE_ATTACK.replace("ROOT", str(datapath.paths.root))
     write_nf(tmp_path, "attacker", attack, "xdp_attack", priority=10)
     with pytest.raises(DatapathError) as refused:
-        datapath.load(prepare_nf(tmp_path, "attacker"))
+        Builder(datapath).build(prepare_nf(tmp_path, "attacker"))
     messages = [d.message for d in refused.value.diagnostics]
     assert any("chain's internal state" in m for m in messages), messages
     assert ping_from(veth, veth.b_ip, 3) == 0

@@ -9,11 +9,11 @@ from pathlib import Path
 
 from nfctl.agent.reporting import verdict_totals
 from nfctl.agent.status import NFState, NFStatus, NodeStatus
+from nfctl.bpf.abi import COUNTER_FIELDS
 from nfctl.compiler.build import build_hash
 from nfctl.compiler.codegen import (
-    COUNTER_FIELDS,
+    BuildPins,
     ChainNames,
-    PinLayout,
     nf_program,
 )
 from nfctl.compiler.source_guard import SourceBundle
@@ -60,7 +60,7 @@ def generated(hook: Hook, monitor: bool, counters: bool = True) -> str:
         function="f",
         hook=hook,
         build_hash="a" * 64,
-        pins=PinLayout(),
+        pins=BuildPins(),
         names=ChainNames.fresh(),
         monitor=monitor,
         counters=counters,

@@ -45,9 +45,11 @@ from nfctl.agent.status import (
     SourceStatus,
 )
 from nfctl.agent.store import AppliedNF, StateStore, Suspensions
+from nfctl.bpf.codec import CodecError
+from nfctl.builder.builder import Builder
+from nfctl.builder.check import check_entries
 from nfctl.compiler.client import PreparedNF, prepare
 from nfctl.datapath.datapath import ChainMember, Datapath, DatapathError, LoadedBuild
-from nfctl.datapath.layout import LayoutError
 from nfctl.datapath.observe import AttachPointState
 from nfctl.diagnostics import Diagnostic
 from nfctl.manifest.model import Hook, Mode, NetworkFunction
@@ -56,7 +58,6 @@ from nfctl.nftest.build import remove_scratch, scratch_pin
 from nfctl.nftest.gate import TESTS_FAILED, gate_problems, prepare_cases
 from nfctl.nftest.load import tests_beside
 from nfctl.system import kernel_release
-from nfctl.validate import check_entries
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ class Reconciler(StatusReporting):
     ) -> None:
         self.settings = settings
         self.datapath = datapath
+        self.builder = Builder(datapath)
         self.source = source
         self.store = store
         self.metrics = metrics
@@ -374,7 +376,7 @@ class Reconciler(StatusReporting):
         if not pending:
             return {}
         for hook in {nf.spec.attach.hook for nf, _ in pending}:
-            self.datapath.dispatcher(hook)  # shared chain maps first, then builds in parallel
+            self.builder.ensure_dispatcher(hook)  # shared chain maps first, then builds in parallel
 
         def build(item: tuple[NetworkFunction, PreparedNF]) -> LoadedBuild | DatapathError:
             nf, prepared = item
@@ -392,7 +394,7 @@ class Reconciler(StatusReporting):
                 ahead.start()
             started = time.monotonic()
             try:
-                loaded = self.datapath.load(prepared, policies, test_pin)
+                loaded = self.builder.build(prepared, policies, test_pin)
                 if test_pin is not None and loaded.test_pin is None:
                     remove_scratch(test_pin.parent)  # no copy: the worker's folder stays empty
                 return loaded
@@ -434,7 +436,7 @@ class Reconciler(StatusReporting):
             )
             return
         problems = check_entries(
-            prepared, loaded.record.maps, lambda info: loaded.record.layouts(info.name)
+            prepared, loaded.record.maps, lambda info: loaded.record.codecs(info.name)
         )
         reason: str | None = None
         # a build compiled in this pass (not one adopted from an earlier pass or the pins):
@@ -571,7 +573,7 @@ class Reconciler(StatusReporting):
                         continue
                 members = [
                     ChainMember(
-                        e.nf, e.build_hash, self.datapath.layout.prog_pin(e.nf, e.build_hash)
+                        e.nf, e.build_hash, self.datapath.paths.prog_pin(e.nf, e.build_hash)
                     )
                     for e in entries
                 ]
@@ -653,7 +655,7 @@ class Reconciler(StatusReporting):
                 swaps = ", ".join(
                     f"{w.name} ({w.migrated_entries} entries carried over)" for w in loaded.swaps
                 )
-                self.datapath.commit(loaded)
+                self.builder.commit(loaded)
                 self.event("MapsReplaced", f"incompatible maps replaced: {swaps}", nf=name)
             except OSError as exc:
                 self._fail(name, ErrorInfo(message=f"committing new maps failed: {exc}"))
@@ -712,7 +714,7 @@ class Reconciler(StatusReporting):
                                 self.event("DriftDetected", key, nf=name, warning=True)
                         continue
                     result = self.datapath.sync_entries(loaded, map_name, entries)
-                except (OSError, LayoutError, KeyError) as exc:
+                except (OSError, CodecError, KeyError) as exc:
                     self._fail(name, ErrorInfo(message=f"map {map_name}: {exc}"))
                     ok = False
                     continue

@@ -25,7 +25,7 @@ from nfctl.agent.status import (
     VerdictTotals,
 )
 from nfctl.agent.store import AppliedNF, StateStore
-from nfctl.datapath.bpf import BpfMap
+from nfctl.bpf.syscall import BpfMap
 from nfctl.datapath.counters import CounterKey, VerdictCounts
 from nfctl.datapath.datapath import Datapath, LoadedBuild
 from nfctl.datapath.observe import AttachPointState
@@ -268,7 +268,7 @@ class StatusReporting:
         }
         out = []
         for info in loaded.record.maps:
-            pin = loaded.map_pin(self.datapath.layout, info.name)
+            pin = loaded.map_pin(self.datapath.paths, info.name)
             try:
                 with BpfMap.from_pin(str(pin)) as bmap:
                     count = bmap.count()

@@ -25,6 +25,7 @@ from nfctl.agent.metrics import AgentMetrics, ExportedValue, VerdictSample, serv
 from nfctl.agent.reconciler import AgentSettings, Reconciler
 from nfctl.agent.source import GitSource, SourceSettings, redact
 from nfctl.agent.store import StateStore
+from nfctl.builder.dispatcher import compile_dispatcher
 from nfctl.compiler.client import standby as compile_standby
 from nfctl.datapath.datapath import Datapath
 from nfctl.datapath.dispatcher import TcSettings
@@ -44,7 +45,10 @@ class Agent:
         self.store = StateStore(config.state_dir)
         self.metrics = AgentMetrics()
         self.datapath = Datapath(
-            config.bpffs_dir, config.state_dir, tc_settings=TcSettings(prio=config.tc_priority)
+            config.bpffs_dir,
+            config.state_dir,
+            tc_settings=TcSettings(prio=config.tc_priority),
+            dispatcher_compiler=compile_dispatcher,
         )
         self.source = GitSource(
             SourceSettings(

@@ -7,7 +7,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from nfctl.compiler.codegen import CODEGEN_VERSION, PinLayout
+from nfctl.bpf.abi import CODEGEN_VERSION
+from nfctl.bpf.mapinfo import MapInfo
+from nfctl.compiler.codegen import BuildPins
 from nfctl.compiler.source_guard import SourceBundle
 from nfctl.diagnostics import Diagnostic
 from nfctl.manifest.model import Hook
@@ -50,7 +52,7 @@ class BuildRequest:
     # repository-relative path -> text: every local header the source guard accepted
     local_files: dict[str, str] = field(default_factory=dict)
     install: bool = False  # False: compile + verifier check only, nothing pinned
-    pins: PinLayout = field(default_factory=PinLayout)
+    pins: BuildPins = field(default_factory=BuildPins)
     prog_pin_path: str | None = None
     # the test gate: pin here a private copy of the program (fresh maps, never the live ones)
     test_pin_path: str | None = None
@@ -64,24 +66,7 @@ class BuildRequest:
         pins = data.pop("pins")
         pins["staged_maps"] = tuple(tuple(x) for x in pins.get("staged_maps", ()))
         pins["all_map_names"] = tuple(pins.get("all_map_names", ()))
-        return cls(pins=PinLayout(**pins), **data)
-
-
-@dataclass
-class MapInfo:
-    """One map as the C source declares it (and where it is pinned)."""
-
-    name: str
-    map_type: str  # BCC's table type name: hash, array, lru_hash, percpu_array, ...
-    type_id: int  # kernel BPF_MAP_TYPE_*
-    key_size: int
-    value_size: int
-    max_entries: int
-    flags: int
-    key_desc: Any  # BCC's JSON type description
-    value_desc: Any
-    pin_path: str | None = None
-    created: bool = False  # this build created the map (no earlier pin existed)
+        return cls(pins=BuildPins(**pins), **data)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from nfctl import progress
 from nfctl.compiler.build import BuildRequest, BuildResult, build_hash
-from nfctl.compiler.codegen import PinLayout, function_is_defined
+from nfctl.compiler.codegen import BuildPins, function_is_defined
 from nfctl.compiler.sandbox import (
     ConfinementError,
     explain_worker_failure,
@@ -84,7 +84,7 @@ def build_request(
     prepared: PreparedNF,
     *,
     install: bool = False,
-    pins: PinLayout | None = None,
+    pins: BuildPins | None = None,
     prog_pin_path: str | None = None,
 ) -> BuildRequest:
     assert prepared.bundle is not None and prepared.repo_root is not None
@@ -106,7 +106,7 @@ def build_request(
         repo_root=str(prepared.repo_root),
         local_files=local_files,
         install=install,
-        pins=pins or PinLayout(),
+        pins=pins or BuildPins(),
         prog_pin_path=prog_pin_path,
         monitor=nf.spec.mode is Mode.MONITOR,
     )

@@ -18,23 +18,22 @@ import re
 import secrets
 from dataclasses import dataclass
 
+from nfctl.bpf.abi import (
+    CHAIN_SLOTS,
+    COUNTER_FIELDS,
+    COUNTER_IDS,
+    ERRORS_FIELD,
+    HEADS_MAX,
+    HOOK_IDS,
+    MODES,
+    VERDICTS,
+    dispatcher_name,
+    entry_name,
+)
 from nfctl.compiler.source_guard import logical_lines
 from nfctl.manifest.model import Hook
 
-CODEGEN_VERSION = "5"
-CHAIN_SLOTS = 65536  # prog-array entries per hook type
-RANGE_SIZE = 32  # slots per chain range; the tail-call limit (33) bounds a chain anyway
-HEADS_MAX = 8192
 WRAPPER_FILE = "<nfctl-generated>"
-
-HOOK_IDS = {Hook.XDP: 0, Hook.TC_INGRESS: 1, Hook.TC_EGRESS: 2}
-
-# Verdict counters (nfctl.datapath.counters): one u64 per (mode, verdict), then errors.
-VERDICTS = ("pass", "drop", "redirect", "other")
-MODES = {"enforce": 0, "monitor": 1}
-COUNTER_FIELDS = len(MODES) * len(VERDICTS) + 1
-ERRORS_FIELD = COUNTER_FIELDS - 1
-COUNTER_IDS = 4096  # (nf, attach point) pairs per hook type
 
 # BCC's BPF_F_TABLE body (bcc 0.26 helpers.h) with the section chosen by nfctl. BCC's
 # frontend recognises tables by this struct layout; a test pins user maps end to end so a
@@ -76,7 +75,7 @@ BPF_ANNOTATE_KV_PAIR(_name, _key_type, _leaf_type)
 
 
 @dataclass(frozen=True)
-class PinLayout:
+class BuildPins:
     """Where the generated code pins maps; None fields mean 'do not pin' (verify only)."""
 
     maps_dir: str | None = None
@@ -96,7 +95,7 @@ def _c_string(value: str) -> str:
     return f'"{value}"'
 
 
-def _section_macros(pins: PinLayout) -> str:
+def _section_macros(pins: BuildPins) -> str:
     lines = []
     if pins.maps_dir is None:
         lines.append('#define NFCTL_MAP_SECTION(_t, _name) "maps/" _t')
@@ -123,18 +122,13 @@ def _section(kind: str, path: str | None) -> str:
     return f'"maps/{kind}:" {_c_string(path)}'
 
 
-def _chain_tables(pins: PinLayout) -> str:
+def _chain_tables(pins: BuildPins) -> str:
     return (
         f"NFCTL_TABLE_AT({_section('prog', pins.chain_path)}, u32, u32, nfctl_chain, "
         f"{CHAIN_SLOTS}, 0);\n"
         f"NFCTL_TABLE_AT({_section('percpu_array', pins.cursor_path)}, u32, u32, nfctl_cursor, "
         "1, 0);\n"
     )
-
-
-def entry_name(build_hash: str) -> str:
-    """Kernel program names hold 15 characters: 'nf_' + 12 hex digits of the build hash."""
-    return "nf_" + build_hash[:12]
 
 
 def function_is_static(source: str, function: str) -> bool:
@@ -239,7 +233,7 @@ def nf_program(
     function: str,
     hook: Hook,
     build_hash: str,
-    pins: PinLayout,
+    pins: BuildPins,
     names: ChainNames,
     monitor: bool = False,
     counters: bool = True,
@@ -339,18 +333,7 @@ def nf_program(
     )
 
 
-DISPATCHER_VERSION = "2"
-
-
-def dispatcher_name(hook: Hook) -> str:
-    return {
-        Hook.XDP: "nfctl_xdp",
-        Hook.TC_INGRESS: "nfctl_tc_in",
-        Hook.TC_EGRESS: "nfctl_tc_eg",
-    }[hook]
-
-
-def dispatcher_program(hook: Hook, pins: PinLayout) -> str:
+def dispatcher_program(hook: Hook, pins: BuildPins) -> str:
     """The root program attached to each interface's hook; it starts the chain."""
     if hook is Hook.XDP:
         ctx_type, ifindex, go_on = "struct xdp_md", "ctx->ingress_ifindex", "XDP_PASS"

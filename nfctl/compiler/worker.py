@@ -17,14 +17,11 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from nfctl.compiler.build import BuildRequest, BuildResult, MapInfo, MapMismatch, ProgramInfo
-from nfctl.compiler.codegen import (
-    ChainNames,
-    dispatcher_name,
-    dispatcher_program,
-    entry_name,
-    nf_program,
-)
+from nfctl.bpf import progcopy, progrefs, syscall
+from nfctl.bpf.abi import DISPATCHER_PREFIX, dispatcher_name, entry_name
+from nfctl.bpf.mapinfo import MapInfo
+from nfctl.compiler.build import BuildRequest, BuildResult, MapMismatch, ProgramInfo
+from nfctl.compiler.codegen import ChainNames, dispatcher_program, nf_program
 from nfctl.compiler.diagnose import clang_diagnostics, verifier_diagnostic
 from nfctl.compiler.isolation import ProgramRefs, TableRef, check_isolation, helper_calls
 from nfctl.compiler.sandbox import (
@@ -35,12 +32,8 @@ from nfctl.compiler.sandbox import (
     plan_view,
     runtime_paths,
 )
-from nfctl.datapath import bpf, progrefs
 from nfctl.diagnostics import Diagnostic
 from nfctl.manifest.model import Hook
-from nfctl.nftest import private
-
-DISPATCHER_PREFIX = "dispatcher:"
 
 
 @contextlib.contextmanager
@@ -160,13 +153,13 @@ def build_one(req: BuildRequest) -> BuildResult:
                     for problem in problems
                 ]
                 return result
-        prog = bpf.prog_info(fn.fd)
+        prog = syscall.prog_info(fn.fd)
         pin_path = None
         if req.install and req.prog_pin_path:
             os.makedirs(os.path.dirname(req.prog_pin_path), exist_ok=True)
             if os.path.exists(req.prog_pin_path):
                 os.unlink(req.prog_pin_path)
-            bpf.obj_pin(fn.fd, req.prog_pin_path)
+            syscall.obj_pin(fn.fd, req.prog_pin_path)
             pin_path = req.prog_pin_path
         result.program = ProgramInfo(
             name=prog.name, prog_id=prog.prog_id, tag=prog.tag, pin_path=pin_path
@@ -186,7 +179,7 @@ def build_one(req: BuildRequest) -> BuildResult:
 def _pin_test_copy(
     module: Any, lib: Any, function: str, prog_type: int, path: str, result: BuildResult
 ) -> None:
-    """The gate's private copy of the program just verified (nfctl.nftest.private). Only
+    """The gate's private copy of the program just verified (nfctl.bpf.progcopy). Only
     after the isolation check passed: the copy has the same code, so the same references.
     A copy that fails is reported, not fatal: the gate then makes a test build."""
     import ctypes
@@ -197,10 +190,10 @@ def _pin_test_copy(
         insns = ctypes.string_at(
             lib.bpf_function_start(module.module, name), lib.bpf_function_size(module.module, name)
         )
-        fd = private.load_copy(insns, prog_type, function)
+        fd = progcopy.load_copy(insns, prog_type, function)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            bpf.obj_pin(fd, path)
+            syscall.obj_pin(fd, path)
         finally:
             os.close(fd)
         result.test_pin_path = path
@@ -353,7 +346,7 @@ def _map_infos(module: Any, lib: Any, req: BuildRequest) -> list[MapInfo]:
         infos.append(
             MapInfo(
                 name=name,
-                map_type=bpf.MAP_TYPE_NAMES.get(type_id, str(type_id)),
+                map_type=syscall.MAP_TYPE_NAMES.get(type_id, str(type_id)),
                 type_id=type_id,
                 key_size=lib.bpf_table_key_size_id(handle, index),
                 value_size=lib.bpf_table_leaf_size_id(handle, index),
@@ -376,7 +369,7 @@ def _mismatches(
         fd = lib.bpf_table_fd(module.module, info.name.encode())
         if fd < 0 or info.pin_path in created:
             continue
-        kernel = bpf.map_info(fd)
+        kernel = syscall.map_info(fd)
         declared = {
             "type": info.type_id,
             "key_size": info.key_size,

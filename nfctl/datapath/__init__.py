@@ -1,1 +1,2 @@
-"""Kernel side effects: bpf() syscalls, XDP/TC attachment, chains, pinned maps."""
+"""Kernel side effects: XDP/TC attachment, chains, pinned programs and maps (the bpf()
+wrapper below it is nfctl.bpf). Never compiles: building is nfctl.builder."""

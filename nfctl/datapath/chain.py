@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nfctl.compiler.codegen import CHAIN_SLOTS, HOOK_IDS, RANGE_SIZE
-from nfctl.datapath.bpf import BpfMap
+from nfctl.bpf.abi import CHAIN_SLOTS, HOOK_IDS, RANGE_SIZE
+from nfctl.bpf.syscall import BpfMap
 from nfctl.manifest.model import Hook
 
 MAX_CHAIN_LENGTH = RANGE_SIZE - 1  # the slot after the last NF must stay empty

@@ -22,7 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from nfctl.compiler.codegen import (
+from nfctl.bpf import syscall
+from nfctl.bpf.abi import (
     CHAIN_SLOTS,
     COUNTER_FIELDS,
     COUNTER_IDS,
@@ -31,8 +32,7 @@ from nfctl.compiler.codegen import (
     MODES,
     VERDICTS,
 )
-from nfctl.datapath import bpf
-from nfctl.datapath.bpf import BpfMap
+from nfctl.bpf.syscall import BpfMap
 from nfctl.manifest.model import Hook
 
 MAP_TYPE_HASH = 1
@@ -64,9 +64,9 @@ def ensure_maps(pins: CounterPins) -> None:
     ):
         if path.exists():
             continue
-        fd = bpf.map_create(*args, name="nfctl_" + path.name.replace("-", "")[:9])
+        fd = syscall.map_create(*args, name="nfctl_" + path.name.replace("-", "")[:9])
         try:
-            bpf.obj_pin(fd, str(path))
+            syscall.obj_pin(fd, str(path))
         except OSError as exc:
             if exc.errno != errno.EEXIST:  # a concurrent creator won: use its map
                 raise
@@ -192,7 +192,7 @@ class CounterTable:
             self.slots.update(struct.pack("<I", base + offset), struct.pack("<I", cid))
 
     def read(self) -> dict[CounterKey, VerdictCounts]:
-        cpus = bpf.possible_cpus()
+        cpus = syscall.possible_cpus()
         out = {}
         for key, cid in self.assigned().items():
             raw = self.counters.lookup(struct.pack("<I", cid))

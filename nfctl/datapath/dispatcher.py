@@ -1,22 +1,16 @@
 """The dispatchers: one small root program per hook, attached to every interface that
-has NFs on that hook; it starts the interface's chain. Built once per agent root and
-pinned, so chain changes never touch netlink."""
+has NFs on that hook; it starts the interface's chain. Compiled once per agent root
+(nfctl.builder.dispatcher) and pinned, so chain changes never touch netlink."""
 
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from typing import Any
 
-from nfctl.compiler.build import BuildRequest
-from nfctl.compiler.client import run_worker
-from nfctl.compiler.codegen import CODEGEN_VERSION, DISPATCHER_VERSION, PinLayout, dispatcher_name
-from nfctl.compiler.worker import DISPATCHER_PREFIX
+from nfctl.bpf.abi import CODEGEN_VERSION, DISPATCHER_VERSION, dispatcher_name
+from nfctl.bpf.syscall import BpfProgram
 from nfctl.datapath import tc, xdp
-from nfctl.datapath.bpf import BpfProgram
-from nfctl.datapath.pins import BpffsLayout, hook_kind
-from nfctl.diagnostics import DiagnosticError
 from nfctl.manifest.model import Hook
 from nfctl.system import bcc_version, kernel_release
 
@@ -34,40 +28,6 @@ def dispatcher_build(hook: Hook) -> str:
 class TcSettings:
     prio: int = 10
     handle: int = 0x4E46  # "NF"
-
-
-def pin_layout(layout: BpffsLayout, hook: Hook) -> PinLayout:
-    kind = hook_kind(hook)
-    return PinLayout(
-        chain_path=str(layout.chain(kind)),
-        cursor_path=str(layout.cursor(kind)),
-        heads_path=str(layout.heads(kind)),
-    )
-
-
-def ensure_dispatcher(layout: BpffsLayout, hook: Hook) -> BpfProgram:
-    """Open the current dispatcher for hook, building and pinning it if needed."""
-    pin = layout.dispatcher(hook, dispatcher_build(hook))
-    if pin.exists():
-        return BpfProgram.from_pin(str(pin))
-    os.makedirs(pin.parent, exist_ok=True)
-    request = BuildRequest(
-        nf=f"{DISPATCHER_PREFIX}{hook.value}",
-        hook=hook.value,
-        function=dispatcher_name(hook),
-        cflags=[],
-        source_rel=f"<nfctl dispatcher {hook.value}>",
-        source_text="",
-        quote_dir="",
-        build_hash=dispatcher_build(hook),
-        install=True,
-        pins=pin_layout(layout, hook),
-        prog_pin_path=str(pin),
-    )
-    result = run_worker([request])[0]
-    if not result.ok:
-        raise DiagnosticError(result.diagnostics)
-    return BpfProgram.from_pin(str(pin))
 
 
 def is_dispatcher_name(name: str) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from nfctl.datapath.layout import LayoutError, TypeLayout
+from nfctl.bpf.codec import CodecError, TypeCodec
 
 ARRAY_TYPES = {"array", "percpu_array"}
 
@@ -23,9 +23,9 @@ class EntryPlan:
 
 
 def encode_entries(
-    entries: list[tuple[Any, Any]], key_layout: TypeLayout, value_layout: TypeLayout
+    entries: list[tuple[Any, Any]], key_codec: TypeCodec, value_codec: TypeCodec
 ) -> dict[bytes, bytes]:
-    return {key_layout.encode(k): value_layout.encode(v) for k, v in entries}
+    return {key_codec.encode(k): value_codec.encode(v) for k, v in entries}
 
 
 def plan_entries(
@@ -54,7 +54,7 @@ def plan_entries(
     return plan
 
 
-def convert_value(old: TypeLayout, new: TypeLayout, raw: bytes) -> bytes:
+def convert_value(old: TypeCodec, new: TypeCodec, raw: bytes) -> bytes:
     """Re-encode a stored element for a changed C type: fields are matched by name, new
     fields start at zero, dropped fields are dropped, integers must still fit."""
     decoded = old.decode(raw)
@@ -64,7 +64,7 @@ def convert_value(old: TypeLayout, new: TypeLayout, raw: bytes) -> bytes:
 def _project(value: Any, desc: Any) -> Any:
     if isinstance(desc, str) or not isinstance(value, dict):
         if isinstance(value, dict):
-            raise LayoutError("a struct cannot become a scalar; use onIncompatible: recreate")
+            raise CodecError("a struct cannot become a scalar; use onIncompatible: recreate")
         return value
     if (
         isinstance(desc, list)

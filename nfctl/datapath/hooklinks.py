@@ -14,9 +14,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from nfctl.bpf.syscall import BpfProgram
 from nfctl.datapath import links
-from nfctl.datapath.bpf import BpfProgram
-from nfctl.datapath.pins import BpffsLayout
+from nfctl.datapath.pins import BpffsPaths
 from nfctl.manifest.model import Hook
 
 TCX_DIRECTION = {Hook.TC_INGRESS: "ingress", Hook.TC_EGRESS: "egress"}
@@ -49,13 +49,13 @@ class Position:
         return f"{self.where}:{self.program}" if self.program else self.where
 
 
-def link_pin(layout: BpffsLayout, hook: Hook, ifindex: int) -> Path:
-    return layout.root / "links" / f"{hook.value}-{ifindex}"
+def link_pin(paths: BpffsPaths, hook: Hook, ifindex: int) -> Path:
+    return paths.root / "links" / f"{hook.value}-{ifindex}"
 
 
-def linked_prog_id(layout: BpffsLayout, hook: Hook, ifindex: int) -> tuple[int, int]:
+def linked_prog_id(paths: BpffsPaths, hook: Hook, ifindex: int) -> tuple[int, int]:
     """(link id, program id) of our live link on (hook, ifindex); (0, 0) if none."""
-    link = links.PinnedLink.open(str(link_pin(layout, hook, ifindex)))
+    link = links.PinnedLink.open(str(link_pin(paths, hook, ifindex)))
     if link is None:
         return 0, 0
     with link:
@@ -98,7 +98,7 @@ def _tcx_placement(
 
 
 def attach(
-    layout: BpffsLayout,
+    paths: BpffsPaths,
     netns: str | None,
     ifindex: int,
     hook: Hook,
@@ -109,7 +109,7 @@ def attach(
     """Make program the one our link on (ifindex, hook) runs: BPF_LINK_UPDATE (compare
     and swap against the program it runs now) if our link is there, else a new link.
     Returns True when it created the link."""
-    pin = link_pin(layout, hook, ifindex)
+    pin = link_pin(paths, hook, ifindex)
     existing = links.PinnedLink.open(str(pin))
     if existing is not None:
         with existing:
@@ -172,9 +172,9 @@ def _create(
         ) from exc
 
 
-def detach(layout: BpffsLayout, hook: Hook, ifindex: int) -> bool:
+def detach(paths: BpffsPaths, hook: Hook, ifindex: int) -> bool:
     """Detach and unpin our link on (hook, ifindex). True if there was one."""
-    pin = link_pin(layout, hook, ifindex)
+    pin = link_pin(paths, hook, ifindex)
     link = links.PinnedLink.open(str(pin))
     if link is None:
         return False

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
-from nfctl.datapath import bpf
+from nfctl.bpf import syscall
 
 BPF_XDP = 37
 BPF_TCX_INGRESS = 46
@@ -145,7 +145,7 @@ def link_create(
         flags=flags,
         relative=relative,
     )
-    return bpf._bpf(BPF_LINK_CREATE, attr, f"create link (attach type {attach_type})")
+    return syscall._bpf(BPF_LINK_CREATE, attr, f"create link (attach type {attach_type})")
 
 
 def link_update(link_fd: int, new_prog_fd: int, old_prog_fd: int | None = None) -> None:
@@ -233,7 +233,7 @@ def _private_netns() -> Iterator[None]:
 
 def _probe(prog_type: int, verdict: int, attach_type: int) -> bool:
     try:
-        prog_fd = bpf.load_return_program(prog_type, verdict, "nfctl_probe")
+        prog_fd = syscall.load_return_program(prog_type, verdict, "nfctl_probe")
     except OSError:
         return False
     try:
@@ -249,12 +249,12 @@ def _probe(prog_type: int, verdict: int, attach_type: int) -> bool:
 
 @functools.cache
 def kernel_has_tcx() -> bool:
-    return _probe(bpf.PROG_TYPE_SCHED_CLS, 0, BPF_TCX_INGRESS)
+    return _probe(syscall.PROG_TYPE_SCHED_CLS, 0, BPF_TCX_INGRESS)
 
 
 @functools.cache
 def kernel_has_xdp_links() -> bool:
-    return _probe(bpf.PROG_TYPE_XDP, 2, BPF_XDP)
+    return _probe(syscall.PROG_TYPE_XDP, 2, BPF_XDP)
 
 
 class PinnedLink:

@@ -6,11 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from nfctl.bpf.syscall import BpfError, BpfProgram
 from nfctl.datapath import dispatcher as disp
 from nfctl.datapath import hooklinks, xdp
-from nfctl.datapath.bpf import BpfError, BpfProgram
 from nfctl.datapath.chain import ChainTable
-from nfctl.datapath.pins import BpffsLayout
+from nfctl.datapath.pins import BpffsPaths
 from nfctl.manifest.model import Hook
 
 
@@ -65,11 +65,11 @@ class AttachPointState:
         }
 
 
-def pinned_programs(layout: BpffsLayout) -> dict[int, ProgramRef]:
+def pinned_programs(paths: BpffsPaths) -> dict[int, ProgramRef]:
     """prog id -> our pinned NF program versions."""
     out: dict[int, ProgramRef] = {}
-    for nf in layout.pinned_nfs():
-        for pin in layout.pinned_progs(nf):
+    for nf in paths.pinned_nfs():
+        for pin in paths.pinned_progs(nf):
             try:
                 with BpfProgram.from_pin(str(pin)) as prog:
                     out[prog.info.prog_id] = ProgramRef(
@@ -92,7 +92,7 @@ def program_ref(prog_id: int, known: dict[int, ProgramRef]) -> ProgramRef:
 
 def observe_attach_point(
     handle: Any,
-    layout: BpffsLayout,
+    paths: BpffsPaths,
     table: ChainTable | None,
     dispatcher_id: int | None,
     ifname: str,
@@ -109,7 +109,7 @@ def observe_attach_point(
         if desired:
             state.drift.append(f"interface {ifname} is gone")
         return state
-    link_id, linked = hooklinks.linked_prog_id(layout, hook, ifindex)
+    link_id, linked = hooklinks.linked_prog_id(paths, hook, ifindex)
     legacy_id = disp.attached_prog_id(handle, ifindex, hook, tc_settings)
     prog_id = linked or legacy_id
     if link_id:

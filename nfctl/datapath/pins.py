@@ -1,4 +1,4 @@
-"""The layout of nfctl's bpffs folder: everything we pin lives under one root.
+"""Where nfctl pins things: one folder tree under one bpffs root.
 
 <root>/xdp/{chain,cursor,heads}          XDP chain prog array, per-CPU cursor, heads
 <root>/xdp/{counters,slotctr,counter-ids} per-NF verdict counters (nfctl.datapath.counters)
@@ -29,7 +29,7 @@ def hook_kind(hook: Hook) -> str:
 
 
 @dataclass(frozen=True)
-class BpffsLayout:
+class BpffsPaths:
     root: Path
 
     def kind_dir(self, kind: str) -> Path:

@@ -1,4 +1,4 @@
-"""Build records: what a pinned program is (NF, hook, map layouts), kept in the state dir
+"""Build records: what a pinned program is (NF, hook, map types), kept in the state dir
 so a restarted agent can adopt pinned programs without recompiling them."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nfctl.compiler.build import MapInfo
-from nfctl.datapath.layout import TypeLayout
+from nfctl.bpf.codec import TypeCodec
+from nfctl.bpf.mapinfo import MapInfo
 
 
 @dataclass
@@ -24,12 +24,12 @@ class BuildRecord:
     network_order: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     compile_seconds: float = 0.0
 
-    def layouts(self, map_name: str) -> tuple[TypeLayout, TypeLayout]:
+    def codecs(self, map_name: str) -> tuple[TypeCodec, TypeCodec]:
         info = self.map(map_name)
         hints = self.network_order.get(map_name, {})
         return (
-            TypeLayout(info.key_desc, frozenset(hints.get("key", []))),
-            TypeLayout(info.value_desc, frozenset(hints.get("value", []))),
+            TypeCodec(info.key_desc, frozenset(hints.get("key", []))),
+            TypeCodec(info.value_desc, frozenset(hints.get("value", []))),
         )
 
     def map(self, name: str) -> MapInfo:

@@ -17,16 +17,15 @@ import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from nfctl.compiler.build import MapInfo
+from nfctl.bpf import syscall
+from nfctl.bpf.codec import CodecError
+from nfctl.bpf.mapinfo import MapInfo, map_codecs
 from nfctl.compiler.client import PreparedNF, build_request, run_parallel
-from nfctl.compiler.codegen import PinLayout
-from nfctl.datapath import bpf
-from nfctl.datapath.layout import LayoutError
+from nfctl.compiler.codegen import BuildPins
 from nfctl.diagnostics import Diagnostic
 from nfctl.doctor import BPFFS
 from nfctl.manifest.model import Hook
 from nfctl.nftest.maps import TestMap
-from nfctl.validate import map_layouts
 
 BPF_OBJ_NAME_LEN = 16
 
@@ -90,7 +89,7 @@ def load_for_tests(prepared: list[PreparedNF]) -> TestBuilds:
     # Tests judge what the NF decides: in monitor mode the chain would let it pass anyway.
     requests = [
         replace(
-            build_request(p, install=True, pins=PinLayout(), prog_pin_path=str(scratch / f"p{i}")),
+            build_request(p, install=True, pins=BuildPins(), prog_pin_path=str(scratch / f"p{i}")),
             monitor=False,
         )
         for i, p in enumerate(prepared)
@@ -104,14 +103,14 @@ def load_for_tests(prepared: list[PreparedNF]) -> TestBuilds:
                     Diagnostic(file=one.source_name, message="build failed")
                 ]
                 continue
-            fd = bpf.obj_get(request.prog_pin_path)
+            fd = syscall.obj_get(request.prog_pin_path)
             program = TestProgram(
                 prepared=one, fd=fd, compile_seconds=result.compile_seconds + result.load_seconds
             )
             builds.programs[name] = program
             try:
                 _open_maps(program, result.maps)
-            except (OSError, LayoutError) as exc:
+            except (OSError, CodecError) as exc:
                 builds.errors[name] = [
                     Diagnostic(file=one.source_name, message=f"cannot open the test maps: {exc}")
                 ]
@@ -128,16 +127,16 @@ def scratch_pin(name: str) -> Path:
 
 def load_private_copy(prepared: PreparedNF, pin: Path, infos: list[MapInfo]) -> TestBuilds:
     """Take the live build's private copy that the worker pinned at pin (see
-    nfctl.nftest.private): no compile. The pin and its folder are removed at once."""
+    nfctl.bpf.progcopy): no compile. The pin and its folder are removed at once."""
     builds = TestBuilds()
     try:
-        program = TestProgram(prepared=prepared, fd=bpf.obj_get(str(pin)))
+        program = TestProgram(prepared=prepared, fd=syscall.obj_get(str(pin)))
     finally:
         remove_scratch(pin.parent)
     builds.programs[program.name] = program
     try:
         _open_maps(program, infos)
-    except (OSError, LayoutError) as exc:
+    except (OSError, CodecError) as exc:
         builds.errors[program.name] = [
             Diagnostic(file=prepared.source_name, message=f"cannot open the test maps: {exc}")
         ]
@@ -148,9 +147,9 @@ def load_private_copy(prepared: PreparedNF, pin: Path, infos: list[MapInfo]) -> 
 def _open_maps(program: TestProgram, infos: list[MapInfo]) -> None:
     """The program's maps by the names the C source gives them (the kernel keeps 15
     characters of a map name; BCC names each map after its table)."""
-    by_kernel_name: dict[str, list[bpf.BpfMap]] = {}
-    for map_id in bpf.prog_info(program.fd).map_ids:
-        opened = bpf.BpfMap.from_id(map_id)
+    by_kernel_name: dict[str, list[syscall.BpfMap]] = {}
+    for map_id in syscall.prog_info(program.fd).map_ids:
+        opened = syscall.BpfMap.from_id(map_id)
         by_kernel_name.setdefault(opened.info.name, []).append(opened)
     source = program.prepared.bundle.main_text if program.prepared.bundle else ""
     try:
@@ -162,8 +161,8 @@ def _open_maps(program: TestProgram, infos: list[MapInfo]) -> None:
             ]
             if len(candidates) != 1:
                 raise OSError(f"map {info.name!r} not found once among the program's maps")
-            key_layout, value_layout = map_layouts(info, source)
-            program.maps[info.name] = TestMap(candidates[0], info, key_layout, value_layout)
+            key_codec, value_codec = map_codecs(info, source)
+            program.maps[info.name] = TestMap(candidates[0], info, key_codec, value_codec)
     finally:
         kept = {id(m.map) for m in program.maps.values()}
         for group in by_kernel_name.values():

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from nfctl import progress
+from nfctl.bpf.codec import CodecError
 from nfctl.compiler.client import PreparedNF
-from nfctl.datapath.layout import LayoutError
 from nfctl.manifest.model import Hook
 from nfctl.nftest import kernel
 from nfctl.nftest.build import TestBuilds, TestProgram
@@ -134,7 +134,7 @@ class _CaseRun:
                 private.clear()
             try:
                 program.load_manifest_entries()
-            except LayoutError as exc:
+            except CodecError as exc:
                 message = f"{program.name}: an entry of nf.yaml does not fit its map: {exc}"
                 self.fail("error", message, case_path(self.index))
         for ref, entries in self.case.maps.items():
@@ -145,7 +145,7 @@ class _CaseRun:
             for entry_index, entry in enumerate(entries):
                 try:
                     test_map.write(entry.key, entry.value)
-                except LayoutError as exc:
+                except CodecError as exc:
                     self.fail("error", f"{ref}: {exc}", f"{base}.{entry_index}")
                 except OSError as exc:
                     self.fail("error", f"{ref}: cannot write entry: {exc}", f"{base}.{entry_index}")
@@ -210,10 +210,10 @@ class _CaseRun:
             test_map = found
             for check_index, check in enumerate(checks):
                 try:
-                    key = test_map.key_layout.encode(check.key)
+                    key = test_map.key_codec.encode(check.key)
                     if check.value is not None:
-                        test_map.value_layout.encode(check.value)
-                except LayoutError as exc:
+                        test_map.value_codec.encode(check.value)
+                except CodecError as exc:
                     self.fail("error", f"{ref}: {exc}", f"{base}.{check_index}")
                     ok = False
                     continue
@@ -287,7 +287,7 @@ class _CaseRun:
             )
             return False
         if check.value is not None:
-            want_raw = test_map.value_layout.encode(check.value)
+            want_raw = test_map.value_codec.encode(check.value)
             if raw == want_raw:
                 return True
             self.fail(

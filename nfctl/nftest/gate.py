@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from nfctl.compiler.build import MapInfo
+from nfctl.bpf.mapinfo import MapInfo
 from nfctl.compiler.client import PreparedNF
 from nfctl.diagnostics import Diagnostic
 from nfctl.nftest.build import load_private_copy

@@ -6,7 +6,7 @@ import ctypes
 from dataclasses import dataclass
 from typing import ClassVar
 
-from nfctl.datapath import bpf
+from nfctl.bpf import syscall
 
 BPF_PROG_TEST_RUN = 10
 MAX_PACKET_OUT = 1 << 16
@@ -50,7 +50,7 @@ def test_run(prog_fd: int, packet: bytes) -> RunResult:
         data_out=ctypes.addressof(data_out),
         repeat=1,
     )
-    bpf._bpf(BPF_PROG_TEST_RUN, attr, "BPF_PROG_TEST_RUN")
+    syscall._bpf(BPF_PROG_TEST_RUN, attr, "BPF_PROG_TEST_RUN")
     retval = ctypes.c_int32(attr.retval).value
     return RunResult(
         retval=retval, packet=data_out.raw[: attr.data_size_out], duration_ns=attr.duration

@@ -6,16 +6,16 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from nfctl.compiler.build import MapInfo
-from nfctl.datapath import bpf
-from nfctl.datapath.layout import TypeLayout
+from nfctl.bpf import syscall
+from nfctl.bpf.codec import TypeCodec
+from nfctl.bpf.mapinfo import MapInfo
 
 ARRAY_TYPE_IDS = {2, 6}
 
 
 @functools.cache
 def _cpus() -> int:
-    return bpf.possible_cpus()
+    return syscall.possible_cpus()
 
 
 @dataclass
@@ -23,10 +23,10 @@ class TestMap:
     """One map of a program loaded for tests. Per-CPU values are written to every CPU (the
     program sees them whichever CPU runs it) and read back as the sum over CPUs."""
 
-    map: bpf.BpfMap
+    map: syscall.BpfMap
     info: MapInfo
-    key_layout: TypeLayout
-    value_layout: TypeLayout
+    key_codec: TypeCodec
+    value_codec: TypeCodec
 
     @property
     def percpu(self) -> bool:
@@ -40,10 +40,10 @@ class TestMap:
 
     def encode(self, key: Any, value: Any) -> tuple[bytes, bytes]:
         """Key and value bytes as the map takes them (per-CPU: one copy per CPU)."""
-        raw = self.value_layout.encode(value)
+        raw = self.value_codec.encode(value)
         if self.percpu:
             raw = raw.ljust(self._slot(), b"\0") * _cpus()
-        return self.key_layout.encode(key), raw
+        return self.key_codec.encode(key), raw
 
     def write_raw(self, key: bytes, value: bytes) -> None:
         self.map.update(key, value)
@@ -56,12 +56,12 @@ class TestMap:
         slot = self._slot()
         total: Any = None
         for cpu in range(_cpus()):
-            part = self.value_layout.decode(raw[cpu * slot : cpu * slot + self.info.value_size])
+            part = self.value_codec.decode(raw[cpu * slot : cpu * slot + self.info.value_size])
             total = part if total is None else add_values(total, part)
-        return self.value_layout.encode(total)
+        return self.value_codec.encode(total)
 
     def decode(self, raw: bytes) -> Any:
-        return self.value_layout.decode(raw)
+        return self.value_codec.decode(raw)
 
     def clear(self) -> None:
         if self.map.info.map_type in ARRAY_TYPE_IDS:

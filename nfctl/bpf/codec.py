@@ -36,12 +36,12 @@ _SIGNED = {"char", "signed char", "short", "int", "long", "long long"}
 _MAC_RE = re.compile(r"^[0-9A-Fa-f]{2}([:-][0-9A-Fa-f]{2}){5}\Z")
 
 
-class LayoutError(ValueError):
+class CodecError(ValueError):
     """A YAML value that does not fit the C type; message names the field path."""
 
 
 @dataclass(frozen=True)
-class TypeLayout:
+class TypeCodec:
     """A map key or value type and which of its fields hold network-order integers."""
 
     desc: Any
@@ -73,7 +73,7 @@ def ctype_from_desc(desc: Any) -> Any:
         try:
             return _BASIC[desc]
         except KeyError:
-            raise LayoutError(f"unsupported C type {desc!r}") from None
+            raise CodecError(f"unsupported C type {desc!r}") from None
     if (
         isinstance(desc, list)
         and len(desc) == 2
@@ -158,24 +158,24 @@ def _write(desc: Any, value: Any, buf: Any, offset: int, path: str, be: frozense
         # struct in6_addr / in_addr hold the address bytes in network order, as packed
         packed = _address_bytes(value, ctypes.sizeof(ctype), path)
         if packed is None:
-            raise LayoutError(f"{_where(path)}: {value!r} is not an IP address")
+            raise CodecError(f"{_where(path)}: {value!r} is not an IP address")
         buf[offset : offset + len(packed)] = list(packed)
         return
     if not isinstance(value, dict):
-        raise LayoutError(
+        raise CodecError(
             f"{_where(path)}: expected a mapping with fields "
             f"{', '.join(m[0] for m in members)}, got {value!r}"
         )
     known = {m[0] for m in members}
     unknown = sorted(set(value) - known)
     if unknown:
-        raise LayoutError(
+        raise CodecError(
             f"{_where(path)}: unknown field(s) {', '.join(unknown)}; "
             f"the C type has {', '.join(sorted(known))}"
         )
     is_union = len(desc) > 2 and desc[2] == "union"
     if is_union and len(value) > 1:
-        raise LayoutError(f"{_where(path)}: a union takes exactly one field")
+        raise CodecError(f"{_where(path)}: a union takes exactly one field")
     for name, fdesc, count, bits in members:
         if name not in value:
             continue
@@ -193,16 +193,16 @@ def _cidr_to_fields(text: str, members: list[Any], path: str) -> dict[str, Any]:
     try:
         net = ipaddress.ip_network(text, strict=False)
     except ValueError as exc:
-        raise LayoutError(f"{_where(path)}: {exc}") from None
+        raise CodecError(f"{_where(path)}: {exc}") from None
     if len(members) < 2:
-        raise LayoutError(f"{_where(path)}: a CIDR needs a struct {{prefixlen; address}}")
+        raise CodecError(f"{_where(path)}: a CIDR needs a struct {{prefixlen; address}}")
     return {"prefixlen": net.prefixlen, members[1][0]: str(net.network_address)}
 
 
 def _address_bytes(value: str, size: int, path: str) -> bytes | None:
     if _MAC_RE.match(value):
         if size != 6:
-            raise LayoutError(f"{_where(path)}: a MAC address needs 6 bytes, the field has {size}")
+            raise CodecError(f"{_where(path)}: a MAC address needs 6 bytes, the field has {size}")
         return bytes(int(x, 16) for x in re.split("[:-]", value))
     try:
         addr = ipaddress.ip_address(value)
@@ -211,7 +211,7 @@ def _address_bytes(value: str, size: int, path: str) -> bytes | None:
     packed = addr.packed
     if len(packed) != size:
         kind = "IPv4" if addr.version == 4 else "IPv6"
-        raise LayoutError(
+        raise CodecError(
             f"{_where(path)}: an {kind} address needs {len(packed)} bytes, the field has {size}"
         )
     return packed
@@ -228,18 +228,18 @@ def _write_array(
             if elem in ("char", "unsigned char", "signed char"):
                 data = value.encode()
                 if len(data) > total:
-                    raise LayoutError(
+                    raise CodecError(
                         f"{_where(path)}: string of {len(data)} bytes exceeds {total} bytes"
                     )
                 packed = data.ljust(total, b"\0")
             else:
-                raise LayoutError(f"{_where(path)}: cannot store {value!r} in {elem}[{count}]")
+                raise CodecError(f"{_where(path)}: cannot store {value!r} in {elem}[{count}]")
         buf[offset : offset + total] = list(packed)
         return
     if not isinstance(value, list):
-        raise LayoutError(f"{_where(path)}: expected a list of {count} items or an address")
+        raise CodecError(f"{_where(path)}: expected a list of {count} items or an address")
     if len(value) > count:
-        raise LayoutError(f"{_where(path)}: {len(value)} items, the array holds {count}")
+        raise CodecError(f"{_where(path)}: {len(value)} items, the array holds {count}")
     for index, item in enumerate(value):
         _write(elem, item, buf, offset + index * esize, f"{path}[{index}]", be)
 
@@ -254,7 +254,7 @@ def _int_value(value: Any, path: str) -> int:
             return int(value, 0)
         except ValueError:
             pass
-    raise LayoutError(f"{_where(path)}: expected an integer, got {value!r}")
+    raise CodecError(f"{_where(path)}: expected an integer, got {value!r}")
 
 
 def _write_scalar(
@@ -272,7 +272,7 @@ def _write_scalar(
         (-(1 << (size * 8 - 1)), (1 << (size * 8 - 1)) - 1) if signed else (0, (1 << size * 8) - 1)
     )
     if not lo <= number <= hi:
-        raise LayoutError(
+        raise CodecError(
             f"{_where(path)}: {number} does not fit in {ctype_name} ({size} bytes, {lo}..{hi})"
         )
     order: Literal["big", "little"] = "big" if network else "little"
@@ -284,7 +284,7 @@ def _write_bitfield(
 ) -> None:
     number = _int_value(value, path)
     if not 0 <= number < (1 << bits):
-        raise LayoutError(f"{_where(path)}: {number} does not fit in {bits} bits")
+        raise CodecError(f"{_where(path)}: {number} does not fit in {bits} bits")
     size = ctypes.sizeof(ctype)
     inst = ctype.from_buffer_copy(bytes(buf[offset : offset + size]))
     setattr(inst, name, number)

@@ -289,6 +289,13 @@ def possible_cpus() -> int:
     return total
 
 
+def percpu_value(value: bytes, value_size: int) -> bytes:
+    """value for every possible CPU, each in a slot rounded up to 8 bytes, as the kernel
+    takes a per-CPU map's value."""
+    slot = (value_size + 7) // 8 * 8
+    return value.ljust(slot, b"\0") * possible_cpus()
+
+
 class BpfMap:
     """An open map fd with byte-level element operations."""
 

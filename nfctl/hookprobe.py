@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 
-from nfctl.datapath import bpf, tc, xdp
+from nfctl.bpf import syscall
+from nfctl.datapath import tc, xdp
 from nfctl.netns import VethPair, unique_name
 
 XDP_PASS = 2
@@ -15,8 +16,8 @@ TC_ACT_OK = 0
 def probe_hooks() -> str:
     from pyroute2 import IPRoute
 
-    xdp_fd = bpf.load_return_program(bpf.PROG_TYPE_XDP, XDP_PASS, "nfctl_probe")
-    tc_fd = bpf.load_return_program(bpf.PROG_TYPE_SCHED_CLS, TC_ACT_OK, "nfctl_probe")
+    xdp_fd = syscall.load_return_program(syscall.PROG_TYPE_XDP, XDP_PASS, "nfctl_probe")
+    tc_fd = syscall.load_return_program(syscall.PROG_TYPE_SCHED_CLS, TC_ACT_OK, "nfctl_probe")
     try:
         with VethPair.create(unique_name("dr")) as pair, IPRoute(netns=pair.ns_a) as handle:
             index = handle.link_lookup(ifname=pair.a_if)[0]

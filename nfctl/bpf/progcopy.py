@@ -16,7 +16,7 @@ import os
 import struct
 from collections.abc import Iterator
 
-from nfctl.datapath import bpf
+from nfctl.bpf import syscall
 
 INSN_SIZE = 8
 LD_IMM64 = 0x18  # BPF_LD | BPF_IMM | BPF_DW: two slots, a 64-bit immediate
@@ -82,10 +82,10 @@ def copy_maps(fds: set[int]) -> dict[int, int]:
     copies: dict[int, int] = {}
     try:
         for fd in sorted(fds):
-            info = bpf.map_info(fd)
+            info = syscall.map_info(fd)
             if info.map_type not in COPIABLE_MAP_TYPES:
                 raise CopyError(f"map {info.name!r} of type {info.map_type} cannot be copied")
-            copies[fd] = bpf.map_create(
+            copies[fd] = syscall.map_create(
                 info.map_type,
                 info.key_size,
                 info.value_size,
@@ -109,7 +109,7 @@ def load_copy(insns: bytes, prog_type: int, name: str) -> int:
         buffer = ctypes.create_string_buffer(raw, len(raw))
         license_buf = ctypes.create_string_buffer(b"GPL")
         log = ctypes.create_string_buffer(LOG_SIZE)
-        attr = bpf._ProgLoadAttr(
+        attr = syscall._ProgLoadAttr(
             prog_type=prog_type,
             insn_cnt=len(raw) // INSN_SIZE,
             insns=ctypes.addressof(buffer),
@@ -117,12 +117,12 @@ def load_copy(insns: bytes, prog_type: int, name: str) -> int:
             prog_name=name.encode()[:15],
         )
         try:
-            return bpf._bpf(bpf.BPF_PROG_LOAD, attr, f"load the test copy of {name}")
+            return syscall._bpf(syscall.BPF_PROG_LOAD, attr, f"load the test copy of {name}")
         except OSError:
             # again with the verifier's log, only to explain the refusal
             attr.log_level, attr.log_size, attr.log_buf = 1, LOG_SIZE, ctypes.addressof(log)
             try:
-                return bpf._bpf(bpf.BPF_PROG_LOAD, attr, "")
+                return syscall._bpf(syscall.BPF_PROG_LOAD, attr, "")
             except OSError as exc:
                 tail = log.value.decode(errors="replace").strip().splitlines()[-3:]
                 raise CopyError(f"the test copy was refused: {exc}: {' / '.join(tail)}") from exc
