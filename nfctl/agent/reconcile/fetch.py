@@ -48,7 +48,9 @@ def fetch_revision(
     try:
         tip = source.fetch()
         if state.error is not None:
-            notices.append(Notice("SourceAvailable", f"fetched {ref} again"))
+            notices.append(
+                Notice("SourceAvailable", f"fetched {ref} again", revision=state.revision)
+            )
         state.error = None
         if metrics:
             metrics.fetch(time.monotonic() - started, True)
@@ -62,7 +64,12 @@ def fetch_revision(
             result.newly_unavailable = state.stalled is None
             kept = state.revision.short if state.revision else "nothing"
             result.notices.append(
-                Notice("SourceUnavailable", f"{message}; keeping {kept}", warning=True)
+                Notice(
+                    "SourceUnavailable",
+                    f"{message}; keeping {kept}",
+                    warning=True,
+                    revision=state.revision,
+                )
             )
         result.revision = state.revision or last_fetched(source, state, verify)
         return result
