@@ -23,6 +23,7 @@ from nfctl.agent.plan import AttachPoint, prune_candidates
 from nfctl.agent.reconcile.apply import apply_plan
 from nfctl.agent.reconcile.builds import Refused, accept, build_all, builds_needed, next_applied
 from nfctl.agent.reconcile.desired import DesiredNF, desired_state
+from nfctl.agent.reconcile.events import EventLog, failure_message
 from nfctl.agent.reconcile.fetch import SourceState, fetch_revision
 from nfctl.agent.reconcile.node_status import (
     Outlook,
@@ -49,7 +50,6 @@ from nfctl.agent.status import (
     ConditionType,
     ErrorInfo,
     Event,
-    EventType,
     NFStatus,
     NodeStatus,
     ReconcileTimings,
@@ -100,7 +100,8 @@ class Reconciler:
         self.pending_commit: dict[str, LoadedBuild] = {}  # builds whose new maps wait
         self.source_state = SourceState()
         self.unparsed: dict[str, ErrorInfo] = {}  # manifest path -> error (no NF name known)
-        self.listeners: list[Callable[[Event], None]] = []
+        self.events = EventLog(settings.node, store)
+        self.listeners: list[Callable[[Event], None]] = self.events.listeners
         self.status_listeners: list[Callable[[NodeStatus], None]] = []
         self.attachments = AttachmentTracker()
         self._reported: set[str] = set()  # drift reported once (warn mode)
@@ -140,27 +141,7 @@ class Reconciler:
         warning: bool = False,
         revision: Revision | None = None,
     ) -> Event:
-        rev = revision or self.revision
-        event = Event(
-            type=EventType.WARNING if warning else EventType.NORMAL,
-            reason=reason,
-            message=message,
-            node=self.settings.node,
-            nf=nf,
-            revision=rev.sha if rev else None,
-            author=f"{rev.author} <{rev.author_email}>" if rev else None,
-            commit_time=rev.committed_at if rev else None,
-        )
-        self.store.append_event(event)
-        (log.warning if warning else log.info)(
-            "%s%s: %s", reason, f" [{nf}]" if nf else "", message
-        )
-        for listener in self.listeners:
-            try:
-                listener(event)
-            except Exception:  # a listener never breaks reconciliation
-                log.exception("event listener failed")
-        return event
+        return self.events.record(reason, message, nf, warning, revision or self.revision)
 
     def _emit(self, notices: list[Notice]) -> None:
         for notice in notices:
@@ -183,18 +164,9 @@ class Reconciler:
         rt.error = error
         if rt.error_key != key:
             rt.error_key = key
-            where = (
-                f" ({error.file}:{error.line})"
-                if error.file and error.line
-                else (f" ({error.file})" if error.file else "")
-            )
             kept = self.applied.get(name)
-            keep = (
-                f"; keeping version {kept.record.version} ({kept.record.revision[:12]})"
-                if kept
-                else ""
-            )
-            self.event(reason, f"{error.message}{where}{keep}", nf=name, warning=True)
+            message = failure_message(error, kept.record if kept else None)
+            self.event(reason, message, nf=name, warning=True)
 
     # -- a full pass -------------------------------------------------------------------
     def sync(self, fetch: bool = True) -> bool:
