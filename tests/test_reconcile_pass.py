@@ -290,3 +290,17 @@ def test_node_suspension_changes_nothing(node: Node) -> None:
     assert node.kernel.removed == []
     reconciling = node.status.condition(ConditionType.RECONCILING)
     assert reconciling is not None and reconciling.reason == "Suspended"
+
+
+def test_a_restart_with_git_down_keeps_the_last_fetched_revision(node: Node) -> None:
+    rev = node.git.commit(two_nfs())
+    node.sync()
+    compiled = list(node.kernel.compiled)
+    node.git.down = "connection refused"
+    node.restart()
+    assert not node.sync()  # not Ready: the source is unavailable
+    assert node.kernel.chain("eth0") == ["blocklist", "counter"]
+    assert node.kernel.compiled == compiled and node.kernel.removed == []
+    assert node.status.last_applied_revision == rev.sha
+    unavailable = [e for e in node.store.events() if e.reason == "SourceUnavailable"]
+    assert len(unavailable) == 1 and "keeping nothing" in unavailable[0].message
