@@ -1,4 +1,4 @@
-"""In-process stand-ins for Git and the datapath behind the reconciler's Protocols
+"""In-process stand-ins for Git, the builder and the datapath behind the reconciler's Protocols
 (nfctl.agent.reconcile.ports), for testing its phases without a kernel.
 
 FakeGit serves revisions that are folders the test writes; FakeKernel keeps chains, pins

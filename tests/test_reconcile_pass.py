@@ -36,7 +36,7 @@ class Node:
         self.reconciler = self.restart()
 
     def restart(self) -> Reconciler:
-        self.reconciler = Reconciler(self.settings, self.kernel, self.git, self.store)
+        self.reconciler = Reconciler(self.settings, self.kernel, self.kernel, self.git, self.store)
         return self.reconciler
 
     def sync(self) -> bool:

@@ -42,7 +42,7 @@ from nfctl.agent.reconcile.plan import (
     plan_entries,
     read_observation,
 )
-from nfctl.agent.reconcile.ports import DatapathPort, GitPort, Metrics
+from nfctl.agent.reconcile.ports import BuilderPort, DatapathPort, GitPort, Metrics
 from nfctl.agent.reconcile.state import Applied, NFRuntime, records
 from nfctl.agent.reconcile.summary import Notice, attachment_notices, summarize
 from nfctl.agent.source import Revision, redact
@@ -82,12 +82,14 @@ class Reconciler:
         self,
         settings: AgentSettings,
         datapath: DatapathPort,
+        builder: BuilderPort,
         source: GitPort,
         store: StateStore,
         metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.datapath = datapath
+        self.builder = builder
         self.source = source
         self.store = store
         self.metrics = metrics
@@ -251,7 +253,7 @@ class Reconciler:
                 self.event("Failed", f"{path}: {error.message}", warning=True)
         self._spec_suspended = desired.spec_suspended
         built = build_all(
-            self.datapath,
+            self.builder,
             builds_needed(desired.to_build, self._adoptable),
             revision.snapshot,
             self.metrics,
@@ -264,7 +266,7 @@ class Reconciler:
                 current,
                 built.get(item.name),
                 self._adoptable,
-                self.datapath,
+                self.builder,
                 revision,
                 folder,
             )
@@ -291,7 +293,7 @@ class Reconciler:
     def _adoptable(self, item: DesiredNF) -> LoadedBuild | None:
         loaded = self.loaded.get(item.name)
         if loaded is None or loaded.build_hash != item.prepared.build_hash:
-            loaded = self.datapath.find_loaded(item.name, item.prepared.build_hash)
+            loaded = self.builder.find_loaded(item.name, item.prepared.build_hash)
         return loaded
 
     def _loaded(self, name: str) -> LoadedBuild | None:
@@ -301,7 +303,7 @@ class Reconciler:
             return None
         loaded = self.loaded.get(name)
         if loaded is None or loaded.build_hash != applied.build_hash:
-            loaded = self.datapath.find_loaded(name, applied.build_hash)
+            loaded = self.builder.find_loaded(name, applied.build_hash)
             if loaded is not None:
                 self.loaded[name] = loaded
         return loaded
@@ -336,6 +338,7 @@ class Reconciler:
                 rt.attach_errors = {}
             result = apply_plan(
                 self.datapath,
+                self.builder,
                 plan,
                 correct,
                 self.pending_commit,

@@ -55,6 +55,7 @@ class Agent:
             ),
             config.state_dir,
         )
+        kernel = KernelDatapath(self.datapath)  # builds and attaches, until they split
         self.reconciler = Reconciler(
             AgentSettings(
                 node=config.node,
@@ -65,7 +66,8 @@ class Agent:
                 drift_mode=config.drift,
                 verify_signatures=config.verify_signatures,
             ),
-            KernelDatapath(self.datapath),
+            kernel,
+            kernel,
             self.source,
             self.store,
             self.metrics,

@@ -17,7 +17,7 @@ from nfctl.agent.reconcile.plan import (
     releases,
     swaps_ready,
 )
-from nfctl.agent.reconcile.ports import DatapathPort
+from nfctl.agent.reconcile.ports import BuilderPort, DatapathPort
 from nfctl.agent.reconcile.state import Applied
 from nfctl.agent.store import AppliedNF
 from nfctl.datapath.datapath import LoadedBuild
@@ -122,7 +122,7 @@ def set_chains(datapath: DatapathPort, plan: Plan, correct: bool, result: ApplyR
 
 
 def commit_swaps(
-    datapath: DatapathPort, pending: dict[str, LoadedBuild], result: ApplyResult
+    builder: BuilderPort, pending: dict[str, LoadedBuild], result: ApplyResult
 ) -> None:
     """Gated by swaps_ready; committed (or failed) swaps leave pending."""
     for name in swaps_ready(pending, result.attach_errors):
@@ -131,7 +131,7 @@ def commit_swaps(
             f"{w.name} ({w.migrated_entries} entries carried over)" for w in loaded.swaps
         )
         try:
-            datapath.commit(loaded)
+            builder.commit(loaded)
         except OSError as exc:
             result.outcomes.append(Outcome(Step.MAPS_FAILED, name, detail=str(exc)))
             continue
@@ -147,6 +147,7 @@ def prune(datapath: DatapathPort, gone: list[AppliedNF], result: ApplyResult) ->
 
 def apply_plan(
     datapath: DatapathPort,
+    builder: BuilderPort,
     plan: Plan,
     correct: bool,
     pending: dict[str, LoadedBuild],
@@ -162,7 +163,7 @@ def apply_plan(
     result = ApplyResult()
     write_entries(datapath, plan.entries, result)
     set_chains(datapath, plan, correct, result)
-    commit_swaps(datapath, pending, result)
+    commit_swaps(builder, pending, result)
     prune(datapath, gone, result)
     for name, keep in releases(applied, previous, pending).items():
         datapath.release_versions(name, keep)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nfctl.agent.reconcile.desired import DesiredNF, error_from
-from nfctl.agent.reconcile.ports import DatapathPort, Metrics
+from nfctl.agent.reconcile.ports import BuilderPort, Metrics
 from nfctl.agent.reconcile.state import Applied, entries_digest, spec_dump
 from nfctl.agent.source import Revision
 from nfctl.agent.status import ErrorInfo
@@ -38,13 +38,13 @@ def builds_needed(items: list[DesiredNF], adoptable: Adoptable) -> list[DesiredN
 
 
 def build_all(
-    datapath: DatapathPort, pending: list[DesiredNF], snapshot: Path, metrics: Metrics | None
+    builder: BuilderPort, pending: list[DesiredNF], snapshot: Path, metrics: Metrics | None
 ) -> dict[str, Built]:
     """Build every pending NF in parallel (one worker per CPU): a revision touching several
     NFs costs about one compile, not the sum."""
     if not pending:
         return {}
-    datapath.prepare_hooks({d.nf.spec.attach.hook for d in pending})
+    builder.prepare_hooks({d.nf.spec.attach.hook for d in pending})
 
     def build(item: DesiredNF) -> Built:
         nf, prepared = item.nf, item.prepared
@@ -60,7 +60,7 @@ def build_all(
             ahead.start()
         started = time.monotonic()
         try:
-            loaded = datapath.build(prepared, policies, test_pin)
+            loaded = builder.build(prepared, policies, test_pin)
             if test_pin is not None and loaded.test_pin is None:
                 remove_scratch(test_pin.parent)  # no copy: the worker's folder stays empty
             return loaded
@@ -96,7 +96,7 @@ def accept(
     current: Applied | None,
     built: Built | None,
     adoptable: Adoptable,
-    datapath: DatapathPort,
+    builder: BuilderPort,
     revision: Revision,
     folder: Path,
 ) -> Accepted | Refused:
@@ -130,7 +130,7 @@ def accept(
         loaded.test_pin = None
     if problems:
         if loaded.compiled and (current is None or current.build_hash != loaded.build_hash):
-            datapath.discard(loaded)
+            builder.discard(loaded)
         return Refused(error_from(problems, revision.sha, reason), reason or "Failed")
     return Accepted(loaded)
 

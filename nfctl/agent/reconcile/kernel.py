@@ -1,5 +1,6 @@
-"""The real datapath behind DatapathPort: today's Datapath (which still compiles, loads and
-migrates maps as well as attaching). The one place to re-point when building moves out."""
+"""The real builder and datapath behind BuilderPort and DatapathPort: today's Datapath, which
+still compiles, loads and migrates maps as well as attaching. The one place to re-point
+when building moves out of it."""
 
 from __future__ import annotations
 
