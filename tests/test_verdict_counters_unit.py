@@ -7,7 +7,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from nfctl.agent.reporting import verdict_totals
+from nfctl.agent.reconcile.node_status import verdict_totals
 from nfctl.agent.status import NFState, NFStatus, NodeStatus
 from nfctl.bpf.abi import COUNTER_FIELDS
 from nfctl.compiler.build import build_hash

@@ -22,6 +22,7 @@ from nfctl.agent.config import AgentConfig
 from nfctl.agent.health import Heartbeat, serve_health
 from nfctl.agent.k8s_node import KubeApi, NodeClient, NodeLabelWatcher
 from nfctl.agent.metrics import AgentMetrics, ExportedValue, VerdictSample, serve
+from nfctl.agent.reconcile.kernel import KernelDatapath
 from nfctl.agent.reconciler import AgentSettings, Reconciler
 from nfctl.agent.source import GitSource, SourceSettings, redact
 from nfctl.agent.store import StateStore
@@ -29,7 +30,6 @@ from nfctl.builder.dispatcher import compile_dispatcher
 from nfctl.compiler.client import standby as compile_standby
 from nfctl.datapath.datapath import Datapath
 from nfctl.datapath.dispatcher import TcSettings
-from nfctl.manifest.model import NetworkFunction
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class Agent:
             ),
             config.state_dir,
         )
+        kernel = KernelDatapath(self.datapath)
         self.reconciler = Reconciler(
             AgentSettings(
                 node=config.node,
@@ -72,7 +73,8 @@ class Agent:
                 drift_mode=config.drift,
                 verify_signatures=config.verify_signatures,
             ),
-            self.datapath,
+            kernel,
+            kernel,
             self.source,
             self.store,
             self.metrics,
@@ -169,7 +171,7 @@ class Agent:
 
     def _exports(self) -> Iterator[ExportedValue]:
         for name, applied in list(self.reconciler.applied.items()):
-            nf = NetworkFunction.model_validate(applied.spec)
+            nf = applied.nf
             loaded = self.reconciler.loaded.get(name)
             if loaded is None:
                 continue
