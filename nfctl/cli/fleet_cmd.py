@@ -101,17 +101,14 @@ def with_conn(func: Callable[..., None]) -> Callable[..., None]:
 @contextmanager
 def fleet_stub(conn: Conn) -> Iterator[tuple[Any, list[tuple[str, str]]]]:
     from nfctl.api.nfctl.v1 import nfctl_pb2_grpc as pbg
-    from nfctl.controller.auth import channel_credentials
+    from nfctl.wire.channel import open_channel
 
     metadata: list[tuple[str, str]] = []
     if conn.token_file:
         metadata.append(("authorization", f"Bearer {conn.token_file.read_text().strip()}"))
-    if conn.insecure:
-        channel = grpc.insecure_channel(conn.address)
-    else:
-        channel = grpc.secure_channel(
-            conn.address, channel_credentials(conn.ca, conn.cert, conn.key)
-        )
+    channel = open_channel(
+        conn.address, insecure=conn.insecure, ca=conn.ca, cert=conn.cert, key=conn.key
+    )
     try:
         yield pbg.FleetServiceStub(channel), metadata
     except grpc.RpcError as exc:

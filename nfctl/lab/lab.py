@@ -21,9 +21,9 @@ import grpc
 
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.api.nfctl.v1 import nfctl_pb2_grpc as pbg
-from nfctl.controller.auth import channel_credentials
 from nfctl.lab.gitserver import GIT_PORT
 from nfctl.lab.topology import Topology, leftover_namespaces, nsenter
+from nfctl.wire.channel import channel_credentials
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKSPACES = Path("/var/lib/nfctl-lab")
