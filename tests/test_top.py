@@ -1,5 +1,7 @@
-"""`nfctl top` against a real agent counting real packets: the rate it reports matches the
-rate ping sent within 10%, and the live view renders in a pseudo-terminal."""
+"""`nfctl top` against a real controller and a real agent counting real packets: the rates
+it reports (from the verdict counters in node status, and with --agent from the counters
+the NF exports) match the rate ping sent within 10%, and the live view renders in a
+pseudo-terminal."""
 
 from __future__ import annotations
 
@@ -18,12 +20,13 @@ from pathlib import Path
 import pytest
 
 from nfctl.testing.netns import VethPair
-from tests.agent_harness import REPO_ROOT, AgentProcess, GitRepo
+from tests.agent_harness import REPO_ROOT, AgentProcess, GitRepo, set_blocked_v4, wait_until
 
 pytestmark = pytest.mark.kernel
 
 NFCTL = str(Path(sys.executable).parent / "nfctl")
 ICMP_V4_KEY = "ethertype=2048,proto=1,pad=0"
+CONTROLLER = "127.0.0.1:19443"  # in the agent's network namespace: private to the test
 
 
 @pytest.fixture
@@ -44,6 +47,176 @@ def agent(veth: VethPair, bpffs_root: Path, tmp_path: Path) -> Iterator[AgentPro
 
 def in_ns_a(veth: VethPair, *args: str) -> list[str]:
     return ["nsenter", f"--net=/run/netns/{veth.ns_a}", *args]
+
+
+@pytest.fixture
+def fleet(veth: VethPair, bpffs_root: Path, tmp_path: Path) -> Iterator[AgentProcess]:
+    """A controller and an agent reporting to it, in namespace a: the counter NF and the
+    blocklist in monitor mode, listing b's address (it would drop every ping, drops none)."""
+    repo = GitRepo(tmp_path / "nfs-repo")
+    repo.add_library_nf("counter")
+    repo.add_library_nf("blocklist")
+    set_blocked_v4(repo, ["203.0.113.7", veth.b_ip])  # the first kept: tests.yaml uses it
+    path = "nfs/blocklist/nf.yaml"
+    repo.write(path, repo.read(path).replace("  attach:\n", "  mode: monitor\n  attach:\n", 1))
+    revision = repo.commit("counter and a blocklist in monitor mode")
+    log = (tmp_path / "controller.log").open("w")
+    controller = subprocess.Popen(
+        in_ns_a(
+            veth, NFCTL, "controller", "--listen", CONTROLLER, "--insecure",
+            "--db", str(tmp_path / "controller.db"), "--webhook-addr", "", "--metrics-addr", "",
+        ),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=REPO_ROOT,
+    )  # fmt: skip
+    running = AgentProcess(
+        veth,
+        f"file://{repo.path}",
+        tmp_path / "state",
+        bpffs_root,
+        "--controller",
+        CONTROLLER,
+        "--insecure",
+    ).start()
+    try:
+        running.wait_ready(revision, timeout=120)
+        wait_until(
+            lambda: _applied_at_controller(veth, revision), 60, what="node-a at the controller"
+        )
+        yield running
+    finally:
+        running.stop()
+        controller.terminate()
+        controller.wait(timeout=20)
+        log.close()
+        from nfctl.datapath.datapath import Datapath
+
+        Datapath(bpffs_root, tmp_path / "state", netns=veth.ns_a).teardown()
+
+
+def _applied_at_controller(veth: VethPair, revision: str) -> bool:
+    proc = subprocess.run(
+        in_ns_a(
+            veth, NFCTL, "get", "nodes", "--controller", CONTROLLER, "--insecure", "-o", "json"
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO_ROOT,
+        check=False,
+    )
+    nodes = json.loads(proc.stdout) if proc.returncode == 0 else []
+    return any(n["status"].get("lastAppliedRevision") == revision for n in nodes)
+
+
+def ping_rate(veth: VethPair, count: int) -> subprocess.Popen[str]:
+    """Ping a from b at 50/s in the background."""
+    return subprocess.Popen(
+        ["ip", "netns", "exec", veth.ns_b, "ping", "-n", "-q", "-i", "0.02", "-c", str(count),
+         veth.a_ip],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+
+
+def sent_rate(ping: subprocess.Popen[str], count: int) -> float:
+    """The rate ping actually sent at, from its own summary."""
+    out, _ = ping.communicate(timeout=60)
+    assert ping.returncode == 0, out
+    sent, millis = re.search(r"(\d+) packets transmitted.*time (\d+)ms", out).groups()  # type: ignore[union-attr]
+    assert int(sent) == count
+    return (int(sent) - 1) / (int(millis) / 1000)
+
+
+def test_top_from_the_controller_matches_the_traffic_sent(
+    veth: VethPair, fleet: AgentProcess
+) -> None:
+    ping = ping_rate(veth, 500)
+    time.sleep(2.0)  # steady state (and a status report in it) before the window
+    proc = subprocess.run(
+        in_ns_a(
+            veth, NFCTL, "top", "--controller", CONTROLLER, "--insecure", "--interval", "4",
+            "-o", "json",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO_ROOT,
+        check=False,
+    )  # fmt: skip
+    rate = sent_rate(ping, 500)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["errors"] == []
+    rows = {r["nf"]: r for r in data["rows"]}
+    assert set(rows) == {"counter", "blocklist"}, rows
+    counter, blocklist = rows["counter"], rows["blocklist"]
+    print(f"sent {rate:.2f}/s; top: counter {counter}, blocklist {blocklist}")
+    for row in (counter, blocklist):
+        assert row["node"] == "node-a" and row["state"] == "Applied", row
+        assert row["revision"] == fleet.status()["lastAppliedRevision"]
+        assert abs(row["packets_per_second"] - rate) <= 0.1 * rate, (row, rate)
+        assert row["chain_errors_per_second"] == 0
+    # the counter passes everything; the blocklist in monitor mode would drop every ping
+    assert counter["mode"] == "enforce" and counter["drops_per_second"] == 0
+    assert counter["shares"]["passed"] >= 0.9
+    assert blocklist["mode"] == "monitor"
+    assert abs(blocklist["drops_per_second"] - rate) <= 0.1 * rate, (blocklist, rate)
+    assert blocklist["shares"]["dropped"] >= 0.9
+
+
+def test_top_from_the_controller_live_in_a_terminal(veth: VethPair, fleet: AgentProcess) -> None:
+    ping = ping_rate(veth, 400)  # 8 s of traffic
+    time.sleep(1.5)  # the rates' windows start after ping did
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        in_ns_a(
+            veth, NFCTL, "top", "--controller", CONTROLLER, "--insecure", "--sort", "drops",
+            "--nf", "blocklist",
+        ),
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        cwd=REPO_ROOT,
+        env={**os.environ, "COLUMNS": "200", "LINES": "40", "TERM": "xterm"},
+        start_new_session=True,
+    )  # fmt: skip
+    os.close(follower)
+    screen = b""
+    rates: list[float] = []
+    deadline = time.monotonic() + 30
+    try:
+        # a line of the table: node-a blocklist Applied monitor <revision> <pkts/s> <drops/s>
+        line = re.compile(rb"node-a\s+blocklist\s+Applied\s+monitor\s+\w+\s+([\d,.]+)\s+([\d,.]+)")
+        while time.monotonic() < deadline and len(rates) < 3:
+            ready, _, _ = select.select([leader], [], [], 0.5)
+            if ready:
+                try:
+                    chunk = os.read(leader, 65536)
+                except OSError:
+                    break
+                screen += chunk
+                rates += [float(m.group(2).replace(b",", b"")) for m in line.finditer(chunk)]
+        text = screen.decode(errors="replace")
+        assert "PKTS/s" in text and "DROPS/s" in text and "\x1b[" in text, text[-3000:]
+        assert "counter" not in text.split("PKTS/s", 1)[1]  # --nf blocklist
+        assert len(rates) >= 3, text[-3000:]  # redrawn in place every second
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=15) == 0
+        assert ping.poll() is None, "the figures must come from while ping was sending"
+        rate = sent_rate(ping, 400)
+        print(f"sent {rate:.2f}/s; top showed drops/s {rates}")
+        assert all(abs(r - rate) <= 0.1 * rate for r in rates), (rates, rate)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        os.close(leader)
+        if ping.poll() is None:
+            ping.kill()
+            ping.wait()
 
 
 def test_top_rate_matches_the_traffic_sent(veth: VethPair, agent: AgentProcess) -> None:
