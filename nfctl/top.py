@@ -48,6 +48,8 @@ class Row:
     chain_errors_per_second: float | None
     shares: dict[str, float] | None  # verdict -> fraction of the window's packets
     window: float | None  # seconds between the two snapshots
+    since: float | None  # the window on the agent's clock, unix seconds
+    until: float | None
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -114,6 +116,8 @@ def rate_row(before: Sample | None, after: Sample) -> Row:
         chain_errors_per_second=errors,
         shares=shares,
         window=window if rates is not None else None,
+        since=before.at if rates is not None and before is not None else None,
+        until=after.at if rates is not None else None,
     )
 
 

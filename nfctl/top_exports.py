@@ -18,6 +18,7 @@ class Scrape:
     counters: dict[Series, float]  # NF-exported counters
     functions: dict[str, tuple[str, str, str]]  # nf -> (state, version, revision)
     error: str = ""
+    wall: float = 0.0  # time.time() at the same moment: says which window a rate covers
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class Row:
     key: str
     rate: float  # per second
     total: float
+    since: float  # the window, unix seconds
+    until: float
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -38,7 +41,7 @@ class Row:
 SORT_KEYS = ("rate", "node", "nf")
 
 
-def parse(node: str, at: float, text: str) -> Scrape:
+def parse(node: str, at: float, text: str, wall: float = 0.0) -> Scrape:
     counters: dict[Series, float] = {}
     functions: dict[str, tuple[str, str, str]] = {}
     for family in text_string_to_metric_families(text):
@@ -50,7 +53,7 @@ def parse(node: str, at: float, text: str) -> Scrape:
                     counters[series] = float(sample.value)
             elif sample.name == "nfctl_agent_function_info":
                 functions[labels["nf"]] = (labels["state"], labels["version"], labels["revision"])
-    return Scrape(node, at, counters, functions)
+    return Scrape(node, at, counters, functions, wall=wall)
 
 
 def rates(before: Scrape, after: Scrape) -> list[Row]:
@@ -64,7 +67,9 @@ def rates(before: Scrape, after: Scrape) -> list[Row]:
         delta = now - was if was is not None and now >= was else 0.0
         state, _, revision = after.functions.get(nf, ("-", "", "-"))
         rate = delta / seconds if seconds > 0 else 0.0
-        rows.append(Row(after.node, nf, state, revision, metric, key, rate, now))
+        rows.append(
+            Row(after.node, nf, state, revision, metric, key, rate, now, before.wall, after.wall)
+        )
     return rows
 
 

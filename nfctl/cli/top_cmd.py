@@ -247,7 +247,7 @@ def _scrape(url: str, node: str) -> Scrape:
             text = response.read().decode()
     except (OSError, ValueError) as exc:
         return Scrape(node, time.monotonic(), {}, {}, error=f"{url}: {exc}")
-    return parse(node, time.monotonic(), text)
+    return parse(node, time.monotonic(), text, wall=time.time())
 
 
 def _rows(
