@@ -71,7 +71,13 @@ def bash_complete(words: list[str]) -> list[str]:
 
 def test_bash_completes_subcommands_options_and_values() -> None:
     assert bash_complete(["nfctl", "ge"]) == ["get"]
-    assert bash_complete(["nfctl", "get", ""]) == ["nodes", "functions", "events", "history"]
+    assert bash_complete(["nfctl", "get", ""]) == [
+        "nodes",
+        "node",
+        "functions",
+        "events",
+        "history",
+    ]
     assert "--output" in bash_complete(["nfctl", "get", "nodes", "--o"])
     assert bash_complete(["nfctl", "validate", "-o", ""]) == ["text", "json", "yaml"]
     assert bash_complete(["nfctl", "completion", ""]) == ["bash", "zsh", "fish"]
@@ -137,7 +143,7 @@ def test_exit_codes_usage_unavailable_and_not_ok(tmp_path: Path) -> None:
 
 
 def test_top_rates_from_two_scrapes_and_a_counter_reset() -> None:
-    from nfctl.top import parse, rates, select
+    from nfctl.top_exports import parse, rates, select
 
     def scrape(at: float, passed: int, dropped: int) -> str:
         return (

@@ -46,7 +46,7 @@ CLIENT = """
 import grpc, sys
 from pathlib import Path
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb, nfctl_pb2_grpc as pbg
-from nfctl.controller.auth import channel_credentials
+from nfctl.wire.channel import channel_credentials
 P = Path({pki!r})
 def channel(cert=None, port=9443):
     crt = P / f"{{cert}}.crt" if cert else None

@@ -20,7 +20,7 @@ from cryptography.x509.oid import NameOID
 
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.api.nfctl.v1 import nfctl_pb2_grpc as pbg
-from nfctl.controller.auth import channel_credentials
+from nfctl.wire.channel import channel_credentials
 from tests.loopback_controller import free_port, make_pki, nfctl, running_controller
 
 pytestmark = pytest.mark.e2e

@@ -14,8 +14,6 @@ NFCTL = Path(__file__).resolve().parent.parent / "nfctl"
 GENERATED = {"api"}  # protoc output: imports only itself and grpc
 
 # Cycles another branch removes; the lead empties this when that branch is merged.
-CYCLES_FIXED_BY_PENDING_MERGE: set[frozenset[str]] = {frozenset({"agent", "controller"})}
-
 Graph = dict[str, dict[str, set[str]]]  # package -> imported package -> importing modules
 
 
@@ -120,14 +118,8 @@ def _write(root: Path, files: dict[str, str]) -> None:
 
 def test_no_package_imports_one_that_imports_it_back() -> None:
     graph = import_graph(NFCTL)
-    unexpected = [c for c in cycles(graph) if c not in CYCLES_FIXED_BY_PENDING_MERGE]
-    assert not unexpected, "package cycles:\n" + "\n".join(describe(graph, c) for c in unexpected)
-
-
-def test_the_pending_merge_allowlist_holds_only_live_cycles() -> None:
-    live = set(cycles(import_graph(NFCTL)))
-    stale = [sorted(c) for c in CYCLES_FIXED_BY_PENDING_MERGE if c not in live]
-    assert not stale, f"no longer cycles, remove from CYCLES_FIXED_BY_PENDING_MERGE: {stale}"
+    found = cycles(graph)
+    assert not found, "package cycles:\n" + "\n".join(describe(graph, c) for c in found)
 
 
 def test_datapath_and_bpf_import_no_compiler() -> None:

@@ -8,7 +8,6 @@ import struct
 from pathlib import Path
 
 from nfctl.agent.reconcile.node_status import verdict_totals
-from nfctl.agent.status import NFState, NFStatus, NodeStatus
 from nfctl.bpf.abi import COUNTER_FIELDS
 from nfctl.compiler.build import build_hash
 from nfctl.compiler.codegen import (
@@ -17,9 +16,10 @@ from nfctl.compiler.codegen import (
     nf_program,
 )
 from nfctl.compiler.source_guard import SourceBundle
-from nfctl.controller.convert import status_to_proto
 from nfctl.datapath.counters import CounterKey, decode
 from nfctl.manifest.model import Hook, Mode
+from nfctl.wire.convert import status_to_proto
+from nfctl.wire.status import NFState, NFStatus, NodeStatus
 from tests.test_manifest_unit import base, errors, load, only_error
 
 

@@ -19,23 +19,22 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 
 from nfctl import __version__
-from nfctl.agent.status import Event, NodeStatus
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.api.nfctl.v1 import nfctl_pb2_grpc as pbg
-from nfctl.controller.auth import channel_credentials
-from nfctl.controller.convert import event_to_proto, status_to_proto
 from nfctl.system import kernel_release
+from nfctl.wire.channel import open_channel
+from nfctl.wire.convert import event_to_proto, status_to_proto
+from nfctl.wire.status import Event, NodeStatus
 
 if TYPE_CHECKING:
     from nfctl.agent.config import AgentConfig
-    from nfctl.agent.runner import Agent
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +43,45 @@ HEARTBEAT_SECONDS = 10.0
 # within ~5 s of the controller (the jitter spreads a fleet's reconnect storm).
 MAX_BACKOFF_SECONDS = 4.0
 EVENT_BATCH = 200
+
+
+class EventOutbox(Protocol):
+    """The agent's persisted event log, numbered within an epoch."""
+
+    @property
+    def event_epoch(self) -> str: ...
+
+    def events(self, since: int = 0) -> list[Event]: ...
+
+
+class StatusProvider(Protocol):
+    """What the link reads of the node. `status_snapshot` returns a status the link may
+    read at leisure (nobody rewrites it); `subscribe` tells the link when a new status was
+    published or an event appended (called from the agent's threads: must not block)."""
+
+    @property
+    def outbox(self) -> EventOutbox: ...
+
+    def status_snapshot(self) -> NodeStatus: ...
+
+    def subscribe(self, on_status: Callable[[], None], on_event: Callable[[], None]) -> None: ...
+
+
+class CommandCallbacks(Protocol):
+    """What the controller may ask of the node. Each returns the message of its
+    CommandResult, or raises CommandRefused. A new command is one more method here and
+    one more entry in ControllerLink._handlers."""
+
+    def reconcile_now(self, reason: str, revision: str) -> str: ...
+
+    def set_suspended(self, nf: str | None, suspended: bool) -> str: ...
+
+    def reconnected(self) -> None:
+        """Back after a break: anything the controller could not deliver meanwhile."""
+
+
+class CommandRefused(Exception):
+    """A command the node will not carry out; its message goes back to the controller."""
 
 
 def _comparable(status: pb.NodeStatus) -> bytes:
@@ -92,11 +130,14 @@ class Stream:
 
 
 class ControllerLink:
-    """The agent's side of its controller stream: registers, reports status and events,
-    answers commands; a thread of its own, so Git-driven reconciling never waits on it."""
+    """The stream to the controller (see the module docstring). It knows the node only
+    through `node` (status snapshots, event log) and `commands` (what it may be asked)."""
 
-    def __init__(self, agent: Agent, config: AgentConfig) -> None:
-        self.agent = agent
+    def __init__(
+        self, node: StatusProvider, commands: CommandCallbacks, config: AgentConfig
+    ) -> None:
+        self.node = node
+        self.commands = commands
         self.config = config
         self.stopping = threading.Event()
         self.connected = threading.Event()
@@ -112,8 +153,11 @@ class ControllerLink:
         # command ids executed lately: a replica resends what it has no answer for
         self._executed: deque[str] = deque(maxlen=1000)
         self._endpoint_index = random.randrange(len(self.endpoints))
-        agent.reconciler.listeners.append(self._on_event)
-        agent.reconciler.status_listeners.append(self._on_status)
+        self._handlers: dict[str, Callable[[pb.Command], str]] = {
+            "reconcile": self._reconcile,
+            "suspend": self._suspend,
+        }
+        node.subscribe(self._on_status, self._on_event)
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -129,13 +173,13 @@ class ControllerLink:
             call.cancel()
         self._thread.join(timeout=5)
 
-    # -- from the reconciler -------------------------------------------------------------------
-    def _on_event(self, event: Event) -> None:
+    # -- from the node ---------------------------------------------------------------------
+    def _on_event(self) -> None:
         stream = self._stream
         if stream is not None:
             stream.new_events()
 
-    def _on_status(self, status: NodeStatus) -> None:
+    def _on_status(self) -> None:
         self._status_dirty = True
         stream = self._stream
         if stream is not None:
@@ -164,11 +208,14 @@ class ControllerLink:
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", int(MAX_BACKOFF_SECONDS * 1000)),
         ]
-        target = self.endpoint
-        if self.config.insecure:
-            return grpc.insecure_channel(target, options=options)
-        creds = channel_credentials(self.config.tls_ca, self.config.tls_cert, self.config.tls_key)
-        return grpc.secure_channel(target, creds, options=options)
+        return open_channel(
+            self.endpoint,
+            insecure=self.config.insecure,
+            ca=self.config.tls_ca,
+            cert=self.config.tls_cert,
+            key=self.config.tls_key,
+            options=options,
+        )
 
     def _run(self) -> None:
         while not self.stopping.is_set():
@@ -203,22 +250,24 @@ class ControllerLink:
             self.stopping.wait(delay)
 
     def _status(self) -> pb.StatusReport:
-        return pb.StatusReport(status=status_to_proto(self.agent.reconciler.status))
+        return pb.StatusReport(status=status_to_proto(self.node.status_snapshot()))
 
     def _register(self) -> pb.AgentMessage:
-        store = self.agent.store
+        store = self.node.outbox
         events = store.events()
         last = events[-1].sequence if events else 0
+        status = self.node.status_snapshot()
         return pb.AgentMessage(
             register=pb.Register(
                 node=self.config.node,
-                labels=self.agent.reconciler.settings.labels,
-                kernel=kernel_release(),
+                labels=status.labels,
+                kernel=status.kernel or kernel_release(),
                 bpf_features=bpf_features(),
                 agent_version=__version__,
                 last_event_sequence=last,
                 event_epoch=store.event_epoch,
                 first_event_sequence=events[0].sequence if events else last + 1,
+                approved_revision=status.approved_revision or "",
             )
         )
 
@@ -227,7 +276,7 @@ class ControllerLink:
         one sent (from the controller's acknowledged point after Registered), a status when
         it changed, a heartbeat (a status) whenever nothing was sent for `heartbeat`
         seconds whatever else happens, command results."""
-        store = self.agent.store
+        store = self.node.outbox
         yield self._register()
         sent_upto: int | None = None  # unknown until Registered says what is stored
         last_status = b""
@@ -281,9 +330,7 @@ class ControllerLink:
                 self.acked_event_sequence,
             )
             if apart:
-                # a push the controller could not deliver while we were apart (its
-                # webhook had nowhere to go): look at Git now instead of at the next tick
-                self.agent.request_sync()
+                self.commands.reconnected()
         elif kind == "events_ack":
             self.acked_event_sequence = message.events_ack.event_sequence
         elif kind == "command":
@@ -297,24 +344,22 @@ class ControllerLink:
             stream.poke()
 
     def _execute(self, command: pb.Command) -> pb.CommandResult:
-        action = command.WhichOneof("action")
-        if action == "reconcile":
-            why = command.reconcile.reason or "controller"
-            rev = command.reconcile.revision[:12]
-            log.info("controller: reconcile now (%s%s)", why, f", revision {rev}" if rev else "")
-            self.agent.request_sync()
-            return pb.CommandResult(command_id=command.id, ok=True, message="reconcile scheduled")
-        if action == "suspend":
-            nf = command.suspend.nf or None
-            current = self.agent.store.set_suspended(nf, command.suspend.suspended)
-            verb = "suspended" if command.suspend.suspended else "resumed"
-            self.agent.reconciler.event(
-                verb.capitalize(), f"{'NF ' + nf if nf else 'node'} {verb} by the controller", nf=nf
-            )
-            self.agent.request_sync()
+        action = command.WhichOneof("action") or ""
+        handler = self._handlers.get(action)
+        if handler is None:
             return pb.CommandResult(
-                command_id=command.id, ok=True, message=f"node={current.node} nfs={current.nfs}"
+                command_id=command.id, ok=False, message=f"unknown command {action!r}"
             )
-        return pb.CommandResult(
-            command_id=command.id, ok=False, message=f"unknown command {action}"
-        )
+        try:
+            message = handler(command)
+        except CommandRefused as exc:
+            return pb.CommandResult(command_id=command.id, ok=False, message=str(exc))
+        return pb.CommandResult(command_id=command.id, ok=True, message=message)
+
+    def _reconcile(self, command: pb.Command) -> str:
+        order = command.reconcile
+        return self.commands.reconcile_now(order.reason or "controller", order.revision)
+
+    def _suspend(self, command: pb.Command) -> str:
+        order = command.suspend
+        return self.commands.set_suspended(order.nf or None, order.suspended)

@@ -23,7 +23,7 @@ from cryptography.x509.oid import NameOID
 
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.api.nfctl.v1 import nfctl_pb2_grpc as pbg
-from nfctl.controller.auth import channel_credentials
+from nfctl.wire.channel import open_channel
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def enroll(
         node=node, csr_pem=certificate_request(key, node), bootstrap_token=token or ""
     )
     options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
-    with grpc.secure_channel(controller, channel_credentials(ca), options=options) as channel:
+    with open_channel(controller, insecure=False, ca=ca, options=options) as channel:
         reply: pb.EnrollResponse = pbg.EnrollmentServiceStub(channel).Enroll(
             request, timeout=timeout
         )

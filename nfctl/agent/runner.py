@@ -246,8 +246,10 @@ class Agent:
             compile_standby.enable()  # a worker with BCC loaded waits for the next commit
         if self.config.controller:
             from nfctl.agent.controller_link import ControllerLink
+            from nfctl.agent.link_port import AgentPort
 
-            self.controller = ControllerLink(self, self.config)
+            port = AgentPort(self)
+            self.controller = ControllerLink(port, port, self.config)
             self.controller.start()
         log.info(
             "agent %s: %s %s path %s every %.1fs, drift %s",

@@ -218,10 +218,10 @@ def _node_path(state_dir: Path) -> str | None:
 def _load_node(state_dir: Path) -> NodeView:
     from pydantic import ValidationError
 
-    from nfctl.agent.status import NFState
     from nfctl.agent.store import StateStore
     from nfctl.diff import AppliedView, NodeView
     from nfctl.manifest.model import NetworkFunction
+    from nfctl.wire.status import NFState
 
     if not (state_dir / "status.json").is_file():
         raise _fail(f"{state_dir}: no agent state here (status.json is missing)")

@@ -20,7 +20,8 @@ from rich.table import Table
 
 from nfctl.cli.exitcodes import UNAVAILABLE
 from nfctl.cli.output import OutputFormat, console, emit_data, err_console
-from nfctl.cli.render import STATE_COLORS, ago
+from nfctl.cli.render import STATE_COLORS, Connection
+from nfctl.wire.status import NodeStatus
 
 get_app = typer.Typer(help="Read the fleet's state from the controller.", no_args_is_help=True)
 
@@ -101,17 +102,14 @@ def with_conn(func: Callable[..., None]) -> Callable[..., None]:
 @contextmanager
 def fleet_stub(conn: Conn) -> Iterator[tuple[Any, list[tuple[str, str]]]]:
     from nfctl.api.nfctl.v1 import nfctl_pb2_grpc as pbg
-    from nfctl.controller.auth import channel_credentials
+    from nfctl.wire.channel import open_channel
 
     metadata: list[tuple[str, str]] = []
     if conn.token_file:
         metadata.append(("authorization", f"Bearer {conn.token_file.read_text().strip()}"))
-    if conn.insecure:
-        channel = grpc.insecure_channel(conn.address)
-    else:
-        channel = grpc.secure_channel(
-            conn.address, channel_credentials(conn.ca, conn.cert, conn.key)
-        )
+    channel = open_channel(
+        conn.address, insecure=conn.insecure, ca=conn.ca, cert=conn.cert, key=conn.key
+    )
     try:
         yield pbg.FleetServiceStub(channel), metadata
     except grpc.RpcError as exc:
@@ -148,61 +146,57 @@ def get_nodes(
 ) -> None:
     """Nodes: connection, Ready condition, revisions, NFs."""
     from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
+    from nfctl.cli.render import nodes_table
 
     with fleet_stub(conn) as (stub, md):
         resp = stub.ListNodes(
-            pb.ListNodesRequest(selector=_selector(selector, None), only_stale=stale), metadata=md
+            pb.ListNodesRequest(selector=_selector(selector, None), only_stale=stale),
+            metadata=md,
         )
     if output is not OutputFormat.TEXT:
         emit_data(_dict(resp).get("nodes", []), output)
         return
-    table = Table(show_edge=False, header_style="bold")
-    for column in (
-        "NODE",
-        "CONNECTED",
-        "READY",
-        "APPLIED",
-        "ATTEMPTED",
-        "NFS",
-        "LAST PASS",
-        "LAST SEEN",
-        "MESSAGE",
-    ):
-        table.add_column(column)
-    for node in resp.nodes:
-        st = node.status
-        ready = next((c for c in st.conditions if c.type == "Ready"), None)
-        ready_text = (
-            "-"
-            if ready is None
-            else (
-                "[green]True[/green]"
-                if ready.status
-                else f"[red]False[/red] {escape(ready.reason)}"
-            )
-        )
-        if node.stale:
-            ready_text += " [yellow](stale)[/yellow]"
-        nfs = ", ".join(f"{f.name}:{f.state}" for f in st.functions)
-        table.add_row(
-            escape(st.node),
-            "yes" if node.connected else "[yellow]no[/yellow]",
-            ready_text,
-            st.last_applied_revision[:12] or "-",
-            st.last_attempted_revision[:12] or "-",
-            escape(nfs) or "-",
-            _last_pass(st),
-            ago(node.last_seen),
-            escape(ready.message if ready else ""),
-        )
-    console.print(table)
+    console.print(nodes_table([node for node in map(_node, resp.nodes) if node is not None]))
 
 
-def _last_pass(status: Any) -> str:
-    if not status.HasField("last_reconcile"):
-        return "-"
-    timings = status.last_reconcile
-    return f"{timings.total_seconds:.2f}s {ago(timings.started_at)}"
+@get_app.command("node")
+@with_conn
+def get_node(
+    name: str = typer.Argument(..., help="node name"),
+    output: OutputFormat = typer.Option(OutputFormat.TEXT, "--output", "-o"),
+    conn: Conn = CONN,
+) -> None:
+    """One node in full, as `nfctl status` shows it on the node, with its link to the
+    controller. Exit 1 when it is not Ready (like `nfctl status`)."""
+    from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
+    from nfctl.cli.render import render_node_status
+
+    with fleet_stub(conn) as (stub, md):
+        resp = stub.GetNode(pb.GetNodeRequest(name=name), metadata=md)
+    if output is not OutputFormat.TEXT:
+        emit_data(_dict(resp.node), output)
+    else:
+        node = _node(resp.node)
+        if node is None:
+            raise typer.Exit(UNAVAILABLE)
+        render_node_status(*node)
+    ready = next((c for c in resp.node.status.conditions if c.type == "Ready"), None)
+    raise typer.Exit(0 if ready is not None and ready.status else 1)
+
+
+def _node(node: Any) -> tuple[NodeStatus, Connection] | None:
+    """The wire model of a node the controller reports (None, said on stderr, when its
+    status holds a state or condition this nfctl does not know: a newer agent)."""
+    from nfctl.wire.convert import status_from_proto
+
+    try:
+        status = status_from_proto(node.status)
+    except ValueError as exc:
+        err_console.print(f"node {node.status.node}: status not understood: {exc}", markup=False)
+        return None
+    return status, Connection(
+        connected=node.connected, stale=node.stale, last_seen=node.last_seen, peer=node.peer
+    )
 
 
 @get_app.command("functions")

@@ -1,14 +1,18 @@
-"""Human-readable renderings (rich tables) of statuses and events."""
+"""Human-readable renderings (rich tables) of node statuses: one renderer for a node's
+status whether it comes from the agent's state dir (`nfctl status`) or from the controller
+(`nfctl get node`, `nfctl get nodes`): both are the wire model (nfctl/wire/status.py)."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from rich.markup import escape
 from rich.table import Table
 
-from nfctl.agent.status import AttachPointStatus, NFStatus, NodeStatus
 from nfctl.cli.output import console
+from nfctl.wire.status import AttachPointStatus, ConditionType, NFStatus, NodeStatus
 
 STATE_COLORS = {
     "Applied": "green",
@@ -44,12 +48,30 @@ def _verdicts(nf: NFStatus) -> str:
     return text
 
 
-def render_node_status(status: NodeStatus) -> None:
-    ready = status.condition(status.conditions[0].type) if status.conditions else None
+@dataclass(frozen=True)
+class Connection:
+    """The controller's view of a node's link (absent when read from the node itself)."""
+
+    connected: bool
+    stale: bool
+    last_seen: float
+    peer: str = ""
+
+    def text(self) -> str:
+        state = "connected" if self.connected else "[yellow]not connected[/yellow]"
+        stale = " [yellow](stale)[/yellow]" if self.stale else ""
+        peer = f" from {escape(self.peer)}" if self.peer else ""
+        return f"{state}{stale}{peer}, last seen {ago(self.last_seen)}"
+
+
+def render_node_status(status: NodeStatus, connection: Connection | None = None) -> None:
     console.print(
-        f"[bold]node[/bold] {status.node}  kernel {status.kernel}  agent {status.agent_version}"
+        f"[bold]node[/bold] {escape(status.node)}  kernel {escape(status.kernel)}  "
+        f"agent {escape(status.agent_version)}"
         + ("  [magenta]SUSPENDED[/magenta]" if status.suspended else "")
     )
+    if connection is not None:
+        console.print(f"controller: {connection.text()}")
     if status.source:
         console.print(
             f"source {status.source.url} {status.source.ref} path {status.source.path}",
@@ -58,6 +80,11 @@ def render_node_status(status: NodeStatus) -> None:
     console.print(
         f"lastAppliedRevision {(status.last_applied_revision or '-')[:12]}  "
         f"lastAttemptedRevision {(status.last_attempted_revision or '-')[:12]}"
+        + (
+            f"  approvedRevision {status.approved_revision[:12]}"
+            if status.approved_revision
+            else ""
+        )
     )
     if status.last_reconcile is not None:
         t = status.last_reconcile
@@ -72,7 +99,6 @@ def render_node_status(status: NodeStatus) -> None:
             f"  [{color}]{cond.type.value}={cond.status}[/{color}] {cond.reason} ", end=""
         )
         console.print(cond.message, markup=False, highlight=False)
-    del ready
     table = Table(show_edge=False, header_style="bold")
     # VERDICTS: pass/drop/redirect/other
     columns = ("NF", "STATE", "VERSION", "REVISION", "PROG ID", "ATTACHED", "VERDICTS", "MAPS")
@@ -91,17 +117,51 @@ def render_node_status(status: NodeStatus) -> None:
             )
             error = where + nf.last_error.message
         table.add_row(
-            nf.name,
+            escape(nf.name),
             f"[{color}]{nf.state.value}[/{color}]",
-            nf.version or "-",
+            escape(nf.version or "-"),
             (nf.revision or "-")[:12],
             str(nf.program_id or "-"),
-            attached or "-",
+            escape(attached or "-"),
             _verdicts(nf),
-            maps or "-",
-            error,
+            escape(maps or "-"),
+            escape(error),
         )
     console.print(table)
+
+
+def nodes_table(nodes: list[tuple[NodeStatus, Connection]]) -> Table:
+    """One line per node: its link, Ready, revisions, NFs and last pass."""
+    table = Table(show_edge=False, header_style="bold")
+    rollouts = any(status.approved_revision for status, _ in nodes)  # a RolloutPolicy rules
+    columns = ("NODE", "CONNECTED", "READY", *(("APPROVED",) if rollouts else ()), "APPLIED")
+    for column in (*columns, "ATTEMPTED", "NFS", "LAST PASS", "LAST SEEN", "MESSAGE"):
+        table.add_column(column)
+    for status, connection in nodes:
+        ready = status.condition(ConditionType.READY)
+        if ready is None:
+            ready_text = "-"
+        elif ready.status:
+            ready_text = "[green]True[/green]"
+        else:
+            ready_text = f"[red]False[/red] {escape(ready.reason)}"
+        if connection.stale:
+            ready_text += " [yellow](stale)[/yellow]"
+        nfs = ", ".join(f"{f.name}:{f.state.value}" for f in status.functions)
+        timings = status.last_reconcile
+        table.add_row(
+            escape(status.node),
+            "yes" if connection.connected else "[yellow]no[/yellow]",
+            ready_text,
+            *(((status.approved_revision or "-")[:12],) if rollouts else ()),
+            (status.last_applied_revision or "-")[:12],
+            (status.last_attempted_revision or "-")[:12],
+            escape(nfs) or "-",
+            f"{timings.total:.2f}s {ago(timings.started_at)}" if timings else "-",
+            ago(connection.last_seen),
+            escape(ready.message if ready else ""),
+        )
+    return table
 
 
 def _attach_point(point: AttachPointStatus) -> str:

@@ -134,13 +134,3 @@ def server_credentials(
         root_certificates=ca.read_bytes(),
         require_client_auth=require_client_cert,
     )
-
-
-def channel_credentials(
-    ca: Path | None, cert: Path | None = None, key: Path | None = None
-) -> grpc.ChannelCredentials:
-    return grpc.ssl_channel_credentials(
-        root_certificates=ca.read_bytes() if ca else None,
-        private_key=key.read_bytes() if key else None,
-        certificate_chain=cert.read_bytes() if cert else None,
-    )

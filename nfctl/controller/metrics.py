@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from nfctl.controller.convert import is_ready
 from nfctl.controller.fleet import Fleet
+from nfctl.wire.convert import is_ready
 
 
 class ControllerMetrics:

@@ -21,7 +21,6 @@ import grpc
 
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.api.nfctl.v1 import nfctl_pb2_grpc as pbg
-from nfctl.controller.auth import channel_credentials
 from nfctl.lab.gitserver import GIT_PORT
 from nfctl.lab.process import (
     REPO_ROOT,
@@ -34,6 +33,7 @@ from nfctl.lab.process import (
     tls_flags,
 )
 from nfctl.lab.topology import Topology, leftover_namespaces
+from nfctl.wire.channel import channel_credentials
 
 WORKSPACES = Path("/var/lib/nfctl-lab")
 LAB_NFS = ("blocklist", "ratelimit", "counter", "dscp")

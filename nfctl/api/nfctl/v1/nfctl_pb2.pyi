@@ -75,6 +75,7 @@ class ErrorInfo(_message.Message):
     LINE_FIELD_NUMBER: _builtins.int
     LOG_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     message: _builtins.str
     file: _builtins.str
     """repository-relative, when known"""
@@ -84,6 +85,8 @@ class ErrorInfo(_message.Message):
     """compiler or verifier log, possibly truncated"""
     revision: _builtins.str
     """the Git revision that failed"""
+    reason: _builtins.str
+    """e.g. TestsFailed: the NF's tests.yaml refused the build"""
     def __init__(
         self,
         *,
@@ -92,10 +95,11 @@ class ErrorInfo(_message.Message):
         line: _builtins.int = ...,
         log: _builtins.str = ...,
         revision: _builtins.str = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["file", b"file", "line", b"line", "log", b"log", "message", b"message", "revision", b"revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file", b"file", "line", b"line", "log", b"log", "message", b"message", "reason", b"reason", "revision", b"revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -110,6 +114,9 @@ class AttachPoint(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     MISSING_SINCE_FIELD_NUMBER: _builtins.int
+    DISPATCHER_ID_FIELD_NUMBER: _builtins.int
+    LINK_ID_FIELD_NUMBER: _builtins.int
+    SHADOWED_BY_FIELD_NUMBER: _builtins.int
     interface: _builtins.str
     hook: _builtins.str
     """xdp | tc-ingress | tc-egress"""
@@ -119,6 +126,13 @@ class AttachPoint(_message.Message):
     """why this attach point is not running the desired chain"""
     missing_since: _builtins.float
     """unix seconds the interface vanished; 0: present"""
+    dispatcher_id: _builtins.int
+    """what `bpftool net show` / `bpftool link` print, to match them to this attach point"""
+    link_id: _builtins.int
+    @_builtins.property
+    def shadowed_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """other tools' programs that can end processing first"""
+
     def __init__(
         self,
         *,
@@ -127,10 +141,13 @@ class AttachPoint(_message.Message):
         mode: _builtins.str = ...,
         error: _builtins.str = ...,
         missing_since: _builtins.float = ...,
+        dispatcher_id: _builtins.int = ...,
+        link_id: _builtins.int = ...,
+        shadowed_by: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "hook", b"hook", "interface", b"interface", "missing_since", b"missing_since", "mode", b"mode"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dispatcher_id", b"dispatcher_id", "error", b"error", "hook", b"hook", "interface", b"interface", "link_id", b"link_id", "missing_since", b"missing_since", "mode", b"mode", "shadowed_by", b"shadowed_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -307,11 +324,13 @@ class SourceStatus(_message.Message):
     REF_FIELD_NUMBER: _builtins.int
     PATH_FIELD_NUMBER: _builtins.int
     LAST_FETCHED_REVISION_FIELD_NUMBER: _builtins.int
+    LAST_FETCH_ERROR_FIELD_NUMBER: _builtins.int
     url: _builtins.str
     """credentials redacted"""
     ref: _builtins.str
     path: _builtins.str
     last_fetched_revision: _builtins.str
+    last_fetch_error: _builtins.str
     def __init__(
         self,
         *,
@@ -319,10 +338,11 @@ class SourceStatus(_message.Message):
         ref: _builtins.str = ...,
         path: _builtins.str = ...,
         last_fetched_revision: _builtins.str = ...,
+        last_fetch_error: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_fetched_revision", b"last_fetched_revision", "path", b"path", "ref", b"ref", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_fetch_error", b"last_fetch_error", "last_fetched_revision", b"last_fetched_revision", "path", b"path", "ref", b"ref", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
