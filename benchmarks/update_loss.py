@@ -320,6 +320,11 @@ def main() -> None:
     parser.add_argument(
         "--ops", default=",".join(CHAIN_OPS), help="chain-ops only: which operations"
     )
+    parser.add_argument(
+        "--methods",
+        default="nfctl,detach_attach",
+        help="chain-ops only: nfctl and/or the detach_attach baseline (the slow one)",
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument(
         "--attach",
@@ -342,6 +347,7 @@ def main() -> None:
                         for op in args.ops.split(",")
                     ]
                     for method, detach in (("nfctl", False), ("detach_attach", True))
+                    if method in args.methods.split(",")
                 }
                 wall = round(time.monotonic() - started, 1)
                 emit(
