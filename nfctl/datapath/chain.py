@@ -50,6 +50,7 @@ class ChainTable:
     # cleared. A range not listed may hold anything (written before a restart): it is
     # cleared in full. Clearing only these took ~30 failing deletes off each update.
     filled: dict[int, int] = field(default_factory=dict)
+    next_range: int = 0  # where the search for a free range starts (round robin)
 
     @classmethod
     def open(cls, chain_pin: Path, heads_pin: Path) -> ChainTable:
@@ -152,10 +153,14 @@ class ChainTable:
     def _allocate(self) -> int:
         deadline = time.monotonic() + QUARANTINE_SECONDS * 4
         while True:
-            busy = set(self.all_heads().values()) | set(self.quarantine)
-            for index in range(RANGE_COUNT):
+            live = set(self.all_heads().values())
+            # Round robin from the last range handed out: the next one is almost always
+            # free, and a released range is reused as late as possible.
+            for step in range(RANGE_COUNT):
+                index = (self.next_range + step) % RANGE_COUNT
                 base = index * RANGE_SIZE
-                if base not in busy:
+                if base not in live and base not in self.quarantine:
+                    self.next_range = index + 1
                     return base
             if time.monotonic() > deadline:
                 raise ChainError("no free chain range (too many attach points or updates)")

@@ -153,6 +153,8 @@ class Datapath:
         self._ipr: Any = None
         self._name_sock: socket.socket | None = None
         self._xdp_link_modes: dict[int, str] = {}  # ifindex -> mode the kernel gave our link
+        # attach points this object already recorded: no state-file read per chain update
+        self._noted: set[tuple[str, int, Hook]] = set()
 
     # -- lifecycle ---------------------------------------------------------------
     def close(self) -> None:
@@ -674,9 +676,12 @@ class Datapath:
             return {}
 
     def _note_interface(self, ifname: str, ifindex: int, hook: Hook) -> None:
+        if (ifname, ifindex, hook) in self._noted:
+            return
         state = self._iface_state()
         entry = state.get(ifname)
         if entry and entry.get("ifindex") == ifindex and hook.value in entry.get("hooks", []):
+            self._noted.add((ifname, ifindex, hook))
             return  # already recorded: no write on the hot path of a chain update
         entry = state.setdefault(ifname, {"ifindex": ifindex, "hooks": [], "created_clsact": False})
         if entry.get("ifindex") != ifindex:
@@ -684,6 +689,7 @@ class Datapath:
         if hook.value not in entry["hooks"]:
             entry["hooks"].append(hook.value)
         write_json_atomic(self._iface_state_path(), state)
+        self._noted.add((ifname, ifindex, hook))
 
     def note_clsact_created(self, ifname: str) -> None:
         state = self._iface_state()
@@ -698,6 +704,7 @@ class Datapath:
         return any(h != hook.value and h != Hook.XDP.value for h in hooks)
 
     def _forget_interface(self, ifname: str, hook: Hook) -> None:
+        self._noted = {n for n in self._noted if n[0] != ifname or n[2] is not hook}
         state = self._iface_state()
         entry = state.get(ifname)
         if entry is None:
