@@ -217,13 +217,13 @@ def run_atomic_baseline(
     }
 
 
+ChainBuilds = tuple[list[tuple[LoadedBuild, LoadedBuild]], LoadedBuild, LoadedBuild]
 CHAIN_OPS = ("swap-first", "swap-middle", "swap-last", "add", "remove", "reorder", "mixed")
 
 
-def _load_chain(
-    dp: Datapath, folder: Path, hook: Hook
-) -> tuple[list[tuple[LoadedBuild, LoadedBuild]], LoadedBuild, LoadedBuild]:
-    """Five NFs in two versions each, a sixth to add, and the sentinel."""
+def load_chain(dp: Datapath, folder: Path, hook: Hook) -> ChainBuilds:
+    """Five NFs in two versions each, a sixth to add, and the sentinel: compiled once per
+    run and shared by every operation and method (each counts from its own start)."""
     from tests.helpers import prepare_nf, write_nf
     from tests.nfsources import counting_nf
 
@@ -262,9 +262,16 @@ def _chain_for(
 
 
 def run_chain_ops(
-    dp: Datapath, pair: VethPair, hook: Hook, folder: Path, op: str, updates: int, detach: bool
+    dp: Datapath,
+    pair: VethPair,
+    hook: Hook,
+    chain: ChainBuilds,
+    op: str,
+    updates: int,
+    detach: bool,
 ) -> dict[str, Any]:
-    pairs, extra, sentinel = _load_chain(dp, folder, hook)
+    pairs, extra, sentinel = chain
+    wall = time.monotonic()
 
     def members(step: int) -> list[ChainMember]:
         chain = _chain_for(op, step, pairs, extra, sentinel)
@@ -291,6 +298,7 @@ def run_chain_ops(
     dp.clear_chain(pair.a_if, hook)
     return {
         "scenario": op,
+        "wall_s": round(time.monotonic() - wall, 1),
         "updates": updates,
         "sent": sent,
         "received": received,
@@ -313,6 +321,11 @@ def main() -> None:
     parser.add_argument(
         "--ops", default=",".join(CHAIN_OPS), help="chain-ops only: which operations"
     )
+    parser.add_argument(
+        "--methods",
+        default="nfctl,detach_attach",
+        help="chain-ops only: nfctl and/or the detach_attach baseline (the slow one)",
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument(
         "--attach",
@@ -322,19 +335,25 @@ def main() -> None:
     )
     args = parser.parse_args()
     hook = Hook(args.hook)
+    started = time.monotonic()
     root = Path("/sys/fs/bpf") / f"nfctl-bench-{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory() as tmp, VethPair.create(unique_name("ul")) as pair:
         dp = Datapath(root, Path(tmp) / "state", netns=pair.ns_a, attach=args.attach)
         try:
             if args.scenario == "chain-ops":
+                chain = load_chain(dp, Path(tmp) / "repo", hook)
                 results = {
                     method: [
-                        run_chain_ops(dp, pair, hook, Path(tmp) / "repo", op, args.updates, detach)
+                        run_chain_ops(dp, pair, hook, chain, op, args.updates, detach)
                         for op in args.ops.split(",")
                     ]
                     for method, detach in (("nfctl", False), ("detach_attach", True))
+                    if method in args.methods.split(",")
                 }
-                emit({"hook": hook.value, **results, "machine": machine()}, args.json)
+                wall = round(time.monotonic() - started, 1)
+                emit(
+                    {"hook": hook.value, **results, "wall_s": wall, "machine": machine()}, args.json
+                )
                 return
             builds = _load_versions(dp, Path(tmp) / "repo", hook)
             ours = run_mode(dp, pair, hook, builds, args.updates, detach_first=False)
@@ -353,6 +372,7 @@ def main() -> None:
     ours["baseline"] = {**baseline, "method": "detach then attach (what unload+reload tools do)"}
     ours["method"] = "nfctl: new chain range + atomic head switch"
     ours["atomic_baselines"] = atomic
+    ours["wall_s"] = round(time.monotonic() - started, 1)
     ours["machine"] = machine()
     emit(ours, args.json)
 

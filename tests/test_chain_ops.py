@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.update_loss import CHAIN_OPS, run_chain_ops
+from benchmarks.update_loss import CHAIN_OPS, load_chain, run_chain_ops
 from nfctl.datapath.datapath import Datapath
 from nfctl.manifest.model import Hook
 from nfctl.netns import VethPair
@@ -21,12 +21,13 @@ pytestmark = pytest.mark.kernel
 def test_chain_ops_lose_and_bypass_nothing(
     datapath: Datapath, veth: VethPair, tmp_path: Path, hook: Hook
 ) -> None:
+    chain = load_chain(datapath, tmp_path / "repo", hook)
     for op in CHAIN_OPS:
-        result = run_chain_ops(datapath, veth, hook, tmp_path / "repo", op, 10, detach=False)
+        result = run_chain_ops(datapath, veth, hook, chain, op, 10, detach=False)
         assert result["sent"] > 100, result
         assert (result["lost"], result["bypassed"]) == (0, 0), result
         udp = result["udp"]
         assert udp["sent"] > 0 and (udp["lost"], udp["gaps"]) == (0, 0), result
         assert result["attach"] in ("tcx", "xdp-link (native)")
-    baseline = run_chain_ops(datapath, veth, hook, tmp_path / "repo", "add", 10, detach=True)
+    baseline = run_chain_ops(datapath, veth, hook, chain, "add", 10, detach=True)
     assert baseline["bypassed"] > 0, baseline

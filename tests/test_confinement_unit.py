@@ -60,7 +60,7 @@ def test_verifier_source_lines_of_other_files_are_withheld() -> None:
     )
     scrubbed = scrub_verifier_log(log, ["fw.c", "lib/parse.h"])
     assert SECRET not in scrubbed and "return XDP_PASS; @ fw.c:9" in scrubbed
-    diagnostic = verifier_diagnostic(log, "fw.c", "int x;\n", "fw", ["lib/parse.h"])
+    diagnostic = verifier_diagnostic(log, "fw.c", "int x;\n", "fw", ["lib/parse.h"], nf="fw")
     assert SECRET not in repr(diagnostic)
 
 

@@ -734,19 +734,21 @@ def test_verifier_diagnostic() -> None:
         processed 3 insns (limit 1000000) max_states_per_insn 0 total_states 0
         """
     )
-    diag = verifier_diagnostic(log, "nfs/fw/prog.c", source, "xdp_prog")
+    diag = verifier_diagnostic(log, "nfs/fw/prog.c", source, "xdp_prog", nf="fw")
     assert diag.file == "nfs/fw/prog.c"
     assert diag.line == 5  # prog.c:6 in the log, one function definition before it
-    assert diag.message.startswith("the kernel verifier rejected program xdp_prog: invalid access")
+    assert diag.message.startswith(
+        "NF 'fw': the kernel verifier rejected xdp_prog (nfs/fw/prog.c:5): invalid access"
+    )
     assert "R7 offset is outside of the packet" in diag.message
     assert diag.detail is not None and "processed 3 insns" in diag.detail
 
 
 def test_verifier_diagnostic_without_line_info() -> None:
     diag = verifier_diagnostic(
-        "bpf: Failed to load program: Invalid argument\nbad\n", "p.c", "", "f"
+        "bpf: Failed to load program: Invalid argument\nbad\n", "p.c", "", "f", nf="p"
     )
-    assert diag.line is None and diag.message.endswith(": bad")
+    assert diag.line is None and diag.message == "NF 'p': the kernel verifier rejected f (p.c): bad"
 
 
 def test_clang_diagnostics() -> None:

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from nfctl import progress
 from nfctl.compiler.build import BuildRequest, BuildResult, build_hash
 from nfctl.compiler.codegen import BuildPins, function_is_defined
+from nfctl.compiler.diagnose import crash_diagnostic
 from nfctl.compiler.sandbox import (
     ConfinementError,
     explain_worker_failure,
@@ -20,6 +24,7 @@ from nfctl.compiler.sandbox import (
     worker_prefix,
 )
 from nfctl.compiler.source_guard import SourceBundle, read_source
+from nfctl.compiler.worker import BUILD_MARKER, BUILT_MARKER, CRASH_LOG_ENV, public_paths
 from nfctl.diagnostics import Diagnostic
 from nfctl.manifest.loader import LoadedManifest
 from nfctl.manifest.model import Mode, NetworkFunction
@@ -116,6 +121,25 @@ def worker_command() -> list[str]:
     return [*worker_prefix(), sys.executable, "-m", "nfctl.compiler.worker"]
 
 
+@dataclass
+class _Worker:
+    proc: subprocess.Popen[str]
+    # What the compiler printed during the capture that was running when the worker died
+    # (see nfctl.compiler.worker.captured_stderr); empty otherwise.
+    crash_log: IO[bytes]
+
+    def compiler_output(self) -> str:
+        self.crash_log.seek(0)
+        text = self.crash_log.read().decode("utf-8", errors="replace")
+        self.crash_log.close()
+        return text
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.crash_log.close()
+
+
 class _Standby:
     """One pre-started worker that has already imported BCC and waits for its requests:
     it takes Python start-up and `import bcc` (~0.4 s) off the commit-to-kernel path.
@@ -123,7 +147,7 @@ class _Standby:
 
     def __init__(self) -> None:
         self.enabled = False
-        self._proc: subprocess.Popen[str] | None = None
+        self._proc: _Worker | None = None
         self._lock = threading.Lock()
 
     def enable(self) -> None:
@@ -136,20 +160,20 @@ class _Standby:
             proc, self._proc = self._proc, None
         if proc is not None:
             proc.kill()
-            proc.wait()
 
     def refill(self) -> None:
         with self._lock:
-            if self.enabled and (self._proc is None or self._proc.poll() is not None):
+            if self.enabled and (self._proc is None or self._proc.proc.poll() is not None):
                 try:
                     self._proc = _spawn_worker()
                 except (OSError, ConfinementError):
                     self._proc = None
 
-    def take(self) -> subprocess.Popen[str] | None:
+    def take(self) -> _Worker | None:
         with self._lock:
             proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is not None:
+        if proc is not None and proc.proc.poll() is not None:
+            proc.kill()
             proc = None  # died while waiting (e.g. killed): start a fresh one instead
         return proc
 
@@ -157,18 +181,26 @@ class _Standby:
 standby = _Standby()
 
 
-def _spawn_worker() -> subprocess.Popen[str]:
+def _spawn_worker() -> _Worker:
     env = worker_env(dict(os.environ))
     package_root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-    return subprocess.Popen(
-        worker_command(),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
+    crash_log = tempfile.TemporaryFile()  # noqa: SIM115 (the _Worker owns and closes it)
+    env[CRASH_LOG_ENV] = str(crash_log.fileno())
+    try:
+        proc = subprocess.Popen(
+            worker_command(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            pass_fds=(crash_log.fileno(),),
+        )
+    except BaseException:
+        crash_log.close()
+        raise
+    return _Worker(proc, crash_log)
 
 
 def run_worker(
@@ -186,19 +218,22 @@ def run_worker(
     except OSError as exc:
         return _all_failed(requests, f"cannot start the compile worker: {exc}")
     try:
-        stdout, stderr = worker.communicate(payload, timeout=timeout)
+        stdout, stderr = worker.proc.communicate(payload, timeout=timeout)
     except subprocess.TimeoutExpired:
         worker.kill()
-        worker.communicate()
         return _all_failed(requests, f"the compile worker timed out after {timeout:.0f}s")
     finally:
         threading.Thread(target=standby.refill, daemon=True).start()
-    proc = subprocess.CompletedProcess(worker.args, worker.returncode, stdout, stderr)
+    compiler_output = worker.compiler_output()
+    proc = subprocess.CompletedProcess(worker.proc.args, worker.proc.returncode, stdout, stderr)
     if proc.returncode != 0 or not proc.stdout.strip():
         tail = proc.stderr.strip()[-2000:]
         confinement = explain_worker_failure(proc.stderr)
         if confinement:
             return _all_failed(requests, f"compiling refused: {confinement}")
+        crashed = _crashed_request(proc.stderr, len(requests))
+        if crashed is not None:
+            return _after_crash(requests, crashed, compiler_output, proc.returncode, timeout)
         hint = ""
         if "No module named 'bcc'" in proc.stderr:
             hint = " BCC is not importable: install python3-bpfcc and run `nfctl doctor`."
@@ -211,6 +246,37 @@ def run_worker(
         return [BuildResult.from_json(r) for r in json.loads(proc.stdout)]
     except (ValueError, KeyError, TypeError) as exc:
         return _all_failed(requests, f"unreadable answer from the compile worker: {exc}")
+
+
+def _crashed_request(stderr: str, count: int) -> int | None:
+    """The index of the request the worker had started and not finished when it died."""
+    current: int | None = None
+    for line in stderr.splitlines():
+        if line.startswith(BUILD_MARKER) and line[len(BUILD_MARKER) :].isdigit():
+            current = int(line[len(BUILD_MARKER) :])
+        elif line.startswith(BUILT_MARKER):
+            current = None
+    return current if current is not None and current < count else None
+
+
+def _after_crash(
+    requests: list[BuildRequest], crashed: int, output: str, returncode: int, timeout: float
+) -> list[BuildResult]:
+    """The crashed request fails with the compiler's own message; the rest of the batch
+    (whose answers died with the worker) is built again in a fresh worker."""
+    req = requests[crashed]
+    how = f"exit {returncode}"
+    signum = -returncode if returncode < 0 else returncode - 128 if returncode > 128 else 0
+    if signum in signal.valid_signals():
+        how = f"killed by {signal.Signals(signum).name}"
+    failed = BuildResult(
+        nf=req.nf,
+        build_hash=req.build_hash,
+        ok=False,
+        diagnostics=[crash_diagnostic(req.nf, req.source_rel, how, output, public_paths(req))],
+    )
+    others = run_worker(requests[:crashed] + requests[crashed + 1 :], timeout)
+    return [*others[:crashed], failed, *others[crashed:]]
 
 
 def run_parallel(requests: list[BuildRequest], workers: int | None = None) -> list[BuildResult]:

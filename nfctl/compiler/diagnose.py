@@ -118,9 +118,16 @@ def scrub_verifier_log(log: str, repo_files: list[str]) -> str:
 
 
 def verifier_diagnostic(
-    log: str, main_rel: str, main_text: str, program: str, repo_files: list[str] | None = None
+    log: str,
+    main_rel: str,
+    main_text: str,
+    function: str,
+    repo_files: list[str] | None = None,
+    *,
+    nf: str,
 ) -> Diagnostic:
-    """The kernel verifier's reason, located at the last source line it annotated."""
+    """The kernel verifier's reason, located at the last source line it annotated, named
+    by the NF (and the author's function), never by the program name nfctl generates."""
     if repo_files is not None:
         log = scrub_verifier_log(log, [*repo_files, main_rel])
     lines = [line for line in log.splitlines() if line.strip()]
@@ -136,11 +143,39 @@ def verifier_diagnostic(
     complexity = complexity_limit(lines)
     if complexity is not None:
         reason = f"too complex for the verifier: {complexity}"
+    where = f"{main_rel}:{source_line}" if source_line is not None else main_rel
     return Diagnostic(
         file=main_rel,
         line=source_line,
-        message=f"the kernel verifier rejected program {program}: {reason}",
+        message=f"NF {nf!r}: the kernel verifier rejected {function} ({where}): {reason}",
         detail=_tail(log),
+    )
+
+
+_CRASH_HEADLINE_RE = re.compile(r"LLVM ERROR: |error in backend|fatal error|Cannot select")
+MAX_CRASH_LINES = 30
+MAX_CRASH_LINE_CHARS = 400
+
+
+def crash_diagnostic(
+    nf: str, main_rel: str, how: str, output: str, public: list[str]
+) -> Diagnostic:
+    """The compiler's own last words when it killed the worker (an LLVM backend abort):
+    its message in the headline and the last lines as detail, with text quoted from files
+    outside public removed as for clang's errors."""
+    lines = [
+        line if len(line) <= MAX_CRASH_LINE_CHARS else line[:MAX_CRASH_LINE_CHARS] + " ..."
+        for line in scrub_clang_output(output, [*public, main_rel]).splitlines()
+        if line.strip()
+    ]
+    headline = next((line for line in lines if line.startswith("LLVM ERROR: ")), None)
+    headline = headline or next((line for line in lines if _CRASH_HEADLINE_RE.search(line)), None)
+    headline = headline or (lines[-1] if lines else "it printed nothing")
+    tail = lines[-MAX_CRASH_LINES:]
+    return Diagnostic(
+        file=main_rel,
+        message=f"NF {nf!r}: the compiler crashed ({how}): {headline.strip()}",
+        detail="\n".join(tail) or None,
     )
 
 

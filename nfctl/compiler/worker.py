@@ -35,23 +35,46 @@ from nfctl.compiler.sandbox import (
 from nfctl.diagnostics import Diagnostic
 from nfctl.manifest.model import Hook
 
+# The client passes an open file by descriptor number in this variable: captures write
+# there, so that when LLVM aborts the process the client still reads what it printed.
+CRASH_LOG_ENV = "NFCTL_COMPILE_LOG_FD"
+# Written to stderr before and after each request (with its index): name the build a
+# crash hit.
+BUILD_MARKER = "nfctl-worker: building request "
+BUILT_MARKER = "nfctl-worker: built request "
+
+
+def _crash_log_fd() -> int | None:
+    value = os.environ.get(CRASH_LOG_ENV, "")
+    return int(value) if value.isdigit() else None
+
 
 @contextlib.contextmanager
 def captured_stderr() -> Iterator[list[str]]:
-    """BCC and libbpf print clang errors and verifier logs straight to fd 2."""
+    """BCC and libbpf print clang errors and verifier logs straight to fd 2. The file
+    holds text only during a capture: a crash outside one leaves nothing stale there."""
     sink: list[str] = []
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as tmp:
-        os.dup2(tmp.fileno(), 2)
+    shared = _crash_log_fd()
+    with contextlib.ExitStack() as stack:
+        if shared is None:
+            shared = stack.enter_context(tempfile.TemporaryFile(mode="w+b")).fileno()
+        os.ftruncate(shared, 0)
+        os.lseek(shared, 0, os.SEEK_SET)
+        os.dup2(shared, 2)
         try:
             yield sink
         finally:
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
-            tmp.seek(0)
-            sink.append(tmp.read().decode("utf-8", errors="replace"))
+            os.lseek(shared, 0, os.SEEK_SET)
+            chunks = []
+            while chunk := os.read(shared, 1 << 16):
+                chunks.append(chunk)
+            os.ftruncate(shared, 0)
+            sink.append(b"".join(chunks).decode("utf-8", errors="replace"))
 
 
 def _listing(*folders: str | None) -> set[str]:
@@ -134,7 +157,7 @@ def build_one(req: BuildRequest) -> BuildResult:
                 repo_files = [req.source_rel, *req.local_files]
                 result.diagnostics = [
                     verifier_diagnostic(
-                        log, req.source_rel, req.source_text, req.function, repo_files
+                        log, req.source_rel, req.source_text, req.function, repo_files, nf=req.nf
                     )
                 ]
             else:
@@ -414,7 +437,8 @@ def main() -> int:
     answer = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     results = []
-    for req in requests:
+    for index, req in enumerate(requests):
+        print(f"{BUILD_MARKER}{index}", file=sys.stderr, flush=True)
         if refused:
             failed = BuildResult(
                 nf=req.nf,
@@ -437,6 +461,7 @@ def main() -> int:
                     ],
                 ).to_json()
             )
+        print(f"{BUILT_MARKER}{index}", file=sys.stderr, flush=True)
     json.dump(results, answer)
     answer.flush()
     return 0

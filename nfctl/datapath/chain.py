@@ -46,6 +46,11 @@ class ChainTable:
     chain: BpfMap
     heads: BpfMap
     quarantine: dict[int, float] = field(default_factory=dict)  # base -> released at
+    # How many leading slots of a range may be filled, per range this process wrote or
+    # cleared. A range not listed may hold anything (written before a restart): it is
+    # cleared in full. Clearing only these took ~30 failing deletes off each update.
+    filled: dict[int, int] = field(default_factory=dict)
+    next_range: int = 0  # where the search for a free range starts (round robin)
 
     @classmethod
     def open(cls, chain_pin: Path, heads_pin: Path) -> ChainTable:
@@ -99,9 +104,18 @@ class ChainTable:
             )
         old = self.head(ifindex, hook)
         base = self._allocate()
-        self._clear(base)
+        length = len(prog_fds)
+        known = self.filled.get(base)
+        # Recorded before writing, so that reap() clears a failed write too; a range of
+        # unknown content is cleared there in full.
+        self.filled[base] = max(length, RANGE_SIZE if known is None else known)
         for offset, fd in enumerate(prog_fds):
             self.chain.update(struct.pack("<I", base + offset), struct.pack("<I", fd))
+        if known is None or known > length:
+            # A chain ends at its first empty slot: once this one is empty, older entries
+            # further on are never reached (reap() drops them), so an update costs one
+            # delete here instead of clearing the whole range first.
+            self.chain.delete(struct.pack("<I", base + length))
         if label is not None:
             label(base)
         # The switch: one element update, atomic for every packet that reads the head next.
@@ -132,18 +146,25 @@ class ChainTable:
         return len(done)
 
     def _clear(self, base: int) -> None:
-        for offset in range(RANGE_SIZE):
+        for offset in range(self.filled.get(base, RANGE_SIZE)):
             self.chain.delete(struct.pack("<I", base + offset))
+        self.filled[base] = 0
 
     def _allocate(self) -> int:
         deadline = time.monotonic() + QUARANTINE_SECONDS * 4
         while True:
-            self.reap()
-            busy = set(self.all_heads().values()) | set(self.quarantine)
-            for index in range(RANGE_COUNT):
+            live = set(self.all_heads().values())
+            # Round robin from the last range handed out: the next one is almost always
+            # free, and a released range is reused as late as possible.
+            for step in range(RANGE_COUNT):
+                index = (self.next_range + step) % RANGE_COUNT
                 base = index * RANGE_SIZE
-                if base not in busy:
+                if base not in live and base not in self.quarantine:
+                    self.next_range = index + 1
                     return base
             if time.monotonic() > deadline:
                 raise ChainError("no free chain range (too many attach points or updates)")
-            time.sleep(QUARANTINE_SECONDS / 10)
+            # Reaping only when every range is taken keeps clearing off the update path:
+            # the agent reaps after applying.
+            if not self.reap():
+                time.sleep(QUARANTINE_SECONDS / 10)

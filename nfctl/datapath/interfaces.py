@@ -17,6 +17,8 @@ class TouchedInterfaces:
 
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / "datapath" / "interfaces.json"
+        # hooks known to be recorded: a chain update then reads no file at all
+        self._noted: set[tuple[str, int, Hook]] = set()
 
     def all(self) -> dict[str, dict[str, Any]]:
         try:
@@ -26,9 +28,12 @@ class TouchedInterfaces:
             return {}
 
     def note_hook(self, ifname: str, ifindex: int, hook: Hook) -> None:
+        if (ifname, ifindex, hook) in self._noted:
+            return
         state = self.all()
         entry = state.get(ifname)
         if entry and entry.get("ifindex") == ifindex and hook.value in entry.get("hooks", []):
+            self._noted.add((ifname, ifindex, hook))
             return  # already recorded: no write on the hot path of a chain update
         entry = state.setdefault(ifname, {"ifindex": ifindex, "hooks": [], "created_clsact": False})
         if entry.get("ifindex") != ifindex:
@@ -36,6 +41,7 @@ class TouchedInterfaces:
         if hook.value not in entry["hooks"]:
             entry["hooks"].append(hook.value)
         write_json_atomic(self.path, state)
+        self._noted.add((ifname, ifindex, hook))
 
     def note_clsact_created(self, ifname: str) -> None:
         state = self.all()
@@ -50,6 +56,7 @@ class TouchedInterfaces:
         return any(h != hook.value and h != Hook.XDP.value for h in hooks)
 
     def forget_hook(self, ifname: str, hook: Hook) -> None:
+        self._noted = {n for n in self._noted if n[0] != ifname or n[2] is not hook}
         state = self.all()
         entry = state.get(ifname)
         if entry is None:
@@ -60,4 +67,5 @@ class TouchedInterfaces:
         write_json_atomic(self.path, state)
 
     def clear(self) -> None:
+        self._noted.clear()
         self.path.unlink(missing_ok=True)
