@@ -93,3 +93,24 @@ def test_flags_exist_in_the_cli(ha: generic.Rendered) -> None:
     assert args[0] == "controller"
     for flag in generic.flags(args):
         assert flag in help_text, f"{flag} is not an option of `nfctl controller`"
+
+
+def test_every_replica_serves_enrolment(ha: generic.Rendered) -> None:
+    """Enrolment records are in PostgreSQL (tests/test_enroll_pg.py): each replica keeps
+    base's enrolment listener, its CA key and bootstrap token, and the Service routes the
+    enrolment port to whichever replica is ready."""
+    dep = ha.controller
+    ctr = generic.container(dep, "controller")
+    got = generic.flags(ctr["args"])
+    assert got["--enroll-listen"] == "0.0.0.0:9445"
+    assert got["--tls-ca-key"].startswith("/etc/nfctl/tls/")
+    assert got["--enroll-token-file"].startswith("/etc/nfctl/auth/")
+    ports = {p["name"]: p["containerPort"] for p in ctr["ports"]}
+    assert ports["enroll"] == 9445
+    service = ha.get("Service", "nfctl-controller")
+    [port] = [p for p in service["spec"]["ports"] if p["name"] == "enroll"]
+    assert (port["port"], port["targetPort"]) == (9445, "enroll")
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    # `nfctl certs approve` inside a replica reads the shared database from NFCTL_DB
+    assert {e["name"] for e in ctr["env"]} >= {"NFCTL_DB"}
