@@ -233,3 +233,31 @@ def test_a_pending_approval_is_kept_when_nothing_claims_it(pg_url: str) -> None:
         assert current.serial == "2"
     finally:
         store.close()
+
+
+def test_enrolment_while_postgresql_restarts(
+    replicas: list[EnrollingReplica],
+    postgres: PgServer,  # noqa: F811
+    pg_url: str,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """With the database down an enrolment is refused as retryable (UNAVAILABLE, nothing
+    issued); once it is back both replicas enrol again and the identities recorded before
+    the restart still hold."""
+    a, b = replicas
+    kept = tmp_path / "kept"
+    assert a.client.enroll("node-p", kept).returncode == 0
+    postgres.stop()
+    try:
+        down = b.client.enroll("node-q", tmp_path / "during")
+        assert down.returncode == 1
+        assert "UNAVAILABLE" in down.stderr and "retry" in down.stderr
+        assert not (tmp_path / "during" / "node.crt").exists()
+    finally:
+        postgres.start()
+    back = b.client.enroll("node-q", tmp_path / "after")
+    assert back.returncode == 0, back.stdout + back.stderr
+    renewed = b.client.enroll("node-p", kept, token=None)
+    assert renewed.returncode == 0 and "renewed node-p" in renewed.stdout
+    thief = a.client.enroll("node-p", tmp_path / "thief")
+    assert thief.returncode == 1 and "PERMISSION_DENIED" in thief.stderr

@@ -280,6 +280,9 @@ def certs_approve(
         raise typer.Exit(1) from None
     try:
         approved = store.approve(node, by)
+    except StoreUnavailable as exc:
+        err_console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
     finally:
         store.close()
     if not approved:

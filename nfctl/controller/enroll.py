@@ -31,7 +31,7 @@ from nfctl.controller.auth import server_credentials
 from nfctl.controller.certs import key_fingerprint, load_ca, sign_node_certificate
 from nfctl.controller.enrollments import Enrollment
 from nfctl.controller.service import add_service
-from nfctl.controller.storage import EnrollmentRecords, open_enrollments
+from nfctl.controller.storage import EnrollmentRecords, StoreUnavailable, open_enrollments
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +183,14 @@ class EnrollmentService:
             )
             await context.abort(exc.code, str(exc))
             raise  # abort raises; this keeps type checkers sure nothing is returned
+        except StoreUnavailable as exc:
+            # nothing was recorded (a certificate signed meanwhile is never sent): the
+            # node's enrolment sidecar retries
+            log.warning("enrolment of %r: %s", request.node[:80], exc)
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "enrolment records are unavailable; retry later"
+            )
+            raise
 
 
 class EnrollmentServer:

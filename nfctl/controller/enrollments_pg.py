@@ -11,6 +11,8 @@ new name race on the primary key instead."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -21,6 +23,16 @@ from nfctl.controller.storage import StoreUnavailable
 from nfctl.controller.store_pg import TCP_OPTIONS, migrate
 
 COLUMNS = "node, key_sha256, serial, not_after, enrolled_at, renewed_at, approved_at, approved_by"
+
+
+@contextmanager
+def unavailable_on_error() -> Iterator[None]:
+    """A database that is down or unreachable (including no pool connection within the
+    timeout) as StoreUnavailable: the enrolment is refused as retryable."""
+    try:
+        yield
+    except psycopg.OperationalError as exc:
+        raise StoreUnavailable(f"the PostgreSQL store did not answer: {exc}".strip()) from exc
 
 
 class PgEnrollmentStore:
@@ -48,7 +60,7 @@ class PgEnrollmentStore:
         self.pool.close()
 
     def get(self, node: str) -> Enrollment | None:
-        with self.pool.connection() as conn:
+        with unavailable_on_error(), self.pool.connection() as conn:
             row = conn.execute(
                 f"SELECT {COLUMNS} FROM enrollments WHERE node = %s", (node,)
             ).fetchone()
@@ -82,11 +94,11 @@ class PgEnrollmentStore:
             params = (serial, not_after, now, self.replica, node, key_sha256, now)
         else:
             raise ValueError(f"unknown enrolment kind {kind!r}")
-        with self.pool.connection() as conn:
+        with unavailable_on_error(), self.pool.connection() as conn:
             return conn.execute(sql, params).rowcount > 0
 
     def approve(self, node: str, by: str) -> bool:
-        with self.pool.connection() as conn:
+        with unavailable_on_error(), self.pool.connection() as conn:
             return (
                 conn.execute(
                     "UPDATE enrollments SET approved_at = %s, approved_by = %s WHERE node = %s",
