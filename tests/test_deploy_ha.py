@@ -145,6 +145,9 @@ def test_vagrant_lab_runs_two_controllers_on_postgresql() -> None:
     assert "EnvironmentFile=-/etc/nfctl/controller.env" in unit
     for script in ("controller.sh", "controller2.sh"):
         assert "provision/controller-db.sh" in (generic.VAGRANT / "provision" / script).read_text()
+    # the password reaches libpq through the unit's environment, not the command line
+    assert '"postgresql://nfctl@#{DB_IP}:5432/nfctl"' in vagrantfile
+    assert "PGPASSWORD=" in (generic.VAGRANT / "provision" / "controller-db.sh").read_text()
     # the database accepts the two controllers only, by password, on the lab address
     db = (generic.VAGRANT / "provision" / "db.sh").read_text()
     assert "scram-sha-256" in db and "trust" not in db
