@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -158,7 +160,8 @@ def _enrollment_config(
     return EnrollmentConfig(
         listen=listen,
         db=config.db,
-        replica=config.replica,
+        # the name the controller gives itself when --replica is not set (server.py)
+        replica=config.replica or f"{socket.gethostname()}-{os.getpid()}",
         ca_cert=config.tls_ca,
         ca_key=ca_key,
         tls_cert=config.tls_cert,
