@@ -27,6 +27,17 @@ the (shared) machine used in the same window.
     .venv/bin/python -m benchmarks.controller_scale --agents 10000 --json
     .venv/bin/python -m benchmarks.controller_scale --quick --json          # 200 agents
     .venv/bin/python -m benchmarks.controller_scale --agents 10000 --tls --json
+    .venv/bin/python -m benchmarks.controller_scale --agents 10000 --replicas 2 \
+        --db postgresql --tls --json
+
+With --replicas 2 --db postgresql: a PostgreSQL server started here as the tests start it
+(tests/pg_harness.py), two controller replicas sharing it, the simulated agents spread
+over both (each knows both and moves to the other when its session fails). Visibility
+probes poll the replicas in turn, so about half the samples ask the replica that does
+not hold the agent's stream (reported apart as `other_replica`); fan-out rounds are
+issued on the replicas in turn. Printed per replica: RSS, CPU, agents; for the store:
+write transactions per status period (transaction ids PostgreSQL assigned: read-only
+transactions get none), rows written, its processes' CPU.
 """
 
 from __future__ import annotations
@@ -301,6 +312,9 @@ class SimAgent:
         self.registered_at = 0.0
         self.task: asyncio.Task[None] | None = None
         self.ticker: asyncio.Task[None] | None = None
+        # which controller replica: agents start spread over them and move to the next
+        # one after a failed session, as real agents with several --controller endpoints
+        self.endpoint = index % len(worker.config.endpoints)
 
     def channel(self) -> grpc.aio.Channel:
         options = [
@@ -313,10 +327,11 @@ class SimAgent:
             ("grpc.use_local_subchannel_pool", 1),
         ]
         cfg = self.worker.config
+        target = cfg.endpoints[self.endpoint]
         if not cfg.pki:
-            return grpc.aio.insecure_channel(cfg.target, options=options)
+            return grpc.aio.insecure_channel(target, options=options)
         creds = self.worker.credentials(self.name)
-        return grpc.aio.secure_channel(cfg.target, creds, options=options)
+        return grpc.aio.secure_channel(target, creds, options=options)
 
     def event(self, reason: str, message: str, nf: str = "") -> pb.Event:
         self.sequence += 1
@@ -394,6 +409,7 @@ class SimAgent:
                 break
             failures += 1
             self.worker.stats.reconnects += 1
+            self.endpoint = (self.endpoint + 1) % len(self.worker.config.endpoints)
             delay = min(30.0, 0.5 * 2 ** min(failures, 8)) * self.rng.uniform(0.5, 1.0)
             await asyncio.sleep(delay)
 
@@ -490,7 +506,7 @@ class WorkerConfig:
     index: int
     first: int
     count: int
-    target: str
+    endpoints: list[str]  # the controller replicas' addresses
     interval: float
     event_probability: float
     apply_delay: float
@@ -546,11 +562,11 @@ class Worker:
                 "times": [[a.started_at, a.registered_at] for a in self.agents if a.registered_at],
             }
         if op == "probe":
-            sent = {}
+            sent = {}  # node: [sent at, index of the replica holding its stream]
             for index, revision in request["agents"]:
                 agent = self.by_index[index]
                 if agent.connected:
-                    sent[agent.name] = await agent.probe(revision)
+                    sent[agent.name] = [await agent.probe(revision), agent.endpoint]
             return sent
         if op == "fanout_count":
             return len(self.received.get(request["revision"], []))
@@ -559,6 +575,10 @@ class Worker:
         if op == "stats":
             data = dict(self.stats.__dict__)
             data["connected"] = sum(1 for a in self.agents if a.connected)
+            data["connected_per_replica"] = [
+                sum(1 for a in self.agents if a.connected and a.endpoint == r)
+                for r in range(len(self.config.endpoints))
+            ]
             data["cpu_seconds"] = cpu_seconds(os.getpid())
             return data
         if op == "stop":
@@ -653,54 +673,74 @@ class WorkerHandle:
 
 
 class Sampler:
-    """Controller RSS/CPU, load-generator CPU and the machine's, four times a second."""
+    """Each controller's RSS/CPU, load-generator CPU and the machine's, four times a second."""
 
-    def __init__(self, pid: int, workers: list[int]) -> None:
-        self.pid = pid
+    def __init__(self, pids: list[int], workers: list[int]) -> None:
+        self.pids = pids  # one per controller replica
         self.workers = [*workers, os.getpid()]  # the operator client runs in this process
-        # t, controller RSS KiB, controller CPU s, load generator CPU s, machine busy CPU s
-        self.samples: list[tuple[float, int, float, float, float]] = []
-        self.peak_hwm = 0
+        # t, RSS KiB per controller, CPU s per controller, load generator CPU s, machine CPU s
+        self.samples: list[tuple[float, list[int], list[float], float, float]] = []
+        self.peak_hwm = [0 for _ in pids]
         self.max_threads = 0
         self.max_fds = 0
 
     async def run(self) -> None:
         while True:
-            status = proc_status(self.pid)
-            if not status:
+            statuses = [proc_status(pid) for pid in self.pids]
+            if not all(statuses):
                 return
-            self.peak_hwm = max(self.peak_hwm, status.get("VmHWM", 0))
-            self.max_threads = max(self.max_threads, status.get("Threads", 0))
-            self.max_fds = max(self.max_fds, open_fds(self.pid))
+            for i, status in enumerate(statuses):
+                self.peak_hwm[i] = max(self.peak_hwm[i], status.get("VmHWM", 0))
+                self.max_threads = max(self.max_threads, status.get("Threads", 0))
+            self.max_fds = max(self.max_fds, *(open_fds(pid) for pid in self.pids))
             load = sum(cpu_seconds(w) for w in self.workers)
             self.samples.append(
                 (
                     time.monotonic(),
-                    status.get("VmRSS", 0),
-                    cpu_seconds(self.pid),
+                    [status.get("VmRSS", 0) for status in statuses],
+                    [cpu_seconds(pid) for pid in self.pids],
                     load,
                     machine_busy_seconds(),
                 )
             )
             await asyncio.sleep(0.25)
 
-    def window(self, start: float, end: float) -> dict[str, float | None]:
+    def peak_mb(self, replica: int) -> float:
+        seen = max((s[1][replica] for s in self.samples), default=0)
+        return round(max(self.peak_hwm[replica], seen) / 1024, 1)
+
+    def window(self, start: float, end: float) -> dict[str, Any]:
+        """rss_mb / rss_max_mb: the largest replica's; cpu_cores: all replicas together;
+        `replicas`: each one's."""
         inside = [s for s in self.samples if start <= s[0] <= end]
         if len(inside) < 2:  # shorter than the sampling period
             return {"rss_mb": None, "cpu_cores": None, "load_generator_cpu_cores": None}
         span = inside[-1][0] - inside[0][0]
         first, last = inside[0], inside[-1]
-        controller, load = (last[2] - first[2]) / span, (last[3] - first[3]) / span
-        machine = (last[4] - first[4]) / span
-        return {
-            "rss_mb": round(statistics.fmean(s[1] for s in inside) / 1024, 1),
-            "rss_max_mb": round(max(s[1] for s in inside) / 1024, 1),
-            "cpu_cores": round(controller, 3),
-            "load_generator_cpu_cores": round(load, 3),
+        replicas = [
+            {
+                "rss_mb": round(statistics.fmean(s[1][i] for s in inside) / 1024, 1),
+                "rss_max_mb": round(max(s[1][i] for s in inside) / 1024, 1),
+                "cpu_cores": round((last[2][i] - first[2][i]) / span, 3),
+            }
+            for i in range(len(self.pids))
+        ]
+        controllers = sum(last[2]) - sum(first[2])
+        load = last[3] - first[3]
+        machine = last[4] - first[4]
+        out: dict[str, Any] = {
+            "rss_mb": max(r["rss_mb"] for r in replicas),
+            "rss_max_mb": max(r["rss_max_mb"] for r in replicas),
+            "cpu_cores": round(controllers / span, 3),
+            "load_generator_cpu_cores": round(load / span, 3),
             # this machine is shared: what other processes took meanwhile (of os.cpu_count())
-            "other_processes_cpu_cores": round(max(0.0, machine - controller - load), 3),
+            # (with PostgreSQL, its processes are counted here too)
+            "other_processes_cpu_cores": round(max(0.0, machine - controllers - load) / span, 3),
             "seconds": round(span, 1),
         }
+        if len(replicas) > 1:
+            out["replicas"] = replicas
+        return out
 
 
 @dataclass
@@ -722,22 +762,41 @@ class Plan:
     worker_nice: int = 0
     same_session: bool = False
     split_cpus: bool = False  # controller on CPU 0, simulated agents on the other CPUs
+    replicas: int = 1
+    db: str = "sqlite"  # or "postgresql": a server started here as tests/pg_harness.py does
+
+
+@dataclass
+class ControllerProc:
+    """One `nfctl controller` process: the only one with SQLite, a replica with PostgreSQL."""
+
+    name: str
+    log_path: Path
+    port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)
+    proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
 
 
 class Bench:
     def __init__(self, plan: Plan, tmp: Path) -> None:
         self.plan = plan
         self.tmp = tmp
-        self.port = free_port()
-        self.metrics_port = free_port()
-        self.target = f"127.0.0.1:{self.port}"
+        self.controllers = [
+            ControllerProc(f"r{i}", tmp / f"controller-r{i}.log") for i in range(plan.replicas)
+        ]
+        self.endpoints = [c.address for c in self.controllers]
         self.pki = tmp / "pki" if plan.tls else None
-        self.controller: asyncio.subprocess.Process | None = None
         self.workers: list[WorkerHandle] = []
-        self.channel: grpc.aio.Channel | None = None
-        self.fleet: Any = None  # the aio stub (the generated stubs are typed for sync)
+        self.channels: list[grpc.aio.Channel] = []
+        # the aio stubs, one per replica (the generated stubs are typed for sync)
+        self.fleets: list[Any] = []
         self.sampler: Sampler | None = None
-        self.log_path = tmp / "controller.log"
+        self.postgres: Any = None  # tests.pg_harness.PgServer with --db postgresql
+        self.db_url = ""
 
     # -- setup -------------------------------------------------------------------------------
     def make_pki(self) -> None:
@@ -766,7 +825,25 @@ class Bench:
         chosen = cpus[:1] if controller else cpus[1:]
         return ["taskset", "-c", ",".join(str(c) for c in chosen)]
 
-    async def start_controller(self) -> None:
+    def start_postgres(self) -> None:
+        """A PostgreSQL server in a temporary directory, as the tests start it (initdb,
+        unix socket only, fsync off), and a fresh database for the replicas."""
+        from tests.pg_harness import PgServer, _bin_dir
+
+        bindir = _bin_dir()
+        if bindir is None:
+            raise SystemExit("PostgreSQL is not installed (apt-get install postgresql)")
+        self.postgres = PgServer(bindir).start()
+        self.db_url = self.postgres.create_database()
+
+    async def start_controllers(self) -> None:
+        if self.plan.db == "postgresql":
+            await asyncio.to_thread(self.start_postgres)
+        for controller in self.controllers:
+            await self.start_controller(controller)
+
+    async def start_controller(self, controller: ControllerProc) -> None:
+        db = self.db_url or str(self.tmp / "controller.db")
         args = [
             *self._cpus(controller=True),
             sys.executable,
@@ -774,16 +851,18 @@ class Bench:
             "nfctl",
             "controller",
             "--listen",
-            self.target,
+            controller.address,
             "--db",
-            str(self.tmp / "controller.db"),
+            db,
             "--webhook-addr",
             "",
             "--health-listen",
             "",
             "--metrics-addr",
-            f"127.0.0.1:{self.metrics_port}",
+            f"127.0.0.1:{controller.metrics_port}",
         ]
+        if self.db_url:
+            args += ["--replica", controller.name]
         if self.pki is None:
             args.append("--insecure")
         else:
@@ -793,25 +872,28 @@ class Bench:
                 ("--tls-key", "controller.key"),
             ):
                 args += [flag, str(self.pki / name)]
-        log = self.log_path.open("w")
+        log = controller.log_path.open("w")
         # Its own session, as a daemon started by an init system would have: with the
         # kernel's autogroup scheduling, CPU is then shared fairly between the controller
         # and the simulated fleet (4 processes, ~40 gRPC threads) instead of per thread.
-        self.controller = await asyncio.create_subprocess_exec(
+        controller.proc = proc = await asyncio.create_subprocess_exec(
             *args,
             stdout=log,
             stderr=asyncio.subprocess.STDOUT,
             cwd=REPO_ROOT,
             start_new_session=not self.plan.same_session,
         )
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            if "controller listening" in self.log_path.read_text():
+            if "controller listening" in controller.log_path.read_text():
                 return
-            if self.controller.returncode is not None:
+            if proc.returncode is not None:
                 break
             await asyncio.sleep(0.1)
-        raise RuntimeError(f"controller did not start:\n{self.log_path.read_text()[-3000:]}")
+        raise RuntimeError(
+            f"controller {controller.name} did not start:\n"
+            + controller.log_path.read_text()[-3000:]
+        )
 
     async def start_workers(self) -> None:
         plan = self.plan
@@ -825,7 +907,7 @@ class Bench:
                 index=index,
                 first=first,
                 count=count,
-                target=self.target,
+                endpoints=self.endpoints,
                 interval=plan.interval,
                 event_probability=plan.event_probability,
                 apply_delay=plan.apply_delay,
@@ -849,16 +931,16 @@ class Bench:
         # issuing thousands of certificates takes a while (not measured)
         await asyncio.gather(*(asyncio.wait_for(w.ready, 1800) for w in self.workers))
 
-    def operator_channel(self) -> grpc.aio.Channel:
+    def operator_channel(self, target: str) -> grpc.aio.Channel:
         options = [("grpc.max_receive_message_length", 1 << 30)]
         if self.pki is None:
-            return grpc.aio.insecure_channel(self.target, options=options)
+            return grpc.aio.insecure_channel(target, options=options)
         creds = grpc.ssl_channel_credentials(
             root_certificates=(self.pki / "ca.crt").read_bytes(),
             private_key=(self.pki / "operator.key").read_bytes(),
             certificate_chain=(self.pki / "operator.crt").read_bytes(),
         )
-        return grpc.aio.secure_channel(self.target, creds, options=options)
+        return grpc.aio.secure_channel(target, creds, options=options)
 
     def worker_of(self, index: int) -> WorkerHandle:
         for worker in self.workers:
@@ -869,8 +951,8 @@ class Bench:
     async def gather_stats(self) -> list[dict[str, Any]]:
         return list(await asyncio.gather(*(w.call("stats") for w in self.workers)))
 
-    def controller_metric(self, name: str) -> float | None:
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+    def controller_metric(self, controller: ControllerProc, name: str) -> float | None:
+        url = f"http://127.0.0.1:{controller.metrics_port}/metrics"
         try:
             text = urllib.request.urlopen(url, timeout=30).read().decode()
         except OSError:
@@ -879,6 +961,66 @@ class Bench:
             if line.startswith(name + " ") or line.startswith(name + "{}"):
                 return float(line.rsplit(" ", 1)[1])
         return None
+
+    def store_counters(self) -> dict[str, float] | None:
+        """PostgreSQL's own counters (None with SQLite): write transactions (transaction ids
+        assigned; read-only ones get none), all commits, node and event rows written, and
+        the CPU seconds of its processes."""
+        if not self.db_url:
+            return None
+        import psycopg
+
+        with psycopg.connect(self.db_url) as conn:
+            xid = conn.execute(
+                "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
+            ).fetchone()
+            commits = conn.execute(
+                "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+            ).fetchone()
+            rows: dict[str, int] = dict(
+                conn.execute(
+                    "SELECT relname, n_tup_ins + n_tup_upd FROM pg_stat_user_tables "
+                    "WHERE relname IN ('nodes', 'events')"
+                ).fetchall()
+            )
+            size = conn.execute("SELECT pg_database_size(current_database())").fetchone()
+        assert xid is not None and commits is not None and size is not None
+        return {
+            "t": time.monotonic(),
+            "write_xacts": float(xid[0]),
+            "commits": float(commits[0]),
+            "node_rows": float(rows.get("nodes", 0)),
+            "event_rows": float(rows.get("events", 0)),
+            "bytes": float(size[0]),
+            "cpu_s": sum(cpu_seconds(pid) for pid in self.postgres.processes()),
+        }
+
+    def store_summary(
+        self, before: dict[str, float] | None, after: dict[str, float] | None
+    ) -> dict[str, Any]:
+        if before is None or after is None:
+            return {"db": "sqlite (one controller, its own file)"}
+        span = after["t"] - before["t"]
+        period = self.plan.interval
+
+        def per_period(key: str) -> float:
+            return round((after[key] - before[key]) / span * period, 1)
+
+        return {
+            "db": "postgresql (started here as tests/pg_harness.py does: unix socket, fsync off)",
+            "window_s": round(span, 1),
+            "status_period_s": period,
+            "write_transactions_per_period": per_period("write_xacts"),
+            "write_transactions_per_s": round(
+                (after["write_xacts"] - before["write_xacts"]) / span, 1
+            ),
+            # pg_stat counters reach the statistics collector with a delay of up to ~1 s
+            "commits_per_s": round((after["commits"] - before["commits"]) / span, 1),
+            "node_rows_per_period": per_period("node_rows"),
+            "event_rows_per_period": per_period("event_rows"),
+            "database_mb": round(after["bytes"] / 2**20, 1),
+            "postgres_cpu_cores": round((after["cpu_s"] - before["cpu_s"]) / span, 3),
+        }
 
     # -- phases ------------------------------------------------------------------------------
     async def connect_all(self) -> dict[str, Any]:
@@ -902,8 +1044,12 @@ class Bench:
             "per_agent_ms": summary_ms([reg - began for began, reg in pairs]),
         }
 
-    async def probe_batch(self, rng: random.Random, seq: int, samples: list[float]) -> int:
-        assert self.fleet is not None
+    async def probe_batch(
+        self, rng: random.Random, seq: int, samples: list[tuple[float, bool]]
+    ) -> int:
+        """Probe a few agents and poll one replica (in turn) until it shows them; samples
+        get (seconds, whether the polled replica is not the one holding the agent)."""
+        polled = seq % len(self.fleets)
         chosen = rng.sample(range(self.plan.agents), min(self.plan.probe_batch, self.plan.agents))
         revision = f"probe-{seq:06d}-" + sha(f"probe{seq}", 24)
         by_worker: dict[int, list[list[Any]]] = {}
@@ -914,12 +1060,12 @@ class Bench:
         sent_replies = await asyncio.gather(
             *(self.workers[w].call("probe", agents=agents) for w, agents in by_worker.items())
         )
-        sent: dict[str, float] = {k: v for r in sent_replies for k, v in r.items()}
+        sent: dict[str, list[Any]] = {k: v for r in sent_replies for k, v in r.items()}
         seen: dict[str, float] = {}
         request = pb.ListNodesRequest(selector=pb.NodeSelector(nodes=list(sent)))
         deadline = time.time() + 30
         while len(seen) < len(sent) and time.time() < deadline:
-            reply = await self.fleet.ListNodes(request, timeout=30)
+            reply = await self.fleets[polled].ListNodes(request, timeout=30)
             now = time.time()
             for node in reply.nodes:
                 name = node.status.node
@@ -928,12 +1074,13 @@ class Bench:
             if len(seen) < len(sent):
                 await asyncio.sleep(self.plan.poll_interval)
         for name, t_seen in seen.items():
-            samples.append(t_seen - sent[name])
+            sent_at, holder = sent[name]
+            samples.append((t_seen - sent_at, holder != polled))
         return len(sent) - len(seen)
 
     async def visibility(self, duration: float) -> dict[str, Any]:
         rng = random.Random(42)
-        samples: list[float] = []
+        samples: list[tuple[float, bool]] = []
         missed = 0
         pending: set[asyncio.Task[int]] = set()
         end = time.monotonic() + duration
@@ -947,23 +1094,35 @@ class Bench:
             await asyncio.sleep(self.plan.probe_every)
         if pending:
             missed += sum(await asyncio.gather(*pending))
-        return {
+        seconds = [t for t, _ in samples]
+        out = {
             "method": (
                 "probe: an agent sends a status with a new lastAppliedRevision; the operator "
                 "polls ListNodes(selector.nodes=[probed]) every "
                 f"{self.plan.poll_interval * 1000:.0f} ms until it shows it"
+                + (" (each probe on the replicas in turn)" if len(self.fleets) > 1 else "")
             ),
-            **summary_ms(samples),
-            "p99_9": round(percentile([s * 1000 for s in samples], 99.9), 3),
-            "max": round(max(samples, default=0) * 1000, 3),
+            **summary_ms(seconds),
+            "p99_9": round(percentile([s * 1000 for s in seconds], 99.9), 3),
+            "max": round(max(seconds, default=0) * 1000, 3),
             "not_seen_within_30s": missed,
         }
+        if len(self.fleets) > 1:
+            # the hard case: the status reached replica A, the operator asks replica B
+            cross = [t for t, other in samples if other]
+            out["other_replica"] = {
+                **summary_ms(cross),
+                "max": round(max(cross, default=0) * 1000, 3),
+            }
+        return out
 
     async def fanout_round(self, round_no: int, connected: int) -> dict[str, Any]:
-        assert self.fleet is not None
+        """An operator Reconcile on one replica (in turn): with several, most agents are
+        on the others and get it through the store (PostgreSQL NOTIFY)."""
+        via = round_no % len(self.fleets)
         revision = sha(f"fanout-{round_no}-{time.time()}")
         start = time.time()
-        reply = await self.fleet.Reconcile(pb.ReconcileRequest(revision=revision), timeout=60)
+        reply = await self.fleets[via].Reconcile(pb.ReconcileRequest(revision=revision), timeout=60)
         rpc = time.time() - start
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -979,6 +1138,7 @@ class Bench:
         times = [t for r in per_worker for t in r]
         delays = [t - start for t in times]
         return {
+            "via_replica": self.controllers[via].name,
             "sent_to": len(reply.nodes),
             "offline": len(reply.offline),
             "connected_before": connected,
@@ -994,12 +1154,12 @@ class Bench:
         }
 
     async def operator_queries(self) -> dict[str, Any]:
-        assert self.fleet is not None
+        fleet = self.fleets[0]
         out: dict[str, Any] = {}
         times, size = [], 0
         for _ in range(3):
             start = time.perf_counter()
-            reply = await self.fleet.ListNodes(pb.ListNodesRequest(), timeout=120)
+            reply = await fleet.ListNodes(pb.ListNodesRequest(), timeout=120)
             times.append(time.perf_counter() - start)
             size = reply.ByteSize()
             count = len(reply.nodes)
@@ -1008,10 +1168,18 @@ class Bench:
             "bytes": size,
             "ms": [round(t * 1000, 1) for t in times],
         }
+        if len(self.fleets) > 1:  # the whole fleet from every replica, connected or not
+            views = await asyncio.gather(
+                *(f.ListNodes(pb.ListNodesRequest(), timeout=120) for f in self.fleets)
+            )
+            out["list_nodes_all"]["nodes_per_replica"] = [len(v.nodes) for v in views]
+            out["list_nodes_all"]["connected_per_replica"] = [
+                sum(1 for n in v.nodes if n.connected) for v in views
+            ]
         times = []
         for _ in range(3):
             start = time.perf_counter()
-            functions = await self.fleet.ListFunctions(pb.ListFunctionsRequest(), timeout=120)
+            functions = await fleet.ListFunctions(pb.ListFunctionsRequest(), timeout=120)
             times.append(time.perf_counter() - start)
         out["list_functions"] = {
             "functions": len(functions.functions),
@@ -1020,7 +1188,7 @@ class Bench:
         get = []
         for index in random.Random(7).sample(range(self.plan.agents), min(200, self.plan.agents)):
             start = time.perf_counter()
-            await self.fleet.GetNode(pb.GetNodeRequest(name=node_name(index)), timeout=30)
+            await fleet.GetNode(pb.GetNodeRequest(name=node_name(index)), timeout=30)
             get.append(time.perf_counter() - start)
         out["get_node_ms"] = summary_ms(get)
         return out
@@ -1031,16 +1199,16 @@ class Bench:
         nofile = raise_nofile()
         if self.pki is not None:
             await asyncio.to_thread(self.make_pki)
-        await self.start_controller()
-        assert self.controller is not None
         try:
+            await self.start_controllers()
             setup = time.monotonic()
             await self.start_workers()
             setup_s = time.monotonic() - setup
-            self.sampler = Sampler(self.controller.pid, [w.pid for w in self.workers])
+            pids = [c.proc.pid for c in self.controllers if c.proc is not None]
+            self.sampler = Sampler(pids, [w.pid for w in self.workers])
             sampling = asyncio.create_task(self.sampler.run())
-            self.channel = self.operator_channel()
-            self.fleet = pbg.FleetServiceStub(self.channel)
+            self.channels = [self.operator_channel(c.address) for c in self.controllers]
+            self.fleets = [pbg.FleetServiceStub(channel) for channel in self.channels]
 
             t_connect = time.monotonic()
             connect = await self.connect_all()
@@ -1048,12 +1216,17 @@ class Bench:
             await asyncio.sleep(plan.warmup)
 
             t_steady = time.monotonic()
+            store_before = await asyncio.to_thread(self.store_counters)
             visibility = await self.visibility(plan.steady)
+            store_after = await asyncio.to_thread(self.store_counters)
             steady = self.sampler.window(t_steady, time.monotonic())
             stats = await self.gather_stats()
-            connected_metric = await asyncio.to_thread(
-                self.controller_metric, "nfctl_controller_agents_connected"
-            )
+            connected_metrics = [
+                await asyncio.to_thread(
+                    self.controller_metric, c, "nfctl_controller_agents_connected"
+                )
+                for c in self.controllers
+            ]
             connected = sum(s["connected"] for s in stats)
 
             t_fanout = time.monotonic()
@@ -1068,7 +1241,8 @@ class Bench:
         finally:
             await self.shutdown()
         status_reports = sum(s["statuses"] for s in final)
-        log_text = self.log_path.read_text(errors="replace")
+        logs = [c.log_path.read_text(errors="replace") for c in self.controllers]
+        codes = [c.proc.returncode if c.proc else None for c in self.controllers]
         result: dict[str, Any] = {
             "benchmark": "controller_scale",
             "simulated_agents": SIMULATED_NOTE,
@@ -1089,11 +1263,20 @@ class Bench:
                 if plan.tls
                 else "plaintext (--insecure) on loopback; no TLS handshakes or record crypto"
             ),
+            "store": self.store_summary(store_before, store_after),
             "agents": {
                 "requested": plan.agents,
                 "registered": connect["registered"],
                 "connected_at_steady_end": connected,
-                "controller_metric_agents_connected": connected_metric,
+                "controller_metric_agents_connected": (
+                    None
+                    if None in connected_metrics
+                    else sum(m for m in connected_metrics if m is not None)
+                ),
+                "connected_per_replica": [
+                    sum(s["connected_per_replica"][r] for s in stats)
+                    for r in range(len(self.controllers))
+                ],
                 "workers": len(self.workers),
                 "report_interval_s": plan.interval,
                 "report_jitter": "+-20%",
@@ -1119,18 +1302,31 @@ class Bench:
                 "all_reached": all(r["reached"] >= r["sent_to"] for r in rounds),
                 "controller_during_fanout": fanout_window,
             },
+            # with several replicas: RSS figures are the largest replica's, CPU all of them
+            # together; each one's under "replicas"
             "controller": {
-                "rss_peak_mb": round(
-                    max(self.sampler.peak_hwm, max(s[1] for s in self.sampler.samples)) / 1024, 1
-                ),
+                "rss_peak_mb": max(self.sampler.peak_mb(i) for i in range(len(self.controllers))),
                 "rss_steady_mb": steady.get("rss_mb"),
                 "cpu_cores_steady": steady.get("cpu_cores"),
                 "steady_window": steady,
                 "threads_max": self.sampler.max_threads,
                 "fds_max": self.sampler.max_fds,
-                "exit_code": self.controller.returncode,
-                "log_tracebacks": log_text.count("Traceback"),
-                "log_stream_errors": log_text.count("stream error"),
+                "exit_code": next((c for c in codes if c != 0), 0),
+                "log_tracebacks": sum(text.count("Traceback") for text in logs),
+                "log_stream_errors": sum(text.count("stream error") for text in logs),
+                "replicas": [
+                    {
+                        "name": c.name,
+                        "agents_connected_metric": connected_metrics[i],
+                        "rss_peak_mb": self.sampler.peak_mb(i),
+                        **{
+                            f"{k}_steady": v for k, v in (steady.get("replicas") or [{}])[i].items()
+                        },
+                        "exit_code": codes[i],
+                        "log_tracebacks": logs[i].count("Traceback"),
+                    }
+                    for i, c in enumerate(self.controllers)
+                ],
             },
             "errors": {
                 "connect_errors": sum(s["connect_errors"] for s in final),
@@ -1153,11 +1349,16 @@ class Bench:
 
     def targets(self, r: dict[str, Any]) -> dict[str, Any]:
         fan = r["fanout"]["worst_last_ms"]
+        visibility = [r["visibility_ms"], *filter(None, [r["visibility_ms"].get("other_replica")])]
         return {
             **TARGETS,
             "met": {
                 "agents": r["agents"]["registered"] >= TARGETS["agents"],
-                "visibility_p99": r["visibility_ms"]["p99"] < TARGETS["visibility_p99_ms"],
+                # from either replica: also where the operator asks one that does not hold
+                # the agent's stream
+                "visibility_p99": all(
+                    v["n"] > 0 and v["p99"] < TARGETS["visibility_p99_ms"] for v in visibility
+                ),
                 "fanout_all": fan is not None
                 and fan < TARGETS["fanout_all_ms"]
                 and r["fanout"]["all_reached"],
@@ -1166,8 +1367,8 @@ class Bench:
         }
 
     async def shutdown(self) -> None:
-        if self.channel is not None:
-            await self.channel.close()
+        for channel in self.channels:
+            await channel.close()
         for worker in self.workers:
             with contextlib.suppress(Exception):
                 await worker.call("stop", timeout=60)
@@ -1177,13 +1378,21 @@ class Bench:
             except TimeoutError:
                 worker.proc.kill()
                 await worker.proc.wait()
-        if self.controller is not None and self.controller.returncode is None:
-            self.controller.send_signal(signal.SIGTERM)
+        for controller in self.controllers:
+            proc = controller.proc
+            if proc is not None and proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
+        for controller in self.controllers:
+            proc = controller.proc
+            if proc is None:
+                continue
             try:
-                await asyncio.wait_for(self.controller.wait(), 60)
+                await asyncio.wait_for(proc.wait(), 60)
             except TimeoutError:
-                self.controller.kill()
-                await self.controller.wait()
+                proc.kill()
+                await proc.wait()
+        if self.postgres is not None:
+            await asyncio.to_thread(self.postgres.remove)
 
 
 def main() -> None:
@@ -1208,6 +1417,20 @@ def main() -> None:
     )
     parser.add_argument("--tls", action="store_true", help="mTLS with a certificate per agent")
     parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="controller replicas (needs --db postgresql when more than one); the simulated "
+        "agents start spread over them and each knows every replica",
+    )
+    parser.add_argument(
+        "--db",
+        choices=("sqlite", "postgresql"),
+        default="sqlite",
+        help="the controllers' store: a SQLite file, or a PostgreSQL server started here "
+        "(as tests/pg_harness.py does) that the replicas share",
+    )
+    parser.add_argument(
         "--worker-nice",
         type=int,
         default=0,
@@ -1230,6 +1453,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.replicas < 1 or (args.replicas > 1 and args.db != "postgresql"):
+        parser.error("--replicas > 1 needs --db postgresql (SQLite serves one controller)")
     if args.worker:
         asyncio.run(worker_main(WorkerConfig(**json.loads(args.worker))))
         return
@@ -1256,6 +1481,8 @@ def main() -> None:
         worker_nice=args.worker_nice,
         same_session=args.same_session,
         split_cpus=args.split_cpus,
+        replicas=args.replicas,
+        db=args.db,
     )
     tmp = Path(tempfile.mkdtemp(prefix="nfctl-scale-"))
     try:

@@ -1,5 +1,6 @@
 """Smoke test of benchmarks/controller_scale.py: a real controller process and 100 simulated
-agents (real gRPC streams over loopback, plaintext), short phases. No root or kernel needed."""
+agents (real gRPC streams over loopback, plaintext), short phases; and two replicas on a real
+PostgreSQL with mTLS. No root or kernel needed (PostgreSQL's binaries for the second)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 import pytest
 
 from tests.conftest import REPO_ROOT
+from tests.pg_harness import require_postgres
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 AGENTS = 100
@@ -76,3 +78,64 @@ def test_controller_scale_benchmark_runs() -> None:
     assert result["errors"]["stream_errors"] == 0
     assert result["errors"]["connect_errors"] == 0
     assert set(result["targets"]["met"]) == {"agents", "visibility_p99", "fanout_all", "rss"}
+
+
+def test_controller_scale_two_replicas_on_postgresql_with_mtls() -> None:
+    """`--replicas 2 --db postgresql --tls`: a real PostgreSQL (as tests/pg_harness.py
+    starts it), two controller processes, 100 mTLS agents spread over both; every replica
+    shows the whole fleet, fan-outs issued on either reach every agent, and the store's
+    write transactions per status period are counted."""
+    require_postgres()
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "benchmarks.controller_scale", "--agents", str(AGENTS),
+            "--workers", "2", "--interval", "1", "--warmup", "1", "--steady", "4",
+            "--probe-every", "0.25", "--fanout-rounds", "2", "--apply-delay", "0.5",
+            "--replicas", "2", "--db", "postgresql", "--tls", "--json",
+        ],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["transport"].startswith("mTLS")
+
+    agents = result["agents"]
+    assert agents["registered"] == AGENTS
+    assert agents["controller_metric_agents_connected"] == AGENTS
+    assert agents["connected_per_replica"] == [AGENTS // 2, AGENTS // 2]
+    views = result["operator_queries"]["list_nodes_all"]
+    assert views["nodes_per_replica"] == [AGENTS, AGENTS]
+    assert views["connected_per_replica"] == [AGENTS, AGENTS]
+
+    visibility = result["visibility_ms"]
+    assert visibility["not_seen_within_30s"] == 0
+    assert visibility["other_replica"]["n"] > 0
+    assert math.isfinite(visibility["other_replica"]["p99"])
+
+    fanout = result["fanout"]
+    assert fanout["all_reached"]
+    assert [r["via_replica"] for r in fanout["rounds"]] == ["r0", "r1"]
+    for round_ in fanout["rounds"]:
+        assert round_["sent_to"] == AGENTS and round_["reached"] == AGENTS
+
+    controller = result["controller"]
+    assert [r["name"] for r in controller["replicas"]] == ["r0", "r1"]
+    for replica in controller["replicas"]:
+        assert replica["rss_peak_mb"] > 0 and replica["cpu_cores_steady"] is not None
+        assert replica["exit_code"] == 0 and replica["log_tracebacks"] == 0
+        assert replica["agents_connected_metric"] == AGENTS // 2
+    store = result["store"]
+    assert store["db"].startswith("postgresql")
+    # batched: far fewer write transactions than status reports per period
+    assert 0 < store["write_transactions_per_period"] < AGENTS / 4
+    assert store["node_rows_per_period"] > 0
+    assert result["errors"]["stream_errors"] == 0 and result["errors"]["connect_errors"] == 0
+
+
+def test_replicas_need_postgresql() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.controller_scale", "--agents", "10", "--replicas", "2"],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "--replicas > 1 needs --db postgresql" in proc.stderr

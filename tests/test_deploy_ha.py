@@ -6,6 +6,9 @@ only flags the controller CLI has. The generic checks of test_deploy.py run on i
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -93,3 +96,61 @@ def test_flags_exist_in_the_cli(ha: generic.Rendered) -> None:
     assert args[0] == "controller"
     for flag in generic.flags(args):
         assert flag in help_text, f"{flag} is not an option of `nfctl controller`"
+
+
+def test_every_replica_serves_enrolment(ha: generic.Rendered) -> None:
+    """Enrolment records are in PostgreSQL (tests/test_enroll_pg.py): each replica keeps
+    base's enrolment listener, its CA key and bootstrap token, and the Service routes the
+    enrolment port to whichever replica is ready."""
+    dep = ha.controller
+    ctr = generic.container(dep, "controller")
+    got = generic.flags(ctr["args"])
+    assert got["--enroll-listen"] == "0.0.0.0:9445"
+    assert got["--tls-ca-key"].startswith("/etc/nfctl/tls/")
+    assert got["--enroll-token-file"].startswith("/etc/nfctl/auth/")
+    ports = {p["name"]: p["containerPort"] for p in ctr["ports"]}
+    assert ports["enroll"] == 9445
+    service = ha.get("Service", "nfctl-controller")
+    [port] = [p for p in service["spec"]["ports"] if p["name"] == "enroll"]
+    assert (port["port"], port["targetPort"]) == (9445, "enroll")
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    # `nfctl certs approve` inside a replica reads the shared database from NFCTL_DB
+    assert {e["name"] for e in ctr["env"]} >= {"NFCTL_DB"}
+
+
+# ----------------------------------------------------------------------------- vagrant
+
+
+def vagrant_validate(ha: bool) -> set[str]:
+    """`vagrant validate --ignore-provider` of the lab, with or without NFCTL_LAB_HA; the
+    machines it validated."""
+    vagrant_bin = generic.require_tool(shutil.which("vagrant"), "vagrant")
+    env = {**os.environ, "VAGRANT_CHECKPOINT_DISABLE": "1", "NFCTL_LAB_HA": "1" if ha else "0"}
+    out = generic.run(
+        [vagrant_bin, "validate", "--ignore-provider"], cwd=generic.VAGRANT, timeout=180, env=env
+    )
+    assert "validated successfully" in out
+    return set(re.findall(r"==> (\S+): Ignoring provider config", out))
+
+
+def test_vagrant_lab_runs_two_controllers_on_postgresql() -> None:
+    assert vagrant_validate(ha=False) == {"controller", "worker1", "worker2"}
+    assert vagrant_validate(ha=True) == {"db", "controller", "controller2", "worker1", "worker2"}
+    vagrantfile = (generic.VAGRANT / "Vagrantfile").read_text()
+    assert '"provision/db.sh"' in vagrantfile and '"provision/controller2.sh"' in vagrantfile
+    # both replicas run the same unit; its database comes from the provisioned env file
+    unit = (generic.VAGRANT / "systemd" / "nfctl-controller.service").read_text()
+    assert "--db ${NFCTL_DB}" in unit
+    assert "EnvironmentFile=-/etc/nfctl/controller.env" in unit
+    for script in ("controller.sh", "controller2.sh"):
+        assert "provision/controller-db.sh" in (generic.VAGRANT / "provision" / script).read_text()
+    # the password reaches libpq through the unit's environment, not the command line
+    assert '"postgresql://nfctl@#{DB_IP}:5432/nfctl"' in vagrantfile
+    assert "PGPASSWORD=" in (generic.VAGRANT / "provision" / "controller-db.sh").read_text()
+    # the database accepts the two controllers only, by password, on the lab address
+    db = (generic.VAGRANT / "provision" / "db.sh").read_text()
+    assert "scram-sha-256" in db and "trust" not in db
+    # agents are given every replica
+    worker = (generic.VAGRANT / "provision" / "worker.sh").read_text()
+    assert "NFCTL_CONTROLLER=${NFCTL_CONTROLLERS" in worker

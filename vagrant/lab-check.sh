@@ -7,6 +7,8 @@
 #   5. worker2 -> worker1 is dropped by worker1's XDP blocklist; other traffic passes
 #      (controller <-> workers, worker2 -> controller)
 #   6. git revert, wait for the revert on every worker, worker2 -> worker1 passes again
+# With NFCTL_LAB_HA=1 (two controller replicas on PostgreSQL), step 4 also waits for the
+# revision in controller2's fleet view: either replica shows every worker.
 # The block is reverted on failure and on Ctrl-C too. Exit 0 only if every step passed.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -18,6 +20,8 @@ WORKER2_IP=$NET.12
 NODES=worker1,worker2
 TIMEOUT=${NFCTL_LAB_TIMEOUT:-180}
 LABCTL="sudo /opt/nfctl/.venv/bin/python /opt/nfctl/vagrant/lab/labctl.py"
+VMS="controller worker1 worker2"
+[ "${NFCTL_LAB_HA:-0}" = 1 ] && VMS="db controller controller2 worker1 worker2"
 
 RESULTS=()
 BLOCK_SHA=""
@@ -63,7 +67,7 @@ summary() {
 trap summary EXIT
 
 command -v vagrant >/dev/null || { echo "lab-check: vagrant is not installed" >&2; exit 1; }
-for vm in controller worker1 worker2; do
+for vm in $VMS; do
   vagrant status "$vm" --machine-readable | grep -q ",state,running" \
     || { echo "lab-check: VM $vm is not running: vagrant up" >&2; exit 1; }
 done
@@ -94,6 +98,13 @@ if wait_revision "$BLOCK_SHA"; then
 else
   record "block commit applied on $NODES" FAIL "not within ${TIMEOUT}s"
   exit 1
+fi
+if [ "${NFCTL_LAB_HA:-0}" = 1 ]; then
+  if on controller2 "$LABCTL wait-revision --sha $BLOCK_SHA --nodes $NODES --timeout $TIMEOUT"; then
+    record "controller2 shows it on $NODES (one fleet)" ok ""
+  else
+    record "controller2 shows it on $NODES (one fleet)" FAIL "not within ${TIMEOUT}s"
+  fi
 fi
 
 # 5. enforcement: the blocked source is dropped, other traffic passes

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -153,16 +155,13 @@ def _enrollment_config(
         raise ValueError("--enroll-listen needs TLS (--tls-ca, --tls-cert, --tls-key)")
     if ca_key is None:
         raise ValueError("--enroll-listen needs --tls-ca-key (the CA key signs node certificates)")
-    if config.db.startswith(("postgresql://", "postgres://")):
-        raise ValueError(
-            "--enroll-listen keeps enrolments in a SQLite file; with --db postgresql:// run "
-            "enrolment on one replica with its own --db file (not yet in PostgreSQL)"
-        )
     if cert_hours <= 0:
         raise ValueError("--enroll-cert-hours must be positive")
     return EnrollmentConfig(
         listen=listen,
-        db=Path(config.db),
+        db=config.db,
+        # the name the controller gives itself when --replica is not set (server.py)
+        replica=config.replica or f"{socket.gethostname()}-{os.getpid()}",
         ca_cert=config.tls_ca,
         ca_key=ca_key,
         tls_cert=config.tls_cert,
@@ -265,17 +264,28 @@ def certs_enroll(
 @certs_app.command("approve")
 def certs_approve(
     node: str = typer.Argument(..., help="node name"),
-    db: Path = typer.Option(
-        Path("/var/lib/nfctl/controller.db"), "--db", help="the controller's SQLite database"
+    db: str = typer.Option(
+        "/var/lib/nfctl/controller.db",
+        "--db",
+        help="the controller's database: its SQLite file, or the postgresql:// URL its "
+        "replicas share (an approval is then good on every replica, used once)",
+        envvar="NFCTL_DB",
     ),
     by: str = typer.Option("operator", "--by", help="who approves (recorded)"),
 ) -> None:
     """Allow one more enrolment of an enrolled node name (e.g. a reinstalled node)."""
-    from nfctl.controller.enrollments import EnrollmentStore
+    from nfctl.controller.storage import StoreUnavailable, open_enrollments
 
-    store = EnrollmentStore(db)
+    try:
+        store = open_enrollments(db)
+    except StoreUnavailable as exc:
+        err_console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
     try:
         approved = store.approve(node, by)
+    except StoreUnavailable as exc:
+        err_console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
     finally:
         store.close()
     if not approved:

@@ -10,6 +10,7 @@ The listener is TLS that agents verify, without client certificates."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import hmac
 import logging
@@ -28,8 +29,9 @@ from cryptography.x509.oid import NameOID
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.controller.auth import server_credentials
 from nfctl.controller.certs import key_fingerprint, load_ca, sign_node_certificate
-from nfctl.controller.enrollments import Enrollment, EnrollmentStore
+from nfctl.controller.enrollments import Enrollment
 from nfctl.controller.service import add_service
+from nfctl.controller.storage import EnrollmentRecords, StoreUnavailable, open_enrollments
 
 log = logging.getLogger(__name__)
 
@@ -116,17 +118,18 @@ def parse_csr(pem: bytes, node: str) -> x509.CertificateSigningRequest:
 @dataclass
 class EnrollmentConfig:
     listen: str
-    db: Path
+    db: str  # the controller's --db: a SQLite file, or a postgresql:// URL shared by replicas
     ca_cert: Path
     ca_key: Path
     tls_cert: Path  # the controller's server certificate (agents verify it)
     tls_key: Path
     token_file: Path | None
     cert_hours: float = DEFAULT_CERT_HOURS
+    replica: str = ""  # recorded with each certificate a PostgreSQL store issues
 
 
 class EnrollmentService:
-    def __init__(self, config: EnrollmentConfig, store: EnrollmentStore) -> None:
+    def __init__(self, config: EnrollmentConfig, store: EnrollmentRecords) -> None:
         self.store = store
         self.ca_cert, self.ca_key = load_ca(config.ca_cert, config.ca_key)
         self.ca_pem = config.ca_cert.read_bytes()
@@ -171,13 +174,23 @@ class EnrollmentService:
 
     async def Enroll(self, request: pb.EnrollRequest, context: Any) -> pb.EnrollResponse:
         try:
-            return self.enroll(request, context.peer())
+            # the store may be PostgreSQL on another host: off the event loop that also
+            # serves the agents' streams
+            return await asyncio.to_thread(self.enroll, request, context.peer())
         except Refused as exc:
             log.warning(
                 "enrolment of %r from %s refused: %s", request.node[:80], context.peer(), exc
             )
             await context.abort(exc.code, str(exc))
             raise  # abort raises; this keeps type checkers sure nothing is returned
+        except StoreUnavailable as exc:
+            # nothing was recorded (a certificate signed meanwhile is never sent): the
+            # node's enrolment sidecar retries
+            log.warning("enrolment of %r: %s", request.node[:80], exc)
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "enrolment records are unavailable; retry later"
+            )
+            raise
 
 
 class EnrollmentServer:
@@ -186,7 +199,7 @@ class EnrollmentServer:
 
     def __init__(self, config: EnrollmentConfig) -> None:
         self.config = config
-        self.store = EnrollmentStore(config.db)
+        self.store = open_enrollments(config.db, replica=config.replica)
         self.service = EnrollmentService(config, self.store)
         self.server: grpc.aio.Server | None = None
         self.port = 0

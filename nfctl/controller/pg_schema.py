@@ -67,6 +67,24 @@ MIGRATIONS: list[tuple[int, str]] = [
         );
         """,
     ),
+    (
+        # Node enrolment shared by every replica (enrollments_pg.py): who holds each node
+        # name, until when, and an operator's one-time approval of another enrolment.
+        3,
+        """
+        CREATE TABLE enrollments (
+            node TEXT PRIMARY KEY,
+            key_sha256 TEXT NOT NULL,
+            serial TEXT NOT NULL,
+            not_after DOUBLE PRECISION NOT NULL,
+            enrolled_at DOUBLE PRECISION NOT NULL,
+            renewed_at DOUBLE PRECISION NOT NULL,
+            approved_at DOUBLE PRECISION NOT NULL DEFAULT 0,
+            approved_by TEXT NOT NULL DEFAULT '',
+            replica TEXT NOT NULL DEFAULT ''  -- the replica that issued the certificate
+        );
+        """,
+    ),
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -7,9 +7,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
+
+if TYPE_CHECKING:
+    from nfctl.controller.enrollments import Enrollment
 
 
 @dataclass
@@ -141,3 +144,31 @@ def open_store(db: str | Path, replica: str = "") -> Store:
     from nfctl.controller.store import ControllerStore
 
     return ControllerStore(Path(text))
+
+
+# -- node enrolment ---------------------------------------------------------------------------
+class EnrollmentRecords(Protocol):
+    """Node identities (nfctl/controller/enroll.py decides, this records): SQLite's
+    enrollments.EnrollmentStore or PostgreSQL's enrollments_pg.PgEnrollmentStore."""
+
+    def close(self) -> None: ...
+
+    def get(self, node: str) -> Enrollment | None: ...
+
+    def claim(self, kind: str, node: str, key_sha256: str, serial: str, not_after: float) -> bool:
+        """Record an issued certificate atomically with the condition that allowed it
+        ("first", "approved", "renewal"); False when another enrolment won meanwhile."""
+
+    def approve(self, node: str, by: str) -> bool:
+        """Allow one more enrolment of an enrolled name; False when it never enrolled."""
+
+
+def open_enrollments(db: str | Path, replica: str = "") -> EnrollmentRecords:
+    text = str(db)
+    if is_postgres_url(text):
+        from nfctl.controller.enrollments_pg import PgEnrollmentStore
+
+        return PgEnrollmentStore(text, replica=replica)
+    from nfctl.controller.enrollments import EnrollmentStore
+
+    return EnrollmentStore(Path(text))

@@ -26,4 +26,8 @@ IFS=',' read -r -a ips <<<"$NFCTL_WORKER_IPS"
 for i in "${!names[@]}"; do
   echo "${ips[$i]} ${names[$i]} # nfctl-lab" >>/etc/hosts
 done
+if [ "${NFCTL_LAB_HA:-0}" = 1 ]; then
+  echo "$NFCTL_CONTROLLER2_IP controller2 # nfctl-lab" >>/etc/hosts
+  echo "$NFCTL_DB_IP db # nfctl-lab" >>/etc/hosts
+fi
 nfctl version

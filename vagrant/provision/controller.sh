@@ -16,10 +16,15 @@ apt-get install -y -qq --no-install-recommends git lighttpd >/dev/null
 systemctl disable --now lighttpd >/dev/null 2>&1 || true   # our own instance serves the lab
 
 # ---- certificates: CA, controller (by name and IP), one client cert per worker, operator
+# With NFCTL_LAB_HA=1 the one controller certificate also names controller2, which runs
+# with the same certificate, tokens and secrets (published encrypted below).
+CONTROLLER_NAMES="controller,$NFCTL_CONTROLLER_IP,localhost,127.0.0.1"
+if [ "${NFCTL_LAB_HA:-0}" = 1 ]; then
+  CONTROLLER_NAMES="$CONTROLLER_NAMES,controller2,${NFCTL_CONTROLLER2_IP:?}"
+fi
 install -d -m 0700 "$TLS"
 if [ ! -s "$TLS/ca.crt" ]; then
-  "$NFCTL" certs init --dir "$TLS" \
-    --controller-names "controller,$NFCTL_CONTROLLER_IP,localhost,127.0.0.1" \
+  "$NFCTL" certs init --dir "$TLS" --controller-names "$CONTROLLER_NAMES" \
     --nodes "$NFCTL_WORKERS"
 fi
 for f in operator-token webhook-secret; do
@@ -34,6 +39,12 @@ for node in "${workers[@]}"; do
     | openssl enc -aes-256-cbc -pbkdf2 -salt -pass env:NFCTL_LAB_SECRET \
         -out "/srv/lab-www/lab-certs/$node.tar.enc"
 done
+if [ "${NFCTL_LAB_HA:-0}" = 1 ]; then
+  tar -C /etc/nfctl -c tls/ca.crt tls/controller.crt tls/controller.key tls/operator.crt \
+      tls/operator.key operator-token webhook-secret \
+    | openssl enc -aes-256-cbc -pbkdf2 -salt -pass env:NFCTL_LAB_SECRET \
+        -out /srv/lab-www/lab-certs/controller2.tar.enc
+fi
 chmod 0644 /srv/lab-www/lab-certs/*.tar.enc
 
 # ---- the NF repository: bare repo served read-only, work clone for lab commits
@@ -42,6 +53,10 @@ IFACE=${NFCTL_LAB_IFACE:-$(ip -o -4 addr show | awk -v ip="$NFCTL_CONTROLLER_IP"
 [ -n "$IFACE" ] || { echo "provision: no interface holds $NFCTL_CONTROLLER_IP" >&2; exit 1; }
 "$PY" "$LAB/lab/labctl.py" seed --src "$SRC/bpf" --iface "$IFACE"
 install -m 0755 "$LAB/lab/post-receive" /srv/git/nf-repo.git/hooks/post-receive
+
+# ---- the database: the SQLite file, or (NFCTL_LAB_HA=1) PostgreSQL on the db VM
+# shared with controller2; the unit reads NFCTL_DB from this file.
+"$LAB/provision/controller-db.sh"
 
 # ---- services
 install -d -m 0755 /etc/nfctl/lab

@@ -27,7 +27,7 @@ NFCTL_REF=main
 NFCTL_PATH=nfs
 NFCTL_LABELS=role=edge,lab=vagrant
 NFCTL_INTERVAL=5
-NFCTL_CONTROLLER=$NFCTL_CONTROLLER_IP:9443
+NFCTL_CONTROLLER=${NFCTL_CONTROLLERS:-$NFCTL_CONTROLLER_IP:9443}
 ENV
 
 install -m 0644 "$LAB/systemd/nfctl-agent.service" /etc/systemd/system/
