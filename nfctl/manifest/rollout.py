@@ -237,13 +237,14 @@ def parse_policy(text: str | bytes, rel_path: str) -> tuple[RolloutPolicy | None
         problems.append(Diagnostic(file=rel_path, message=message, line=line, field=field))
 
     if isinstance(text, bytes):
-        if len(text) > MAX_MANIFEST_BYTES:
-            fail(f"policy is {len(text)} bytes; the limit is {MAX_MANIFEST_BYTES} bytes")
+        raw = text
+        if len(raw) > MAX_MANIFEST_BYTES:
+            fail(f"policy is {len(raw)} bytes; the limit is {MAX_MANIFEST_BYTES} bytes")
             return None, problems
         try:
-            text = text.decode("utf-8")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            fail("not valid UTF-8", line=text[: exc.start].count(b"\n") + 1)
+            fail("not valid UTF-8", line=raw[: exc.start].count(b"\n") + 1)
             return None, problems
     try:
         shape = _check_yaml_shape(text)
