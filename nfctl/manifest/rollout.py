@@ -7,13 +7,22 @@ agent and `nfctl validate` from a checkout); every problem is a Diagnostic with 
 from __future__ import annotations
 
 import math
+import os
 import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from nfctl.diagnostics import Diagnostic
 from nfctl.manifest.loader import (
@@ -103,11 +112,12 @@ class VerdictGate(_Strict):
     nf: str
     max_increase: float = Field(alias="maxIncrease", ge=0.0, le=1.0)
 
-    @model_validator(mode="after")
-    def _checks(self) -> VerdictGate:
-        if not NF_NAME_RE.match(self.nf):
-            raise ValueError(f"nf {self.nf!r} is not a valid NetworkFunction name")
-        return self
+    @field_validator("nf")
+    @classmethod
+    def _nf(cls, v: str) -> str:
+        if not NF_NAME_RE.match(v):
+            raise ValueError(f"nf {v!r} is not a valid NetworkFunction name")
+        return v
 
 
 class PromQLGate(_Strict):
@@ -280,7 +290,10 @@ def parse_policy(text: str | bytes, rel_path: str) -> tuple[RolloutPolicy | None
     except ValidationError as exc:
         for err in exc.errors():
             path = _loc_path(err["loc"])
-            fail(_message(err), line=_line_of(lines, path), field=path or None)
+            message = _message(err)
+            if err.get("type") == "union_tag_invalid":
+                message = "kind must be ready, verdict or promql"
+            fail(message, line=_line_of(lines, path), field=path or None)
         return None, problems
     for index, wave in enumerate(policy.spec.waves):
         path = f"spec.waves.{index}"
@@ -304,7 +317,8 @@ def load_policy_file(path: Path, repo_root: Path) -> tuple[RolloutPolicy | None,
     """`nfctl validate`: the policy file, confined to the repository."""
     from nfctl.manifest.paths import PathEscapeError, resolve_inside
 
-    rel = str(path.relative_to(repo_root)) if path.is_relative_to(repo_root) else str(path)
+    absolute = Path(os.path.abspath(path))
+    rel = str(absolute.relative_to(repo_root)) if absolute.is_relative_to(repo_root) else str(path)
     try:
         real = resolve_inside(path, repo_root)
         if real.stat().st_size > MAX_MANIFEST_BYTES:
@@ -312,6 +326,15 @@ def load_policy_file(path: Path, repo_root: Path) -> tuple[RolloutPolicy | None,
         return parse_policy(real.read_bytes(), rel)
     except (PathEscapeError, OSError) as exc:
         return None, [Diagnostic(file=rel, message=str(exc))]
+
+
+def policy_problems(path: Path, repo_root: Path) -> list[Diagnostic]:
+    """`nfctl validate PATH`: what is wrong with the RolloutPolicy at the root of the
+    folder PATH (nothing when it has none)."""
+    found = find_policy_file(path) if path.is_dir() else None
+    if found is None:
+        return []
+    return load_policy_file(found, repo_root.resolve())[1]
 
 
 __all__ = [
