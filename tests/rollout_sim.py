@@ -106,7 +106,8 @@ class SimAgent:
     refuse: set[str] = field(default_factory=set)  # revisions it cannot make Ready
     applied: str = ""
     approved: str = ""
-    history: list[tuple[float, str, str]] = field(default_factory=list)  # (time, rev, reason)
+    # (time, revision, reason, "command" | "registered") of every approval received
+    history: list[tuple[float, str, str, str]] = field(default_factory=list)
     ever_ran: set[str] = field(default_factory=set)
     passed: int = 0
     dropped: int = 0
@@ -163,10 +164,14 @@ class SimAgent:
         if self._channel is not None:
             await self._channel.close()
 
-    def _apply(self, approval: pb.ApproveRevision) -> None:
+    def commands(self, revision: str) -> list[float]:
+        """When approve commands for `revision` arrived."""
+        return [t for t, rev, _, how in self.history if rev == revision and how == "command"]
+
+    def _apply(self, approval: pb.ApproveRevision, how: str) -> None:
         if not approval.revision:
             return
-        self.history.append((time.time(), approval.revision, approval.reason))
+        self.history.append((time.time(), approval.revision, approval.reason, how))
         self.approved = approval.revision
         self.applied = approval.revision
         self.ever_ran.add(approval.revision)
@@ -178,9 +183,9 @@ class SimAgent:
                 return
             kind = message.WhichOneof("body")
             if kind == "registered" and message.registered.HasField("approval"):
-                self._apply(message.registered.approval)
+                self._apply(message.registered.approval, "registered")
             elif kind == "command" and message.command.WhichOneof("action") == "approve":
-                self._apply(message.command.approve)
+                self._apply(message.command.approve, "command")
                 await self._call.write(
                     pb.AgentMessage(result=pb.CommandResult(command_id=message.command.id, ok=True))
                 )

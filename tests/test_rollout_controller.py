@@ -15,10 +15,6 @@ def first_policy(repo: Repo, **policy: str) -> str:
     )
 
 
-def approvals_of(agent_history: list[tuple[float, str, str]], revision: str) -> list[float]:
-    return [t for t, rev, _ in agent_history if rev == revision]
-
-
 def test_a_good_commit_goes_wave_by_wave_to_every_node(tmp_path: Path) -> None:
     async def scenario() -> None:
         repo = Repo(tmp_path / "repo")
@@ -43,7 +39,7 @@ def test_a_good_commit_goes_wave_by_wave_to_every_node(tmp_path: Path) -> None:
             assert gates["ready"].ok and gates["verdict"].ok, gates
             assert all(a.applied == c2 for a in the_lab.agents.values())
             # each wave's nodes got c2 only after the previous wave passed
-            first_at = {n: approvals_of(a.history, c2) for n, a in the_lab.agents.items()}
+            first_at = {n: a.commands(c2) for n, a in the_lab.agents.items()}
             assert all(len(times) == 1 for times in first_at.values()), first_at
             canary_passed = done.waves[0].finished_at
             for wave in done.waves[1:]:
