@@ -106,7 +106,7 @@ class SimAgent:
     refuse: set[str] = field(default_factory=set)  # revisions it cannot make Ready
     applied: str = ""
     approved: str = ""
-    # (time, revision, reason, "command" | "registered") of every approval received
+    # (time, revision, reason, command id | "registered") of every approval received
     history: list[tuple[float, str, str, str]] = field(default_factory=list)
     ever_ran: set[str] = field(default_factory=set)
     passed: int = 0
@@ -165,8 +165,14 @@ class SimAgent:
             await self._channel.close()
 
     def commands(self, revision: str) -> list[float]:
-        """When approve commands for `revision` arrived."""
-        return [t for t, rev, _, how in self.history if rev == revision and how == "command"]
+        """When approve commands for `revision` first arrived, one per command id (the
+        fan-out delivers at least once: a command not yet answered when a controller
+        stopped is sent again with its id, which an agent runs once)."""
+        first: dict[str, float] = {}
+        for t, rev, _, how in self.history:
+            if rev == revision and how != "registered":
+                first.setdefault(how, t)
+        return sorted(first.values())
 
     def _apply(self, approval: pb.ApproveRevision, how: str) -> None:
         if not approval.revision:
@@ -185,7 +191,7 @@ class SimAgent:
             if kind == "registered" and message.registered.HasField("approval"):
                 self._apply(message.registered.approval, "registered")
             elif kind == "command" and message.command.WhichOneof("action") == "approve":
-                self._apply(message.command.approve, "command")
+                self._apply(message.command.approve, message.command.id)
                 await self._call.write(
                     pb.AgentMessage(result=pb.CommandResult(command_id=message.command.id, ok=True))
                 )
@@ -296,8 +302,8 @@ class Lab:
 
 
 @contextlib.asynccontextmanager
-async def lab(tmp: Path, repo: Repo, **config: Any) -> AsyncIterator[Lab]:
-    the_lab = Lab(tmp, repo, **config)
+async def lab(tmp: Path, repo: Repo, db: str | None = None, **config: Any) -> AsyncIterator[Lab]:
+    the_lab = Lab(tmp, repo, db, **config)
     try:
         yield the_lab
     finally:

@@ -128,39 +128,42 @@ def test_a_node_not_ready_within_the_deadline_fails_the_ready_gate(tmp_path: Pat
     asyncio.run(scenario())
 
 
+async def restart_mid_rollout(tmp_path: Path, db: str | None = None) -> None:
+    """Stop the controller while wave 2 bakes, start a new one on the same store: the
+    rollout completes, no wave starts twice, no node gets a second approve command."""
+    repo = Repo(tmp_path / "repo")
+    async with lab(tmp_path, repo, db=db) as the_lab:
+        await started(the_lab, repo, bake="2s")
+        c2 = repo.commit("change", {"guard/nf.yaml": "# v2\n"})
+
+        async def in_wave_two() -> bool:
+            r = await the_lab.rollout(c2)
+            return r is not None and r.current_wave == 1 and r.waves[1].state == "Baking"
+
+        for _ in range(300):
+            if await in_wave_two():
+                break
+            await asyncio.sleep(0.05)
+        assert await in_wave_two()
+        port = the_lab.controller.ports["grpc"] if the_lab.controller else 0
+        await the_lab.stop_controller()
+        await asyncio.sleep(0.5)
+        await the_lab.start_controller(port)
+        await the_lab.reconnect_agents()
+        done = await the_lab.wait_rollout(c2, ("Completed", "RolledBack", "Halted"))
+        assert done.state == "Completed", done
+        # one approve command per node for c2, wave 1 and 2 nodes included
+        commands = {n: len(a.commands(c2)) for n, a in the_lab.agents.items()}
+        assert commands == dict.fromkeys(the_lab.agents, 1), commands
+        assert the_lab.controller is not None
+        await the_lab.controller.fleet.flush_async()
+        events = the_lab.controller.store.history(revision=c2)
+        started_waves = [e.message.split(":")[0] for e in events if e.reason == "WaveStarted"]
+        assert len(started_waves) == 3 == len(set(started_waves)), started_waves
+
+
 def test_a_restarted_controller_resumes_without_repeating_a_wave(tmp_path: Path) -> None:
-    async def scenario() -> None:
-        repo = Repo(tmp_path / "repo")
-        async with lab(tmp_path, repo) as the_lab:
-            await started(the_lab, repo, bake="2s")
-            c2 = repo.commit("change", {"guard/nf.yaml": "# v2\n"})
-
-            async def in_wave_two() -> bool:
-                r = await the_lab.rollout(c2)
-                return r is not None and r.current_wave == 1 and r.waves[1].state == "Baking"
-
-            for _ in range(300):
-                if await in_wave_two():
-                    break
-                await asyncio.sleep(0.05)
-            assert await in_wave_two()
-            port = the_lab.controller.ports["grpc"] if the_lab.controller else 0
-            await the_lab.stop_controller()
-            await asyncio.sleep(0.5)
-            await the_lab.start_controller(port)
-            await the_lab.reconnect_agents()
-            done = await the_lab.wait_rollout(c2, ("Completed", "RolledBack", "Halted"))
-            assert done.state == "Completed", done
-            # one approve command per node for c2, wave 1 and 2 nodes included
-            commands = {n: len(a.commands(c2)) for n, a in the_lab.agents.items()}
-            assert commands == dict.fromkeys(the_lab.agents, 1), commands
-            assert the_lab.controller is not None
-            await the_lab.controller.fleet.flush_async()
-            events = the_lab.controller.store.history(revision=c2)
-            started_waves = [e.message.split(":")[0] for e in events if e.reason == "WaveStarted"]
-            assert len(started_waves) == 3 == len(set(started_waves)), started_waves
-
-    asyncio.run(scenario())
+    asyncio.run(restart_mid_rollout(tmp_path))
 
 
 def test_a_newer_commit_during_a_rollout_waits_for_it_to_end(tmp_path: Path) -> None:
