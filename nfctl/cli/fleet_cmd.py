@@ -161,6 +161,7 @@ def get_nodes(
         "NODE",
         "CONNECTED",
         "READY",
+        "APPROVED",
         "APPLIED",
         "ATTEMPTED",
         "NFS",
@@ -188,6 +189,7 @@ def get_nodes(
             escape(st.node),
             "yes" if node.connected else "[yellow]no[/yellow]",
             ready_text,
+            st.approved_revision[:12] or "-",  # under a RolloutPolicy (docs/rollouts.md)
             st.last_applied_revision[:12] or "-",
             st.last_attempted_revision[:12] or "-",
             escape(nfs) or "-",

@@ -126,6 +126,7 @@ class RolloutEngine:
         self._commits: dict[str, tuple[str, float]] = {}
         self._http: aiohttp.ClientSession | None = None
         self._completed_cache: tuple[float, StoredRollout | None] = (0.0, None)
+        self._settled_head = ""  # a head that has its rollout already: nothing to start
 
     # -- loop -------------------------------------------------------------------------------
     def poke(self) -> None:
@@ -156,7 +157,7 @@ class RolloutEngine:
             head = await self._head(now)
             active = await self._active()
             if active is None:
-                if head:
+                if head and head != self._settled_head:
                     await self._maybe_start(head, now)
                 return
             rollout, detail = active
@@ -265,7 +266,8 @@ class RolloutEngine:
     async def _maybe_start(self, head: str, now: float) -> None:
         recent = await self._load(200)
         if any(s.rollout.revision == head for s in recent):
-            return  # rolled out already (or rolled back: never again by itself)
+            self._settled_head = head  # rolled out already (or rolled back: never again)
+            return
         in_force, previous = await self._policy_in_force()
         await self._commit_info(head)
         at_head = await self.policy_at(head)
@@ -288,7 +290,8 @@ class RolloutEngine:
         policy = in_force.policy
         if policy is None:
             if not previous and not at_head.present:
-                return  # no policy anywhere: every agent follows its ref
+                self._settled_head = head  # no policy anywhere: every agent follows its ref
+                return
             # the first policy, or a fleet whose policy was removed: every node at once
             rollout.state = "Completed"
             rollout.message = (
