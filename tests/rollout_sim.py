@@ -226,20 +226,18 @@ class Lab:
         return 0.3 if revision in self.bad else 0.01
 
     async def start_controller(self, port: int = 0) -> Controller:
-        cfg = ControllerConfig(
-            listen=f"127.0.0.1:{port}",
-            insecure=True,
-            db=self.db,
-            webhook_addr=None,
-            metrics_addr=None,
-            health_addr=None,
-            source_url=str(self.repo.path),
-            source_ref="main",
-            source_interval=0.2,
-            rollout_tick=0.1,
-            repo_dir=self.tmp / "mirror",
+        settings: dict[str, Any] = {
+            "webhook_addr": None,
+            "metrics_addr": None,
+            "health_addr": None,
+            "source_url": str(self.repo.path),
+            "source_ref": "main",
+            "source_interval": 0.2,
+            "rollout_tick": 0.1,
+            "repo_dir": self.tmp / "mirror",
             **self.config,
-        )
+        }
+        cfg = ControllerConfig(listen=f"127.0.0.1:{port}", insecure=True, db=self.db, **settings)
         self.controller = Controller(cfg)
         await self.controller.start()
         return self.controller

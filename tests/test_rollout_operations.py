@@ -229,3 +229,45 @@ def test_a_joining_node_gets_the_last_completed_revision(tmp_path: Path) -> None
             assert late.history[0][3] == "registered"  # told at registration, not by command
 
     asyncio.run(scenario())
+
+
+def test_a_webhook_push_starts_the_rollout_without_waiting_for_the_next_fetch(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        import time
+
+        import aiohttp
+
+        repo = Repo(tmp_path / "repo")
+        secret = tmp_path / "secret"
+        secret.write_text("s3cret")
+        async with lab(
+            tmp_path, repo, webhook_addr="127.0.0.1:0", webhook_secret_file=secret
+        ) as the_lab:
+            c1 = await started(the_lab, repo, workers=1)
+            assert the_lab.controller is not None and the_lab.controller.rollouts is not None
+            the_lab.controller.rollouts.fetch_interval = 3600.0  # only a push fetches now
+            c2 = repo.commit("change", {"guard/nf.yaml": "# v2\n"})
+            await asyncio.sleep(1.0)
+            assert await the_lab.rollout(c2) is None
+            pushed = time.monotonic()
+            url = f"http://127.0.0.1:{the_lab.controller.ports['webhook']}/hooks/gitlab"
+            async with aiohttp.ClientSession() as session:
+                body = {"ref": "refs/heads/main", "after": c2, "project": {"name": "repo"}}
+                async with session.post(url, json=body, headers={"X-Gitlab-Token": "s3cret"}) as r:
+                    assert r.status == 200, await r.text()
+            started_rollout = await the_lab.wait_rollout(c2, ("Progressing", "Completed"), 10)
+            assert started_rollout.previous_revision == c1
+            assert time.monotonic() - pushed < 5
+
+    asyncio.run(scenario())
+
+
+def test_controller_rollout_flags_are_checked() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "nfctl", "controller", "--insecure", "--listen", "127.0.0.1:0",
+         "--db", ":memory:", "--source", "/nonexistent", "--source-interval", "0"],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2 and "--source-interval" in out.stderr, out.stdout + out.stderr
