@@ -74,6 +74,7 @@ class Detail:
     bake_started: float = 0.0
     last_eval: float = 0.0
     events: int = 0  # sequence of the rollout's last event
+    policy_revision: str = ""  # the revision whose RolloutPolicy judges this rollout
 
     def dump(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -242,15 +243,17 @@ class RolloutEngine:
                 return "", 0.0
         return self._commits.get(revision, ("", 0.0))
 
-    async def _policy_in_force(self) -> tuple[PolicyAt, str]:
-        """The policy of the last completed revision; when that revision's policy file
-        was refused, the last good one before it. ('' revision: none completed yet.)"""
+    async def _policy_in_force(self) -> tuple[PolicyAt, str, str]:
+        """(policy, last completed revision, revision the policy is read from): the
+        policy of the last completed revision; when that revision's policy file was
+        refused, the last good one before it. ('' revisions: none completed yet.)"""
         completed = [s.rollout for s in await self._load(200) if s.rollout.state == "Completed"]
+        last = completed[0].revision if completed else ""
         for rollout in completed:
             at = await self.policy_at(rollout.revision)
             if not at.present or at.policy is not None:
-                return at, rollout.revision
-        return PolicyAt("", None), completed[0].revision if completed else ""
+                return at, last, rollout.revision
+        return PolicyAt("", None), last, ""
 
     # -- starting ---------------------------------------------------------------------------
     def _views(self) -> dict[str, NodeView]:
@@ -268,7 +271,7 @@ class RolloutEngine:
         if any(s.rollout.revision == head for s in recent):
             self._settled_head = head  # rolled out already (or rolled back: never again)
             return
-        in_force, previous = await self._policy_in_force()
+        in_force, previous, policy_revision = await self._policy_in_force()
         await self._commit_info(head)
         at_head = await self.policy_at(head)
         rollout = pb.Rollout(
@@ -308,7 +311,8 @@ class RolloutEngine:
         connected = [v for v in views.values() if v.connected]
         rollout.state = "Progressing"
         rollout.on_failure = policy.spec.on_failure.value
-        rollout.policy = f"{in_force.file}:{policy.metadata.name}@{previous[:12]}"
+        rollout.policy = f"{in_force.file}:{policy.metadata.name}@{policy_revision[:12]}"
+        detail.policy_revision = policy_revision
         for index, (name, nodes) in enumerate(select_waves(policy, connected)):
             rollout.waves.add(index=index, name=name, nodes=nodes, state="Pending")
         rollout.message = f"{len(rollout.waves)} waves over {len(connected)} nodes"
@@ -330,17 +334,9 @@ class RolloutEngine:
             )
 
     # -- driving ----------------------------------------------------------------------------
-    def _policy(self, rollout: pb.Rollout) -> RolloutPolicy | None:
-        at = self._policies.get(rollout.previous_revision)
-        return at.policy if at else None
-
     async def _drive(self, rollout: pb.Rollout, detail: Detail, now: float, step: Step) -> None:
-        await self.policy_at(rollout.previous_revision)
-        await self._policy_in_force()  # fills the cache for a revision whose policy was refused
-        policy = self._policy(rollout)
-        if policy is None:
-            in_force, _ = await self._policy_in_force()
-            policy = in_force.policy
+        # the policy chosen when the rollout started, whatever completed since
+        policy = (await self.policy_at(detail.policy_revision)).policy
         if policy is None:
             self._finish(rollout, detail, step, now, "the policy in force is gone")
             return
