@@ -139,3 +139,14 @@ def test_nfctl_validate_refuses_a_bad_policy_with_file_and_line(tmp_path: Path) 
     )
     assert out.returncode == 1, out.stdout + out.stderr
     assert '"file": "rollout.yaml"' in out.stdout and '"line": 12' in out.stdout, out.stdout
+
+
+def test_a_policy_in_an_nf_manifest_is_pointed_to_rollout_yaml(tmp_path: Path) -> None:
+    from nfctl.manifest.loader import load_manifest
+
+    (tmp_path / "nf.yaml").write_text(policy_yaml())
+    loaded = load_manifest(tmp_path / "nf.yaml", tmp_path)
+    assert [str(d) for d in loaded.diagnostics] == [
+        "nf.yaml:2 [kind]: error: a RolloutPolicy goes in rollout.yaml at the root of the "
+        "folder the fleet follows, not in an NF manifest (docs/rollouts.md)"
+    ]
