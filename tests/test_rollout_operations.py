@@ -30,18 +30,20 @@ async def started(the_lab: Lab, repo: Repo, workers: int = 3, **policy: str) -> 
     return c1
 
 
-async def cli(the_lab: Lab, *args: str) -> tuple[int, Any]:
+async def cli(the_lab: Lab, *args: str, as_json: bool = True) -> tuple[int, Any]:
     """`nfctl rollout ... -o json` against the lab's controller, as an operator runs it."""
     out = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "nfctl", "rollout", *args, "--controller", the_lab.address,
-         "--insecure", "-o", "json"],
+         "--insecure", *(["-o", "json"] if as_json else [])],
         capture_output=True,
         text=True,
         cwd=REPO_ROOT,
         timeout=60,
         env=dict(os.environ, NO_COLOR="1"),
     )  # fmt: skip
+    if not as_json:
+        return out.returncode, out.stdout + out.stderr
     try:
         return out.returncode, json.loads(out.stdout)
     except json.JSONDecodeError:
@@ -107,6 +109,8 @@ def test_a_halted_rollout_waits_for_an_operator_with_on_failure_pause(tmp_path: 
             assert code == 1 and status["state"] == "Halted"
             gate = status["waves"][0]["gates"]
             assert any(g["kind"] == "verdict" and not g["ok"] for g in gate), gate
+            code, text = await cli(the_lab, "status", as_json=False)
+            assert code == 1 and "Halted" in text and "FAIL verdict-guard" in text, text
 
     asyncio.run(scenario())
 
