@@ -275,3 +275,41 @@ def test_controller_rollout_flags_are_checked() -> None:
         capture_output=True, text=True, cwd=REPO_ROOT, timeout=60,
     )  # fmt: skip
     assert out.returncode == 2 and "--source-interval" in out.stderr, out.stdout + out.stderr
+
+
+def test_the_last_wave_is_judged_against_its_own_figures_before_the_update(
+    tmp_path: Path,
+) -> None:
+    """No node is left to compare with: the wave's nodes before their update are the
+    baseline. (Only the last wave has a verdict gate, so the harm reaches it.)"""
+
+    async def scenario() -> None:
+        repo = Repo(tmp_path / "repo")
+        waves = """
+    - name: canary
+      selector: {role: canary}
+      bake: 1s
+    - name: all
+      bake: 2s
+      gates:
+        - kind: verdict
+          nf: guard
+          maxIncrease: 0.05
+"""
+        async with lab(tmp_path, repo) as the_lab:
+            c1 = await started(the_lab, repo, waves=waves, gates="    - kind: ready\n")
+            await asyncio.sleep(1.0)  # the fleet counts packets on c1
+            bad = repo.commit("harmful", {"guard/nf.yaml": "# bad\n"})
+            the_lab.bad.add(bad)
+            done = await the_lab.wait_rollout(bad, ("RolledBack", "Completed", "Halted"))
+            assert done.state == "RolledBack" and done.waves[1].name == "all", done
+            assert done.waves[0].state == "Passed"
+            verdict = next(g for g in done.waves[1].gates if g.kind == "verdict")
+            assert not verdict.ok and "before the update" in verdict.message, verdict
+            assert 0.005 < verdict.baseline < 0.02 and verdict.value > 0.25
+            await the_lab.wait(
+                lambda: all(a.applied == c1 for a in the_lab.agents.values()),
+                what="every approved node back on c1",
+            )
+
+    asyncio.run(scenario())
