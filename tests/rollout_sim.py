@@ -104,6 +104,7 @@ class SimAgent:
     address: str
     drop_share: Callable[[str], float]
     refuse: set[str] = field(default_factory=set)  # revisions it cannot make Ready
+    lose_once: set[str] = field(default_factory=set)  # approvals lost on the way, once
     applied: str = ""
     approved: str = ""
     # (time, revision, reason, command id | "registered") of every approval received
@@ -191,6 +192,9 @@ class SimAgent:
             if kind == "registered" and message.registered.HasField("approval"):
                 self._apply(message.registered.approval, "registered")
             elif kind == "command" and message.command.WhichOneof("action") == "approve":
+                if message.command.approve.revision in self.lose_once:
+                    self.lose_once.discard(message.command.approve.revision)
+                    continue
                 self._apply(message.command.approve, message.command.id)
                 await self._call.write(
                     pb.AgentMessage(result=pb.CommandResult(command_id=message.command.id, ok=True))

@@ -313,3 +313,20 @@ def test_the_last_wave_is_judged_against_its_own_figures_before_the_update(
             )
 
     asyncio.run(scenario())
+
+
+def test_an_approval_a_node_never_got_is_sent_once_more(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        repo = Repo(tmp_path / "repo")
+        async with lab(tmp_path, repo) as the_lab:
+            await started(the_lab, repo, bake="0s")
+            assert the_lab.controller is not None and the_lab.controller.rollouts is not None
+            the_lab.controller.rollouts.resend_after = 1.0
+            c2 = repo.commit("change", {"guard/nf.yaml": "# v2\n"})
+            the_lab.agents["node-a"].lose_once.add(c2)
+            done = await the_lab.wait_rollout(c2, ("Completed", "RolledBack"), timeout=60)
+            assert done.state == "Completed", done
+            assert len(the_lab.agents["node-a"].commands(c2)) == 1  # the second one arrived
+            assert all(len(a.commands(c2)) == 1 for a in the_lab.agents.values())
+
+    asyncio.run(scenario())

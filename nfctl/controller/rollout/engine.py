@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 ACTIVE = ("Progressing", "Paused", "Halted")
 EVENT_NODE = "controller/rollout"
+RESEND_AFTER = 15.0  # seconds a connected node may take to report a new approval
 # Approve commands go through FleetService (and its cross-replica fan-out).
 SendFn = Callable[[list[NodeEntry], pb.Command], Awaitable[tuple[list[str], list[str]]]]
 Snapshot = dict[str, dict[str, Figures]]
@@ -128,6 +129,9 @@ class RolloutEngine:
         self._http: aiohttp.ClientSession | None = None
         self._completed_cache: tuple[float, StoredRollout | None] = (0.0, None)
         self._settled_head = ""  # a head that has its rollout already: nothing to start
+        self.resend_after = RESEND_AFTER
+        self._last_resend = time.time()  # a new leader first lets agents report
+        self._resent: set[tuple[str, str, str, int]] = set()
 
     # -- loop -------------------------------------------------------------------------------
     def poke(self) -> None:
@@ -156,6 +160,9 @@ class RolloutEngine:
         async with self._lock:
             now = now or time.time()
             head = await self._head(now)
+            if now - self._last_resend >= self.resend_after:
+                self._last_resend = now
+                await self._resend_unheard(now)
             active = await self._active()
             if active is None:
                 if head and head != self._settled_head:
@@ -166,6 +173,37 @@ class RolloutEngine:
                 step = Step()
                 await self._drive(rollout, detail, now, step)
                 await self._commit(rollout, detail, step)
+
+    async def _resend_unheard(self, now: float) -> None:
+        """An approval a connected node does not report holding resend_after seconds after
+        it was stored is sent once more (once per leader): a leader that died between
+        storing a step and sending it leaves nodes whose streams other replicas hold
+        without it. An agent that refused the revision says so in its own events."""
+        rows = await asyncio.to_thread(self.store.load_approvals)
+        groups: dict[StoredApproval, list[NodeEntry]] = {}
+        for row in rows:
+            entry = self.fleet.nodes.get(row.node)
+            key = (row.node, row.revision, row.rollout_id, row.wave)
+            if (
+                entry is None
+                or not entry.connected
+                or entry.status.approved_revision == row.revision
+                or now - row.time < self.resend_after
+                or key in self._resent
+            ):
+                continue
+            self._resent.add(key)
+            template = StoredApproval("", row.revision, row.rollout_id, row.wave, row.reason, 0.0)
+            groups.setdefault(template, []).append(entry)
+        for approval, entries in groups.items():
+            log.warning(
+                "%d nodes do not report approval %s (%s): sent again",
+                len(entries),
+                approval.revision[:12],
+                approval.reason,
+            )
+            command = pb.Command(id=self.fleet.next_command_id(), approve=approval.to_proto())
+            await self.send(entries, command)
 
     async def _head(self, now: float) -> str:
         if self.mirror is None:
