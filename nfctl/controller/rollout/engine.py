@@ -399,6 +399,9 @@ class RolloutEngine:
         views = self._views()
         nodes = list(wave.nodes)
         bake, gates = wave_settings(policy, wave.index)
+        if any(not isinstance(g, ReadyGate) for g in gates):
+            # a gate on what the datapath did needs at least one interval of it to judge
+            bake = max(bake, policy.spec.interval)
         if wave.state == "Pending":
             wave.state, wave.started_at, step.changed = "Progressing", now, True
             detail.wave_start = self._figures(views)
@@ -407,6 +410,9 @@ class RolloutEngine:
                 f"wave {wave.index + 1}/{len(rollout.waves)} {wave.name}: "
                 f"{', '.join(nodes) or 'no nodes'}",
             )  # fmt: skip
+        if not nodes:
+            wave.state, wave.finished_at, step.changed = "Passed", now, True
+            return True
         if wave.state == "Progressing":
             approved = set(detail.approved)
             limit = max_unavailable(policy, len(nodes))
