@@ -45,3 +45,12 @@ def test_an_unreachable_source_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(RepoError, match="fetching main from the source failed"):
         mirror.fetch()
     assert mirror.head() == ""
+
+
+def test_credentials_in_the_source_url_never_show_in_errors(tmp_path: Path) -> None:
+    mirror = RepoMirror(
+        "http://user:s3cret-token@127.0.0.1:9/nfs.git", "main", tmp_path / "mirror", timeout=10
+    )
+    with pytest.raises(RepoError) as raised:
+        mirror.fetch()
+    assert "s3cret-token" not in str(raised.value) and "***@" in str(raised.value)

@@ -5,6 +5,7 @@ of a revision (`git show REV:path`). Nothing is checked out; the controller neve
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,12 @@ from nfctl.manifest.rollout import POLICY_NAMES, RolloutPolicy, parse_policy
 log = logging.getLogger(__name__)
 
 HEAD_REF = "refs/nfctl/head"
+# user:password@ or token@ in an http(s) URL: never in logs or API answers
+_USERINFO_RE = re.compile(r"\b(https?://)[^/@\s]+@", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    return _USERINFO_RE.sub(r"\1***@", text)
 
 
 class RepoError(RuntimeError):
@@ -75,7 +82,9 @@ class RepoMirror:
                 )
                 return str(self.repo.git.rev_parse(f"{HEAD_REF}^{{commit}}"))
             except git.GitCommandError as exc:
-                raise RepoError(f"fetching {self.ref} from the source failed: {exc}") from exc
+                raise RepoError(
+                    f"fetching {self.ref} from the source failed: {redact(str(exc))}"
+                ) from None
 
     def head(self) -> str:
         with self._lock:
