@@ -29,7 +29,7 @@ from nfctl.controller.leader import LeaderElection
 from nfctl.controller.metrics import ControllerMetrics
 from nfctl.controller.reflection import enable_reflection
 from nfctl.controller.rollout.engine import RolloutEngine
-from nfctl.controller.rollout.gitrepo import RepoMirror
+from nfctl.controller.rollout.gitrepo import RepoMirror, redact
 from nfctl.controller.service import AgentService, FleetService, add_service
 from nfctl.controller.storage import open_store
 from nfctl.controller.store_pg import PgStore
@@ -186,6 +186,14 @@ class Controller:
             else Path("/var/lib/nfctl/rollout-repo")
         )
         mirror = RepoMirror(cfg.source_url, cfg.source_ref, directory, cfg.source_path)
+        log.info(
+            "rollouts: following %s ref %s%s (mirror in %s), fetched every %g s",
+            redact(cfg.source_url),
+            cfg.source_ref,
+            f" path {cfg.source_path}" if cfg.source_path else "",
+            directory,
+            cfg.source_interval,
+        )
 
         async def send(
             entries: list[NodeEntry], command: pb.Command
