@@ -13,6 +13,8 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from nfctl.controller.rollout import gates
+from nfctl.manifest.rollout import PromQLGate
 from tests.ci import unavailable
 from tests.rollout_sim import Lab, Repo, fleet, lab, policy_yaml
 
@@ -98,6 +100,25 @@ class Prometheus:
         self.log.close()
 
 
+async def gate_outcomes(url: str) -> None:
+    """A query Prometheus refuses fails; no samples or no answer is undecided."""
+    async with aiohttp.ClientSession() as session:
+
+        async def outcome(query: str, at: str = url) -> tuple[bool | None, str]:
+            gate = PromQLGate(kind="promql", query=query, max=1.0)
+            result = await gates.promql_gate(gate, at, session)
+            return result.ok, result.result.message
+
+        ok, message = await outcome("sum(rate(sim_packets_total[")
+        assert ok is False and "failed" in message, message
+        ok, message = await outcome("sim_packets_total{node='nobody'}")
+        assert ok is None and "no samples" in message, message
+        ok, message = await outcome("up", f"http://127.0.0.1:{free_port()}")
+        assert ok is None and "did not answer" in message, message
+        ok, message = await outcome("up")
+        assert ok is True and "= 1" in message, message
+
+
 def test_the_promql_gate_passes_a_good_commit_and_stops_a_harmful_one(tmp_path: Path) -> None:
     async def scenario() -> None:
         repo = Repo(tmp_path / "repo")
@@ -133,6 +154,7 @@ def test_the_promql_gate_passes_a_good_commit_and_stops_a_harmful_one(tmp_path: 
                     assert not gate.ok and gate.value > 0.1, gate
                     assert QUERY in gate.message and "not <= 0.1" in gate.message
                     assert [n for n, a in the_lab.agents.items() if bad in a.ever_ran] == ["node-a"]
+                    await gate_outcomes(prometheus.url)
                 finally:
                     await runner.cleanup()
         finally:
