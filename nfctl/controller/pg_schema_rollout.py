@@ -7,6 +7,7 @@ ROLLOUT_MIGRATION = """
 CREATE TABLE IF NOT EXISTS rollouts (
     id TEXT PRIMARY KEY,
     started_at DOUBLE PRECISION NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL,
     body BYTEA NOT NULL,
     detail TEXT NOT NULL DEFAULT '{}'
 );

@@ -74,10 +74,16 @@ class Store(Protocol):
     ) -> list[pb.Event]: ...
 
     def save_rollout(
-        self, rollout: pb.Rollout, detail: str, approvals: list[StoredApproval]
-    ) -> None:
+        self,
+        rollout: pb.Rollout,
+        detail: str,
+        approvals: list[StoredApproval],
+        expected: float | None = None,
+    ) -> bool:
         """One transaction: the rollout's state and the approvals of its step, so a new
-        leader never sends an approval twice nor misses one it recorded."""
+        leader never sends an approval twice nor misses one it recorded. `expected` is
+        the updated_at the caller read (None: a new rollout); False, and nothing written,
+        when the stored rollout changed since (another replica or an operator wrote it)."""
 
     def load_rollouts(self, limit: int = 20, rollout_id: str = "") -> list[StoredRollout]:
         """Newest first (or the one with rollout_id)."""

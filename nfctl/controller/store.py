@@ -19,6 +19,7 @@ from nfctl.controller.storage import (
     StoredApproval,
     StoredNode,
     StoredRollout,
+    approval_row,
     event_from_row,
     event_row,
     history_query,
@@ -57,6 +58,7 @@ ROLLOUT_TABLES = """
 CREATE TABLE IF NOT EXISTS rollouts (
     id TEXT PRIMARY KEY,
     started_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
     body BLOB NOT NULL,
     detail TEXT NOT NULL DEFAULT '{}'
 );
@@ -220,27 +222,40 @@ class ControllerStore:
         return [event_from_row(r) for r in reversed(rows)]
 
     def save_rollout(
-        self, rollout: pb.Rollout, detail: str, approvals: list[StoredApproval]
-    ) -> None:
+        self,
+        rollout: pb.Rollout,
+        detail: str,
+        approvals: list[StoredApproval],
+        expected: float | None = None,
+    ) -> bool:
+        body = rollout.SerializeToString()
         with self._lock:
             self._db.execute("BEGIN")
             try:
-                self._db.execute(
-                    "INSERT INTO rollouts (id, started_at, body, detail) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT(id) DO UPDATE SET body=excluded.body, detail=excluded.detail",
-                    (rollout.id, rollout.started_at, rollout.SerializeToString(), detail),
-                )
+                if expected is None:
+                    cur = self._db.execute(
+                        "INSERT INTO rollouts (id, started_at, updated_at, body, detail) "
+                        "VALUES (?, ?, ?, ?, ?) ON CONFLICT(id) DO NOTHING",
+                        (rollout.id, rollout.started_at, rollout.updated_at, body, detail),
+                    )
+                else:
+                    cur = self._db.execute(
+                        "UPDATE rollouts SET body = ?, detail = ?, updated_at = ? "
+                        "WHERE id = ? AND updated_at = ?",
+                        (body, detail, rollout.updated_at, rollout.id, expected),
+                    )
+                if cur.rowcount != 1:
+                    self._db.execute("ROLLBACK")
+                    return False
                 self._db.executemany(
                     f"INSERT INTO approvals ({APPROVAL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT(node) DO UPDATE SET revision=excluded.revision, "
                     "rollout_id=excluded.rollout_id, wave=excluded.wave, "
                     "reason=excluded.reason, time=excluded.time",
-                    [
-                        (a.node, a.revision, a.rollout_id, a.wave, a.reason, a.time)
-                        for a in approvals
-                    ],
+                    [approval_row(a) for a in approvals],
                 )
                 self._db.execute("COMMIT")
+                return True
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise

@@ -22,6 +22,7 @@ from nfctl.controller.storage import (
     StoredNode,
     StoredRollout,
     StoreUnavailable,
+    approval_row,
     event_from_row,
     event_row,
     history_query,
@@ -60,6 +61,10 @@ INSERT INTO events (node, epoch, sequence, time, type, reason, nf, revision, aut
 VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (node, epoch, sequence) DO NOTHING
 """
+
+
+class _Stale(Exception):
+    """The rollout changed since it was read: roll the transaction back."""
 
 
 @dataclass
@@ -296,25 +301,41 @@ class PgStore:
 
     # -- rollouts ----------------------------------------------------------------------------
     def save_rollout(
-        self, rollout: pb.Rollout, detail: str, approvals: list[StoredApproval]
-    ) -> None:
-        with self.pool.connection() as conn, conn.transaction():
-            conn.execute(
-                "INSERT INTO rollouts (id, started_at, body, detail) VALUES (%s, %s, %s, %s) "
-                "ON CONFLICT (id) DO UPDATE SET body = excluded.body, detail = excluded.detail",
-                (rollout.id, rollout.started_at, rollout.SerializeToString(), detail),
-            )
-            with conn.cursor() as cur:
-                cur.executemany(
-                    f"INSERT INTO approvals ({APPROVAL_COLUMNS}) "
-                    "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (node) DO UPDATE SET "
-                    "revision = excluded.revision, rollout_id = excluded.rollout_id, "
-                    "wave = excluded.wave, reason = excluded.reason, time = excluded.time",
-                    [
-                        (a.node, a.revision, a.rollout_id, a.wave, a.reason, a.time)
-                        for a in approvals
-                    ],
-                )
+        self,
+        rollout: pb.Rollout,
+        detail: str,
+        approvals: list[StoredApproval],
+        expected: float | None = None,
+    ) -> bool:
+        body = rollout.SerializeToString()
+        with self.pool.connection() as conn:
+            try:
+                with conn.transaction():
+                    if expected is None:
+                        cur = conn.execute(
+                            "INSERT INTO rollouts (id, started_at, updated_at, body, detail) "
+                            "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
+                            (rollout.id, rollout.started_at, rollout.updated_at, body, detail),
+                        )
+                    else:
+                        cur = conn.execute(
+                            "UPDATE rollouts SET body = %s, detail = %s, updated_at = %s "
+                            "WHERE id = %s AND updated_at = %s",
+                            (body, detail, rollout.updated_at, rollout.id, expected),
+                        )
+                    if cur.rowcount != 1:
+                        raise _Stale
+                    with conn.cursor() as many:
+                        many.executemany(
+                            f"INSERT INTO approvals ({APPROVAL_COLUMNS}) "
+                            "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (node) DO UPDATE SET "
+                            "revision = excluded.revision, rollout_id = excluded.rollout_id, "
+                            "wave = excluded.wave, reason = excluded.reason, time = excluded.time",
+                            [approval_row(a) for a in approvals],
+                        )
+            except _Stale:
+                return False
+        return True
 
     def load_rollouts(self, limit: int = 20, rollout_id: str = "") -> list[StoredRollout]:
         where, params = ("WHERE id = %s", [rollout_id]) if rollout_id else ("", [])

@@ -170,9 +170,10 @@ class RolloutEngine:
                 return
             rollout, detail = active
             if rollout.state == "Progressing":
+                expected = rollout.updated_at
                 step = Step()
                 await self._drive(rollout, detail, now, step)
-                await self._commit(rollout, detail, step)
+                await self._commit(rollout, detail, step, expected)
 
     async def _resend_unheard(self, now: float) -> None:
         """An approval a connected node does not report holding resend_after seconds after
@@ -238,12 +239,21 @@ class RolloutEngine:
         self._completed_cache = (time.monotonic(), found)
         return found
 
-    async def _commit(self, rollout: pb.Rollout, detail: Detail, step: Step) -> None:
-        """Persist the step (rollout, approvals), then send the approvals and events."""
+    async def _commit(
+        self, rollout: pb.Rollout, detail: Detail, step: Step, expected: float | None
+    ) -> bool:
+        """Persist the step (rollout, approvals), then send the approvals and events.
+        False, with nothing persisted or sent, when the stored rollout is no longer the one
+        read (`expected`: its updated_at then; None for a new rollout)."""
         if not step.changed and not step.approvals and not step.events:
-            return
-        rollout.updated_at = time.time()
-        await asyncio.to_thread(self.store.save_rollout, rollout, detail.dump(), step.approvals)
+            return True
+        rollout.updated_at = max(time.time(), (expected or 0.0) + 1e-6)
+        saved = await asyncio.to_thread(
+            self.store.save_rollout, rollout, detail.dump(), step.approvals, expected
+        )
+        if not saved:
+            log.info("rollout %s changed meanwhile; this step is dropped", rollout.id)
+            return False
         self._completed_cache = (0.0, None)
         by_command: dict[tuple[str, int, str], list[str]] = {}
         for a in step.approvals:
@@ -263,6 +273,7 @@ class RolloutEngine:
         if step.events:
             self.fleet.pending_events.extend(step.events)
             self.fleet.publish(step.events)
+        return True
 
     # -- repository -------------------------------------------------------------------------
     async def policy_at(self, revision: str) -> PolicyAt:
@@ -343,7 +354,7 @@ class RolloutEngine:
             rollout.policy = f"{at_head.file}@{head[:12]}" if at_head.present else ""
             self._approve_all(rollout, head, "no policy in force", step, now)
             self._event(rollout, detail, step, "Normal", "RolloutCompleted", rollout.message)
-            await self._commit(rollout, detail, step)
+            await self._commit(rollout, detail, step, None)
             return
         views = self._views()
         connected = [v for v in views.values() if v.connected]
@@ -361,7 +372,7 @@ class RolloutEngine:
             + ", ".join(f"{w.name} ({len(w.nodes)} nodes)" for w in rollout.waves),
         )  # fmt: skip
         await self._drive(rollout, detail, now, step)
-        await self._commit(rollout, detail, step)
+        await self._commit(rollout, detail, step, None)
 
     def _approve_all(
         self, rollout: pb.Rollout, revision: str, reason: str, step: Step, now: float
@@ -626,7 +637,7 @@ class RolloutEngine:
                     raise RolloutError("no rollout in progress")
                 rollout, detail = active
             await self._commit_info(rollout.revision)
-            now = time.time()
+            expected, now = rollout.updated_at, time.time()
             step = Step(changed=True)
             why = f" by an operator{f': {reason}' if reason else ''}"
             if rollout.state not in ACTIVE:
@@ -663,7 +674,11 @@ class RolloutEngine:
             )  # fmt: skip
             if rollout.state == "Progressing" and self.is_leader():
                 await self._drive(rollout, detail, now, step)
-            await self._commit(rollout, detail, step)
+            if not await self._commit(rollout, detail, step, expected):
+                raise RolloutError(
+                    f"rollout {rollout.id} changed while this {action} was applied "
+                    "(the leader stepped it): look at its status and try again"
+                )
             return rollout
 
     async def approval_for(self, node: str) -> pb.ApproveRevision | None:
