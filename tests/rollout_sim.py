@@ -115,6 +115,9 @@ class SimAgent:
     _call: Any = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _channel: grpc.aio.Channel | None = None
+    # grpc.aio allows one write in flight per stream: the reader (answers) and the
+    # traffic loop (status) take turns
+    _writing: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def status(self) -> pb.NodeStatus:
         ready = bool(self.applied) and self.applied not in self.refuse
@@ -196,13 +199,17 @@ class SimAgent:
                     self.lose_once.discard(message.command.approve.revision)
                     continue
                 self._apply(message.command.approve, message.command.id)
-                await self._call.write(
+                await self._write(
                     pb.AgentMessage(result=pb.CommandResult(command_id=message.command.id, ok=True))
                 )
                 await self._report()
 
+    async def _write(self, message: pb.AgentMessage) -> None:
+        async with self._writing:
+            await self._call.write(message)
+
     async def _report(self) -> None:
-        await self._call.write(pb.AgentMessage(status=pb.StatusReport(status=self.status())))
+        await self._write(pb.AgentMessage(status=pb.StatusReport(status=self.status())))
 
     async def _traffic(self, every: float = 0.1) -> None:
         while True:

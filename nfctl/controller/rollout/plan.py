@@ -3,7 +3,7 @@ a node is ready on a revision, and the verdict figures a gate compares. No I/O h
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
@@ -28,25 +28,34 @@ class NodeView:
     verdicts: Mapping[str, Figures] = field(default_factory=dict)
 
 
-def node_view(name: str, status: pb.NodeStatus, connected: bool) -> NodeView:
-    ready = any(c.type == "Ready" and c.status for c in status.conditions)
-    verdicts: dict[str, Figures] = {}
+def verdict_figures(
+    status: pb.NodeStatus, nfs: Collection[str] | None = None
+) -> dict[str, Figures]:
+    """(dropped, all packets) per NF (only those in `nfs` unless None), enforce and
+    monitor verdicts together."""
+    out: dict[str, Figures] = {}
     for fn in status.functions:
-        if not fn.HasField("verdicts"):
+        if (nfs is not None and fn.name not in nfs) or not fn.HasField("verdicts"):
             continue
-        dropped, total = verdicts.get(fn.name, (0, 0))
+        dropped, total = out.get(fn.name, (0, 0))
         for v in (fn.verdicts.enforce, fn.verdicts.monitor):
             dropped += v.dropped
             total += v.passed + v.dropped + v.redirected + v.other
-        verdicts[fn.name] = (dropped, total)
+        out[fn.name] = (dropped, total)
+    return out
+
+
+def node_view(
+    name: str, status: pb.NodeStatus, connected: bool, nfs: Collection[str] | None = None
+) -> NodeView:
     return NodeView(
         name=name,
         labels=dict(status.labels),
         connected=connected,
         applied=status.last_applied_revision,
-        ready=ready,
+        ready=any(c.type == "Ready" and c.status for c in status.conditions),
         failing=tuple(sorted({f.name for f in status.functions if f.state in FAILING_STATES})),
-        verdicts=verdicts,
+        verdicts=verdict_figures(status, nfs),
     )
 
 
