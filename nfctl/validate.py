@@ -17,6 +17,7 @@ from nfctl.compiler.build import BuildResult
 from nfctl.compiler.client import PreparedNF, build_request, prepare, run_parallel
 from nfctl.diagnostics import Diagnostic
 from nfctl.manifest.repo import scan_repo
+from nfctl.manifest.rollout import policy_problems
 from nfctl.uapi_headers import internal_header_warnings
 
 
@@ -90,6 +91,7 @@ def validate_path(path: Path, compile_programs: bool = True) -> ValidationReport
     report = ValidationReport(path=str(path))
     for diag in scan.diagnostics:
         (report.warnings if diag.severity == "warning" else report.errors).append(diag)
+    report.errors.extend(policy_problems(path, scan.root))  # rollout.yaml (issue #12)
     prepared_list = [prepare(m, scan.root) for m in scan.manifests]
     progress.note(f"found {len(prepared_list)} manifest(s) under {path}")
     to_build = [p for p in prepared_list if p.ok]

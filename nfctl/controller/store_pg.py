@@ -17,11 +17,16 @@ from psycopg_pool import ConnectionPool
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.controller.pg_schema import MIGRATION_LOCK, MIGRATIONS
 from nfctl.controller.storage import (
+    APPROVAL_COLUMNS,
+    StoredApproval,
     StoredNode,
+    StoredRollout,
     StoreUnavailable,
+    approval_row,
     event_from_row,
     event_row,
     history_query,
+    rollout_from_row,
 )
 
 log = logging.getLogger(__name__)
@@ -56,6 +61,10 @@ INSERT INTO events (node, epoch, sequence, time, type, reason, nf, revision, aut
 VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (node, epoch, sequence) DO NOTHING
 """
+
+
+class _Stale(Exception):
+    """The rollout changed since it was read: roll the transaction back."""
 
 
 @dataclass
@@ -289,6 +298,61 @@ class PgStore:
                 (row,),
             ).fetchall()
         return [StoredCommand(int(r[0]), r[1], bytes(r[2]), list(r[3])) for r in rows]
+
+    # -- rollouts ----------------------------------------------------------------------------
+    def save_rollout(
+        self,
+        rollout: pb.Rollout,
+        detail: str,
+        approvals: list[StoredApproval],
+        expected: float | None = None,
+    ) -> bool:
+        body = rollout.SerializeToString()
+        with self.pool.connection() as conn:
+            try:
+                with conn.transaction():
+                    if expected is None:
+                        cur = conn.execute(
+                            "INSERT INTO rollouts (id, started_at, updated_at, body, detail) "
+                            "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
+                            (rollout.id, rollout.started_at, rollout.updated_at, body, detail),
+                        )
+                    else:
+                        cur = conn.execute(
+                            "UPDATE rollouts SET body = %s, detail = %s, updated_at = %s "
+                            "WHERE id = %s AND updated_at = %s",
+                            (body, detail, rollout.updated_at, rollout.id, expected),
+                        )
+                    if cur.rowcount != 1:
+                        raise _Stale
+                    with conn.cursor() as many:
+                        many.executemany(
+                            f"INSERT INTO approvals ({APPROVAL_COLUMNS}) "
+                            "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (node) DO UPDATE SET "
+                            "revision = excluded.revision, rollout_id = excluded.rollout_id, "
+                            "wave = excluded.wave, reason = excluded.reason, time = excluded.time",
+                            [approval_row(a) for a in approvals],
+                        )
+            except _Stale:
+                return False
+        return True
+
+    def load_rollouts(self, limit: int = 20, rollout_id: str = "") -> list[StoredRollout]:
+        where, params = ("WHERE id = %s", [rollout_id]) if rollout_id else ("", [])
+        with self.pool.connection() as conn:
+            rows = conn.execute(
+                f"SELECT body, detail FROM rollouts {where} ORDER BY started_at DESC LIMIT %s",
+                [*params, max(1, limit)],
+            ).fetchall()
+        return [rollout_from_row(r) for r in rows]
+
+    def load_approvals(self, node: str = "") -> list[StoredApproval]:
+        where, params = ("WHERE node = %s", [node]) if node else ("", [])
+        with self.pool.connection() as conn:
+            rows = conn.execute(
+                f"SELECT {APPROVAL_COLUMNS} FROM approvals {where}", params
+            ).fetchall()
+        return [StoredApproval(*r) for r in rows]
 
 
 def _node(row: tuple[Any, ...]) -> StoredNode:

@@ -127,6 +127,14 @@ def load_manifest(path: Path, repo_root: Path) -> LoadedManifest:
     if not isinstance(data, dict):
         fail("a manifest must be a YAML mapping with apiVersion, kind, metadata and spec", line=1)
         return result
+    if data.get("kind") == "RolloutPolicy":
+        fail(
+            "a RolloutPolicy goes in rollout.yaml at the root of the folder the fleet "
+            "follows, not in an NF manifest (docs/rollouts.md)",
+            line=result.line_of("kind"),
+            field_path="kind",
+        )
+        return result
 
     try:
         nf = NetworkFunction.model_validate(data)
