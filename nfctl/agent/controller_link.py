@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from nfctl import __version__
+from nfctl.agent.approval import Approval, ApprovalGate
 from nfctl.agent.status import Event, NodeStatus
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.api.nfctl.v1 import nfctl_pb2_grpc as pbg
@@ -111,6 +112,8 @@ class ControllerLink:
         self._endpoint_index = random.randrange(len(self.endpoints))
         agent.reconciler.listeners.append(self._on_event)
         agent.reconciler.status_listeners.append(self._on_status)
+        # rollouts: with a controller, a RolloutPolicy makes the node run approved revisions
+        self.approvals = ApprovalGate.install(agent.reconciler)
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -216,6 +219,7 @@ class ControllerLink:
                 last_event_sequence=last,
                 event_epoch=store.event_epoch,
                 first_event_sequence=events[0].sequence if events else last + 1,
+                approved_revision=self.approvals.held_revision or "",
             )
         )
 
@@ -277,6 +281,9 @@ class ControllerLink:
                 message.registered.session_id,
                 self.acked_event_sequence,
             )
+            approval = message.registered.approval
+            if message.registered.HasField("approval") and approval.revision:
+                self._approve(approval)
             if apart:
                 # a push the controller could not deliver while we were apart (its
                 # webhook had nowhere to go): look at Git now instead of at the next tick
@@ -312,6 +319,23 @@ class ControllerLink:
             return pb.CommandResult(
                 command_id=command.id, ok=True, message=f"node={current.node} nfs={current.nfs}"
             )
+        if action == "approve":
+            self._approve(command.approve)
+            return pb.CommandResult(
+                command_id=command.id,
+                ok=True,
+                message=f"approval of {command.approve.revision[:12]} recorded; checked on apply",
+            )
         return pb.CommandResult(
             command_id=command.id, ok=False, message=f"unknown command {action}"
         )
+
+    def _approve(self, approval: pb.ApproveRevision) -> None:
+        offered = Approval(
+            revision=approval.revision,
+            rollout_id=approval.rollout_id,
+            wave=approval.wave,
+            reason=approval.reason,
+        )
+        if self.approvals.offer(offered):
+            self.agent.request_sync()

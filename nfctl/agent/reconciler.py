@@ -137,6 +137,10 @@ class Reconciler(StatusReporting):
         self._converged = False
         self._synced: dict[str, tuple[str, str]] = {}
         self._spec_suspended: set[str] = set()  # NFs with spec.suspend in the last revision
+        # rollouts (nfctl.agent.approval): maps the fetched head to the revision this node
+        # may run; builds kept loaded beyond the applied ones (a rollback adopts them)
+        self.revision_gate: Callable[[Revision | None], Revision | None] | None = None
+        self.kept_builds: dict[str, set[str]] = {}
         self.attachments = AttachmentTracker()
         previous = store.load_status()
         self.status = previous or NodeStatus(node=settings.node)
@@ -211,6 +215,8 @@ class Reconciler(StatusReporting):
             self.status.set_condition(ConditionType.RECONCILING, True, "Progressing", "reconciling")
             wall = time.time()
             revision = self._fetch() if fetch else self.revision
+            if self.revision_gate is not None:
+                revision = self.revision = self.revision_gate(revision)
             fetched = time.monotonic()
             if revision is not None:
                 self._apply_revision(revision, suspensions)
@@ -741,7 +747,7 @@ class Reconciler(StatusReporting):
             (e.nf, e.build_hash[:32]) for entries in self._target.values() for e in entries
         }
         for name, applied in self.applied.items():
-            keep = {applied.build_hash}
+            keep = {applied.build_hash} | self.kept_builds.get(name, set())
             keep |= {h for n, h in in_chains if n == name}
             if name in self.pending_commit:
                 continue

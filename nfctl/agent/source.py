@@ -28,6 +28,7 @@ SHA_RE = re.compile(r"^[0-9a-f]{40}\Z")
 KEEP_SNAPSHOTS = 3
 TARGET_REF = "refs/nfctl/target"
 MAINTAIN_EVERY = 50  # fetches
+MAX_TREE_ENTRIES = 100_000  # entries of one tree walked when looking for files
 # Reading objects fails with these (missing, corrupt or unparsable objects).
 OBJECT_ERRORS = (ODBError, git.GitError, ValueError, OSError)
 
@@ -38,6 +39,10 @@ class SourceError(RuntimeError):
 
 class UntrustedRevisionError(SourceError):
     """The revision is not signed by a trusted key."""
+
+
+class UnreachableRevisionError(SourceError):
+    """The revision is not the followed ref's head or one of its ancestors."""
 
 
 @dataclass(frozen=True)
@@ -292,6 +297,62 @@ class GitSource:
     def keep_snapshot(self, sha: str) -> None:
         with contextlib.suppress(OSError):
             os.utime(self.snapshots / sha)
+
+    # -- reachability ------------------------------------------------------------------------
+    def check_reachable(self, sha: str) -> None:
+        """Require sha to be the fetched head of the followed ref or one of its ancestors:
+        a controller may pick among the branch's commits, never one outside it. Objects the
+        mirror lacks (a shallow first fetch, a commit newer than our last fetch) are fetched
+        once before refusing."""
+        if not SHA_RE.match(sha):
+            raise UnreachableRevisionError(f"{sha[:64]!r} is not a full commit SHA")
+        if self._reaches(sha):
+            return
+        if (self.mirror / "shallow").exists():
+            self._git(
+                "fetch", "--quiet", "--no-tags", "--unshallow", "--force", "origin",
+                f"+{self.settings.ref}:{TARGET_REF}",
+            )  # fmt: skip
+        else:
+            self.fetch()
+        if not self._reaches(sha):
+            head = self.fetched_sha() or "nothing"
+            raise UnreachableRevisionError(
+                f"revision {sha[:12]} is not reachable from {self.settings.ref} "
+                f"(fetched {head[:12]})"
+            )
+
+    def _reaches(self, sha: str) -> bool:
+        head = self.fetched_sha()
+        if head is None:
+            return False
+        try:
+            repo = self._repo()
+            commit = repo.commit(sha)  # a missing object raises
+            return sha == head or bool(repo.is_ancestor(commit, repo.commit(head)))
+        except OBJECT_ERRORS:
+            return False
+
+    def yaml_files(self, sha: str, max_files: int, max_bytes: int) -> list[tuple[str, str]]:
+        """(path, text) of the YAML files of sha's tree (without a checkout), bounded in
+        count and size: the repository is untrusted input."""
+        found: list[tuple[str, str]] = []
+        try:
+            tree = self._repo().commit(sha).tree
+            for visited, item in enumerate(tree.traverse()):
+                if len(found) >= max_files or visited >= MAX_TREE_ENTRIES:
+                    break
+                if not isinstance(item, git.Blob):
+                    continue
+                path = str(item.path)
+                if not path.endswith((".yaml", ".yml")):
+                    continue
+                if item.size > max_bytes:
+                    continue
+                found.append((path, item.data_stream.read().decode(errors="replace")))
+        except OBJECT_ERRORS as exc:
+            raise SourceError(self.scrub(f"cannot read tree of {sha[:12]}: {exc}")) from None
+        return found
 
     # -- signatures ------------------------------------------------------------------------
     def verify(self, sha: str) -> str:

@@ -23,6 +23,7 @@ class ConditionType(StrEnum):
     STALLED = "Stalled"
     ATTACHED = "Attached"  # every attach point an NF ran on still exists
     SHADOWED = "Shadowed"  # another tool's program can end processing before our chain
+    APPROVED = "Approved"  # under a rollout policy: runs the revision the controller approved
 
 
 class Condition(_Model):
@@ -133,6 +134,8 @@ class NodeStatus(_Model):
     source: SourceStatus | None = None
     last_applied_revision: str | None = Field(default=None, alias="lastAppliedRevision")
     last_attempted_revision: str | None = Field(default=None, alias="lastAttemptedRevision")
+    # under a rollout policy: the approval the node holds (None: it follows its ref)
+    approved_revision: str | None = Field(default=None, alias="approvedRevision")
     conditions: list[Condition] = Field(default_factory=list)
     functions: list[NFStatus] = Field(default_factory=list)
     suspended: bool = False

@@ -14,6 +14,7 @@ def status_to_proto(status: NodeStatus) -> pb.NodeStatus:
         agent_version=status.agent_version,
         last_applied_revision=status.last_applied_revision or "",
         last_attempted_revision=status.last_attempted_revision or "",
+        approved_revision=status.approved_revision or "",
         suspended=status.suspended,
         drift_mode=status.drift_mode,
         observed_at=status.observed_at,

@@ -1,0 +1,320 @@
+"""Which revision this node may run under a RolloutPolicy.
+
+With a controller configured and a RolloutPolicy in the revision the node runs or in the
+fetched head, the agent applies only the revision the controller approved for it. The
+agent stays in charge of safety: an approval is taken only if its revision is reachable
+from the followed ref and (with --verify-signatures) signed by a trusted key; a refused
+approval is an event and the node stays where it is. Approvals are persisted in the state
+dir, so a restarted agent, or one whose controller is gone, holds its last approval
+(fail-static). Without a policy, or without a controller, the node follows its ref.
+
+`decide` is the pure decision; `ApprovalGate` feeds it from Git, the state dir and the
+reconciler, and is what the reconciler calls between fetch and apply."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import threading
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from nfctl.agent.source import GitSource, Revision, SourceError
+from nfctl.agent.status import ConditionType
+from nfctl.datapath.records import write_json_atomic
+
+if TYPE_CHECKING:
+    from nfctl.agent.reconciler import Reconciler
+
+log = logging.getLogger(__name__)
+
+POLICY_KIND = "RolloutPolicy"
+STATE_FILE = "approval.json"
+# bounds on reading an untrusted tree for a policy
+MAX_YAML_FILES = 4096
+MAX_YAML_BYTES = 256 * 1024
+_KIND_LINE = re.compile(r"^kind:\s*['\"]?RolloutPolicy['\"]?\s*(#.*)?$", re.MULTILINE)
+
+# Approved condition reasons
+FOLLOWING_REF = "FollowingRef"
+APPROVED = "Approved"
+AWAITING_APPROVAL = "AwaitingApproval"
+APPROVAL_REFUSED = "ApprovalRefused"
+APPROVED_UNREADABLE = "ApprovedRevisionUnreadable"
+
+
+@dataclass(frozen=True)
+class Approval:
+    """One ApproveRevision from the controller."""
+
+    revision: str
+    rollout_id: str = ""
+    wave: int = 0
+    reason: str = ""
+    received_at: float = field(default_factory=time.time, compare=False)
+
+    @property
+    def short(self) -> str:
+        return self.revision[:12]
+
+    def describe(self) -> str:
+        where = f"rollout {self.rollout_id}, wave {self.wave + 1}" if self.rollout_id else ""
+        why = ": ".join(p for p in (where, self.reason) if p)
+        return f"{self.short} ({why})" if why else self.short
+
+    @classmethod
+    def from_json(cls, data: Any) -> Approval | None:
+        if not isinstance(data, dict) or not isinstance(data.get("revision"), str):
+            return None
+        return cls(
+            revision=data["revision"],
+            rollout_id=str(data.get("rollout_id", "")),
+            wave=int(data.get("wave", 0)),
+            reason=str(data.get("reason", "")),
+            received_at=float(data.get("received_at", 0.0)),
+        )
+
+
+@dataclass
+class ApprovalState:
+    """What the state dir keeps: the approval the node holds (checked and taken), the
+    newest one offered (maybe not taken yet), and the builds of the revision the node ran
+    before its last approval (kept loaded so a rollback adopts them: no recompile)."""
+
+    held: Approval | None = None
+    offered: Approval | None = None
+    kept_builds: dict[str, list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, folder: Path) -> ApprovalState:
+        try:
+            data = json.loads((folder / STATE_FILE).read_text())
+        except (OSError, ValueError):
+            return cls()
+        if not isinstance(data, dict):
+            return cls()
+        kept = data.get("kept_builds")
+        return cls(
+            held=Approval.from_json(data.get("held")),
+            offered=Approval.from_json(data.get("offered")),
+            kept_builds={
+                str(k): [str(h) for h in v]
+                for k, v in (kept.items() if isinstance(kept, dict) else [])
+                if isinstance(v, list)
+            },
+        )
+
+    def save(self, folder: Path) -> None:
+        write_json_atomic(
+            folder / STATE_FILE,
+            {
+                "held": asdict(self.held) if self.held else None,
+                "offered": asdict(self.offered) if self.offered else None,
+                "kept_builds": self.kept_builds,
+            },
+        )
+
+
+def declares_policy(text: str) -> bool:
+    """Whether a YAML file declares `kind: RolloutPolicy` (in any of its documents). A file
+    that is not valid YAML still counts when a top-level line says so: a broken policy is
+    still a policy, and the node must not fall back to following the ref because of it."""
+    if POLICY_KIND not in text:
+        return False
+    try:
+        return any(
+            isinstance(doc, dict) and doc.get("kind") == POLICY_KIND
+            for doc in yaml.safe_load_all(text)
+        )
+    except yaml.YAMLError:
+        return bool(_KIND_LINE.search(text))
+
+
+@dataclass(frozen=True)
+class Decision:
+    revision: str | None  # what to apply; None: nothing yet (a joining node waits)
+    governed: bool  # a rollout policy is in force for this node
+    accept: bool  # the offered approval becomes the held one
+    reason: str  # the Approved condition's reason
+    message: str
+
+
+def needs_check(held: Approval | None, offered: Approval | None) -> bool:
+    """Whether the offered approval names a revision not yet checked (reachability,
+    signature). Re-approving the held revision (another rollout id or reason) needs none."""
+    return offered is not None and (held is None or offered.revision != held.revision)
+
+
+def decide(
+    governed: bool,
+    head: str | None,
+    running: str | None,
+    held: Approval | None,
+    offered: Approval | None,
+    refusal: str | None,
+) -> Decision:
+    """The revision to apply. refusal: why the offered approval failed its checks (None:
+    it passed, or needed none)."""
+    if not governed:
+        return Decision(head, False, False, FOLLOWING_REF, "no rollout policy: following the ref")
+    if offered is not None and offered != held and refusal is None:
+        return Decision(offered.revision, True, True, APPROVED, f"approved {offered.describe()}")
+    refused = offered is not None and refusal is not None and needs_check(held, offered)
+    if held is not None:
+        if refused and offered is not None:
+            message = f"approval of {offered.short} refused ({refusal}); holding {held.short}"
+            return Decision(held.revision, True, False, APPROVAL_REFUSED, message)
+        return Decision(held.revision, True, False, APPROVED, f"approved {held.describe()}")
+    staying = f"holding {running[:12]}" if running else "nothing applied"
+    if refused and offered is not None:
+        message = f"approval of {offered.short} refused ({refusal}); {staying}"
+        return Decision(running, True, False, APPROVAL_REFUSED, message)
+    message = f"rollout policy in force and no approval from the controller yet; {staying}"
+    return Decision(running, True, False, AWAITING_APPROVAL, message)
+
+
+class ApprovalGate:
+    """Between fetch and apply: maps the fetched head to the revision this node may run."""
+
+    def __init__(
+        self, source: GitSource, folder: Path, reconciler: Reconciler, verify_signatures: bool
+    ) -> None:
+        self.source = source
+        self.folder = folder
+        self.reconciler = reconciler
+        self.verify_signatures = verify_signatures
+        self._lock = threading.Lock()
+        self._state = ApprovalState.load(folder)
+        self._policy: dict[str, bool] = {}  # commit -> declares a policy (commits never change)
+        self._reported: str = ""  # the last refusal/awaiting message made an event
+        reconciler.kept_builds = {n: set(h) for n, h in self._state.kept_builds.items()}
+        reconciler.status.approved_revision = self.held_revision
+
+    @classmethod
+    def install(cls, reconciler: Reconciler) -> ApprovalGate:
+        gate = cls(
+            reconciler.source,
+            reconciler.store.dir,
+            reconciler,
+            reconciler.settings.verify_signatures,
+        )
+        reconciler.revision_gate = gate
+        return gate
+
+    # -- from the controller link --------------------------------------------------------
+    @property
+    def held_revision(self) -> str | None:
+        with self._lock:
+            return self._state.held.revision if self._state.held else None
+
+    def offer(self, approval: Approval) -> bool:
+        """Record an approval from the controller (checked at the next pass). Returns
+        whether it is new."""
+        with self._lock:
+            if approval == self._state.offered or (
+                approval == self._state.held and self._state.offered is None
+            ):
+                return False
+            self._state.offered = approval
+            self._state.save(self.folder)
+        log.info("controller approved %s", approval.describe())
+        return True
+
+    # -- from the reconciler ---------------------------------------------------------------
+    def has_policy(self, sha: str | None) -> bool:
+        if sha is None:
+            return False
+        if sha not in self._policy:
+            try:
+                files = self.source.yaml_files(sha, MAX_YAML_FILES, MAX_YAML_BYTES)
+                self._policy[sha] = any(declares_policy(text) for _, text in files)
+            except SourceError as exc:
+                log.warning("cannot look for a rollout policy in %s: %s", sha[:12], exc)
+                return True  # unknown: wait for an approval rather than follow blindly
+        return self._policy[sha]
+
+    def check(self, sha: str) -> str | None:
+        """Why this node must not run sha (None: it may)."""
+        try:
+            self.source.check_reachable(sha)
+            if self.verify_signatures:
+                self.source.verify(sha)
+        except SourceError as exc:
+            return str(exc)
+        return None
+
+    def __call__(self, fetched: Revision | None) -> Revision | None:
+        rec = self.reconciler
+        head = fetched.sha if fetched else None
+        running = rec.status.last_applied_revision
+        with self._lock:
+            state = replace(self._state)
+        governed = self.has_policy(head) or self.has_policy(running)
+        refusal = None
+        if governed and state.offered is not None and needs_check(state.held, state.offered):
+            refusal = self.check(state.offered.revision)
+        decision = decide(governed, head, running, state.held, state.offered, refusal)
+        if decision.accept and state.offered is not None:
+            self._take(state.offered, running)
+        elif (
+            decision.reason in (APPROVAL_REFUSED, AWAITING_APPROVAL)
+            and decision.message != self._reported
+        ):
+            self._reported = decision.message
+            rec.event(decision.reason, decision.message, warning=refusal is not None)
+        rec.status.approved_revision = self.held_revision
+        if not governed:
+            self._clear_condition()
+            return fetched
+        rec.status.set_condition(
+            ConditionType.APPROVED, decision.reason == APPROVED, decision.reason, decision.message
+        )
+        if rec.stalled is not None and rec.stalled[0] in (AWAITING_APPROVAL, APPROVED_UNREADABLE):
+            rec.stalled = None  # set by an earlier pass of this gate
+        if decision.revision is None:
+            rec.stalled = (AWAITING_APPROVAL, decision.message)
+            return None
+        if fetched is not None and decision.revision == fetched.sha:
+            return fetched
+        try:
+            return self.source.revision(decision.revision)
+        except SourceError as exc:
+            message = f"cannot read approved revision {decision.revision[:12]}: {exc}"
+            rec.stalled = (APPROVED_UNREADABLE, message)
+            if message != self._reported:
+                self._reported = message
+                rec.event(APPROVED_UNREADABLE, message, warning=True)
+            return None
+
+    def _take(self, approval: Approval, running: str | None) -> None:
+        rec = self.reconciler
+        with self._lock:
+            if approval.revision != running:
+                # the builds running now stay loaded: going back to them is an adoption
+                self._state.kept_builds = {
+                    name: [applied.build_hash] for name, applied in rec.applied.items()
+                }
+            self._state.held = approval
+            if self._state.offered == approval:
+                self._state.offered = None
+            self._state.save(self.folder)
+            rec.kept_builds = {n: set(h) for n, h in self._state.kept_builds.items()}
+        self._reported = ""
+        approved: Revision | None = None
+        with contextlib.suppress(SourceError):
+            approved = self.source.commit_info(approval.revision)
+        rec.event(
+            "RevisionApproved",
+            f"applying {approval.describe()} approved by the controller",
+            revision=approved,
+        )
+
+    def _clear_condition(self) -> None:
+        status = self.reconciler.status
+        status.conditions = [c for c in status.conditions if c.type is not ConditionType.APPROVED]
