@@ -59,7 +59,7 @@ def test_without_policy_the_node_follows_the_head() -> None:
 
 
 def test_new_approval_that_passed_its_checks_is_taken() -> None:
-    d = decide(True, head=C, running=A, held=Approval(A), offered=Approval(B, "r1", 0), refusal=None)
+    d = decide(True, C, A, held=Approval(A), offered=Approval(B, "r1", 0), refusal=None)
     assert (d.revision, d.accept, d.reason) == (B, True, APPROVED)
 
 
