@@ -189,7 +189,7 @@ def test_agent_runs_only_approved_revisions(
     gitdir = tmp_path / "git"
     repo = GitRepo(gitdir / "nfs-repo")
     repo.add_library_nf("blocklist")
-    repo.write("rollout.yaml", POLICY)
+    repo.write("nfs/rollout.yaml", POLICY)
     c1 = repo.commit("blocklist under a rollout policy")
     repo.git("checkout", "-q", "-b", "elsewhere")
     outside = new_version(repo, 99)

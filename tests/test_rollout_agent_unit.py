@@ -17,7 +17,12 @@ from nfctl.agent.approval import (
     declares_policy,
     needs_check,
 )
-from nfctl.agent.source import GitSource, SourceSettings, UnreachableRevisionError
+from nfctl.agent.source import (
+    GitSource,
+    SourceError,
+    SourceSettings,
+    UnreachableRevisionError,
+)
 from tests.agent_harness import GitRepo
 
 A, B, C = "a" * 40, "b" * 40, "c" * 40
@@ -165,19 +170,24 @@ def test_commit_newer_than_the_last_fetch_is_fetched_then_accepted(
         source.close()
 
 
-def test_policy_files_read_from_the_tree(repo: GitRepo, tmp_path: Path) -> None:
+def test_policy_file_read_from_the_tree(repo: GitRepo, tmp_path: Path) -> None:
     repo.write("nfs/x/nf.yaml", "kind: NetworkFunction\n")
     without = repo.commit("no policy")
-    repo.write("rollout.yaml", POLICY)
-    repo.write("big.yaml", "kind: RolloutPolicy\n" + "#" * 5000)
+    repo.write("nfs/rollout.yaml", POLICY)
+    repo.write("nfs/big.yaml", "#" * 5000)
+    (repo.path / "nfs" / "link.yaml").symlink_to("/etc/passwd")
     with_policy = repo.commit("policy")
     source = _source(repo, tmp_path)
     try:
         source.fetch()
         source.check_reachable(without)  # brings the whole history
-        assert not any(declares_policy(t) for _, t in source.yaml_files(without, 100, 4096))
-        files = dict(source.yaml_files(with_policy, 100, 4096))
-        assert "big.yaml" not in files  # over the size bound: never read
-        assert declares_policy(files["rollout.yaml"])
+        assert source.read_file(without, "nfs/rollout.yaml", 4096) is None
+        text = source.read_file(with_policy, "nfs/rollout.yaml", 4096)
+        assert text is not None and declares_policy(text)
+        with pytest.raises(SourceError, match="too big"):
+            source.read_file(with_policy, "nfs/big.yaml", 4096)
+        with pytest.raises(SourceError, match="not a regular file"):
+            source.read_file(with_policy, "nfs/link.yaml", 4096)
+        assert source.read_file(with_policy, "nfs/x", 4096) is None  # a folder
     finally:
         source.close()

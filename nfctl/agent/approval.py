@@ -35,10 +35,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 POLICY_KIND = "RolloutPolicy"
+# where the controller reads the policy too: at the root of the folder the fleet follows
+POLICY_NAMES = ("rollout.yaml", "rollout.yml")
 STATE_FILE = "approval.json"
-# bounds on reading an untrusted tree for a policy
-MAX_YAML_FILES = 4096
-MAX_YAML_BYTES = 256 * 1024
+MAX_POLICY_BYTES = 256 * 1024
 _KIND_LINE = re.compile(r"^kind:\s*['\"]?RolloutPolicy['\"]?\s*(#.*)?$", re.MULTILINE)
 
 # Approved condition reasons
@@ -231,9 +231,14 @@ class ApprovalGate:
         if sha is None:
             return False
         if sha not in self._policy:
+            folder = self.reconciler.settings.path.strip("/")
+            folder = "" if folder in ("", ".") else folder.removeprefix("./")
             try:
-                files = self.source.yaml_files(sha, MAX_YAML_FILES, MAX_YAML_BYTES)
-                self._policy[sha] = any(declares_policy(text) for _, text in files)
+                texts = [
+                    self.source.read_file(sha, f"{folder}/{name}".lstrip("/"), MAX_POLICY_BYTES)
+                    for name in POLICY_NAMES
+                ]
+                self._policy[sha] = any(t is not None and declares_policy(t) for t in texts)
             except SourceError as exc:
                 log.warning("cannot look for a rollout policy in %s: %s", sha[:12], exc)
                 return True  # unknown: wait for an approval rather than follow blindly

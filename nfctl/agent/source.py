@@ -28,7 +28,6 @@ SHA_RE = re.compile(r"^[0-9a-f]{40}\Z")
 KEEP_SNAPSHOTS = 3
 TARGET_REF = "refs/nfctl/target"
 MAINTAIN_EVERY = 50  # fetches
-MAX_TREE_ENTRIES = 100_000  # entries of one tree walked when looking for files
 # Reading objects fails with these (missing, corrupt or unparsable objects).
 OBJECT_ERRORS = (ODBError, git.GitError, ValueError, OSError)
 
@@ -333,26 +332,25 @@ class GitSource:
         except OBJECT_ERRORS:
             return False
 
-    def yaml_files(self, sha: str, max_files: int, max_bytes: int) -> list[tuple[str, str]]:
-        """(path, text) of the YAML files of sha's tree (without a checkout), bounded in
-        count and size: the repository is untrusted input."""
-        found: list[tuple[str, str]] = []
+    def read_file(self, sha: str, path: str, max_bytes: int) -> str | None:
+        """The text of a regular file in sha's tree, without a checkout (None: no such
+        file). A symlink or a file over max_bytes is an error: the tree is untrusted."""
         try:
             tree = self._repo().commit(sha).tree
-            for visited, item in enumerate(tree.traverse()):
-                if len(found) >= max_files or visited >= MAX_TREE_ENTRIES:
-                    break
-                if not isinstance(item, git.Blob):
-                    continue
-                path = str(item.path)
-                if not path.endswith((".yaml", ".yml")):
-                    continue
-                if item.size > max_bytes:
-                    continue
-                found.append((path, item.data_stream.read().decode(errors="replace")))
+            try:
+                item = tree / path if path else tree
+            except KeyError:
+                return None
+            if not isinstance(item, git.Blob):
+                return None
+            if item.mode & 0o170000 != 0o100000:
+                raise SourceError(f"{path} in {sha[:12]} is not a regular file")
+            if item.size > max_bytes:
+                raise SourceError(f"{path} in {sha[:12]} is {item.size} bytes; too big")
+            data: bytes = item.data_stream.read()
         except OBJECT_ERRORS as exc:
-            raise SourceError(self.scrub(f"cannot read tree of {sha[:12]}: {exc}")) from None
-        return found
+            raise SourceError(self.scrub(f"cannot read {path} of {sha[:12]}: {exc}")) from None
+        return data.decode(errors="replace")
 
     # -- signatures ------------------------------------------------------------------------
     def verify(self, sha: str) -> str:

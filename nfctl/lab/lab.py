@@ -22,6 +22,7 @@ import grpc
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.api.nfctl.v1 import nfctl_pb2_grpc as pbg
 from nfctl.controller.auth import channel_credentials
+from nfctl.lab import prometheus
 from nfctl.lab.gitserver import GIT_PORT
 from nfctl.lab.topology import Topology, leftover_namespaces, nsenter
 
@@ -134,6 +135,7 @@ class Lab:
         for node in self.topo.nodes:
             self._start_agent(node.name, agent_args or [])
             self.say(f"agent started on {node.name}")
+        self._start_prometheus()
         head = _git(self.paths.work, "rev-parse", "HEAD")
         self.say("waiting for every node to compile, attach and report ...")
         self._wait_revision(head, "applied", timeout, announce=True)
@@ -271,7 +273,7 @@ class Lab:
                 "--drift-interval",
                 "2",
                 "--metrics-addr",
-                "127.0.0.1:9101",
+                f"{self.topo.node(node).ip}:9101",  # scraped by the lab's Prometheus
                 "--controller",
                 f"{self.topo.hub_ip}:9443",
                 "--tls-ca",
@@ -283,6 +285,30 @@ class Lab:
                 *extra,
             ],
         )
+
+    # -- Prometheus (nfctl.lab.prometheus) ------------------------------------------------
+    @property
+    def prometheus_url(self) -> str:
+        assert self.topo is not None
+        return f"http://{self.topo.hub_ip}:{prometheus.PORT}"
+
+    def _start_prometheus(self) -> None:
+        assert self.topo is not None
+        try:
+            binary = prometheus.binary()
+        except prometheus.PrometheusError as exc:
+            self.say(f"no Prometheus in this lab: {exc}")
+            return
+        folder = self.paths.root / "prometheus"
+        prometheus.write_config(
+            folder,
+            {n.name: f"{n.ip}:9101" for n in self.topo.nodes},
+            f"{self.topo.hub_ip}:9102",
+        )
+        listen = f"{self.topo.hub_ip}:{prometheus.PORT}"
+        self._spawn("prometheus", [*nsenter(self.topo.hub), *prometheus.command(folder, listen)])
+        prometheus.PrometheusClient(self.prometheus_url).wait_ready()
+        self.say(f"prometheus ({binary}) on {listen} scrapes every agent and the controller")
 
     def _wait_port(self, host: str, port: int, timeout: float = 20) -> None:
         import socket
@@ -479,6 +505,7 @@ class Lab:
             "repo": str(self.paths.work),
             "nodes": {n.name: {"netns": n.netns, "ip": n.ip} for n in self.topo.nodes},
             "logs": str(self.paths.logs),
+            "prometheus": self.prometheus_url,
         }
 
     def save_info(self) -> None:
