@@ -99,6 +99,28 @@ def controller(
     enroll_cert_hours: float = typer.Option(
         24.0, "--enroll-cert-hours", help="lifetime of enrolled nodes' certificates"
     ),
+    source: str = typer.Option(
+        None,
+        "--source",
+        help="the NF repository the agents follow (Git URL): the controller reads its "
+        "RolloutPolicy and drives rollouts (docs/rollouts.md); unset: no rollouts",
+    ),
+    source_ref: str = typer.Option("main", "--ref", help="branch (or refs/...) of --source"),
+    source_path: str = typer.Option(
+        "", "--path", help="folder of --source the agents follow (where rollout.yaml is)"
+    ),
+    source_interval: float = typer.Option(
+        30.0, "--source-interval", help="seconds between fetches of --source (webhooks: now)"
+    ),
+    repo_dir: Path = typer.Option(
+        None, "--repo-dir", help="bare mirror of --source [default: next to the --db file]"
+    ),
+    prometheus_url: str = typer.Option(
+        None, "--prometheus-url", help="Prometheus for promql gates that name no url"
+    ),
+    rollout_tick: float = typer.Option(
+        1.0, "--rollout-tick", help="seconds between two steps of the rollout engine"
+    ),
 ) -> None:
     """Run the controller: fleet status, events and commands over gRPC; Git webhooks."""
     from nfctl.controller.server import ControllerConfig
@@ -120,6 +142,13 @@ def controller(
         health_addr=health_listen or None,
         stale_after=stale_after,
         heartbeat=heartbeat,
+        source_url=source or None,
+        source_ref=source_ref,
+        source_path=source_path,
+        source_interval=source_interval,
+        repo_dir=repo_dir,
+        prometheus_url=prometheus_url or None,
+        rollout_tick=rollout_tick,
     )
     try:
         config.validate()

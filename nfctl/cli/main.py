@@ -150,6 +150,7 @@ def _register_commands() -> None:
         fleet_cmd,
         lab_cmd,
         ops_cmd,
+        rollout_cmd,
         teardown_cmd,
         test_cmd,
     )
@@ -162,6 +163,7 @@ def _register_commands() -> None:
     app.command(name="controller")(controller_cmd.controller)
     app.add_typer(controller_cmd.certs_app, name="certs")
     app.add_typer(fleet_cmd.get_app, name="get")
+    app.add_typer(rollout_cmd.rollout_app, name="rollout")
     app.add_typer(lab_cmd.lab_app, name="lab")
     app.command(name="events", help="Events from the controller; --watch streams them.")(
         fleet_cmd.get_events

@@ -5,6 +5,8 @@ from applying the same one twice. Append new migrations; never edit one that shi
 
 from __future__ import annotations
 
+from nfctl.controller.pg_schema_rollout import ROLLOUT_MIGRATION
+
 MIGRATION_LOCK = 0x6E66_6374_6C00  # "nfctl\0": pg_advisory_xact_lock key for migrations
 
 MIGRATIONS: list[tuple[int, str]] = [
@@ -67,6 +69,7 @@ MIGRATIONS: list[tuple[int, str]] = [
         );
         """,
     ),
+    (3, ROLLOUT_MIGRATION),  # rollouts and approvals (issue #12)
 ]
 
 LATEST = MIGRATIONS[-1][0]

@@ -24,10 +24,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.controller.auth import AuthPolicy, OperatorTokenGate, server_credentials
 from nfctl.controller.commands import CommandFanout
-from nfctl.controller.fleet import Fleet
+from nfctl.controller.fleet import Fleet, NodeEntry
 from nfctl.controller.leader import LeaderElection
 from nfctl.controller.metrics import ControllerMetrics
 from nfctl.controller.reflection import enable_reflection
+from nfctl.controller.rollout.engine import RolloutEngine
+from nfctl.controller.rollout.gitrepo import RepoMirror
 from nfctl.controller.service import AgentService, FleetService, add_service
 from nfctl.controller.storage import open_store
 from nfctl.controller.store_pg import PgStore
@@ -88,8 +90,19 @@ class ControllerConfig:
     gc_freeze_interval: float = 0.1
     gc_compact_interval: float = 3600.0
     max_message_bytes: int = MAX_AGENT_MESSAGE_BYTES
+    # Rollouts (docs/rollouts.md): the NF repository the agents follow, read by the
+    # controller itself to learn revisions and their RolloutPolicy. None: no rollouts.
+    source_url: str | None = None
+    source_ref: str = "main"
+    source_path: str = ""  # the folder of the repository the agents follow
+    source_interval: float = 30.0  # seconds between fetches (a webhook fetches at once)
+    repo_dir: Path | None = None  # the bare mirror [default: next to a SQLite db]
+    prometheus_url: str | None = None  # for promql gates without their own url
+    rollout_tick: float = 1.0  # seconds between two steps of the rollout engine
 
     def validate(self) -> None:
+        if self.source_interval <= 0 or self.rollout_tick <= 0:
+            raise ValueError("--source-interval and --rollout-tick must be positive")
         if self.stale_after <= 0:
             raise ValueError("--stale-after must be positive")
         if self.heartbeat is not None and not 0 < self.heartbeat * 2 <= self.stale_after:
@@ -153,13 +166,50 @@ class Controller:
         self._leader_epoch = uuid.uuid4().hex[:12]
         self._leader_events = 0
         self.agents = AgentService(self.fleet, self.auth, self.metrics, self.fanout)
-        self.operators = FleetService(self.fleet, self.auth, self.metrics, self.fanout)  # type: ignore[abstract]  # rollout RPCs: issue #12, in progress
+        self.operators = FleetService(self.fleet, self.auth, self.metrics, self.fanout)
+        self.rollouts = self._rollout_engine()
+        self.agents.rollouts = self.operators.rollouts = self.rollouts
         self.servers: list[grpc.aio.Server] = []
         self.runners: list[web.AppRunner] = []
         self.ports: dict[str, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._health: list[tuple[health.aio.HealthServicer, bool]] = []
         self._probe_health: health.aio.HealthServicer | None = None
+
+    def _rollout_engine(self) -> RolloutEngine | None:
+        cfg = self.config
+        if not cfg.source_url:
+            return None
+        directory = cfg.repo_dir or (
+            Path(cfg.db).parent / "rollout-repo"
+            if self.pg is None
+            else Path("/var/lib/nfctl/rollout-repo")
+        )
+        mirror = RepoMirror(cfg.source_url, cfg.source_ref, directory, cfg.source_path)
+
+        async def send(
+            entries: list[NodeEntry], command: pb.Command
+        ) -> tuple[list[str], list[str]]:
+            return await self.operators._send(entries, command, "approve")
+
+        return RolloutEngine(
+            self.fleet,
+            mirror,
+            send,
+            prometheus_url=cfg.prometheus_url,
+            fetch_interval=cfg.source_interval,
+            tick=cfg.rollout_tick,
+            is_leader=lambda: self.election is None or self.election.leader,
+        )
+
+    async def _webhook_reconcile(
+        self, entries: list[NodeEntry], revision: str, reason: str
+    ) -> tuple[list[str], list[str]]:
+        """A push: the rollout engine fetches now; agents are told to reconcile (under a
+        policy they fetch, and apply only what is approved)."""
+        if self.rollouts is not None:
+            self.rollouts.poke()
+        return await self.operators.reconcile(entries, revision, reason)
 
     def _grpc_server(self, with_agents: bool) -> grpc.aio.Server:
         if with_agents:
@@ -260,7 +310,7 @@ class Controller:
             secret = (
                 cfg.webhook_secret_file.read_bytes().strip() if cfg.webhook_secret_file else None
             )
-            hook = WebhookApp(self.fleet, self.operators.reconcile, secret, self.metrics)
+            hook = WebhookApp(self.fleet, self._webhook_reconcile, secret, self.metrics)
             self.ports["webhook"] = await self._serve_http(hook.app, cfg.webhook_addr, 9080)
         if cfg.metrics_addr:
             app = web.Application()
@@ -272,6 +322,8 @@ class Controller:
             asyncio.create_task(self._gc_loop()),
             asyncio.create_task(self._health_loop()),
         ]
+        if self.rollouts is not None:
+            self._tasks.append(asyncio.create_task(self.rollouts.run()))
         if self.fanout is not None and self.election is not None:
             self._tasks += [
                 asyncio.create_task(self._sync_loop()),

@@ -16,6 +16,7 @@ from nfctl.controller.auth import AuthPolicy
 from nfctl.controller.commands import CommandFanout
 from nfctl.controller.fleet import Fleet, NodeEntry, Session, Watcher, repeated_field
 from nfctl.controller.metrics import ControllerMetrics
+from nfctl.controller.rollout.engine import RolloutEngine, RolloutError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -35,6 +36,16 @@ class AgentService:
         self.auth = auth
         self.metrics = metrics
         self.fanout = fanout
+        self.rollouts: RolloutEngine | None = None  # set when the controller has --source
+
+    async def _approval(self, node: str) -> pb.ApproveRevision | None:
+        if self.rollouts is None:
+            return None
+        try:
+            return await self.rollouts.approval_for(node)
+        except Exception as exc:  # the agent holds its last approval meanwhile
+            log.warning("node %s: cannot read its approval: %s", node, exc)
+            return None
 
     async def Connect(self, request_iterator: Any, context: Any) -> None:
         """One agent's session. A coroutine with context.read()/write() rather than an async
@@ -56,15 +67,15 @@ class AgentService:
         log.debug("agent %s connected from %s", entry.name, session.peer)
         reader: asyncio.Task[None] | None = None
         try:
-            await context.write(
-                pb.ControllerMessage(
-                    registered=pb.Registered(
-                        session_id=session.id,
-                        acked_event_sequence=entry.events.stored,
-                        heartbeat_seconds=self.fleet.heartbeat,
-                    )
-                )
+            registered = pb.Registered(
+                session_id=session.id,
+                acked_event_sequence=entry.events.stored,
+                heartbeat_seconds=self.fleet.heartbeat,
             )
+            approval = await self._approval(entry.name)
+            if approval is not None:
+                registered.approval.CopyFrom(approval)
+            await context.write(pb.ControllerMessage(registered=registered))
             # One reader task per stream; this handler only waits on the session's outbox
             # (no task or asyncio.wait per command: a fan-out is one wakeup per stream).
             reader = asyncio.create_task(self._read(context, entry, session))
@@ -162,6 +173,7 @@ class FleetService(pbg.FleetServiceServicer):
         self.auth = auth
         self.metrics = metrics
         self.fanout = fanout  # several replicas: commands go through the shared store
+        self.rollouts: RolloutEngine | None = None  # set when the controller has --source
 
     async def _call(self, method: str, context: Any, handler: Callable[[], Awaitable[T]]) -> T:
         start = time.perf_counter()
@@ -326,3 +338,69 @@ class FleetService(pbg.FleetServiceServicer):
             return pb.ResumeResponse(nodes=sent, offline=offline)
 
         return await self._call("Resume", context, handle)
+
+    # -- rollouts ------------------------------------------------------------------------
+    async def _engine(self, context: Any) -> RolloutEngine:
+        if self.rollouts is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this controller drives no rollouts (start it with --source URL)",
+            )
+        assert self.rollouts is not None
+        return self.rollouts
+
+    async def GetRollout(
+        self, request: pb.GetRolloutRequest, context: Any
+    ) -> pb.GetRolloutResponse:
+        async def handle() -> pb.GetRolloutResponse:
+            rollout = await (await self._engine(context)).get(request.id)
+            if rollout is None:
+                what = f"no rollout {request.id!r}" if request.id else "no rollout yet"
+                await context.abort(grpc.StatusCode.NOT_FOUND, what)
+            return pb.GetRolloutResponse(rollout=rollout)
+
+        return await self._call("GetRollout", context, handle)
+
+    async def ListRollouts(
+        self, request: pb.ListRolloutsRequest, context: Any
+    ) -> pb.ListRolloutsResponse:
+        async def handle() -> pb.ListRolloutsResponse:
+            limit = max(1, min(request.limit or 20, 1000))
+            rollouts = await (await self._engine(context)).list(limit)
+            return pb.ListRolloutsResponse(rollouts=rollouts)
+
+        return await self._call("ListRollouts", context, handle)
+
+    async def _act(
+        self, action: str, request: pb.RolloutActionRequest, context: Any
+    ) -> pb.RolloutActionResponse:
+        async def handle() -> pb.RolloutActionResponse:
+            engine = await self._engine(context)
+            try:
+                rollout = await engine.act(action, request.id, request.reason)
+            except RolloutError as exc:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+                raise
+            return pb.RolloutActionResponse(rollout=rollout)
+
+        return await self._call(f"{action.capitalize()}Rollout", context, handle)
+
+    async def PauseRollout(
+        self, request: pb.RolloutActionRequest, context: Any
+    ) -> pb.RolloutActionResponse:
+        return await self._act("pause", request, context)
+
+    async def ResumeRollout(
+        self, request: pb.RolloutActionRequest, context: Any
+    ) -> pb.RolloutActionResponse:
+        return await self._act("resume", request, context)
+
+    async def PromoteRollout(
+        self, request: pb.RolloutActionRequest, context: Any
+    ) -> pb.RolloutActionResponse:
+        return await self._act("promote", request, context)
+
+    async def AbortRollout(
+        self, request: pb.RolloutActionRequest, context: Any
+    ) -> pb.RolloutActionResponse:
+        return await self._act("abort", request, context)

@@ -25,6 +25,29 @@ class StoredNode:
     holder: str = ""  # the replica holding the node's stream ('' when none)
 
 
+@dataclass(frozen=True)
+class StoredApproval:
+    """The revision the rollout engine approved for a node (one row per node)."""
+
+    node: str
+    revision: str
+    rollout_id: str
+    wave: int
+    reason: str
+    time: float
+
+    def to_proto(self) -> pb.ApproveRevision:
+        return pb.ApproveRevision(
+            revision=self.revision, rollout_id=self.rollout_id, wave=self.wave, reason=self.reason
+        )
+
+
+@dataclass(frozen=True)
+class StoredRollout:
+    rollout: pb.Rollout
+    detail: str  # the engine's own bookkeeping (JSON): snapshots, approved nodes
+
+
 class Store(Protocol):
     def close(self) -> None: ...
 
@@ -49,6 +72,18 @@ class Store(Protocol):
         until: float = 0.0,
         limit: int = 500,
     ) -> list[pb.Event]: ...
+
+    def save_rollout(
+        self, rollout: pb.Rollout, detail: str, approvals: list[StoredApproval]
+    ) -> None:
+        """One transaction: the rollout's state and the approvals of its step, so a new
+        leader never sends an approval twice nor misses one it recorded."""
+
+    def load_rollouts(self, limit: int = 20, rollout_id: str = "") -> list[StoredRollout]:
+        """Newest first (or the one with rollout_id)."""
+
+    def load_approvals(self, node: str = "") -> list[StoredApproval]:
+        """Every node's approval (or one node's)."""
 
 
 HISTORY_COLUMNS = (
@@ -122,6 +157,18 @@ def event_from_row(r: Sequence[Any]) -> pb.Event:
         message=r[9],
         epoch=r[10],
     )
+
+
+APPROVAL_COLUMNS = "node, revision, rollout_id, wave, reason, time"
+
+
+def approval_row(a: StoredApproval) -> tuple[object, ...]:
+    return (a.node, a.revision, a.rollout_id, a.wave, a.reason, a.time)
+
+
+def rollout_from_row(r: Sequence[Any]) -> StoredRollout:
+    """(body, detail) of the rollouts table."""
+    return StoredRollout(pb.Rollout.FromString(bytes(r[0])), str(r[1]))
 
 
 class StoreUnavailable(RuntimeError):

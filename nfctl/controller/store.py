@@ -14,7 +14,16 @@ import threading
 from pathlib import Path
 
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
-from nfctl.controller.storage import StoredNode, event_from_row, event_row, history_query
+from nfctl.controller.storage import (
+    APPROVAL_COLUMNS,
+    StoredApproval,
+    StoredNode,
+    StoredRollout,
+    event_from_row,
+    event_row,
+    history_query,
+    rollout_from_row,
+)
 
 NODES_TABLE = """
 CREATE TABLE IF NOT EXISTS nodes (
@@ -44,9 +53,27 @@ CREATE TABLE IF NOT EXISTS events (
     UNIQUE (node, epoch, sequence)
 );
 """
+ROLLOUT_TABLES = """
+CREATE TABLE IF NOT EXISTS rollouts (
+    id TEXT PRIMARY KEY,
+    started_at REAL NOT NULL,
+    body BLOB NOT NULL,
+    detail TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS rollouts_started ON rollouts (started_at);
+CREATE TABLE IF NOT EXISTS approvals (
+    node TEXT PRIMARY KEY,
+    revision TEXT NOT NULL,
+    rollout_id TEXT NOT NULL,
+    wave INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    time REAL NOT NULL
+);
+"""
 SCHEMA = (
     NODES_TABLE
     + EVENTS_TABLE
+    + ROLLOUT_TABLES
     + """
 CREATE INDEX IF NOT EXISTS events_time ON events (time);
 CREATE INDEX IF NOT EXISTS events_nf ON events (nf, time);
@@ -191,3 +218,47 @@ class ControllerStore:
         with self._lock:
             rows = self._db.execute(sql, params).fetchall()
         return [event_from_row(r) for r in reversed(rows)]
+
+    def save_rollout(
+        self, rollout: pb.Rollout, detail: str, approvals: list[StoredApproval]
+    ) -> None:
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                self._db.execute(
+                    "INSERT INTO rollouts (id, started_at, body, detail) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(id) DO UPDATE SET body=excluded.body, detail=excluded.detail",
+                    (rollout.id, rollout.started_at, rollout.SerializeToString(), detail),
+                )
+                self._db.executemany(
+                    f"INSERT INTO approvals ({APPROVAL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT(node) DO UPDATE SET revision=excluded.revision, "
+                    "rollout_id=excluded.rollout_id, wave=excluded.wave, "
+                    "reason=excluded.reason, time=excluded.time",
+                    [
+                        (a.node, a.revision, a.rollout_id, a.wave, a.reason, a.time)
+                        for a in approvals
+                    ],
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def load_rollouts(self, limit: int = 20, rollout_id: str = "") -> list[StoredRollout]:
+        where, params = ("WHERE id = ?", [rollout_id]) if rollout_id else ("", [])
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT body, detail FROM rollouts {where} "
+                "ORDER BY started_at DESC, rowid DESC LIMIT ?",
+                [*params, max(1, limit)],
+            ).fetchall()
+        return [rollout_from_row(r) for r in rows]
+
+    def load_approvals(self, node: str = "") -> list[StoredApproval]:
+        where, params = ("WHERE node = ?", [node]) if node else ("", [])
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {APPROVAL_COLUMNS} FROM approvals {where}", params
+            ).fetchall()
+        return [StoredApproval(*r) for r in rows]

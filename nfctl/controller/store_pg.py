@@ -17,11 +17,15 @@ from psycopg_pool import ConnectionPool
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.controller.pg_schema import MIGRATION_LOCK, MIGRATIONS
 from nfctl.controller.storage import (
+    APPROVAL_COLUMNS,
+    StoredApproval,
     StoredNode,
+    StoredRollout,
     StoreUnavailable,
     event_from_row,
     event_row,
     history_query,
+    rollout_from_row,
 )
 
 log = logging.getLogger(__name__)
@@ -289,6 +293,45 @@ class PgStore:
                 (row,),
             ).fetchall()
         return [StoredCommand(int(r[0]), r[1], bytes(r[2]), list(r[3])) for r in rows]
+
+    # -- rollouts ----------------------------------------------------------------------------
+    def save_rollout(
+        self, rollout: pb.Rollout, detail: str, approvals: list[StoredApproval]
+    ) -> None:
+        with self.pool.connection() as conn, conn.transaction():
+            conn.execute(
+                "INSERT INTO rollouts (id, started_at, body, detail) VALUES (%s, %s, %s, %s) "
+                "ON CONFLICT (id) DO UPDATE SET body = excluded.body, detail = excluded.detail",
+                (rollout.id, rollout.started_at, rollout.SerializeToString(), detail),
+            )
+            with conn.cursor() as cur:
+                cur.executemany(
+                    f"INSERT INTO approvals ({APPROVAL_COLUMNS}) "
+                    "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (node) DO UPDATE SET "
+                    "revision = excluded.revision, rollout_id = excluded.rollout_id, "
+                    "wave = excluded.wave, reason = excluded.reason, time = excluded.time",
+                    [
+                        (a.node, a.revision, a.rollout_id, a.wave, a.reason, a.time)
+                        for a in approvals
+                    ],
+                )
+
+    def load_rollouts(self, limit: int = 20, rollout_id: str = "") -> list[StoredRollout]:
+        where, params = ("WHERE id = %s", [rollout_id]) if rollout_id else ("", [])
+        with self.pool.connection() as conn:
+            rows = conn.execute(
+                f"SELECT body, detail FROM rollouts {where} ORDER BY started_at DESC LIMIT %s",
+                [*params, max(1, limit)],
+            ).fetchall()
+        return [rollout_from_row(r) for r in rows]
+
+    def load_approvals(self, node: str = "") -> list[StoredApproval]:
+        where, params = ("WHERE node = %s", [node]) if node else ("", [])
+        with self.pool.connection() as conn:
+            rows = conn.execute(
+                f"SELECT {APPROVAL_COLUMNS} FROM approvals {where}", params
+            ).fetchall()
+        return [StoredApproval(*r) for r in rows]
 
 
 def _node(row: tuple[Any, ...]) -> StoredNode:

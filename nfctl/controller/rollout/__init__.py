@@ -1,0 +1,1 @@
+"""Progressive rollouts driven by the controller (see docs/rollouts.md)."""
