@@ -14,7 +14,6 @@ from nfctl.agent.approval import (
     Approval,
     ApprovalState,
     decide,
-    declares_policy,
     needs_check,
 )
 from nfctl.agent.source import (
@@ -37,24 +36,6 @@ spec:
     - name: canary
       selector: {role: canary}
 """
-
-
-# -- policy detection -----------------------------------------------------------------------
-def test_policy_detected_in_any_document() -> None:
-    assert declares_policy(POLICY)
-    assert declares_policy("kind: Other\n---\n" + POLICY)
-
-
-def test_network_function_manifest_is_not_a_policy() -> None:
-    assert not declares_policy("apiVersion: nfctl.io/v1alpha1\nkind: NetworkFunction\n")
-    # the word alone (a comment, a value elsewhere) does not make a policy
-    assert not declares_policy("kind: NetworkFunction\n# see RolloutPolicy docs\n")
-
-
-def test_broken_yaml_declaring_the_kind_still_counts() -> None:
-    # a policy with a syntax error must not make the node fall back to following the ref
-    assert declares_policy("kind: RolloutPolicy\nspec: [unclosed\n")
-    assert not declares_policy("kind: NetworkFunction\nspec: [RolloutPolicy\n")
 
 
 # -- the decision ---------------------------------------------------------------------------
@@ -182,8 +163,7 @@ def test_policy_file_read_from_the_tree(repo: GitRepo, tmp_path: Path) -> None:
         source.fetch()
         source.check_reachable(without)  # brings the whole history
         assert source.read_file(without, "nfs/rollout.yaml", 4096) is None
-        text = source.read_file(with_policy, "nfs/rollout.yaml", 4096)
-        assert text is not None and declares_policy(text)
+        assert source.read_file(with_policy, "nfs/rollout.yaml", 4096) == POLICY
         with pytest.raises(SourceError, match="too big"):
             source.read_file(with_policy, "nfs/big.yaml", 4096)
         with pytest.raises(SourceError, match="not a regular file"):

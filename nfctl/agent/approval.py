@@ -1,6 +1,7 @@
 """Which revision this node may run under a RolloutPolicy.
 
-With a controller configured and a RolloutPolicy in the revision the node runs or in the
+With a controller configured and a RolloutPolicy (rollout.yaml at the root of the followed
+folder, where the controller reads it) in the revision the node runs or in the
 fetched head, the agent applies only the revision the controller approved for it. The
 agent stays in charge of safety: an approval is taken only if its revision is reachable
 from the followed ref and (with --verify-signatures) signed by a trusted key; a refused
@@ -16,30 +17,24 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from nfctl.agent.source import GitSource, Revision, SourceError
 from nfctl.agent.status import ConditionType
 from nfctl.datapath.records import write_json_atomic
+from nfctl.manifest.loader import MAX_MANIFEST_BYTES
+from nfctl.manifest.rollout import POLICY_NAMES
 
 if TYPE_CHECKING:
     from nfctl.agent.reconciler import Reconciler
 
 log = logging.getLogger(__name__)
 
-POLICY_KIND = "RolloutPolicy"
-# where the controller reads the policy too: at the root of the folder the fleet follows
-POLICY_NAMES = ("rollout.yaml", "rollout.yml")
 STATE_FILE = "approval.json"
-MAX_POLICY_BYTES = 256 * 1024
-_KIND_LINE = re.compile(r"^kind:\s*['\"]?RolloutPolicy['\"]?\s*(#.*)?$", re.MULTILINE)
 
 # Approved condition reasons
 FOLLOWING_REF = "FollowingRef"
@@ -119,21 +114,6 @@ class ApprovalState:
                 "kept_builds": self.kept_builds,
             },
         )
-
-
-def declares_policy(text: str) -> bool:
-    """Whether a YAML file declares `kind: RolloutPolicy` (in any of its documents). A file
-    that is not valid YAML still counts when a top-level line says so: a broken policy is
-    still a policy, and the node must not fall back to following the ref because of it."""
-    if POLICY_KIND not in text:
-        return False
-    try:
-        return any(
-            isinstance(doc, dict) and doc.get("kind") == POLICY_KIND
-            for doc in yaml.safe_load_all(text)
-        )
-    except yaml.YAMLError:
-        return bool(_KIND_LINE.search(text))
 
 
 @dataclass(frozen=True)
@@ -234,11 +214,13 @@ class ApprovalGate:
             folder = self.reconciler.settings.path.strip("/")
             folder = "" if folder in ("", ".") else folder.removeprefix("./")
             try:
-                texts = [
-                    self.source.read_file(sha, f"{folder}/{name}".lstrip("/"), MAX_POLICY_BYTES)
+                # present is enough, as for the controller: a broken policy is still a
+                # policy (the controller keeps the last good one in force)
+                self._policy[sha] = any(
+                    self.source.read_file(sha, f"{folder}/{name}".lstrip("/"), MAX_MANIFEST_BYTES)
+                    is not None
                     for name in POLICY_NAMES
-                ]
-                self._policy[sha] = any(t is not None and declares_policy(t) for t in texts)
+                )
             except SourceError as exc:
                 log.warning("cannot look for a rollout policy in %s: %s", sha[:12], exc)
                 return True  # unknown: wait for an approval rather than follow blindly
