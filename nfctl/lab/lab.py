@@ -238,6 +238,17 @@ class Lab:
                 f"{self.topo.hub_ip}:9102",
                 "--stale-after",
                 "30",
+                # rollouts: the controller reads the RolloutPolicy from the same repository
+                "--source",
+                f"git://{self.topo.hub_ip}/nfs.git",
+                "--path",
+                "nfs",
+                "--source-interval",
+                "5",
+                "--rollout-tick",
+                "0.5",
+                "--prometheus-url",
+                self.prometheus_url,
             ],
         )
         self._wait_port(self.topo.hub_ip, 9443)
@@ -263,7 +274,7 @@ class Lab:
                 "--node",
                 node,
                 "--labels",
-                f"lab={self.tag},role=edge",
+                f"lab={self.tag},role={self.role(node)}",
                 "--state-dir",
                 str(self.paths.state(node)),
                 "--bpffs-dir",
@@ -309,6 +320,11 @@ class Lab:
         self._spawn("prometheus", [*nsenter(self.topo.hub), *prometheus.command(folder, listen)])
         prometheus.PrometheusClient(self.prometheus_url).wait_ready()
         self.say(f"prometheus ({binary}) on {listen} scrapes every agent and the controller")
+
+    def role(self, node: str) -> str:
+        """The first node is the canary of the lab's rollout policy."""
+        assert self.topo is not None
+        return "canary" if node == self.topo.nodes[0].name else "edge"
 
     def _wait_port(self, host: str, port: int, timeout: float = 20) -> None:
         import socket
