@@ -285,7 +285,7 @@ def run(nodes: int, tag: str, subnet: int, bake: float, rate: int) -> dict[str, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=10)
-    parser.add_argument("--tag", default="rollbench")
+    parser.add_argument("--tag", default="rollbnch")
     parser.add_argument("--subnet", type=int, default=174)
     parser.add_argument("--bake", type=float, default=3.0, help="bake time of each wave (s)")
     parser.add_argument("--rate", type=int, default=200, help="UDP packets/s into each node")
