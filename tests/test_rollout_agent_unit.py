@@ -15,6 +15,7 @@ from nfctl.agent.approval import (
     ApprovalState,
     decide,
     needs_check,
+    refusal_of,
 )
 from nfctl.agent.source import (
     GitSource,
@@ -22,7 +23,7 @@ from nfctl.agent.source import (
     SourceSettings,
     UnreachableRevisionError,
 )
-from tests.agent_harness import GitRepo
+from tests.agent_harness import GitRepo, GpgKey
 
 A, B, C = "a" * 40, "b" * 40, "c" * 40
 
@@ -169,5 +170,31 @@ def test_policy_file_read_from_the_tree(repo: GitRepo, tmp_path: Path) -> None:
         with pytest.raises(SourceError, match="not a regular file"):
             source.read_file(with_policy, "nfs/link.yaml", 4096)
         assert source.read_file(with_policy, "nfs/x", 4096) is None  # a folder
+    finally:
+        source.close()
+
+
+def test_unsigned_approval_refused_when_signatures_are_verified(
+    repo: GitRepo, tmp_path: Path
+) -> None:
+    key = GpgKey.generate(tmp_path / "gnupg", "Release Key", "release@example.org")
+    keys = tmp_path / "trusted"
+    keys.mkdir()
+    key.export(keys / "release.asc")
+    signed = repo.commit_gpg_signed("signed", key)
+    unsigned = repo.commit("unsigned, on the branch")
+    source = GitSource(
+        SourceSettings(
+            url=f"file://{repo.path}", ref="main", verify_signatures=True, trusted_keys=keys
+        ),
+        tmp_path / "state",
+    )
+    try:
+        source.fetch()
+        assert refusal_of(source, signed, verify_signatures=True) is None
+        why = refusal_of(source, unsigned, verify_signatures=True)
+        assert why is not None and "not signed" in why and unsigned[:12] in why
+        # without --verify-signatures, reachability is the only check
+        assert refusal_of(source, unsigned, verify_signatures=False) is None
     finally:
         source.close()

@@ -159,6 +159,18 @@ def decide(
     return Decision(running, True, False, AWAITING_APPROVAL, message)
 
 
+def refusal_of(source: GitSource, sha: str, verify_signatures: bool) -> str | None:
+    """Why this node must not run sha, approved or not (None: it may): not reachable from
+    the followed ref, or (with --verify-signatures) not signed by a trusted key."""
+    try:
+        source.check_reachable(sha)
+        if verify_signatures:
+            source.verify(sha)
+    except SourceError as exc:
+        return str(exc)
+    return None
+
+
 class ApprovalGate:
     """Between fetch and apply: maps the fetched head to the revision this node may run."""
 
@@ -226,16 +238,6 @@ class ApprovalGate:
                 return True  # unknown: wait for an approval rather than follow blindly
         return self._policy[sha]
 
-    def check(self, sha: str) -> str | None:
-        """Why this node must not run sha (None: it may)."""
-        try:
-            self.source.check_reachable(sha)
-            if self.verify_signatures:
-                self.source.verify(sha)
-        except SourceError as exc:
-            return str(exc)
-        return None
-
     def __call__(self, fetched: Revision | None) -> Revision | None:
         rec = self.reconciler
         head = fetched.sha if fetched else None
@@ -245,7 +247,7 @@ class ApprovalGate:
         governed = self.has_policy(head) or self.has_policy(running)
         refusal = None
         if governed and state.offered is not None and needs_check(state.held, state.offered):
-            refusal = self.check(state.offered.revision)
+            refusal = refusal_of(self.source, state.offered.revision, self.verify_signatures)
         decision = decide(governed, head, running, state.held, state.offered, refusal)
         if decision.accept and state.offered is not None:
             self._take(state.offered, running)
