@@ -79,18 +79,19 @@ class ScriptedController(pbg.AgentServiceServicer):
         if approval.exists():
             registered.approval.CopyFrom(pb.ApproveRevision(**json.loads(approval.read_text())))
         yield pb.ControllerMessage(registered=registered)
-        sent = 0
+        # each command is sent once, also across restarts of this controller (a real one
+        # resends only what an agent never answered)
+        offset = self.folder / "sent"
         while not done.is_set() and context.is_active():
             try:
                 lines = (self.folder / "commands.jsonl").read_text().splitlines()
+                sent = int(offset.read_text()) if offset.exists() else 0
             except OSError:
-                lines = []
+                lines, sent = [], 0
             for line in lines[sent:]:
-                command = pb.Command(
-                    id=uuid.uuid4().hex, approve=pb.ApproveRevision(**json.loads(line))
-                )
-                yield pb.ControllerMessage(command=command)
-            sent = len(lines)
+                approve = pb.ApproveRevision(**json.loads(line))
+                yield pb.ControllerMessage(command=pb.Command(id=uuid.uuid4().hex, approve=approve))
+            offset.write_text(str(len(lines)))
             time.sleep(0.05)
 
 
@@ -295,13 +296,19 @@ def test_agent_runs_only_approved_revisions(
         assert agent.nf("blocklist")["programId"] == p1
         stays_on(agent, c1, 2)
 
-        # 9. the controller is back: Register says which approval the node holds
+        # 9. the controller is back: Register says which approval the node holds, and
+        # Registered carries the controller's approval for it (c2 again), which is applied
+        # by adopting c2's build, kept loaded (across the restart) since the rollback
+        controller.registered_approval(c2)
         controller.start()
         wait_until(
             lambda: any(r.get("approvedRevision") == c1 for r in controller.received("register")),
             30,
             what="approved revision in Register",
         )
+        agent.wait_ready(c2, 60)
+        assert agent.status()["approvedRevision"] == c2
+        assert agent.nf("blocklist")["programId"] == p2
     finally:
         agent.stop()
         controller.stop()
