@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STATE_FILE = "approval.json"
+POLICY_CACHE = 64  # commits whose policy presence is remembered
 
 # Approved condition reasons
 FOLLOWING_REF = "FollowingRef"
@@ -183,7 +184,8 @@ class ApprovalGate:
         self.verify_signatures = verify_signatures
         self._lock = threading.Lock()
         self._state = ApprovalState.load(folder)
-        self._policy: dict[str, bool] = {}  # commit -> declares a policy (commits never change)
+        # commit -> has a policy (commits never change); the last few only
+        self._policy: dict[str, bool] = {}
         self._reported: str = ""  # the last refusal/awaiting message made an event
         reconciler.kept_builds = {n: set(h) for n, h in self._state.kept_builds.items()}
         reconciler.status.approved_revision = self.held_revision
@@ -223,6 +225,8 @@ class ApprovalGate:
         if sha is None:
             return False
         if sha not in self._policy:
+            if len(self._policy) >= POLICY_CACHE:
+                del self._policy[next(iter(self._policy))]
             folder = self.reconciler.settings.path.strip("/")
             folder = "" if folder in ("", ".") else folder.removeprefix("./")
             try:
