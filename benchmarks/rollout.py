@@ -8,9 +8,10 @@ every node (issue #12):
   kernel map holds the previous rate again. Lost: UDP sequence gaps on streams into nodes
   that never ran the bad revision (streams into the canary carry the bad NF's own drops).
   Bypassed: replies to pings from a source the blocklist drops, on every node, all along.
-- good: a good commit goes through every wave; total_s = push -> every node's kernel map
-  holds the new rate; overhead_s = total_s - the policy's bake times; lost = gaps on every
-  stream (all swaps are hitless or they are not).
+- good: a good commit goes through every wave; total_s = push -> the controller records
+  the rollout completed (the last wave's bake included); every_kernel_s = push -> every
+  node's kernel map holds the new rate; overhead_s = total_s - the policy's bake times;
+  lost = gaps on every stream (all swaps are hitless or they are not).
 
     sudo .venv/bin/python -m benchmarks.rollout --nodes 10 --json
 """
@@ -238,10 +239,14 @@ def run(nodes: int, tag: str, subnet: int, bake: float, rate: int) -> dict[str, 
             fixed = set_rate(lab, BAD_RATE, FIXED_RATE, "ratelimit: 30k per source")
             everywhere = watch.wait(names, FIXED_RATE, started, 300)
             good = wait_rollout(lab, fixed, 120)
+            completed_at = min(
+                (e.time for e in history(lab, fixed) if e.reason == "RolloutCompleted"),
+                default=good.updated_at,
+            )
             time.sleep(1)
             good_flows = {n: s.stop() for n, s in flows.items()}
         bypassed = sum(p.stop()[1] for p in probes)
-        total = everywhere - started
+        total = completed_at - started  # the last wave's bake comes after its apply
         sum_bake = bake * len(good.waves)
         return {
             "nodes": nodes,
@@ -271,6 +276,7 @@ def run(nodes: int, tag: str, subnet: int, bake: float, rate: int) -> dict[str, 
                 "completed": good.state == "Completed",
                 "waves": len(good.waves),
                 "total_s": round(total, 3),
+                "every_kernel_s": round(everywhere - started, 3),
                 "sum_bake_s": sum_bake,
                 "overhead_s": round(total - sum_bake, 3),
                 "overhead_per_wave_s": round((total - sum_bake) / max(1, len(good.waves)), 3),

@@ -282,7 +282,7 @@ class Lab:
                 "--interval",
                 "60",
                 "--drift-interval",
-                "2",
+                "1",  # also how often status (verdict counters for rollout gates) refreshes
                 "--metrics-addr",
                 f"{self.topo.node(node).ip}:9101",  # scraped by the lab's Prometheus
                 "--controller",
