@@ -76,6 +76,9 @@ class CommandCallbacks(Protocol):
 
     def set_suspended(self, nf: str | None, suspended: bool) -> str: ...
 
+    def approve(self, revision: str, rollout_id: str, wave: int, reason: str) -> str:
+        """Under a RolloutPolicy: the revision this node may run (checked when applied)."""
+
     def reconnected(self) -> None:
         """Back after a break: anything the controller could not deliver meanwhile."""
 
@@ -156,6 +159,7 @@ class ControllerLink:
         self._handlers: dict[str, Callable[[pb.Command], str]] = {
             "reconcile": self._reconcile,
             "suspend": self._suspend,
+            "approve": self._approve,
         }
         node.subscribe(self._on_status, self._on_event)
 
@@ -329,6 +333,11 @@ class ControllerLink:
                 message.registered.session_id,
                 self.acked_event_sequence,
             )
+            approval = message.registered.approval
+            if message.registered.HasField("approval") and approval.revision:
+                self.commands.approve(
+                    approval.revision, approval.rollout_id, approval.wave, approval.reason
+                )
             if apart:
                 self.commands.reconnected()
         elif kind == "events_ack":
@@ -363,3 +372,7 @@ class ControllerLink:
     def _suspend(self, command: pb.Command) -> str:
         order = command.suspend
         return self.commands.set_suspended(order.nf or None, order.suspended)
+
+    def _approve(self, command: pb.Command) -> str:
+        order = command.approve
+        return self.commands.approve(order.revision, order.rollout_id, order.wave, order.reason)

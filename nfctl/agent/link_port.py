@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from nfctl.agent.approval import Approval, ApprovalGate
 from nfctl.agent.store import StateStore
 from nfctl.wire.status import Event, NodeStatus
 
@@ -27,6 +28,8 @@ class AgentPort:
         self._on_event: list[Callable[[], None]] = []
         reconciler = agent.reconciler
         with reconciler.lock:
+            # with a controller, a RolloutPolicy makes the node run approved revisions only
+            self.approvals = ApprovalGate.install(reconciler, agent.source)
             self._snapshot = reconciler.status.model_copy(deep=True)
             reconciler.status_listeners.append(self._published)
             reconciler.listeners.append(self._appended)
@@ -67,6 +70,12 @@ class AgentPort:
         )
         self._agent.request_sync()
         return f"node={current.node} nfs={current.nfs}"
+
+    def approve(self, revision: str, rollout_id: str, wave: int, reason: str) -> str:
+        offered = Approval(revision=revision, rollout_id=rollout_id, wave=wave, reason=reason)
+        if self.approvals.offer(offered):
+            self._agent.request_sync()
+        return f"approval of {revision[:12]} recorded; checked on apply"
 
     def reconnected(self) -> None:
         # a push the controller could not deliver while we were apart (its webhook had

@@ -115,6 +115,10 @@ class Reconciler:
         self._converged = False
         self._synced: dict[str, tuple[str, str]] = {}
         self._spec_suspended: set[str] = set()  # NFs with spec.suspend in the last revision
+        # rollouts (nfctl.agent.approval): maps the fetched head to the revision this node
+        # may run; builds kept loaded beyond the applied ones (a rollback adopts them)
+        self.revision_gate: Callable[[Revision | None], Revision | None] | None = None
+        self.kept_builds: dict[str, set[str]] = {}
         previous = store.load_status()
         self.status = previous or NodeStatus(node=settings.node)
         self.status.node = settings.node
@@ -186,6 +190,8 @@ class Reconciler:
             self.status.set_condition(ConditionType.RECONCILING, True, "Progressing", "reconciling")
             wall = time.time()
             revision = self._fetch() if fetch else self.revision
+            if self.revision_gate is not None:  # a RolloutPolicy: the approved revision
+                revision = self.source_state.revision = self.revision_gate(revision)
             fetched = time.monotonic()
             if revision is not None:
                 self._build(revision, suspensions)
@@ -345,6 +351,7 @@ class Reconciler:
                 self._pruned,
                 self.applied,
                 self._target,
+                self.kept_builds,
             )
             for name, errors in result.attach_errors.items():
                 self._nf(name).attach_errors = errors

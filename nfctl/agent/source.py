@@ -40,6 +40,10 @@ class UntrustedRevisionError(SourceError):
     """The revision is not signed by a trusted key."""
 
 
+class UnreachableRevisionError(SourceError):
+    """The revision is not the followed ref's head or one of its ancestors."""
+
+
 @dataclass(frozen=True)
 class Revision:
     sha: str
@@ -296,6 +300,61 @@ class GitSource:
     def keep_snapshot(self, sha: str) -> None:
         with contextlib.suppress(OSError):
             os.utime(self.snapshots / sha)
+
+    # -- reachability ------------------------------------------------------------------------
+    def check_reachable(self, sha: str) -> None:
+        """Require sha to be the fetched head of the followed ref or one of its ancestors:
+        a controller may pick among the branch's commits, never one outside it. Objects the
+        mirror lacks (a shallow first fetch, a commit newer than our last fetch) are fetched
+        once before refusing."""
+        if not SHA_RE.match(sha):
+            raise UnreachableRevisionError(f"{sha[:64]!r} is not a full commit SHA")
+        if self._reaches(sha):
+            return
+        if (self.mirror / "shallow").exists():
+            self._git(
+                "fetch", "--quiet", "--no-tags", "--unshallow", "--force", "origin",
+                f"+{self.settings.ref}:{TARGET_REF}",
+            )  # fmt: skip
+        else:
+            self.fetch()
+        if not self._reaches(sha):
+            head = self.fetched_sha() or "nothing"
+            raise UnreachableRevisionError(
+                f"revision {sha[:12]} is not reachable from {self.settings.ref} "
+                f"(fetched {head[:12]})"
+            )
+
+    def _reaches(self, sha: str) -> bool:
+        head = self.fetched_sha()
+        if head is None:
+            return False
+        try:
+            repo = self._repo()
+            commit = repo.commit(sha)  # a missing object raises
+            return sha == head or bool(repo.is_ancestor(commit, repo.commit(head)))
+        except OBJECT_ERRORS:
+            return False
+
+    def read_file(self, sha: str, path: str, max_bytes: int) -> str | None:
+        """The text of a regular file in sha's tree, without a checkout (None: no such
+        file). A symlink or a file over max_bytes is an error: the tree is untrusted."""
+        try:
+            tree = self._repo().commit(sha).tree
+            try:
+                item = tree / path if path else tree
+            except KeyError:
+                return None
+            if not isinstance(item, git.Blob):
+                return None
+            if item.mode & 0o170000 != 0o100000:
+                raise SourceError(f"{path} in {sha[:12]} is not a regular file")
+            if item.size > max_bytes:
+                raise SourceError(f"{path} in {sha[:12]} is {item.size} bytes; too big")
+            data: bytes = item.data_stream.read()
+        except OBJECT_ERRORS as exc:
+            raise SourceError(self.scrub(f"cannot read {path} of {sha[:12]}: {exc}")) from None
+        return data.decode(errors="replace")
 
     # -- signatures ------------------------------------------------------------------------
     def verify(self, sha: str) -> str:

@@ -3,7 +3,9 @@
 1. deploy the NF library on every node      4. a broken commit is refused, last good kept
 2. block a source with a commit (live)      5. `git revert` restores
 3. new program version under traffic        6. a commit whose tests fail is refused
-                                            7. fleet status from the controller
+                                            7. a harmful commit stops at the canary and
+                                               rolls back; a good one completes all waves
+                                            8. fleet status from the controller
 Exit 0 only if every step behaved."""
 
 from __future__ import annotations
@@ -20,6 +22,41 @@ from rich.table import Table
 
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.lab.lab import Lab, LabError
+
+FINISHED = ("Completed", "RolledBack", "Halted", "Aborted")
+RATE_GOOD = "rate_pps: 20000, burst: 40000"
+RATE_HARMFUL = "rate_pps: 20, burst: 40"  # "20k" written as 20: pps, not kpps
+RATE_FIXED = "rate_pps: 30000, burst: 60000"
+
+
+def rollout_policy(nodes: int) -> str:
+    """The lab's RolloutPolicy: the canary first, judged on the ratelimit's drop ratio
+    against the nodes not yet updated, on readiness, and on a PromQL query against the
+    lab's Prometheus (every agent scraped)."""
+    return f"""apiVersion: nfctl.io/v1alpha1
+kind: RolloutPolicy
+metadata:
+  name: lab
+spec:
+  onFailure: rollback
+  progressDeadline: 60s
+  interval: 0.5s
+  waves:
+    - name: canary
+      selector: {{role: canary}}
+      bake: 4s
+    - name: rest
+      bake: 2s
+  gates:
+    - kind: ready
+    - kind: verdict
+      nf: ratelimit
+      maxIncrease: 0.05
+    - kind: promql
+      name: agents-scraped
+      query: 'count(up{{job="nfctl-agent"}} == 1)'
+      min: {nodes}
+"""
 
 
 @dataclass
@@ -239,6 +276,105 @@ class Demo:
         self.say(f"git revert -> {restored[:12]}, applied in {seconds:.2f}s")
         return f"refused by its tests at {where}; nothing swapped"
 
+    def rollout(self) -> str:
+        """A harmful-but-valid commit (verifier-clean; drops most legitimate traffic) is
+        stopped after the canary wave and rolled back by itself; the rest of the fleet
+        never runs it. Then a good commit completes every wave."""
+        lab = self.lab
+        assert lab.topo is not None
+        names = [n.name for n in lab.topo.nodes]
+        canary = [n for n in names if lab.role(n) == "canary"]
+        (lab.paths.work / "nfs" / "rollout.yaml").write_text(rollout_policy(len(names)))
+        good = lab.commit("Roll out wave by wave: the canary first, gated on the datapath")
+        first = self.wait_rollout(good, 120)
+        assert first.state == "Completed", f"first policy: {first.state} {first.message}"
+        lab.wait_applied(good)
+        self.say(f"commit {good[:12]} adds nfs/rollout.yaml: {first.message}")
+        # steady legitimate traffic through every node: node i+1 pings node i, 100/s
+        floods = [
+            lab.flood(names[(i + 1) % len(names)], names[i], count=30000, interval=0.01)
+            for i in range(len(names))
+        ]
+        try:
+            time.sleep(3)  # counters for a baseline
+            lab.edit("nfs/ratelimit/nf.yaml", lambda t: t.replace(RATE_GOOD, RATE_HARMFUL))
+            bad = lab.commit("ratelimit: 20k per source")
+            self.say(
+                f"commit {bad[:12]}: ratelimit {RATE_HARMFUL} (meant 20k): compiles, verifies, "
+                "and drops most legitimate traffic"
+            )
+            done = self.wait_rollout(bad, 120)
+            assert done.state == "RolledBack", f"{done.state}: {done.message}"
+            wave = done.waves[0]
+            assert list(wave.nodes) == canary, f"canary wave: {list(wave.nodes)}"
+            failed = [g for g in wave.gates if not g.ok]
+            assert failed, "no gate failed"
+            for gate in failed:
+                self.say(f"gate {gate.name or gate.kind} failed on {wave.name}: {gate.message}")
+            self.wait_nodes_on(good, 30)
+            ran_bad = sorted(
+                {
+                    e.node
+                    for e in self.history_of(bad)
+                    if e.reason in ("Applied", "RevisionApproved")
+                }
+            )
+            assert set(ran_bad) <= set(canary), f"nodes that ran {bad[:12]}: {ran_bad}"
+            rest = [n for n in names if n not in canary]
+            self.say(
+                f"halted after the canary wave and rolled back: {', '.join(canary)} back on "
+                f"{good[:12]}; {', '.join(rest)} never ran {bad[:12]}"
+            )
+            lab.edit("nfs/ratelimit/nf.yaml", lambda t: t.replace(RATE_HARMFUL, RATE_FIXED))
+            fixed = lab.commit("ratelimit: 30k per source")
+            done = self.wait_rollout(fixed, 180)
+            assert done.state == "Completed", f"{done.state}: {done.message}"
+            assert [w.state for w in done.waves] == ["Passed"] * len(done.waves), done.waves
+            lab.wait_applied(fixed)
+            took = done.updated_at - done.started_at
+            self.say(
+                f"commit {fixed[:12]}: {len(done.waves)} waves passed "
+                f"({', '.join(f'{w.name}: {len(w.nodes)} node(s)' for w in done.waves)}) "
+                f"in {took:.1f}s"
+            )
+        finally:
+            for flood in floods:
+                flood.terminate()
+                flood.wait(timeout=10)
+        return (
+            f"harmful commit stopped on {len(canary)}/{len(names)} node(s) and rolled back; "
+            f"good commit on every node in {len(done.waves)} waves"
+        )
+
+    def wait_rollout(self, revision: str, timeout: float) -> pb.Rollout:
+        """The rollout of revision once it has finished (completed, rolled back, ...)."""
+        deadline = time.monotonic() + timeout
+        last: pb.Rollout | None = None
+        while time.monotonic() < deadline:
+            with self.lab.fleet() as stub:
+                reply = stub.ListRollouts(pb.ListRolloutsRequest(limit=20), timeout=10)
+            last = next((r for r in reply.rollouts if r.revision == revision), last)
+            if last is not None and last.state in FINISHED:
+                return last
+            time.sleep(0.3)
+        state = f"{last.state}: {last.message}" if last else "never started"
+        raise LabError(f"rollout of {revision[:12]} not finished in {timeout:.0f}s ({state})")
+
+    def wait_nodes_on(self, revision: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            applied = {n.status.node: n.status.last_applied_revision for n in self.lab.nodes()}
+            if all(rev == revision for rev in applied.values()):
+                return
+            if time.monotonic() > deadline:
+                raise LabError(f"not every node back on {revision[:12]}: {applied}")
+            time.sleep(0.2)
+
+    def history_of(self, revision: str) -> list[pb.Event]:
+        with self.lab.fleet() as stub:
+            request = pb.GetHistoryRequest(revision=revision, limit=1000)
+            return list(stub.GetHistory(request, timeout=10).events)
+
     def fleet(self) -> str:
         lab = self.lab
         nodes = Table(title="nodes (from the controller)", header_style="bold")
@@ -313,6 +449,7 @@ class Demo:
             ("A broken commit is refused; the last good version stays", self.broken),
             ("git revert restores", self.revert),
             ("A commit whose packet tests fail is refused on every node", self.tests_gate),
+            ("A harmful commit stops at the canary and rolls back by itself", self.rollout),
             ("Fleet status from the controller", self.fleet),
         ]
         for number, (title, body) in enumerate(steps, start=1):

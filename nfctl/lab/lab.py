@@ -21,6 +21,7 @@ import grpc
 
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.api.nfctl.v1 import nfctl_pb2_grpc as pbg
+from nfctl.lab import prometheus
 from nfctl.lab.gitserver import GIT_PORT
 from nfctl.lab.process import (
     REPO_ROOT,
@@ -149,6 +150,7 @@ class Lab:
         for node in self.topo.nodes:
             self._start_agent(node.name, agent_args or [])
             self.say(f"agent started on {node.name}")
+        self._start_prometheus()
         head = _git(self.paths.work, "rev-parse", "HEAD")
         self.say("waiting for every node to compile, attach and report ...")
         self._wait_revision(head, "applied", timeout, announce=True)
@@ -232,6 +234,17 @@ class Lab:
             f"{hub}:9102",
             "--stale-after",
             "30",
+            # rollouts: the controller reads the RolloutPolicy from the same repository
+            "--source",
+            f"git://{hub}/nfs.git",
+            "--path",
+            "nfs",
+            "--source-interval",
+            "5",
+            "--rollout-tick",
+            "0.5",
+            "--prometheus-url",
+            self.prometheus_url,
         )
         self._spawn("controller", command, self.topo.hub, ready="controller listening")
 
@@ -245,19 +258,48 @@ class Lab:
             "--ref",
             "main",
             "--labels",
-            f"lab={self.tag},role=edge",
+            f"lab={self.tag},role={self.role(node)}",
             "--interval",
             "60",
             "--drift-interval",
-            "2",
+            "1",  # also how often status (verdict counters for rollout gates) refreshes
             "--metrics-addr",
-            "127.0.0.1:9101",
+            f"{self.topo.node(node).ip}:9101",  # scraped by the lab's Prometheus
             "--controller",
             f"{self.topo.hub_ip}:9443",
             *tls_flags(self.paths.pki, node),
             *extra,
         )
         self._spawn(node, command, self.topo.node(node).netns)
+
+    # -- Prometheus (nfctl.lab.prometheus) ------------------------------------------------
+    @property
+    def prometheus_url(self) -> str:
+        assert self.topo is not None
+        return f"http://{self.topo.hub_ip}:{prometheus.PORT}"
+
+    def _start_prometheus(self) -> None:
+        assert self.topo is not None
+        try:
+            binary = prometheus.binary()
+        except prometheus.PrometheusError as exc:
+            self.say(f"no Prometheus in this lab: {exc}")
+            return
+        folder = self.paths.root / "prometheus"
+        prometheus.write_config(
+            folder,
+            {n.name: f"{n.ip}:9101" for n in self.topo.nodes},
+            f"{self.topo.hub_ip}:9102",
+        )
+        listen = f"{self.topo.hub_ip}:{prometheus.PORT}"
+        self._spawn("prometheus", prometheus.command(folder, listen), self.topo.hub)
+        prometheus.PrometheusClient(self.prometheus_url).wait_ready()
+        self.say(f"prometheus ({binary}) on {listen} scrapes every agent and the controller")
+
+    def role(self, node: str) -> str:
+        """The first node is the canary of the lab's rollout policy."""
+        assert self.topo is not None
+        return "canary" if node == self.topo.nodes[0].name else "edge"
 
     def _wait_port(self, host: str, port: int, timeout: float = 20) -> None:
         import socket
@@ -454,6 +496,7 @@ class Lab:
             "repo": str(self.paths.work),
             "nodes": {n.name: {"netns": n.netns, "ip": n.ip} for n in self.topo.nodes},
             "logs": str(self.paths.logs),
+            "prometheus": self.prometheus_url,
         }
 
     def save_info(self) -> None:

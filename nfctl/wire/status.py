@@ -24,6 +24,7 @@ class ConditionType(StrEnum):
     STALLED = "Stalled"
     ATTACHED = "Attached"  # every attach point an NF ran on still exists
     SHADOWED = "Shadowed"  # another tool's program can end processing before our chain
+    APPROVED = "Approved"  # under a rollout policy: runs the revision the controller approved
 
 
 class Condition(_Model):

@@ -154,6 +154,7 @@ def apply_plan(
     gone: list[AppliedNF],
     applied: Mapping[str, Applied],
     previous: Chains,
+    kept: Mapping[str, set[str]] | None = None,
 ) -> ApplyResult:
     """Entries first: they live in pinned maps that old and new programs share, so a
     map-only change is in the kernel before any netlink work, and a new NF starts with its
@@ -165,6 +166,6 @@ def apply_plan(
     set_chains(datapath, plan, correct, result)
     commit_swaps(builder, pending, result)
     prune(datapath, gone, result)
-    for name, keep in releases(applied, previous, pending).items():
+    for name, keep in releases(applied, previous, pending, kept).items():
         datapath.release_versions(name, keep)
     return result

@@ -201,14 +201,19 @@ def swaps_ready(
 
 
 def releases(
-    applied: Mapping[str, Applied], in_kernel: Chains, pending: Iterable[str]
+    applied: Mapping[str, Applied],
+    in_kernel: Chains,
+    pending: Iterable[str],
+    kept: Mapping[str, set[str]] | None = None,
 ) -> dict[str, set[str]]:
-    """Per NF, the builds to keep pinned: the applied one and any still in a chain we
-    set; NFs with a map swap not yet committed keep everything."""
+    """Per NF, the builds to keep pinned: the applied one, any still in a chain we set,
+    and those a rollout keeps for a rollback (kept); NFs with a map swap not yet committed
+    keep everything."""
     chained = {(e.nf, e.build_hash[:32]) for entries in in_kernel.values() for e in entries}
     waiting = set(pending)
+    kept = kept or {}
     return {
-        name: {item.build_hash} | {h for n, h in chained if n == name}
+        name: {item.build_hash} | {h for n, h in chained if n == name} | kept.get(name, set())
         for name, item in applied.items()
         if name not in waiting
     }
