@@ -330,3 +330,29 @@ def test_an_approval_a_node_never_got_is_sent_once_more(tmp_path: Path) -> None:
             assert all(len(a.commands(c2)) == 1 for a in the_lab.agents.values())
 
     asyncio.run(scenario())
+
+
+def test_status_watch_follows_a_rollout_wave_by_wave_until_it_completes(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        repo = Repo(tmp_path / "repo")
+        async with lab(tmp_path, repo) as the_lab:
+            await started(the_lab, repo, bake="1s")
+            c2 = repo.commit("change", {"guard/nf.yaml": "# v2\n"})
+            await the_lab.wait_rollout(c2, ("Progressing",))
+            code, out = await asyncio.wait_for(
+                cli(the_lab, "status", "-w", "--interval", "0.2", "-o", "json", as_json=False), 90
+            )
+            assert code == 0, out
+            docs, text = [], out.strip()
+            while text:
+                doc, end = json.JSONDecoder().raw_decode(text)
+                docs.append(doc)
+                text = text[end:].lstrip()
+            assert all(d["revision"] == c2 for d in docs)
+            assert docs[-1]["state"] == "Completed"
+            waves = [d.get("currentWave", 0) for d in docs]
+            # every wave seen, in order (a completed rollout points past its last wave)
+            assert waves == sorted(waves) and {0, 1, 2} <= set(waves), waves
+            assert len(docs) >= 3  # one document per change, not one at the end
+
+    asyncio.run(scenario())

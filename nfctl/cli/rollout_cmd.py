@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import typer
 from rich.markup import escape
 from rich.table import Table
@@ -63,11 +65,38 @@ def _print_rollout(r: object) -> None:
         console.print(table)
 
 
+FAILED_STATES = ("Halted", "RolledBack", "Aborted")
+# states a rollout leaves only by an operator or a newer commit: a watch ends there
+SETTLED_STATES = ("Completed", "Superseded", "Paused", *FAILED_STATES)
+
+
+def _progress_line(r: object) -> str:
+    """One line per change while watching: state, wave, and the newest gate verdicts."""
+    from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
+
+    assert isinstance(r, pb.Rollout)
+    wave = r.waves[r.current_wave] if r.current_wave < len(r.waves) else None
+    where = f"wave {r.current_wave + 1}/{len(r.waves)} {wave.name} {wave.state}" if wave else "-"
+    gates = ", ".join(f"{g.name} {'ok' if g.ok else 'FAIL'}" for g in wave.gates) if wave else ""
+    return (
+        f"{time.strftime('%H:%M:%S')} {r.revision[:12]} {r.state}: {where}"
+        f"{'; ' + gates if gates else ''}; {r.message}"
+    )
+
+
 @rollout_app.command("status")
 @with_conn
 def status(
     rollout_id: str = typer.Argument("", help="a rollout id [default: the current one]"),
     output: OutputFormat = typer.Option(OutputFormat.TEXT, "--output", "-o"),
+    watch: bool = typer.Option(
+        False,
+        "--watch",
+        "-w",
+        help="print a line (-o json: a JSON document) at every change until the rollout "
+        "completes, halts, is paused or aborted",
+    ),
+    interval: float = typer.Option(1.0, "--interval", min=0.1, help="seconds between polls"),
     conn: Conn = CONN,
 ) -> None:
     """The current (or newest) rollout: waves, their nodes and gate results. Exit code 1
@@ -76,11 +105,30 @@ def status(
 
     with fleet_stub(conn) as (stub, md):
         rollout = stub.GetRollout(pb.GetRolloutRequest(id=rollout_id), metadata=md).rollout
-    if output is not OutputFormat.TEXT:
-        emit_data(_dict(rollout), output)
-    else:
-        _print_rollout(rollout)
-    if rollout.state in ("Halted", "RolledBack", "Aborted"):
+        if watch:
+            seen = b""
+            while True:
+                snapshot = pb.Rollout()
+                snapshot.CopyFrom(rollout)
+                snapshot.updated_at = 0
+                key = snapshot.SerializeToString(deterministic=True)
+                if key != seen:
+                    seen = key
+                    if output is OutputFormat.TEXT:
+                        console.print(escape(_progress_line(rollout)), highlight=False)
+                    else:
+                        emit_data(_dict(rollout), output)
+                if rollout.state in SETTLED_STATES:
+                    break
+                time.sleep(interval)
+                request = pb.GetRolloutRequest(id=rollout.id)
+                rollout = stub.GetRollout(request, metadata=md).rollout
+    if not watch:
+        if output is not OutputFormat.TEXT:
+            emit_data(_dict(rollout), output)
+        else:
+            _print_rollout(rollout)
+    if rollout.state in FAILED_STATES:
         raise typer.Exit(NOT_OK)
 
 
