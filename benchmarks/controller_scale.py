@@ -797,6 +797,9 @@ class Bench:
         self.sampler: Sampler | None = None
         self.postgres: Any = None  # tests.pg_harness.PgServer with --db postgresql
         self.db_url = ""
+        # agents with a probe still awaited: a second probe would overwrite the revision the
+        # first one waits for, and count as a miss of the controller's
+        self.probing: set[int] = set()
 
     # -- setup -------------------------------------------------------------------------------
     def make_pki(self) -> None:
@@ -1050,7 +1053,19 @@ class Bench:
         """Probe a few agents and poll one replica (in turn) until it shows them; samples
         get (seconds, whether the polled replica is not the one holding the agent)."""
         polled = seq % len(self.fleets)
-        chosen = rng.sample(range(self.plan.agents), min(self.plan.probe_batch, self.plan.agents))
+        idle = [i for i in range(self.plan.agents) if i not in self.probing]
+        chosen = rng.sample(idle, min(self.plan.probe_batch, len(idle)))
+        if not chosen:
+            return 0
+        self.probing.update(chosen)
+        try:
+            return await self._probe(chosen, seq, samples, polled)
+        finally:
+            self.probing.difference_update(chosen)
+
+    async def _probe(
+        self, chosen: list[int], seq: int, samples: list[tuple[float, bool]], polled: int
+    ) -> int:
         revision = f"probe-{seq:06d}-" + sha(f"probe{seq}", 24)
         by_worker: dict[int, list[list[Any]]] = {}
         for index in chosen:

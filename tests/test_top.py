@@ -121,11 +121,24 @@ def start_ping(veth: VethPair, count: int) -> subprocess.Popen[str]:
     )  # fmt: skip
 
 
-def ping_times(ping: subprocess.Popen[str], count: int) -> list[float]:
+def wait_sending(ping: subprocess.Popen[str]) -> str:
+    """Block until the first reply: on a loaded machine ping can take seconds to start.
+    Returns what ping printed so far (ping_times needs it)."""
+    assert ping.stdout is not None
+    head = ""
+    while not re.search(r"^\[\d+\.\d+\] \d+ bytes from", head, re.M):
+        line = ping.stdout.readline()
+        assert line, f"ping ended before a reply: {head[-2000:]}"
+        head += line
+    return head
+
+
+def ping_times(ping: subprocess.Popen[str], count: int, head: str = "") -> list[float]:
     """When each ping went (its reply's time, a fraction of a millisecond later): on a
     loaded machine ping keeps no steady rate, so a rate is only comparable over the same
-    window."""
-    out, _ = ping.communicate(timeout=120)
+    window. head: what wait_sending already read."""
+    rest, _ = ping.communicate(timeout=120)
+    out = head + rest
     assert ping.returncode == 0, out[-2000:]
     assert f"{count} packets transmitted, {count} received" in out, out[-2000:]
     return [float(m) for m in re.findall(r"^\[(\d+\.\d+)\] \d+ bytes from", out, re.M)]
@@ -140,6 +153,7 @@ def test_top_from_the_controller_matches_the_traffic_sent(
     veth: VethPair, fleet: AgentProcess
 ) -> None:
     ping = start_ping(veth, 500)
+    head = wait_sending(ping)
     time.sleep(2.0)  # steady state (and a status report in it) before the window
     proc = subprocess.run(
         in_ns_a(
@@ -152,7 +166,7 @@ def test_top_from_the_controller_matches_the_traffic_sent(
         cwd=REPO_ROOT,
         check=False,
     )  # fmt: skip
-    times = ping_times(ping, 500)
+    times = ping_times(ping, 500, head)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads(proc.stdout)
     assert data["errors"] == []
@@ -191,8 +205,10 @@ def drops_shown(screen: str) -> list[float]:
 
 
 def test_top_from_the_controller_live_in_a_terminal(veth: VethPair, fleet: AgentProcess) -> None:
-    ping = start_ping(veth, 600)  # 12 s of traffic, more on a loaded machine
-    time.sleep(3.5)  # every window a figure may cover starts after ping did
+    ping = start_ping(veth, 900)  # 18 s of traffic, more on a loaded machine
+    head = wait_sending(ping)
+    # every window a figure may cover (below: up to 2 s lag + 3 s span) starts after ping did
+    time.sleep(5.5)
     leader, follower = pty.openpty()
     proc = subprocess.Popen(
         in_ns_a(
@@ -228,7 +244,7 @@ def test_top_from_the_controller_live_in_a_terminal(veth: VethPair, fleet: Agent
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(timeout=15) == 0
         assert ping.poll() is None, "the figures must come from while ping was sending"
-        times = ping_times(ping, 600)
+        times = ping_times(ping, 900, head)
         for drawn, shown in rates:
             # the figure covers ~3 s of the agent's snapshots (one every 0.5 s) that ended
             # at most a poll (1 s) and a report (0.5 s) before it was drawn
