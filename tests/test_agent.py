@@ -18,6 +18,7 @@ from nfctl.datapath import links
 from nfctl.datapath.datapath import Datapath
 from nfctl.manifest.model import Hook
 from nfctl.netns import VethPair, run
+from nfctl.nftest.build import STALE_SCRATCH_SECONDS, reap_stale_scratch
 from tests.agent_harness import (
     AgentProcess,
     GitDaemon,
@@ -259,6 +260,9 @@ def test_gitops_lifecycle(
             agent.stop(signal.SIGKILL)
             agent.start()
             agent.wait_ready(c11, timeout=90)
+            # the killed agent's test-gate scratch pins: its next start reaps them only once
+            # they are 10 min old; a test leaves nothing pinned
+            reap_stale_scratch(now=time.time() + STALE_SCRATCH_SECONDS + 1)
             sent, received = allowed.stop()
             sent_blocked, received_blocked = dropped.stop()
         p3 = agent.nf("blocklist")["programId"]

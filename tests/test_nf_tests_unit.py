@@ -181,3 +181,26 @@ def test_the_private_copy_refuses_a_map_it_has_no_copy_of() -> None:
         rewrite_map_fds(code, {8: 40})
     with pytest.raises(CopyError, match="not whole instructions"):
         list(map_fd_slots(code[:-1]))
+
+
+def test_stale_test_scratch_of_a_dead_process_is_reaped(tmp_path: Path) -> None:
+    """A kill -9 during a build leaves the test gate's scratch folder (and the program pinned
+    in it, which the kernel keeps until unpinned): the next agent start removes it, but never
+    a recent folder, nor one of a process that is alive."""
+    import os
+
+    from nfctl.nftest.build import STALE_SCRATCH_SECONDS, reap_stale_scratch
+
+    gone_pid = 2**22 + 1  # above the largest pid_max Linux allows: no such process
+    old = tmp_path / f"nfctl-nftest-{gone_pid}-0123abcd"
+    recent = tmp_path / f"nfctl-nftest-{gone_pid}-89abcdef"
+    mine = tmp_path / f"nfctl-nftest-{os.getpid()}-deadbeef"
+    other = tmp_path / "nfctl-nftest-not-ours"
+    for folder in (old, recent, mine, other):
+        folder.mkdir()
+        (folder / "pin").write_text("")
+    now = old.stat().st_mtime + STALE_SCRATCH_SECONDS + 1
+    os.utime(recent, (now, now))
+    removed = reap_stale_scratch(tmp_path, now=now)
+    assert removed == [old] and not old.exists()
+    assert recent.exists() and mine.exists() and other.exists()

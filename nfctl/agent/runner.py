@@ -30,6 +30,7 @@ from nfctl.builder.dispatcher import compile_dispatcher
 from nfctl.compiler.client import standby as compile_standby
 from nfctl.datapath.datapath import Datapath
 from nfctl.datapath.dispatcher import TcSettings
+from nfctl.nftest.build import reap_stale_scratch
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +231,8 @@ class Agent:
         self.store.lock()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
+        for folder in reap_stale_scratch():
+            log.info("removed %s: test scratch pins of a process that died", folder)
         headers = kernel_headers.activate()
         if headers.fallback:
             self.reconciler.event("KernelHeadersFallback", headers.message, warning=True)

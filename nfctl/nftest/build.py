@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import time
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -118,6 +120,46 @@ def load_for_tests(prepared: list[PreparedNF]) -> TestBuilds:
     finally:
         remove_scratch(scratch)
     return builds
+
+
+SCRATCH_NAME = re.compile(r"^nfctl-nftest-(\d+)-[0-9a-f]{8}$")
+# a scratch folder lives for one test run (seconds); older ones whose process is gone were
+# left by a crash or a kill, and hold pinned programs the kernel keeps until unpinned
+STALE_SCRATCH_SECONDS = 600.0
+
+
+def reap_stale_scratch(root: Path = BPFFS, now: float | None = None) -> list[Path]:
+    """Remove test scratch folders left by processes that died (kill -9 during a build).
+    Only folders older than STALE_SCRATCH_SECONDS: a process in another PID namespace (a
+    `nfctl test` on the host, seen from a containerised agent) looks dead from here."""
+    now = time.time() if now is None else now
+    removed = []
+    with contextlib.suppress(OSError):
+        for folder in root.iterdir():
+            match = SCRATCH_NAME.match(folder.name)
+            if match is None or not folder.is_dir():
+                continue
+            try:
+                if now - folder.stat().st_mtime < STALE_SCRATCH_SECONDS:
+                    continue
+            except OSError:
+                continue
+            if _alive(int(match.group(1))):
+                continue
+            remove_scratch(folder)
+            if not folder.exists():
+                removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def scratch_pin(name: str) -> Path:
