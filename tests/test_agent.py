@@ -225,9 +225,11 @@ def test_gitops_lifecycle(
         assert veth.ping(veth.ns_b, veth.a_ip, 2, source=blocked, timeout_s=0.3) == 0
         assert tc_filter_present(veth) and xdp_prog_id(veth) != 0
         restart = time.monotonic()
+        started_at = time.time()
         agent.start()
+        # a status the new process wrote (the stopped one's can be less than a second old)
         wait_until(
-            lambda: agent.status().get("observedAt", 0) > time.time() - 1 and agent.ready_at(c8),
+            lambda: agent.status().get("observedAt", 0) > started_at and agent.ready_at(c8),
             30,
             what="ready after restart",
         )
