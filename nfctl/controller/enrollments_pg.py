@@ -13,14 +13,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import psycopg
-from psycopg_pool import ConnectionPool
 
 from nfctl.controller.enrollments import Enrollment
 from nfctl.controller.storage import StoreUnavailable
-from nfctl.controller.store_pg import TCP_OPTIONS, migrate
+from nfctl.controller.store_pg import migrate, open_pool
 
 COLUMNS = "node, key_sha256, serial, not_after, enrolled_at, renewed_at, approved_at, approved_by"
 
@@ -38,21 +36,8 @@ def unavailable_on_error() -> Iterator[None]:
 class PgEnrollmentStore:
     def __init__(self, url: str, replica: str = "", timeout: float = 10.0) -> None:
         self.replica = replica
-        try:
-            psycopg.connect(url, connect_timeout=max(1, int(timeout))).close()
-        except psycopg.Error as exc:
-            raise StoreUnavailable(f"cannot open the PostgreSQL store: {exc}".strip()) from exc
         # enrolment is a few calls per node per day: two connections are plenty
-        self.pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
-            url,
-            min_size=1,
-            max_size=2,
-            kwargs={"autocommit": True, "connect_timeout": max(1, int(timeout)), **TCP_OPTIONS},
-            timeout=timeout,
-            check=ConnectionPool.check_connection,
-            open=False,
-        )
-        self.pool.open(wait=True, timeout=timeout)
+        self.pool = open_pool(url, timeout, max_size=2)
         with self.pool.connection() as conn:
             migrate(conn)
 

@@ -98,22 +98,7 @@ class PgStore:
     def __init__(self, url: str, replica: str = "", timeout: float = 10.0) -> None:
         self.url = url
         self.replica = replica
-        try:  # one plain connection first: its error says what is wrong, the pool's does not
-            psycopg.connect(url, connect_timeout=max(1, int(timeout))).close()
-        except psycopg.Error as exc:
-            raise StoreUnavailable(f"cannot open the PostgreSQL store: {exc}".strip()) from exc
-        self.pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
-            url,
-            min_size=1,
-            max_size=4,
-            kwargs={"autocommit": True, "connect_timeout": max(1, int(timeout)), **TCP_OPTIONS},
-            timeout=timeout,
-            # a connection that died with the server (restart, failover) is replaced
-            # before use instead of failing the next write
-            check=ConnectionPool.check_connection,
-            open=False,
-        )
-        self.pool.open(wait=True, timeout=timeout)
+        self.pool = open_pool(url, timeout, max_size=4)
         with self.pool.connection() as conn:
             self.version = migrate(conn)
 
@@ -369,3 +354,24 @@ def _node(row: tuple[Any, ...]) -> StoredNode:
         acked=int(acked),
         holder=holder,
     )
+
+
+def open_pool(url: str, timeout: float, max_size: int) -> ConnectionPool[psycopg.Connection[Any]]:
+    """A pool of autocommit connections to the store, opened and checked."""
+    try:  # one plain connection first: its error says what is wrong, the pool's does not
+        psycopg.connect(url, connect_timeout=max(1, int(timeout))).close()
+    except psycopg.Error as exc:
+        raise StoreUnavailable(f"cannot open the PostgreSQL store: {exc}".strip()) from exc
+    pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+        url,
+        min_size=1,
+        max_size=max_size,
+        kwargs={"autocommit": True, "connect_timeout": max(1, int(timeout)), **TCP_OPTIONS},
+        timeout=timeout,
+        # a connection that died with the server (restart, failover) is replaced
+        # before use instead of failing the next write
+        check=ConnectionPool.check_connection,
+        open=False,
+    )
+    pool.open(wait=True, timeout=timeout)
+    return pool
