@@ -11,17 +11,17 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from nfctl.lab.topology import Topology, nsenter
-from tests.agent_harness import GitDaemon, GitRepo, wait_until
+from tests.agent_harness import REPO_ROOT, GitDaemon, GitRepo, wait_until
 from tests.conftest import require_kernel
 from tests.controller_harness import (
     PY,
-    REPO_ROOT,
     ControllerProcess,
     NodeAgent,
     Pki,
@@ -234,8 +234,9 @@ def test_interface_flap_shows_in_status_and_events(topo: Topology, tmp_path: Pat
             30,
             what="counter applied again on the restored interface",
         )
-        points = {p["interface"]: p for p in counter_on(status)["attachPoints"]}
-        assert set(points) == {"eth0", "vethflap"} and not points["vethflap"].get("error")
+        by_interface = {p["interface"]: p for p in counter_on(status)["attachPoints"]}
+        assert set(by_interface) == {"eth0", "vethflap"}
+        assert not by_interface["vethflap"].get("error")
         assert condition(status, "Attached")["status"] is True
         assert condition(status, "Ready")["status"] is True
         restored = [e for e in agent_events(agent) if e["reason"] == "InterfaceRestored"]
@@ -322,64 +323,14 @@ except OSError as exc:
 """
 
 
-def test_liveness_health_reflection_watch_push_and_agent_kill(
-    topo: Topology, tmp_path: Path
-) -> None:
+def test_health_without_client_certificate_and_reflection(topo: Topology, tmp_path: Path) -> None:
+    """The health port answers health checks without a client certificate and nothing else;
+    the API port lists its services through reflection v1 and v1alpha."""
     pki = Pki(tmp_path / "pki", topo, list(NODES))
-    repo = GitRepo(tmp_path / "git" / "nfs-repo")
-    repo.add_library_nf("counter")
-    c1 = repo.commit("counter 1.0.0")
-    git = GitDaemon(tmp_path / "git", topo.hub, topo.hub_ip)
-    git.start()
-    db = tmp_path / "ctl" / "controller.db"
-    # heartbeat 1.3 s (stale-after / 3); the agents fetch Git only every 60 s
-    controller = ControllerProcess(topo, pki, db, "--stale-after", "4").start()
-    agents = [
-        NodeAgent(topo, n, pki, git.url("nfs-repo"), tmp_path, "--interval", "60").start()
-        for n in NODES
-    ]
-    watcher: subprocess.Popen[str] | None = None
+    controller = ControllerProcess(topo, pki, tmp_path / "ctl" / "controller.db").start()
     try:
-        wait_until(
-            lambda: all(a.status().get("lastAppliedRevision") == c1 for a in agents),
-            90,
-            what="agents at c1",
-        )
-        wait_until(lambda: connected(topo, pki), 30, what="agents connected")
-        watcher = subprocess.Popen(
-            [
-                *nsenter(topo.hub),
-                PY,
-                "-m",
-                "nfctl",
-                "events",
-                "--watch",
-                "-o",
-                "json",
-                "--controller",
-                controller.address,
-                *pki.tls("operator"),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=REPO_ROOT,
-        )
-
-        # quiet nodes (no commits, status unchanged) are never stale: 12 s is 3 stale periods
-        deadline = time.monotonic() + 12
-        samples = 0
-        while time.monotonic() < deadline:
-            nodes = operator(topo, pki, "get", "nodes", "-o", "json")
-            assert all(n["connected"] and not n["stale"] for n in nodes), nodes
-            assert operator(topo, pki, "get", "nodes", "--stale", "-o", "json") == []
-            samples += 1
-        assert samples >= 3
-
-        # health without a client certificate; nothing else on that port
         probe = hub_python(topo, HEALTH_PROBE.format(address=f"{topo.hub_ip}:9444"))
         assert probe.split() == ["SERVING"] + ["UNIMPLEMENTED"] * 4, probe
-        # reflection v1 and v1alpha on the API port
         ca, cert, key = (pki.dir / f for f in ("ca.crt", "operator.crt", "operator.key"))
         listing = hub_python(
             topo,
@@ -389,56 +340,161 @@ def test_liveness_health_reflection_watch_push_and_agent_kill(
             version, names = line.split()
             assert {"nfctl.v1.FleetService", "grpc.health.v1.Health"} <= set(names.split(","))
             assert f"grpc.reflection.{version}.ServerReflection" in names
-
-        # a push while the controller is down: the webhook cannot be delivered, and the
-        # agents fetch when they reconnect instead of at their next 60 s tick
-        kill(controller, signal.SIGKILL)
-        c2 = bump(repo, "1.0.1")
-        assert hub_python(topo, WEBHOOK_DOWN.format(hub=topo.hub_ip)).startswith("FAILED")
-        time.sleep(3)
-        assert all(a.status().get("lastAppliedRevision") == c1 for a in agents)
-        controller = ControllerProcess(topo, pki, db, "--stale-after", "4").start()
-        back = time.monotonic()
-        wait_until(
-            lambda: all(a.status().get("lastAppliedRevision") == c2 for a in agents),
-            30,
-            every=0.05,
-            what="the push made during the outage applied",
-        )
-        applied_after = time.monotonic() - back
-        print(f"push during outage applied {applied_after:.2f} s after the controller returned")
-        assert applied_after < 10, applied_after
-
-        # agent kill -9, a commit while it is dead, restart: nothing lost, nothing twice
-        assert agents[0].proc is not None
-        agents[0].proc.kill()
-        agents[0].proc.wait(timeout=15)
-        agents[0].proc = None
-        c3 = bump(repo, "1.0.2")
-        reconcile_locally(agents[1])
-        agents[0].start()
-        wait_until(
-            lambda: all(a.status().get("lastAppliedRevision") == c3 for a in agents),
-            60,
-            what="both at c3 after the agent restart",
-        )
-        wait_until(lambda: all_stored(topo, pki, agents), 30, what="every event stored once")
-
-        # the watch reconnected across the restart and printed every event exactly once
-        time.sleep(2)
-        watcher.terminate()
-        out, err = watcher.communicate(timeout=15)
-        printed = [json.loads(line) for line in out.splitlines() if line.strip()]
-        keys = [(e["node"], int(e["sequence"])) for e in printed]
-        assert len(keys) == len(set(keys)), "the watch printed an event twice"
-        stored = {(a.node, seq) for a in agents for seq, _, _ in stored_events(topo, pki, a.node)}
-        assert set(keys) == stored, f"missing {stored - set(keys)}; stderr: {err}"
-        assert "reconnecting" in err
     finally:
-        if watcher is not None and watcher.poll() is None:
-            watcher.kill()
-            watcher.wait()
-        for agent in agents:
-            agent.teardown()
         controller.stop()
+
+
+@dataclass
+class Channel:
+    """A controller, its agents and their Git server, an operator's `nfctl events --watch`,
+    and the revisions the phases commit."""
+
+    topo: Topology
+    pki: Pki
+    repo: GitRepo
+    git: GitDaemon
+    db: Path
+    c1: str
+    controller: ControllerProcess | None = None
+    agents: list[NodeAgent] = field(default_factory=list)
+    watcher: subprocess.Popen[str] | None = None
+
+    def start_controller(self) -> ControllerProcess:
+        # heartbeat 1.3 s (stale-after / 3)
+        self.controller = ControllerProcess(self.topo, self.pki, self.db, "--stale-after", "4")
+        return self.controller.start()
+
+    def all_at(self, revision: str) -> bool:
+        return all(a.status().get("lastAppliedRevision") == revision for a in self.agents)
+
+
+def test_liveness_watch_push_and_agent_kill(topo: Topology, tmp_path: Path) -> None:
+    """A fleet through its phases: each is a function below, run in this order because
+    each starts from the state the one before left (the watch spans them all)."""
+    pki = Pki(tmp_path / "pki", topo, list(NODES))
+    repo = GitRepo(tmp_path / "git" / "nfs-repo")
+    repo.add_library_nf("counter")
+    c1 = repo.commit("counter 1.0.0")
+    git = GitDaemon(tmp_path / "git", topo.hub, topo.hub_ip)
+    git.start()
+    channel = Channel(topo, pki, repo, git, tmp_path / "ctl" / "controller.db", c1)
+    try:
+        channel.start_controller()
+        # the agents fetch Git only every 60 s
+        channel.agents = [
+            NodeAgent(topo, n, pki, git.url("nfs-repo"), tmp_path, "--interval", "60").start()
+            for n in NODES
+        ]
+        agents_connect_and_watch_starts(channel)
+        quiet_nodes_are_never_stale(channel)
+        push_during_outage_is_fetched_on_reconnect(channel)
+        agent_kill_loses_nothing(channel)
+        watch_printed_every_event_once(channel)
+    finally:
+        if channel.watcher is not None and channel.watcher.poll() is None:
+            channel.watcher.kill()
+            channel.watcher.wait()
+        for agent in channel.agents:
+            agent.teardown()
+        if channel.controller is not None:
+            channel.controller.stop()
         git.stop()
+
+
+def agents_connect_and_watch_starts(channel: Channel) -> None:
+    topo, pki = channel.topo, channel.pki
+    wait_until(lambda: channel.all_at(channel.c1), 90, what="agents at c1")
+    wait_until(lambda: connected(topo, pki), 30, what="agents connected")
+    assert channel.controller is not None
+    channel.watcher = subprocess.Popen(
+        [
+            *nsenter(topo.hub),
+            PY,
+            "-m",
+            "nfctl",
+            "events",
+            "--watch",
+            "-o",
+            "json",
+            "--controller",
+            channel.controller.address,
+            *pki.tls("operator"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO_ROOT,
+    )
+
+
+def quiet_nodes_are_never_stale(channel: Channel) -> None:
+    """No commits, status unchanged: heartbeats keep them fresh. 12 s is 3 stale periods."""
+    topo, pki = channel.topo, channel.pki
+    deadline = time.monotonic() + 12
+    samples = 0
+    while time.monotonic() < deadline:
+        nodes = operator(topo, pki, "get", "nodes", "-o", "json")
+        assert all(n["connected"] and not n["stale"] for n in nodes), nodes
+        assert operator(topo, pki, "get", "nodes", "--stale", "-o", "json") == []
+        samples += 1
+    assert samples >= 3
+
+
+def push_during_outage_is_fetched_on_reconnect(channel: Channel) -> None:
+    """A push while the controller is down: the webhook cannot be delivered, and the agents
+    fetch when they reconnect instead of at their next 60 s tick."""
+    assert channel.controller is not None
+    kill(channel.controller, signal.SIGKILL)
+    c2 = bump(channel.repo, "1.0.1")
+    assert hub_python(channel.topo, WEBHOOK_DOWN.format(hub=channel.topo.hub_ip)).startswith(
+        "FAILED"
+    )
+    time.sleep(3)
+    assert channel.all_at(channel.c1)
+    channel.start_controller()
+    back = time.monotonic()
+    wait_until(
+        lambda: channel.all_at(c2),
+        30,
+        every=0.05,
+        what="the push made during the outage applied",
+    )
+    applied_after = time.monotonic() - back
+    print(f"push during outage applied {applied_after:.2f} s after the controller returned")
+    assert applied_after < 10, applied_after
+
+
+def agent_kill_loses_nothing(channel: Channel) -> None:
+    """Agent kill -9, a commit while it is dead, restart: nothing lost, nothing twice."""
+    agents = channel.agents
+    assert agents[0].proc is not None
+    agents[0].proc.kill()
+    agents[0].proc.wait(timeout=15)
+    agents[0].proc = None
+    c3 = bump(channel.repo, "1.0.2")
+    reconcile_locally(agents[1])
+    agents[0].start()
+    wait_until(lambda: channel.all_at(c3), 60, what="both at c3 after the agent restart")
+    wait_until(
+        lambda: all_stored(channel.topo, channel.pki, agents), 30, what="every event stored once"
+    )
+
+
+def watch_printed_every_event_once(channel: Channel) -> None:
+    """The watch reconnected across the controller's restart and printed every event
+    exactly once."""
+    watcher = channel.watcher
+    assert watcher is not None
+    time.sleep(2)
+    watcher.terminate()
+    out, err = watcher.communicate(timeout=15)
+    printed = [json.loads(line) for line in out.splitlines() if line.strip()]
+    keys = [(e["node"], int(e["sequence"])) for e in printed]
+    assert len(keys) == len(set(keys)), "the watch printed an event twice"
+    stored = {
+        (a.node, seq)
+        for a in channel.agents
+        for seq, _, _ in stored_events(channel.topo, channel.pki, a.node)
+    }
+    assert set(keys) == stored, f"missing {stored - set(keys)}; stderr: {err}"
+    assert "reconnecting" in err
