@@ -141,107 +141,181 @@ def wait_refused(agent: AgentProcess, sha: str) -> dict[str, Any]:
 # -- 1. commit signatures -----------------------------------------------------------------------
 
 
-def test_signed_commits_only(lab: Lab) -> None:
-    """--verify-signatures: commits signed by a trusted OpenPGP or SSH key are applied;
-    unsigned commits, commits signed by another key, and commits signed by a key the
-    operator removed from the trusted folder are refused while the last good revision
-    keeps running, even across a restart with Git unreachable."""
-    veth, repo = lab.veth, lab.repo
+@dataclass
+class Signing:
+    """The keys of the signature test: alice's OpenPGP and SSH keys are trusted (in the
+    folder given to --trusted-keys); mallory's, with alice's name and email, are not. And
+    what the phases record for the ones after them."""
+
+    lab: Lab
+    alice: GpgKey
+    mallory: GpgKey
+    alice_ssh: Path
+    mallory_ssh: Path
+    trusted: Path
+    blocked: str
+    agent: AgentProcess | None = None
+    program_id: int = 0
+    applied: list[str] = field(default_factory=list)  # in order; the last is running
+    refused: list[str] = field(default_factory=list)
+
+    def running(self) -> AgentProcess:
+        assert self.agent is not None, "no agent started"
+        return self.agent
+
+    def start_agent(self) -> AgentProcess:
+        self.agent = self.lab.agent("--verify-signatures", "--trusted-keys", str(self.trusted))
+        return self.agent
+
+    def refuse(self, revision: str) -> dict[str, Any]:
+        """The RevisionRefused event for revision, once the agent has tried it."""
+        self.refused.append(revision)
+        return wait_refused(self.running(), revision)
+
+
+@pytest.fixture
+def signing(lab: Lab) -> Iterator[Signing]:
     alice = GpgKey.generate(lab.tmp / "gnupg-alice", "Alice Operator", "alice@example.org")
     mallory = GpgKey.generate(lab.tmp / "gnupg-mallory", "Alice Operator", "alice@example.org")
-    trusted = lab.tmp / "trusted"
-    trusted.mkdir()
-    alice.export(trusted / "alice.asc")
-    alice_ssh = ssh_signing_key(lab.tmp / "alice_ssh", "alice")
-    mallory_ssh = ssh_signing_key(lab.tmp / "mallory_ssh", "mallory")
-    pub = (lab.tmp / "alice_ssh.pub").read_text().strip()
-    (trusted / "allowed_signers").write_text(f"alice@example.org {pub}\n")
-    blocked = lab.blocked_source()
     try:
-        repo.add_library_nf("blocklist")
-        c1 = repo.commit_gpg_signed("blocklist, signed", alice)
-        agent = lab.agent("--verify-signatures", "--trusted-keys", str(trusted))
-        agent.wait_ready(c1)
-        prog = agent.nf("blocklist")["programId"]
-        assert lab.ping_from(blocked) == 2
-
-        # unsigned: refused, reported with the refused commit, nothing changes
-        set_blocked_v4(repo, ["203.0.113.7", blocked])
-        c2 = repo.commit("block a source, unsigned")
-        event = wait_refused(agent, c2)
-        assert "not signed" in event["message"]
-        assert event["author"] == "Alice Operator <alice@example.org>"
-        status = agent.status()
-        assert status["lastAppliedRevision"] == c1
-        stalled = condition(status, "Stalled")
-        assert stalled["status"] is True and stalled["reason"] == "UntrustedRevision"
-        ready = condition(status, "Ready")
-        assert ready["status"] is False and ready["reason"] == "UntrustedRevision"
-        assert agent.nf("blocklist")["revision"] == c1
-        assert agent.nf("blocklist")["programId"] == prog and xdp_prog_id(veth) != 0
-        assert lab.ping_from(blocked) == 2
-
-        # signed by a key that is not in the trusted folder (same name and email)
-        c3 = repo.commit_gpg_signed("block a source, signed by another key", mallory)
-        event = wait_refused(agent, c3)
-        assert "not among the trusted keys" in event["message"]
-        assert agent.status()["lastAppliedRevision"] == c1
-        assert lab.ping_from(blocked) == 2
-
-        # SSH signature by a key listed in allowed_signers: applied
-        c4 = repo.commit_ssh_signed("block a source, ssh-signed", alice_ssh)
-        agent.wait_ready(c4)
-        assert condition(agent.status(), "Stalled")["status"] is False
-        assert agent.nf("blocklist")["programId"] == prog  # map change only
-        assert lab.ping_from(blocked) == 0
-
-        # SSH signature by a key that is not listed: refused
-        set_blocked_v4(repo, ["203.0.113.7"])
-        c5 = repo.commit_ssh_signed("unblock, ssh-signed by another key", mallory_ssh)
-        event = wait_refused(agent, c5)
-        assert event["message"].startswith(f"commit {c5[:12]} refused: ")
-        assert "signed" not in event["message"]  # it is signed, just not by a trusted key
-        assert agent.status()["lastAppliedRevision"] == c4
-        assert lab.ping_from(blocked) == 0
-
-        # the operator withdraws trust in alice's OpenPGP key: her next commit is refused
-        (trusted / "alice.asc").unlink()
-        c6 = repo.commit_gpg_signed("unblock, signed by a key no longer trusted", alice)
-        event = wait_refused(agent, c6)
-        assert "not among the trusted keys" in event["message"]
-        assert lab.ping_from(blocked) == 0
-
-        # restart with Git unreachable: the mirror holds the refused commit, which must
-        # not be applied just because it was fetched
-        assert agent.stop() == 0
-        lab.daemon.stop()
-        before = len(agent.events())
-        restarted = lab.agent("--verify-signatures", "--trusted-keys", str(trusted))
-        wait_until(
-            lambda: (
-                any(e["reason"] == "SourceUnavailable" for e in restarted.events()[before:])
-                and restarted.status().get("observedAt", 0) > time.time() - 2
-            ),
-            30,
-            what=f"source unavailable after restart\n{restarted.output()[-2000:]}",
-        )
-        status = restarted.wait_passes(1)
-        assert status["lastAppliedRevision"] == c4
-        assert restarted.nf("blocklist")["revision"] == c4
-        applied = {e["revision"] for e in events_of(restarted, "Applied")}
-        assert not applied & {c2, c3, c5, c6}
-        assert lab.ping_from(blocked) == 0
-        lab.daemon.start()
-        wait_until(
-            lambda: condition(restarted.status(), "Stalled").get("reason") == "UntrustedRevision",
-            30,
-            what="refused again once Git is back",
-        )
-        assert restarted.status()["lastAppliedRevision"] == c4
-        assert lab.ping_from(blocked) == 0
+        trusted = lab.tmp / "trusted"
+        trusted.mkdir()
+        alice.export(trusted / "alice.asc")
+        alice_ssh = ssh_signing_key(lab.tmp / "alice_ssh", "alice")
+        mallory_ssh = ssh_signing_key(lab.tmp / "mallory_ssh", "mallory")
+        pub = (lab.tmp / "alice_ssh.pub").read_text().strip()
+        (trusted / "allowed_signers").write_text(f"alice@example.org {pub}\n")
+        blocked = lab.blocked_source()
+        yield Signing(lab, alice, mallory, alice_ssh, mallory_ssh, trusted, blocked)
     finally:
         alice.stop_agent()
         mallory.stop_agent()
+
+
+def test_signed_commits_only(signing: Signing) -> None:
+    """--verify-signatures: commits signed by a trusted OpenPGP or SSH key are applied;
+    unsigned commits, commits signed by another key, and commits signed by a key the
+    operator removed from the trusted folder are refused while the last good revision
+    keeps running, even across a restart with Git unreachable.
+
+    Each phase is a function below, run in this order because each starts from the state
+    the one before left: the last restarts on a mirror holding every commit refused before,
+    so as independent tests each would replay the ones before it."""
+    openpgp_signed_commit_is_applied(signing)
+    unsigned_commit_is_refused(signing)
+    openpgp_signature_by_another_key_is_refused(signing)
+    ssh_signature_by_listed_key_is_applied(signing)
+    ssh_signature_by_unlisted_key_is_refused(signing)
+    withdrawn_trust_refuses_the_next_commit(signing)
+    refused_commits_stay_refused_across_a_restart_without_git(signing)
+
+
+def openpgp_signed_commit_is_applied(signing: Signing) -> None:
+    repo = signing.lab.repo
+    repo.add_library_nf("blocklist")
+    c1 = repo.commit_gpg_signed("blocklist, signed", signing.alice)
+    agent = signing.start_agent()
+    agent.wait_ready(c1)
+    signing.applied.append(c1)
+    signing.program_id = agent.nf("blocklist")["programId"]
+    assert signing.lab.ping_from(signing.blocked) == 2
+
+
+def unsigned_commit_is_refused(signing: Signing) -> None:
+    """Refused, reported with the refused commit; nothing changes."""
+    lab, agent, blocked = signing.lab, signing.running(), signing.blocked
+    c1 = signing.applied[-1]
+    set_blocked_v4(lab.repo, ["203.0.113.7", blocked])
+    event = signing.refuse(lab.repo.commit("block a source, unsigned"))
+    assert "not signed" in event["message"]
+    assert event["author"] == "Alice Operator <alice@example.org>"
+    status = agent.status()
+    assert status["lastAppliedRevision"] == c1
+    stalled = condition(status, "Stalled")
+    assert stalled["status"] is True and stalled["reason"] == "UntrustedRevision"
+    ready = condition(status, "Ready")
+    assert ready["status"] is False and ready["reason"] == "UntrustedRevision"
+    assert agent.nf("blocklist")["revision"] == c1
+    assert agent.nf("blocklist")["programId"] == signing.program_id
+    assert xdp_prog_id(lab.veth) != 0
+    assert lab.ping_from(blocked) == 2
+
+
+def openpgp_signature_by_another_key_is_refused(signing: Signing) -> None:
+    """Signed by a key that is not in the trusted folder (same name and email)."""
+    lab = signing.lab
+    event = signing.refuse(
+        lab.repo.commit_gpg_signed("block a source, signed by another key", signing.mallory)
+    )
+    assert "not among the trusted keys" in event["message"]
+    assert signing.running().status()["lastAppliedRevision"] == signing.applied[-1]
+    assert lab.ping_from(signing.blocked) == 2
+
+
+def ssh_signature_by_listed_key_is_applied(signing: Signing) -> None:
+    """Signed with a key listed in allowed_signers: applied, and the stall is over."""
+    lab, agent = signing.lab, signing.running()
+    c4 = lab.repo.commit_ssh_signed("block a source, ssh-signed", signing.alice_ssh)
+    agent.wait_ready(c4)
+    signing.applied.append(c4)
+    assert condition(agent.status(), "Stalled")["status"] is False
+    assert agent.nf("blocklist")["programId"] == signing.program_id  # map change only
+    assert lab.ping_from(signing.blocked) == 0
+
+
+def ssh_signature_by_unlisted_key_is_refused(signing: Signing) -> None:
+    lab = signing.lab
+    set_blocked_v4(lab.repo, ["203.0.113.7"])
+    c5 = lab.repo.commit_ssh_signed("unblock, ssh-signed by another key", signing.mallory_ssh)
+    event = signing.refuse(c5)
+    assert event["message"].startswith(f"commit {c5[:12]} refused: ")
+    assert "signed" not in event["message"]  # it is signed, just not by a trusted key
+    assert signing.running().status()["lastAppliedRevision"] == signing.applied[-1]
+    assert lab.ping_from(signing.blocked) == 0
+
+
+def withdrawn_trust_refuses_the_next_commit(signing: Signing) -> None:
+    """The operator removes alice's OpenPGP key from the trusted folder: her next commit
+    is refused."""
+    lab = signing.lab
+    (signing.trusted / "alice.asc").unlink()
+    event = signing.refuse(
+        lab.repo.commit_gpg_signed("unblock, signed by a key no longer trusted", signing.alice)
+    )
+    assert "not among the trusted keys" in event["message"]
+    assert lab.ping_from(signing.blocked) == 0
+
+
+def refused_commits_stay_refused_across_a_restart_without_git(signing: Signing) -> None:
+    """Restart with Git unreachable: the mirror holds the refused commit, which must not be
+    applied just because it was fetched; refused again once Git is back."""
+    lab, good = signing.lab, signing.applied[-1]
+    assert signing.running().stop() == 0
+    lab.daemon.stop()
+    before = len(signing.running().events())
+    restarted = signing.start_agent()
+    wait_until(
+        lambda: (
+            any(e["reason"] == "SourceUnavailable" for e in restarted.events()[before:])
+            and restarted.status().get("observedAt", 0) > time.time() - 2
+        ),
+        30,
+        what=f"source unavailable after restart\n{restarted.output()[-2000:]}",
+    )
+    status = restarted.wait_passes(1)
+    assert status["lastAppliedRevision"] == good
+    assert restarted.nf("blocklist")["revision"] == good
+    applied = {e["revision"] for e in events_of(restarted, "Applied")}
+    assert len(signing.refused) == 4 and not applied & set(signing.refused)
+    assert lab.ping_from(signing.blocked) == 0
+    lab.daemon.start()
+    wait_until(
+        lambda: condition(restarted.status(), "Stalled").get("reason") == "UntrustedRevision",
+        30,
+        what="refused again once Git is back",
+    )
+    assert restarted.status()["lastAppliedRevision"] == good
+    assert lab.ping_from(signing.blocked) == 0
 
 
 # -- 2. refs --------------------------------------------------------------------------------
