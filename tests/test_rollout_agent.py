@@ -32,6 +32,7 @@ from tests.agent_harness import (
     AgentProcess,
     GitDaemon,
     GitRepo,
+    nfctl,
     wait_until,
     xdp_prog_id,
 )
@@ -367,6 +368,15 @@ def said(process: AgentProcess, text: str) -> bool:
     return text in " ".join(process.output().split())
 
 
+def test_help_documents_once_under_a_policy() -> None:
+    def text(*args: str) -> str:
+        return " ".join(nfctl(*args).stdout.replace("│", " ").split())
+
+    once = text("agent", "--help")
+    assert f"waiting up to {APPROVAL_WAIT_SECONDS:.0f} s" in once and "exit 4" in once, once
+    assert f"; {UNAPPROVED} `agent --once` under a rollout policy" in text("--help")
+
+
 @pytest.mark.kernel
 def test_agent_once_applies_only_an_approved_revision(
     veth: VethPair, tmp_path: Path, bpffs_root: Path
@@ -398,7 +408,7 @@ def test_agent_once_applies_only_an_approved_revision(
         controller.start()
         code, once = run_once(veth, url, state, bpffs_root, *extra)
         assert code == UNAPPROVED, once.output()[-3000:]
-        assert said(once, "has no approval for node node-a")
+        assert said(once, "had no approval node node-a may take")
         assert once.nf("blocklist") == {} and xdp_prog_id(veth) == 0
 
         # 3. approved for c1: applied, and the controller is told

@@ -298,7 +298,7 @@ class Agent:
             None,
         )
         if link.sessions > 0:
-            answer = f"controller {link.endpoint} has no approval for node {self.config.node}"
+            answer = f"controller {link.endpoint} had no approval node {self.config.node} may take"
         else:
             answer = f"controller unreachable within {APPROVAL_WAIT_SECONDS:.0f} s"
         why = cond.message if cond is not None else "rollout policy in force"
