@@ -9,9 +9,9 @@ import pytest
 
 from nfctl.agent.plan import AttachPoint
 from nfctl.agent.reconciler import AgentSettings, Reconciler
-from nfctl.agent.status import ConditionType, NFState, NodeStatus
 from nfctl.agent.store import StateStore
 from nfctl.manifest.model import Hook
+from nfctl.wire.status import ConditionType, NFState, NodeStatus
 from tests.reconcile_fakes import FakeGit, FakeKernel, nf_files, program
 
 ETH0_XDP = AttachPoint("eth0", Hook.XDP)

@@ -15,13 +15,13 @@ from nfctl.agent.reconcile.node_status import (
     settle,
 )
 from nfctl.agent.reconcile.state import Applied, NFRuntime, entries_digest, spec_dump
-from nfctl.agent.status import ConditionType, ErrorInfo, NFState, NFStatus, NodeStatus
 from nfctl.agent.store import AppliedNF
 from nfctl.compiler.build import MapInfo
 from nfctl.datapath.datapath import LoadedBuild
 from nfctl.datapath.observe import AttachPointState, ProgramRef
 from nfctl.datapath.records import BuildRecord
 from nfctl.manifest.model import Hook, NetworkFunction
+from nfctl.wire.status import ConditionType, ErrorInfo, NFState, NFStatus, NodeStatus
 from tests.reconcile_fakes import manifest
 
 ETH0, ETH1 = AttachPoint("eth0", Hook.XDP), AttachPoint("eth1", Hook.XDP)

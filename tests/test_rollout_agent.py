@@ -22,10 +22,20 @@ from typing import Any
 
 import pytest
 
+from nfctl.agent.runner import APPROVAL_WAIT_SECONDS
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.api.nfctl.v1 import nfctl_pb2_grpc as pbg
+from nfctl.cli.exitcodes import UNAPPROVED
 from nfctl.netns import VethPair
-from tests.agent_harness import REPO_ROOT, AgentProcess, GitDaemon, GitRepo, wait_until
+from tests.agent_harness import (
+    REPO_ROOT,
+    AgentProcess,
+    GitDaemon,
+    GitRepo,
+    nfctl,
+    wait_until,
+    xdp_prog_id,
+)
 
 POLICY = """\
 apiVersion: nfctl.io/v1alpha1
@@ -340,6 +350,115 @@ def test_without_policy_the_agent_follows_the_ref_despite_a_controller(
         agent.wait_ready(c2, 60)
     finally:
         agent.stop()
+        controller.stop()
+        daemon.stop()
+
+
+def run_once(
+    veth: VethPair, url: str, state: Path, bpffs_root: Path, *extra: str
+) -> tuple[int, AgentProcess]:
+    """`nfctl agent --once`: its exit code, and the process (for its status and output)."""
+    once = AgentProcess(veth, url, state, bpffs_root, "--once", *extra)
+    once.start()
+    return once.wait(180), once
+
+
+def said(process: AgentProcess, text: str) -> bool:
+    """Whether the output has text (the console wraps long lines)."""
+    return text in " ".join(process.output().split())
+
+
+def test_help_documents_once_under_a_policy() -> None:
+    def text(*args: str) -> str:
+        return " ".join(nfctl(*args).stdout.replace("│", " ").split())
+
+    once = text("agent", "--help")
+    assert f"waiting up to {APPROVAL_WAIT_SECONDS:.0f} s" in once and "exit 4" in once, once
+    assert f"; {UNAPPROVED} `agent --once` under a rollout policy" in text("--help")
+
+
+@pytest.mark.kernel
+def test_agent_once_applies_only_an_approved_revision(
+    veth: VethPair, tmp_path: Path, bpffs_root: Path
+) -> None:
+    gitdir = tmp_path / "git"
+    repo = GitRepo(gitdir / "nfs-repo")
+    repo.add_library_nf("blocklist")
+    repo.write("nfs/rollout.yaml", POLICY)
+    c1 = repo.commit("blocklist under a rollout policy")
+    daemon = GitDaemon(gitdir, veth.ns_b, veth.b_ip)
+    daemon.start()
+    url, state = daemon.url("nfs-repo"), tmp_path / "state"
+    controller = Controller(tmp_path / "controller", veth)
+    extra = ("--controller", controller.address, "--insecure")
+    try:
+        # 1. no approval anywhere (controller down, none persisted): nothing is attached, a
+        # clear message, the documented exit code; after the documented wait, not forever
+        started = time.monotonic()
+        code, once = run_once(veth, url, state, bpffs_root, *extra)
+        took = time.monotonic() - started
+        assert code == UNAPPROVED, once.output()[-3000:]
+        assert said(once, "no approved revision to apply")
+        assert said(once, "controller unreachable")
+        assert once.nf("blocklist") == {} and xdp_prog_id(veth) == 0
+        assert once.status().get("lastAppliedRevision") is None
+        assert took >= APPROVAL_WAIT_SECONDS, took
+
+        # 2. the controller answers, with no approval for this node: the same
+        controller.start()
+        code, once = run_once(veth, url, state, bpffs_root, *extra)
+        assert code == UNAPPROVED, once.output()[-3000:]
+        assert said(once, "had no approval node node-a may take")
+        assert once.nf("blocklist") == {} and xdp_prog_id(veth) == 0
+
+        # 3. approved for c1: applied, and the controller is told
+        controller.registered_approval(c1)
+        code, once = run_once(veth, url, state, bpffs_root, *extra)
+        assert code == 0, once.output()[-3000:]
+        assert once.ready_at(c1) and once.status()["approvedRevision"] == c1
+        p1 = once.nf("blocklist")["programId"]
+        assert xdp_prog_id(veth) != 0
+        assert any(
+            e.get("reason") == "RevisionApproved" and e.get("revision") == c1
+            for batch in controller.received("events")
+            for e in batch.get("events", [])
+        ), controller.received("events")
+
+        # 4. mid-rollout: c2 is the head and approved for the canary, not for this node
+        # (the controller still hands it c1): the node keeps c1, same program
+        c2 = new_version(repo, 2)
+        code, once = run_once(veth, url, state, bpffs_root, *extra)
+        assert code == 0, once.output()[-3000:]
+        status = once.status()
+        assert status["source"]["lastFetchedRevision"] == c2
+        assert once.ready_at(c1) and status["approvedRevision"] == c1
+        assert once.nf("blocklist")["programId"] == p1
+
+        # 5. its wave comes: approved for c2, applied
+        controller.registered_approval(c2)
+        code, once = run_once(veth, url, state, bpffs_root, *extra)
+        assert code == 0, once.output()[-3000:]
+        assert once.ready_at(c2) and once.status()["approvedRevision"] == c2
+        p2 = once.nf("blocklist")["programId"]
+        assert p2 != p1
+
+        # 6. the controller is down and the branch moves on: the persisted approval (c2)
+        # is what the node runs, not the head
+        controller.stop()
+        c3 = new_version(repo, 3)
+        code, once = run_once(veth, url, state, bpffs_root, *extra)
+        assert code == 0, once.output()[-3000:]
+        status = once.status()
+        assert status["source"]["lastFetchedRevision"] == c3
+        assert once.ready_at(c2) and status["approvedRevision"] == c2
+        assert once.nf("blocklist")["programId"] == p2
+        assert said(once, "did not answer")
+
+        # 7. without --controller, as before: the node follows its ref
+        code, once = run_once(veth, url, state, bpffs_root)
+        assert code == 0, once.output()[-3000:]
+        assert once.ready_at(c3)
+    finally:
         controller.stop()
         daemon.stop()
 

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nfctl.agent.source import GitSource, Revision, SourceError
-from nfctl.agent.status import ConditionType
 from nfctl.datapath.records import write_json_atomic
 from nfctl.manifest.loader import MAX_MANIFEST_BYTES
 from nfctl.manifest.rollout import POLICY_NAMES
+from nfctl.wire.status import ConditionType
 
 if TYPE_CHECKING:
     from nfctl.agent.reconciler import Reconciler

@@ -323,7 +323,6 @@ class ControllerLink:
             self.acked_event_sequence = message.registered.acked_event_sequence
             stream.resend_from = self.acked_event_sequence
             stream.poke()
-            self.connected.set()
             self.sessions += 1
             apart = self.sessions > 1 or self.failures > 0
             self.failures = 0
@@ -338,6 +337,8 @@ class ControllerLink:
                 self.commands.approve(
                     approval.revision, approval.rollout_id, approval.wave, approval.reason
                 )
+            # after the approval is offered: `nfctl agent --once` waits for this to decide
+            self.connected.set()
             if apart:
                 self.commands.reconnected()
         elif kind == "events_ack":

@@ -20,9 +20,9 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from nfctl.agent.status import NFState, NodeStatus
 from nfctl.bpf.codec import render_key
 from nfctl.datapath.counters import VerdictCounts
+from nfctl.wire.status import NFState, NodeStatus
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,11 @@ from nfctl.agent.reconcile.ports import BuilderPort, DatapathPort, GitPort, Metr
 from nfctl.agent.reconcile.state import Applied, NFRuntime, records
 from nfctl.agent.reconcile.summary import Notice, attachment_notices, summarize
 from nfctl.agent.source import Revision, redact
-from nfctl.agent.status import (
+from nfctl.agent.store import AppliedNF, StateStore, Suspensions
+from nfctl.datapath.datapath import LoadedBuild
+from nfctl.datapath.observe import AttachPointState
+from nfctl.system import kernel_release
+from nfctl.wire.status import (
     ConditionType,
     ErrorInfo,
     Event,
@@ -55,10 +59,6 @@ from nfctl.agent.status import (
     ReconcileTimings,
     SourceStatus,
 )
-from nfctl.agent.store import AppliedNF, StateStore, Suspensions
-from nfctl.datapath.datapath import LoadedBuild
-from nfctl.datapath.observe import AttachPointState
-from nfctl.system import kernel_release
 
 log = logging.getLogger(__name__)
 

@@ -2,6 +2,11 @@
 
 SIGTERM/SIGINT: exit without touching the datapath (programs stay attached).
 SIGHUP: reconcile now (also sent by `nfctl reconcile --local` and `nfctl suspend`).
+
+`--once` (run_once) with a controller: the node may run only an approved revision, as the
+long-running agent: a fresh approval from the controller if one arrives within
+APPROVAL_WAIT_SECONDS, else the one persisted in the state dir (fail-static), else none
+and the node stays on the revision it runs.
 """
 
 from __future__ import annotations
@@ -13,9 +18,10 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nfctl import kernel_headers
 from nfctl.agent.config import AgentConfig
@@ -24,17 +30,36 @@ from nfctl.agent.k8s_node import KubeApi, NodeClient, NodeLabelWatcher
 from nfctl.agent.metrics import AgentMetrics, ExportedValue, VerdictSample, serve
 from nfctl.agent.reconcile.kernel import KernelDatapath
 from nfctl.agent.reconciler import AgentSettings, Reconciler
-from nfctl.agent.source import GitSource, SourceSettings, redact
+from nfctl.agent.source import GitSource, Revision, SourceSettings, redact
 from nfctl.agent.store import StateStore
 from nfctl.builder.dispatcher import compile_dispatcher
 from nfctl.compiler.client import standby as compile_standby
 from nfctl.datapath.datapath import Datapath
 from nfctl.datapath.dispatcher import TcSettings
 from nfctl.nftest.build import reap_stale_scratch
+from nfctl.wire.status import ConditionType
+
+if TYPE_CHECKING:
+    from nfctl.agent.approval import ApprovalGate
+    from nfctl.agent.controller_link import ControllerLink
 
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_SECONDS = 300.0
+# --once under a rollout policy: how long to wait for the controller's answer (Registered
+# carries this node's approval) before using the approval persisted in the state dir
+APPROVAL_WAIT_SECONDS = 10.0
+# --once: how long the controller gets to store this pass's events before the link closes
+FLUSH_SECONDS = 3.0
+
+
+@dataclass(frozen=True)
+class OnceResult:
+    """What one `nfctl agent --once` pass did."""
+
+    ready: bool
+    # under a rollout policy, no approved revision to apply: why (the node stayed where it was)
+    unapproved: str | None = None
 
 
 class Agent:
@@ -215,17 +240,79 @@ class Agent:
         base = self.config.interval
         return base * (1 + random.uniform(-self.config.jitter, self.config.jitter))
 
-    def run_once(self) -> bool:
+    def run_once(self) -> OnceResult:
         if self.node_watcher is not None:
             labels, _ = self.node_watcher.client.get()
             self.set_node_labels(labels)
         self.store.lock()
+        link: ControllerLink | None = None
         try:
-            return self.reconciler.sync()
+            if not self.config.controller:
+                return OnceResult(self.reconciler.sync())
+            link, gate, gated = self._once_link()
+            link.start()
+            ready = self.reconciler.sync()
+            self._flush(link)
+            return OnceResult(ready, self._unapproved(link, gate) if gated.is_set() else None)
         finally:
+            if link is not None:
+                link.stop()
             self.store.unlock()
             self.datapath.close()
             self.source.close()
+
+    def _once_link(self) -> tuple[ControllerLink, ApprovalGate, threading.Event]:
+        """The controller link for one pass, and the approval gate waiting (only when a
+        rollout policy is in force) for the controller's answer before it decides.
+        The event is set when the gate decided under a policy."""
+        from nfctl.agent.controller_link import ControllerLink
+        from nfctl.agent.link_port import AgentPort
+
+        port = AgentPort(self)
+        link = ControllerLink(port, port, self.config)
+        gate = port.approvals
+        gated = threading.Event()
+
+        def decide(fetched: Revision | None) -> Revision | None:
+            running = self.reconciler.status.last_applied_revision
+            if gate.has_policy(fetched.sha if fetched else None) or gate.has_policy(running):
+                gated.set()
+                if not link.connected.wait(APPROVAL_WAIT_SECONDS):
+                    log.warning(
+                        "controller %s did not answer within %.0f s: using the approval "
+                        "persisted in %s, if any",
+                        self.config.controller,
+                        APPROVAL_WAIT_SECONDS,
+                        self.store.dir,
+                    )
+            return gate(fetched)
+
+        self.reconciler.revision_gate = decide
+        return link, gate, gated
+
+    def _unapproved(self, link: ControllerLink, gate: ApprovalGate) -> str | None:
+        if gate.held_revision is not None:
+            return None
+        cond = next(
+            (c for c in self.reconciler.status.conditions if c.type is ConditionType.APPROVED),
+            None,
+        )
+        if link.sessions > 0:
+            answer = f"controller {link.endpoint} had no approval node {self.config.node} may take"
+        else:
+            answer = f"controller unreachable within {APPROVAL_WAIT_SECONDS:.0f} s"
+        why = cond.message if cond is not None else "rollout policy in force"
+        return f"{why}; {answer}, and none is persisted in {self.store.dir}"
+
+    def _flush(self, link: ControllerLink) -> None:
+        """The controller sees what this pass did (events, then the status after them)."""
+        if not link.connected.is_set():
+            return
+        events = self.store.events()
+        last = events[-1].sequence if events else 0
+        deadline = time.monotonic() + FLUSH_SECONDS
+        while link.acked_event_sequence < last and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def run(self) -> None:
         self.store.lock()

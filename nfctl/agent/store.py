@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nfctl.agent.status import Event, NodeStatus
 from nfctl.datapath.records import write_json_atomic
+from nfctl.wire.status import Event, NodeStatus
 
 MAX_EVENTS = 1000
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 from pydantic import ValidationError
 
-from nfctl.cli.exitcodes import UNAVAILABLE
+from nfctl.cli.exitcodes import UNAPPROVED, UNAVAILABLE
 from nfctl.cli.output import OutputFormat, console, emit_data, err_console
 
 DEFAULT_STATE = Path("/var/lib/nfctl")
@@ -76,7 +76,13 @@ def agent(
     config: Path = typer.Option(
         None, "--config", help="YAML file with the same settings (camelCase or snake_case)"
     ),
-    once: bool = typer.Option(False, "--once", help="reconcile once; exit 0 if Ready"),
+    once: bool = typer.Option(
+        False,
+        "--once",
+        help="reconcile once; exit 0 if Ready. With --controller and a rollout policy: only "
+        "an approved revision (the controller's, waiting up to 10 s, else the persisted "
+        "one); exit 4 if there is none",
+    ),
     unconfined_compile: bool = typer.Option(
         False,
         "--unconfined-compile",
@@ -136,9 +142,12 @@ def agent(
     try:
         runner = Agent(cfg)
         if once:
-            ok = runner.run_once()
+            result = runner.run_once()
             _print_status(cfg.state_dir, OutputFormat.TEXT)
-            raise typer.Exit(0 if ok else 1)
+            if result.unapproved is not None:
+                err_console.print(f"[red]no approved revision to apply:[/red] {result.unapproved}")
+                raise typer.Exit(UNAPPROVED)
+            raise typer.Exit(0 if result.ready else 1)
         runner.run()
     except AgentLockedError as exc:
         err_console.print(f"[red]{exc}[/red]")

@@ -16,7 +16,6 @@ from nfctl.agent.reconcile.desired import DesiredNF, error_from
 from nfctl.agent.reconcile.ports import BuilderPort, Metrics
 from nfctl.agent.reconcile.state import Applied, entries_digest, spec_dump
 from nfctl.agent.source import Revision
-from nfctl.agent.status import ErrorInfo
 from nfctl.agent.store import AppliedNF
 from nfctl.builder.check import check_entries
 from nfctl.datapath.datapath import DatapathError, LoadedBuild
@@ -25,6 +24,7 @@ from nfctl.manifest.model import Mode
 from nfctl.nftest.build import remove_scratch, scratch_pin
 from nfctl.nftest.gate import TESTS_FAILED, gate_problems, prepare_cases
 from nfctl.nftest.load import tests_beside
+from nfctl.wire.status import ErrorInfo
 
 log = logging.getLogger(__name__)
 

@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 from nfctl.agent.plan import selects_node
 from nfctl.agent.reconcile.state import Applied
 from nfctl.agent.source import Revision
-from nfctl.agent.status import ErrorInfo
 from nfctl.agent.store import Suspensions
 from nfctl.compiler.client import PreparedNF, prepare
 from nfctl.diagnostics import Diagnostic
 from nfctl.manifest.model import NetworkFunction
 from nfctl.manifest.repo import scan_repo
+from nfctl.wire.status import ErrorInfo
 
 
 def error_from(

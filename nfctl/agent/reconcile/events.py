@@ -7,8 +7,8 @@ import logging
 from collections.abc import Callable
 
 from nfctl.agent.source import Revision
-from nfctl.agent.status import ErrorInfo, Event, EventType
 from nfctl.agent.store import AppliedNF, StateStore
+from nfctl.wire.status import ErrorInfo, Event, EventType
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,10 @@ from typing import Any
 from nfctl.agent.attachments import LostPoint
 from nfctl.agent.plan import AttachPoint, ChainEntry
 from nfctl.agent.reconcile.state import Applied, NFRuntime
-from nfctl.agent.status import (
+from nfctl.datapath.counters import CounterKey, VerdictCounts
+from nfctl.datapath.datapath import LoadedBuild
+from nfctl.datapath.observe import AttachPointState
+from nfctl.wire.status import (
     AttachPointStatus,
     ConditionType,
     ErrorInfo,
@@ -23,9 +26,6 @@ from nfctl.agent.status import (
     Verdicts,
     VerdictTotals,
 )
-from nfctl.datapath.counters import CounterKey, VerdictCounts
-from nfctl.datapath.datapath import LoadedBuild
-from nfctl.datapath.observe import AttachPointState
 
 
 @dataclass

@@ -8,13 +8,13 @@ from typing import Any, Protocol
 
 from nfctl.agent.plan import AttachPoint, ChainEntry
 from nfctl.agent.source import Revision
-from nfctl.agent.status import NodeStatus
 from nfctl.compiler.client import PreparedNF
 from nfctl.datapath.counters import CounterKey, VerdictCounts
 from nfctl.datapath.datapath import EntrySyncResult, LoadedBuild
 from nfctl.datapath.entries import EntryPlan
 from nfctl.datapath.observe import AttachPointState
 from nfctl.manifest.model import Hook, IncompatibleMapPolicy
+from nfctl.wire.status import NodeStatus
 
 
 class GitPort(Protocol):

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nfctl.agent.plan import AttachPoint, Placement
-from nfctl.agent.status import ErrorInfo
 from nfctl.agent.store import AppliedNF
 from nfctl.manifest.model import NetworkFunction
+from nfctl.wire.status import ErrorInfo
 
 
 def spec_dump(nf: NetworkFunction) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from nfctl.agent.plan import AttachPoint
 from nfctl.agent.reconcile.apply import ApplyResult, Step
 from nfctl.agent.reconcile.plan import EntryIntent, Plan
 from nfctl.agent.source import Revision
-from nfctl.agent.status import ErrorInfo
+from nfctl.wire.status import ErrorInfo
 
 
 @dataclass(frozen=True)
