@@ -86,6 +86,21 @@ def kill(controller: ControllerProcess, signum: int) -> None:
     controller.proc = None
 
 
+def stream_ends(agent: NodeAgent) -> int:
+    """How often the agent has seen its controller stream end or fail to open (logged at
+    each attempt while the controller is away)."""
+    return agent.log_path.read_text(errors="replace").count("controller stream ended")
+
+
+def wait_stream_ends(agents: list[NodeAgent], before: list[int], what: str) -> None:
+    wait_until(
+        lambda: all(stream_ends(a) > b for a, b in zip(agents, before, strict=True)),
+        30,
+        every=0.05,
+        what=what,
+    )
+
+
 def connected(topo: Topology, pki: Pki) -> bool:
     nodes = operator(topo, pki, "get", "nodes", "-o", "json")
     return len(nodes) == len(NODES) and all(n["connected"] for n in nodes)
@@ -126,8 +141,9 @@ def test_events_survive_controller_kills_exactly_once(topo: Topology, tmp_path: 
             (signal.SIGKILL, "quiet"),
         ]
         for number, (signum, kind) in enumerate(rounds, start=2):
+            before = [stream_ends(a) for a in agents]
             kill(controller, signum)
-            time.sleep(2)  # a quiet outage: the agents' streams are dead, nothing happens
+            wait_stream_ends(agents, before, "the agents see the controller gone")
             revision = bump(repo, f"1.0.{number}")
             for agent in agents:
                 reconcile_locally(agent)
@@ -138,7 +154,10 @@ def test_events_survive_controller_kills_exactly_once(topo: Topology, tmp_path: 
                 60,
                 what=f"agents apply {revision[:8]} while the controller is down",
             )
-            time.sleep(1)
+            # reconnects from a backlog: each agent has failed once more since applying
+            wait_stream_ends(
+                agents, [stream_ends(a) for a in agents], "the agents retry with events queued"
+            )
             controller = ControllerProcess(topo, pki, db, "--stale-after", "30").start()
             if kind == "kill-during-resend":
                 # the agents reconnect and resend their backlog: kill the controller as
@@ -359,6 +378,10 @@ class Channel:
     agents: list[NodeAgent] = field(default_factory=list)
     watcher: subprocess.Popen[str] | None = None
 
+    @property
+    def watch_out(self) -> Path:
+        return self.db.parent / "watch.jsonl"
+
     def start_controller(self) -> ControllerProcess:
         # heartbeat 1.3 s (stale-after / 3)
         self.controller = ControllerProcess(self.topo, self.pki, self.db, "--stale-after", "4")
@@ -420,7 +443,7 @@ def agents_connect_and_watch_starts(channel: Channel) -> None:
             channel.controller.address,
             *pki.tls("operator"),
         ],
-        stdout=subprocess.PIPE,
+        stdout=channel.watch_out.open("w"),
         stderr=subprocess.PIPE,
         text=True,
         cwd=REPO_ROOT,
@@ -449,7 +472,13 @@ def push_during_outage_is_fetched_on_reconnect(channel: Channel) -> None:
     assert hub_python(channel.topo, WEBHOOK_DOWN.format(hub=channel.topo.hub_ip)).startswith(
         "FAILED"
     )
-    time.sleep(3)
+    # nothing fetches c2 without the webhook: every agent has been through its reconnect
+    # loop since the push and still runs c1
+    wait_stream_ends(
+        channel.agents,
+        [stream_ends(a) for a in channel.agents],
+        "the agents retry after the push",
+    )
     assert channel.all_at(channel.c1)
     channel.start_controller()
     back = time.monotonic()
@@ -485,16 +514,24 @@ def watch_printed_every_event_once(channel: Channel) -> None:
     exactly once."""
     watcher = channel.watcher
     assert watcher is not None
-    time.sleep(2)
-    watcher.terminate()
-    out, err = watcher.communicate(timeout=15)
-    printed = [json.loads(line) for line in out.splitlines() if line.strip()]
-    keys = [(e["node"], int(e["sequence"])) for e in printed]
-    assert len(keys) == len(set(keys)), "the watch printed an event twice"
     stored = {
         (a.node, seq)
         for a in channel.agents
         for seq, _, _ in stored_events(channel.topo, channel.pki, a.node)
     }
+
+    def printed() -> list[tuple[str, int]]:
+        lines = channel.watch_out.read_text().splitlines()
+        # the last line may still be being written
+        events = [json.loads(line) for line in lines[:-1] if line.strip()]
+        if lines and lines[-1].endswith("}"):
+            events.append(json.loads(lines[-1]))
+        return [(e["node"], int(e["sequence"])) for e in events]
+
+    wait_until(lambda: set(printed()) >= stored, 30, what="the watch printed every stored event")
+    watcher.terminate()
+    _, err = watcher.communicate(timeout=15)
+    keys = printed()
+    assert len(keys) == len(set(keys)), "the watch printed an event twice"
     assert set(keys) == stored, f"missing {stored - set(keys)}; stderr: {err}"
     assert "reconnecting" in err
