@@ -14,9 +14,14 @@ from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.api.nfctl.v1 import nfctl_pb2_grpc as pbg
 from nfctl.controller.auth import AuthPolicy
 from nfctl.controller.commands import CommandFanout
-from nfctl.controller.fleet import Fleet, NodeEntry, Session, Watcher, repeated_field
+from nfctl.controller.fleet import Fleet
 from nfctl.controller.metrics import ControllerMetrics
+from nfctl.controller.node import NodeEntry
+from nfctl.controller.pbwire import repeated_field
 from nfctl.controller.rollout.engine import RolloutEngine, RolloutError
+from nfctl.controller.session import Session
+from nfctl.controller.staleness import is_stale
+from nfctl.controller.watchers import Watcher
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -200,7 +205,7 @@ class FleetService(pbg.FleetServiceServicer):
             now, stale_after = time.time(), self.fleet.stale_after
             entries = self.fleet.select(request.selector)
             if request.only_stale:
-                entries = [e for e in entries if now - e.last_seen > stale_after]
+                entries = [e for e in entries if is_stale(e.last_seen, stale_after, now)]
             return repeated_field(1, (e.to_bytes(stale_after, now) for e in entries))
 
         return await self._call("ListNodes", context, handle)
