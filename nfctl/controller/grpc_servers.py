@@ -10,9 +10,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
+from nfctl.controller.agent_service import AgentService
 from nfctl.controller.auth import AuthPolicy, OperatorTokenGate, server_credentials
 from nfctl.controller.reflection import enable_reflection
-from nfctl.controller.service import AgentService, FleetService, add_service
+from nfctl.controller.service import FleetService
+from nfctl.controller.service_handlers import add_service
 
 # grpc.aio takes new calls from gRPC core one at a time; calls core holds meanwhile are
 # "pending". Core's defaults (1,000 soft / 3,000 hard, 30 s) shed most of a reconnect storm

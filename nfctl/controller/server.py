@@ -18,6 +18,7 @@ import grpc
 from aiohttp import web
 
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
+from nfctl.controller.agent_service import AgentService
 from nfctl.controller.auth import AuthPolicy
 from nfctl.controller.commands import CommandFanout
 from nfctl.controller.config import ControllerConfig
@@ -32,7 +33,7 @@ from nfctl.controller.metrics import ControllerMetrics
 from nfctl.controller.node import NodeEntry
 from nfctl.controller.rollout.engine import RolloutEngine
 from nfctl.controller.rollout.gitrepo import RepoMirror, redact
-from nfctl.controller.service import AgentService, FleetService
+from nfctl.controller.service import FleetService
 from nfctl.controller.serving_health import ServingHealth
 from nfctl.controller.storage import open_store
 from nfctl.controller.store_pg import PgStore
