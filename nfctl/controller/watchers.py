@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
@@ -25,10 +25,9 @@ class Watcher:
         )
 
 
-def publish(watchers: set[Watcher], events: Iterable[pb.Event]) -> None:
+def publish(watchers: set[Watcher], events: Sequence[pb.Event]) -> None:
     """Queue each event for the watchers that want it; a watcher whose queue is full is
     too slow and is dropped (its stream ends)."""
-    events = list(events)
     for watcher in list(watchers):
         for event in events:
             if watcher.wants(event):
