@@ -27,7 +27,8 @@ from typing import Any
 
 from benchmarks.common import machine, summary_ms
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
-from nfctl.controller.fleet import Fleet, NodeEntry
+from nfctl.controller.fleet import Fleet
+from nfctl.controller.node import NodeEntry
 from nfctl.controller.rollout import gates as gate_eval
 from nfctl.controller.rollout.engine import Detail, RolloutEngine
 from nfctl.controller.rollout.gitrepo import RepoMirror

@@ -19,7 +19,8 @@ import grpc
 
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.api.nfctl.v1 import nfctl_pb2_grpc as pbg
-from nfctl.controller.server import Controller, ControllerConfig
+from nfctl.controller.config import ControllerConfig
+from nfctl.controller.server import Controller
 
 NF = "guard"
 PACKETS_PER_REPORT = 1000

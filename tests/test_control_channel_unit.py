@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
-from nfctl.controller.fleet import EventLedger, Fleet
-from nfctl.controller.server import ControllerConfig
+from nfctl.controller.config import ControllerConfig
+from nfctl.controller.event_ledger import EventLedger
+from nfctl.controller.fleet import Fleet
 from nfctl.controller.store import ControllerStore
 
 

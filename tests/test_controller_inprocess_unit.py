@@ -19,9 +19,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.controller.auth import AuthPolicy, OperatorTokenGate
 from nfctl.controller.certs import init as issue_certificates
-from nfctl.controller.fleet import EventLedger, Fleet, Session
+from nfctl.controller.event_ledger import EventLedger
+from nfctl.controller.fleet import Fleet
 from nfctl.controller.metrics import ControllerMetrics
 from nfctl.controller.service import FleetService
+from nfctl.controller.session import Session
 from nfctl.controller.store import ControllerStore
 from nfctl.controller.webhook import WebhookApp, github_signature
 from nfctl.wire.channel import channel_credentials

@@ -25,7 +25,7 @@ from hyperframe.frame import (
     WindowUpdateFrame,
 )
 
-from nfctl.controller.server import OPERATOR_LISTENER_LIMITS
+from nfctl.controller.grpc_servers import OPERATOR_LISTENER_LIMITS
 from tests.loopback_controller import free_port, make_pki, running_controller
 
 pytestmark = pytest.mark.e2e

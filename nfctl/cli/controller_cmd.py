@@ -13,8 +13,8 @@ import typer
 from nfctl.cli.output import console, err_console
 
 if TYPE_CHECKING:
+    from nfctl.controller.config import ControllerConfig
     from nfctl.controller.enroll import EnrollmentConfig
-    from nfctl.controller.server import ControllerConfig
 
 certs_app = typer.Typer(
     help="Certificates: a CA for a lab, node enrolment and its approval by operators."
@@ -125,7 +125,7 @@ def controller(
     ),
 ) -> None:
     """Run the controller: fleet status, events and commands over gRPC; Git webhooks."""
-    from nfctl.controller.server import ControllerConfig
+    from nfctl.controller.config import ControllerConfig
 
     config = ControllerConfig(
         listen=listen,

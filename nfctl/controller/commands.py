@@ -19,7 +19,8 @@ import time
 import psycopg
 
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
-from nfctl.controller.fleet import Fleet, NodeEntry
+from nfctl.controller.fleet import Fleet
+from nfctl.controller.node import NodeEntry
 from nfctl.controller.store_pg import COMMANDS_CHANNEL, TCP_OPTIONS, PgStore
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.controller.auth import server_credentials
 from nfctl.controller.certs import key_fingerprint, load_ca, sign_node_certificate
 from nfctl.controller.enrollments import Enrollment
-from nfctl.controller.service import add_service
+from nfctl.controller.service_handlers import add_service
 from nfctl.controller.storage import EnrollmentRecords, StoreUnavailable, open_enrollments
 
 log = logging.getLogger(__name__)

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from nfctl.controller.fleet import Fleet
+from nfctl.controller.staleness import is_stale
 from nfctl.wire.convert import is_ready
 
 
@@ -73,7 +74,9 @@ class _FleetCollector:
         stale = GaugeMetricFamily(
             "nfctl_controller_agents_stale", "Nodes with no report within the stale timeout."
         )
-        stale.add_metric([], sum(1 for n in nodes if now - n.last_seen > self.fleet.stale_after))
+        stale.add_metric(
+            [], sum(1 for n in nodes if is_stale(n.last_seen, self.fleet.stale_after, now))
+        )
         ready = GaugeMetricFamily(
             "nfctl_controller_nodes", "Nodes by Ready condition.", labels=["ready"]
         )

@@ -1,9 +1,9 @@
-"""gRPC services: AgentService (one stream per agent) and FleetService (operators)."""
+"""FleetService: the operators' gRPC service (nodes, functions, history, events, commands,
+rollouts)."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -14,151 +14,16 @@ from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.api.nfctl.v1 import nfctl_pb2_grpc as pbg
 from nfctl.controller.auth import AuthPolicy
 from nfctl.controller.commands import CommandFanout
-from nfctl.controller.fleet import Fleet, NodeEntry, Session, Watcher, repeated_field
+from nfctl.controller.fleet import Fleet
 from nfctl.controller.metrics import ControllerMetrics
+from nfctl.controller.node import NodeEntry
+from nfctl.controller.pbwire import repeated_field
 from nfctl.controller.rollout.engine import RolloutEngine, RolloutError
+from nfctl.controller.session import Session
+from nfctl.controller.staleness import is_stale
+from nfctl.controller.watchers import Watcher
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-class AgentService:
-    """The agent-facing service (registered by add_service)."""
-
-    def __init__(
-        self,
-        fleet: Fleet,
-        auth: AuthPolicy,
-        metrics: ControllerMetrics,
-        fanout: CommandFanout | None = None,
-    ) -> None:
-        self.fleet = fleet
-        self.auth = auth
-        self.metrics = metrics
-        self.fanout = fanout
-        self.rollouts: RolloutEngine | None = None  # set when the controller has --source
-
-    async def _approval(self, node: str) -> pb.ApproveRevision | None:
-        if self.rollouts is None:
-            return None
-        try:
-            return await self.rollouts.approval_for(node)
-        except Exception as exc:  # the agent holds its last approval meanwhile
-            log.warning("node %s: cannot read its approval: %s", node, exc)
-            return None
-
-    async def Connect(self, request_iterator: Any, context: Any) -> None:
-        """One agent's session. A coroutine with context.read()/write() rather than an async
-        generator over request_iterator: about 15% less CPU per message, which is what a
-        fan-out to 10,000 streams is made of."""
-        first = await context.read()
-        if first is grpc.aio.EOF:
-            return
-        if first.WhichOneof("body") != "register" or not first.register.node:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "the first message must be Register"
-            )
-        await self.auth.require_node(context, first.register.node)
-        if self.fleet.replica is not None:
-            await self._refresh(first.register.node)
-        entry, session, previous = self.fleet.connect(first.register, context.peer())
-        if previous is not None:
-            previous.close()  # an older stream of the same node ends
-        log.debug("agent %s connected from %s", entry.name, session.peer)
-        reader: asyncio.Task[None] | None = None
-        try:
-            registered = pb.Registered(
-                session_id=session.id,
-                acked_event_sequence=entry.events.stored,
-                heartbeat_seconds=self.fleet.heartbeat,
-            )
-            approval = await self._approval(entry.name)
-            if approval is not None:
-                registered.approval.CopyFrom(approval)
-            await context.write(pb.ControllerMessage(registered=registered))
-            # One reader task per stream; this handler only waits on the session's outbox
-            # (no task or asyncio.wait per command: a fan-out is one wakeup per stream).
-            reader = asyncio.create_task(self._read(context, entry, session))
-            if self.fanout is not None:
-                await self.fanout.redeliver(entry)
-            while (message := await session.outbox.get()) is not None:
-                await context.write(message)
-        finally:
-            if reader is not None:
-                reader.cancel()
-            self.fleet.disconnect(entry, session)
-            log.debug("agent %s disconnected", entry.name)
-
-    async def _refresh(self, name: str) -> None:
-        """A node may come from another replica: start from what that one stored (its
-        acknowledged events), not from this replica's older copy."""
-        try:
-            row = await asyncio.to_thread(self.fleet.store.load_node, name)
-        except Exception as exc:
-            log.warning("node %s: cannot read its stored state (%s); using memory", name, exc)
-            return
-        if row is not None:
-            self.fleet.merge([row])
-
-    async def _read(self, context: Any, entry: NodeEntry, session: Session) -> None:
-        try:
-            while (message := await context.read()) is not grpc.aio.EOF:
-                kind = message.WhichOneof("body")
-                if kind == "status":
-                    self.fleet.report_status(entry, message.status.status)
-                    self.metrics.reports.inc()
-                elif kind == "events":
-                    fresh = self.fleet.add_events(entry, message.events.events)
-                    self.metrics.events.inc(len(fresh))
-                elif kind == "result":
-                    result = message.result
-                    if self.fanout is not None:
-                        self.fanout.answer(result.command_id, entry.name)
-                    if result.ok:
-                        log.debug("agent %s command %s: ok", entry.name, result.command_id)
-                    else:
-                        log.warning(
-                            "agent %s command %s failed: %s",
-                            entry.name,
-                            result.command_id,
-                            result.message,
-                        )
-                    entry.last_seen = time.time()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.info("agent %s stream error: %s", entry.name, exc)
-        finally:
-            session.close()  # the handler above ends the stream
-
-
-def _serialize(message: Any) -> bytes:
-    """Responses are messages, or bytes serialized beforehand: ListNodes assembles its
-    answer from cached node statuses; a command to 10,000 agents is serialized once."""
-    return message if isinstance(message, bytes) else bytes(message.SerializeToString())
-
-
-def add_service(name: str, servicer: Any, server: Any) -> None:
-    """Like the generated add_<Name>Servicer_to_server, with _serialize for responses."""
-    service = pb.DESCRIPTOR.services_by_name[name]
-    handlers = {}
-    for method in service.methods:
-        request = getattr(pb, method.input_type.name)
-        factory = {
-            (False, False): grpc.unary_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler,
-        }[(method.client_streaming, method.server_streaming)]
-        handlers[method.name] = factory(
-            getattr(servicer, method.name),
-            request_deserializer=request.FromString,
-            response_serializer=_serialize,
-        )
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
-    )
-    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 class FleetService(pbg.FleetServiceServicer):
@@ -200,7 +65,7 @@ class FleetService(pbg.FleetServiceServicer):
             now, stale_after = time.time(), self.fleet.stale_after
             entries = self.fleet.select(request.selector)
             if request.only_stale:
-                entries = [e for e in entries if now - e.last_seen > stale_after]
+                entries = [e for e in entries if is_stale(e.last_seen, stale_after, now)]
             return repeated_field(1, (e.to_bytes(stale_after, now) for e in entries))
 
         return await self._call("ListNodes", context, handle)

@@ -14,7 +14,8 @@ from typing import Any
 
 from aiohttp import web
 
-from nfctl.controller.fleet import Fleet, NodeEntry
+from nfctl.controller.fleet import Fleet
+from nfctl.controller.node import NodeEntry
 
 log = logging.getLogger(__name__)
 
