@@ -30,6 +30,7 @@ from nfctl.controller.metrics import ControllerMetrics
 from nfctl.controller.reflection import enable_reflection
 from nfctl.controller.rollout.engine import RolloutEngine
 from nfctl.controller.rollout.gitrepo import RepoMirror, redact
+from nfctl.controller.rollout.metrics import RolloutMetrics
 from nfctl.controller.service import AgentService, FleetService, add_service
 from nfctl.controller.storage import open_store
 from nfctl.controller.store_pg import PgStore
@@ -203,6 +204,9 @@ class Controller:
         ) -> tuple[list[str], list[str]]:
             return await self.operators._send(entries, command, "approve")
 
+        def is_leader() -> bool:
+            return self.election is None or self.election.leader
+
         return RolloutEngine(
             self.fleet,
             mirror,
@@ -210,7 +214,8 @@ class Controller:
             prometheus_url=cfg.prometheus_url,
             fetch_interval=cfg.source_interval,
             tick=cfg.rollout_tick,
-            is_leader=lambda: self.election is None or self.election.leader,
+            is_leader=is_leader,
+            metrics=RolloutMetrics(self.metrics.registry, self.fleet, is_leader),
         )
 
     async def _webhook_reconcile(
