@@ -206,12 +206,20 @@ class Step:
             set_gate(wave, outcome.result)
         decision.evaluated.extend(outcomes)
         failed = next((o for o in outcomes if o.ok is False), None)
+        # waiting for traffic may go on past the bake time up to the progress deadline
+        deadline = policy.spec.progress_deadline
+        waited_out = now - wave.started_at > deadline
         if failed is None and baked:
-            failed = next((o for o in outcomes if o.ok is None), None)
+            failed = next(
+                (o for o in outcomes if o.ok is None and (waited_out or not o.waiting)), None
+            )
+            if failed is not None and failed.waiting:
+                failed.result.message += f" within progressDeadline {deadline:g} s"
+                set_gate(wave, failed.result)
         if failed is not None:
             self.fail(policy, wave, failed.result)
             return False
-        if not baked:
+        if not baked or any(o.ok is None for o in outcomes):
             return False
         wave.state, wave.finished_at = "Passed", now
         self.event(

@@ -76,21 +76,24 @@ def verdict_gate(
     now: float,
 ) -> Outcome:
     """Wave nodes since the bake began vs. the nodes not yet updated over the same window;
-    without those, the wave nodes from the rollout's start to their update."""
+    without those, the wave nodes from the rollout's start to their update. Waiting for
+    data (undecided) until they saw the gate's minPackets."""
     judged = judge_verdicts(
         gate.nf,
         gate.max_increase,
         wave=summed(wave, gate.nf, figures, bake_start),
         others=summed(others, gate.nf, figures, bake_start),
         pre_update=summed(wave, gate.nf, wave_start, rollout_start),
+        min_packets=gate.min_packets,
     )
+    waiting = judged.ok is None
     judgement = result(
         gate,
         now,
-        ok=judged.ok,
-        message=judged.message,
+        ok=bool(judged.ok),
+        message=f"verdict gate {gate_name(gate)}: {judged.message}" if waiting else judged.message,
         value=judged.value,
         threshold=judged.threshold,
         baseline=judged.baseline,
     )
-    return Outcome(judgement, judged.ok)
+    return Outcome(judgement, judged.ok, waiting)
