@@ -97,6 +97,7 @@ def test_a_wave_without_traffic_waits_past_its_bake_and_fails_at_the_progress_de
     assert past_bake.rollout.waves[0].state == "Baking"  # waiting for data, not passed
     verdict = next(o for o in past_bake.evaluated if o.result.kind == "verdict")
     assert verdict.ok is None and verdict.waiting
+    assert world.advance(T0 + 10.5).empty  # waiting is judged every interval, not every step
     failed = world.advance(T0 + 21)
     assert failed.rollout.state == "RolledBack" and failed.halted_by == f"verdict-{NF}"
     gate = next(g for g in failed.rollout.waves[0].gates if g.kind == "verdict")

@@ -198,7 +198,8 @@ class Step:
         if wave.state != "Baking":
             return False
         baked = now - detail.bake_started >= bake
-        if not baked and now - detail.last_eval < policy.spec.interval:
+        first_after_bake = baked and detail.last_eval < detail.bake_started + bake
+        if now - detail.last_eval < policy.spec.interval and not first_after_bake:
             return False
         outcomes = self.evaluate(gates, nodes, views)
         detail.last_eval, decision.changed = now, True
