@@ -30,9 +30,10 @@ from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.controller.fleet import Fleet
 from nfctl.controller.node import NodeEntry
 from nfctl.controller.rollout import gates as gate_eval
-from nfctl.controller.rollout.engine import Detail, RolloutEngine
+from nfctl.controller.rollout.engine import RolloutEngine
 from nfctl.controller.rollout.gitrepo import RepoMirror
 from nfctl.controller.rollout.plan import node_view
+from nfctl.controller.rollout.state import Detail
 from nfctl.controller.store import ControllerStore
 from nfctl.manifest.rollout import VerdictGate
 
@@ -103,7 +104,7 @@ async def measure(nodes: int, repeats: int, folder: Path) -> dict[str, Any]:
     c2 = commit(repo, "nf.txt", "v2\n")
     engine.poke()
     await engine.tick()  # starts the rollout: waves chosen, the canary approved
-    active = await engine._active()
+    active = await engine.observer.active()
     assert active is not None and active[0].revision == c2, active
     ticks = []
     for _ in range(repeats):
@@ -116,9 +117,9 @@ async def measure(nodes: int, repeats: int, folder: Path) -> dict[str, Any]:
     evaluations = []
     for _ in range(repeats):
         start = time.perf_counter()
-        figures = await engine._figures({"nf1"})
+        figures = await engine.observer.figures(engine.observer.fleet_view(), {"nf1"})
         others = [n for n in fleet.nodes if n not in set(wave)]
-        gate_eval.verdict_gate(gate, wave, others, figures, figures, {}, figures)
+        gate_eval.verdict_gate(gate, wave, others, figures, figures, {}, figures, time.time())
         evaluations.append(time.perf_counter() - start)
     baseline = []
     for _ in range(repeats):

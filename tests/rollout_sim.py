@@ -106,6 +106,7 @@ class SimAgent:
     drop_share: Callable[[str], float]
     refuse: set[str] = field(default_factory=set)  # revisions it cannot make Ready
     lose_once: set[str] = field(default_factory=set)  # approvals lost on the way, once
+    packets: int = PACKETS_PER_REPORT  # packets through the NF between two reports
     applied: str = ""
     approved: str = ""
     # (time, revision, reason, command id | "registered") of every approval received
@@ -215,9 +216,9 @@ class SimAgent:
     async def _traffic(self, every: float = 0.1) -> None:
         while True:
             share = self.drop_share(self.applied) if self.applied else 0.0
-            drops = round(PACKETS_PER_REPORT * share)
+            drops = round(self.packets * share)
             self.dropped += drops
-            self.passed += PACKETS_PER_REPORT - drops
+            self.passed += self.packets - drops
             await self._report()
             await asyncio.sleep(every)
 

@@ -95,7 +95,8 @@ def dashboard_query(expr: str) -> str:
 def exported_metric_names() -> set[str]:
     """Every metric the code or the library NFs' manifests declare."""
     names: set[str] = set()
-    for source in ("nfctl/agent/metrics.py", "nfctl/controller/metrics.py"):
+    sources = ("nfctl/agent/metrics.py", "nfctl/controller/metrics.py")
+    for source in (*sources, "nfctl/controller/rollout/metrics.py"):
         names |= set(re.findall(r'"(nfctl_[a-z0-9_]+)"', (REPO_ROOT / source).read_text()))
     for manifest in (REPO_ROOT / "bpf").glob("*/nf.yaml"):
         names |= set(re.findall(r"metric:\s*(nfctl_[a-z0-9_]+)", manifest.read_text()))

@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from nfctl.controller.rollout import gates
+from nfctl.controller.rollout import promql
 from nfctl.manifest.rollout import PromQLGate
 from tests.ci import unavailable
 from tests.rollout_sim import Lab, Repo, fleet, lab, policy_yaml
@@ -106,7 +106,7 @@ async def gate_outcomes(url: str) -> None:
 
         async def outcome(query: str, at: str = url) -> tuple[bool | None, str]:
             gate = PromQLGate(kind="promql", query=query, max=1.0)
-            result = await gates.promql_gate(gate, at, session)
+            result = await promql.promql_gate(gate, at, session)
             return result.ok, result.result.message
 
         ok, message = await outcome("sum(rate(sim_packets_total[")

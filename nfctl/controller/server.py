@@ -33,6 +33,7 @@ from nfctl.controller.metrics import ControllerMetrics
 from nfctl.controller.node import NodeEntry
 from nfctl.controller.rollout.engine import RolloutEngine
 from nfctl.controller.rollout.gitrepo import RepoMirror, redact
+from nfctl.controller.rollout.metrics import RolloutMetrics
 from nfctl.controller.service import FleetService
 from nfctl.controller.serving_health import ServingHealth
 from nfctl.controller.storage import open_store
@@ -118,6 +119,9 @@ class Controller:
         ) -> tuple[list[str], list[str]]:
             return await self.operators._send(entries, command, "approve")
 
+        def is_leader() -> bool:
+            return self.election is None or self.election.leader
+
         return RolloutEngine(
             self.fleet,
             mirror,
@@ -125,7 +129,8 @@ class Controller:
             prometheus_url=cfg.prometheus_url,
             fetch_interval=cfg.source_interval,
             tick=cfg.rollout_tick,
-            is_leader=lambda: self.election is None or self.election.leader,
+            is_leader=is_leader,
+            metrics=RolloutMetrics(self.metrics.registry, self.fleet, is_leader),
         )
 
     async def _webhook_reconcile(

@@ -40,6 +40,10 @@ KIND = "RolloutPolicy"
 POLICY_NAMES = ("rollout.yaml", "rollout.yml")
 MAX_WAVES = 64
 MAX_GATES = 32
+# Below 100 packets one dropped packet moves a drop ratio by more than one percentage point
+# (maxIncrease 0.01, the usual limit): the gate would judge one packet, not the change.
+DEFAULT_MIN_PACKETS = 100
+MAX_MIN_PACKETS = 1_000_000_000
 DURATION_RE = re.compile(r"^(\d+(?:\.\d+)?)(ms|s|m|h)?\Z")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
@@ -105,12 +109,17 @@ class ReadyGate(_Strict):
 class VerdictGate(_Strict):
     """The drop ratio of NF `nf` on the wave's nodes must not exceed the baseline's (nodes
     not yet updated over the same window, else the wave nodes before their update) by
-    more than `maxIncrease` (a ratio: 0.01 is one percentage point)."""
+    more than `maxIncrease` (a ratio: 0.01 is one percentage point), judged once the wave
+    and the baseline have seen `minPackets` packets of the NF."""
 
     name: str = ""
     kind: Literal["verdict"]
     nf: str
     max_increase: float = Field(alias="maxIncrease", ge=0.0, le=1.0)
+    # packets the wave (and the baseline) must have seen before the ratio is judged
+    min_packets: int = Field(
+        default=DEFAULT_MIN_PACKETS, alias="minPackets", ge=0, le=MAX_MIN_PACKETS, strict=True
+    )
 
     @field_validator("nf")
     @classmethod
@@ -214,6 +223,7 @@ class RolloutPolicy(_Strict):
 _ALIASES = {
     "api_version": "apiVersion",
     "max_increase": "maxIncrease",
+    "min_packets": "minPackets",
     "max_unavailable": "maxUnavailable",
     "progress_deadline": "progressDeadline",
     "on_failure": "onFailure",

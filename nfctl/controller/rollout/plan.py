@@ -153,7 +153,7 @@ def ratio(figures: Figures) -> float:
 
 @dataclass(frozen=True)
 class VerdictJudgement:
-    ok: bool
+    ok: bool | None  # None: waiting for data (fewer than min_packets packets)
     value: float
     baseline: float
     threshold: float
@@ -166,20 +166,33 @@ def judge_verdicts(
     wave: Figures,
     others: Figures,
     pre_update: Figures,
+    min_packets: int = 0,
 ) -> VerdictJudgement:
     """The wave's drop ratio against the nodes not yet updated over the same window, or,
-    when those saw no packets (no such nodes), the wave nodes before their update."""
-    if others[1]:
+    when those saw too few packets, the wave nodes before their update; when neither saw
+    any, against 0 (an absolute limit). With `min_packets`, undecided (None) until the
+    wave and a baseline that saw packets saw that many."""
+    need = max(min_packets, 1)
+    if others[1] >= need:
         baseline, against = ratio(others), f"{others[1]} packets on nodes not yet updated"
-    elif pre_update[1]:
+    elif pre_update[1] >= need:
         baseline, against = ratio(pre_update), f"{pre_update[1]} packets before the update"
     else:
         baseline, against = 0.0, "no baseline traffic"
-    value, threshold = ratio(wave), baseline + max_increase
-    if not wave[1]:
+    threshold = baseline + max_increase
+    if not wave[1] and not min_packets:
         return VerdictJudgement(
             True, 0.0, baseline, threshold, f"nf {nf}: no packets on the wave yet"
         )
+    short = ""
+    if wave[1] < min_packets:
+        short = f"only {wave[1]} packets of nf {nf} seen on the wave"
+    elif others[1] < need and pre_update[1] < need and (others[1] or pre_update[1]):
+        short = f"only {max(others[1], pre_update[1])} packets of nf {nf} seen on the baseline"
+    if short:
+        message = f"{short}, minPackets {min_packets}"
+        return VerdictJudgement(None, ratio(wave), baseline, threshold, message)
+    value = ratio(wave)
     ok = value <= threshold
     message = (
         f"nf {nf}: drop ratio {value:.4f} ({wave[0]}/{wave[1]} packets) on the wave "
