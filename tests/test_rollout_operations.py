@@ -336,7 +336,9 @@ def test_status_watch_follows_a_rollout_wave_by_wave_until_it_completes(tmp_path
     async def scenario() -> None:
         repo = Repo(tmp_path / "repo")
         async with lab(tmp_path, repo) as the_lab:
-            await started(the_lab, repo, bake="1s")
+            # each wave bakes longer than the CLI takes to start on a loaded machine (~1-3 s),
+            # so the watch is up while wave 0 still runs
+            await started(the_lab, repo, bake="4s")
             c2 = repo.commit("change", {"guard/nf.yaml": "# v2\n"})
             await the_lab.wait_rollout(c2, ("Progressing",))
             code, out = await asyncio.wait_for(
