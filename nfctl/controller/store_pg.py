@@ -73,6 +73,7 @@ class StoredCommand:
     command_id: str
     body: bytes  # a serialized ControllerMessage
     nodes: list[str]
+    created: float = 0.0  # when the origin replica recorded it (its clock)
 
 
 def migrate(conn: psycopg.Connection[Any]) -> int:
@@ -279,10 +280,11 @@ class PgStore:
     def commands_after(self, row: int) -> list[StoredCommand]:
         with self.pool.connection() as conn:
             rows = conn.execute(
-                "SELECT id, command_id, body, nodes FROM commands WHERE id > %s ORDER BY id",
+                "SELECT id, command_id, body, nodes, created FROM commands WHERE id > %s "
+                "ORDER BY id",
                 (row,),
             ).fetchall()
-        return [StoredCommand(int(r[0]), r[1], bytes(r[2]), list(r[3])) for r in rows]
+        return [StoredCommand(int(r[0]), r[1], bytes(r[2]), list(r[3]), r[4]) for r in rows]
 
     # -- rollouts ----------------------------------------------------------------------------
     def save_rollout(
