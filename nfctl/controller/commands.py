@@ -77,6 +77,9 @@ class CommandFanout:
         # (the same bytes object goes to every stream); the message is kept so that the id
         # cannot be reused while the entry lives
         self._writing: dict[int, tuple[bytes, Delivery]] = {}
+        # nodes this replica claimed for a command it recorded itself: its own NOTIFY of
+        # that command need not claim them again (thousands of rows that conflict)
+        self._claimed_here: dict[str, set[str]] = {}
 
     async def send(
         self, entries: list[NodeEntry], command: pb.Command
@@ -88,9 +91,15 @@ class CommandFanout:
         message = pb.ControllerMessage(command=command).SerializeToString()
         now = time.time()
         delivery = Delivery(command.id, recorded=now, learned=now)
-        claimed = await asyncio.to_thread(
-            self.store.add_command, command.id, message, targets, local, now
-        )
+        # before the NOTIFY can wake this replica's own listener
+        self._claimed_here[command.id] = set(local)
+        try:
+            claimed = await asyncio.to_thread(
+                self.store.add_command, command.id, message, targets, local, now
+            )
+        except BaseException:
+            self._claimed_here.pop(command.id, None)
+            raise
         self._deliver(claimed, message, delivery)
         return targets, offline
 
@@ -159,10 +168,13 @@ class CommandFanout:
         for command in await asyncio.to_thread(self.store.commands_after, self.last_row):
             self.last_row = command.row
             delivery = Delivery(command.command_id, command.created, learned)
+            done = self._claimed_here.pop(command.command_id, set())
             mine = [
                 n
                 for n in command.nodes
-                if (entry := self.fleet.nodes.get(n)) is not None and entry.session is not None
+                if n not in done
+                and (entry := self.fleet.nodes.get(n)) is not None
+                and entry.session is not None
             ]
             if mine:
                 claimed = await asyncio.to_thread(self.store.claim, command.command_id, mine)
