@@ -15,7 +15,12 @@ Measured:
   visibility    a probe gives some agents a new lastAppliedRevision; an operator polls
                 ListNodes (selector: those nodes) until it shows it; p50/p99 over many samples
   fan-out       an operator Reconcile to every node, until every agent has the Command
-                (agents timestamp receipt, same clock); last / p50 / p99
+                (agents timestamp receipt, same clock); last / p50 / p99; with PostgreSQL,
+                per round and replica where the time goes (`where_the_time_goes`, ms from
+                the call): stored, relayed (NOTIFY), claimed, queued on every stream,
+                p50 / last stream write completed (the controller's log of the command),
+                then when that replica's agents saw it (`generator_ms`: last seen - last
+                written, the load generator's share), and each worker's event-loop lag
   controller    RSS (peak and steady) and CPU (cores) from /proc/<pid>; errors/disconnects
 
 The simulated fleet shares this machine's CPUs with the controller (real agents would not):
@@ -1236,13 +1241,17 @@ class Bench:
         stream, p50 and last stream write completed), then the load generator's (its agents
         saw it: p50 and last; `generator_ms`: last seen - last written)."""
         lines: list[dict[str, Any] | None] = [None] * len(self.controllers)
+        # a replica logs a fan-out it wrote to streams of its own; only the PostgreSQL
+        # fan-out (commands.CommandFanout) is timed
+        holders = {int(held) for r in per_worker for _, held in r} if self.db_url else set()
         deadline = time.monotonic() + 30
-        while None in lines and time.monotonic() < deadline:
-            for i, controller in enumerate(self.controllers):
+        while time.monotonic() < deadline:
+            for i in holders:
                 if lines[i] is None:
-                    lines[i] = fanout_log_line(controller.log_path, start)
-            if None in lines:
-                await asyncio.sleep(0.2)
+                    lines[i] = fanout_log_line(self.controllers[i].log_path, start)
+            if all(lines[i] is not None for i in holders):
+                break
+            await asyncio.sleep(0.2)
         out = []
         for i, controller in enumerate(self.controllers):
             seen = sorted(t - start for r in per_worker for t, held in r if held == i)
@@ -1416,6 +1425,14 @@ class Bench:
                     "received the Command (agents timestamp receipt; same machine clock). Agents "
                     "answer with a CommandResult and report the revision as applied after "
                     f"{plan.apply_delay * 0.2:.1f}-{plan.apply_delay:.1f} s, like real agents"
+                ),
+                "breakdown": (
+                    "where_the_time_goes: per replica, ms from the operator call; stored .. "
+                    "written_last_ms from that replica's log line for the command (wall clock, "
+                    "same machine), agents_seen_* from the simulated agents holding a stream "
+                    "to it; generator_ms = agents_seen_last_ms - written_last_ms (can be < 0: "
+                    "an agent may read a message before its writer's completion is handled). "
+                    "SQLite (one controller) logs no breakdown."
                 ),
                 "rounds": rounds,
                 "worst_last_ms": max((r["last_ms"] for r in rounds), default=None),
