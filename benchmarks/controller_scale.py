@@ -817,6 +817,9 @@ class Plan:
     keep: bool
     worker_nice: int = 0
     same_session: bool = False
+    # each simulator worker in a session of its own: with autogroup scheduling, its own
+    # share of the CPUs (as the controller has), not one share for all the workers
+    worker_sessions: bool = False
     split_cpus: bool = False  # controller on CPU 0, simulated agents on the other CPUs
     replicas: int = 1
     db: str = "sqlite"  # or "postgresql": a server started here as tests/pg_harness.py does
@@ -985,6 +988,7 @@ class Bench:
                 stderr=(self.tmp / f"worker-{index}.log").open("w"),
                 cwd=REPO_ROOT,
                 limit=1 << 26,
+                start_new_session=plan.worker_sessions,
             )
             self.workers.append(WorkerHandle(proc, first, count))
         # issuing thousands of certificates takes a while (not measured)
@@ -1383,6 +1387,7 @@ class Bench:
             )
             + f" (kernel autogroup {'on' if autogroup() else 'off'})"
             + (f"; simulated agents at nice {plan.worker_nice}" if plan.worker_nice else "")
+            + ("; each simulator worker in its own session" if plan.worker_sessions else "")
             + (
                 "; CPUs split: controller on CPU 0 alone, simulated agents on the others"
                 if plan.split_cpus
@@ -1582,6 +1587,13 @@ def main() -> None:
         "agents) instead of its own",
     )
     parser.add_argument(
+        "--worker-sessions",
+        action="store_true",
+        help="start each simulator worker in a session of its own: with the kernel's "
+        "autogroup scheduling each then gets a CPU share like a controller replica, instead "
+        "of all workers (and this process) sharing one",
+    )
+    parser.add_argument(
         "--split-cpus",
         action="store_true",
         help="pin the controller to CPU 0 and the simulated agents to the other CPUs",
@@ -1618,6 +1630,7 @@ def main() -> None:
         keep=args.keep,
         worker_nice=args.worker_nice,
         same_session=args.same_session,
+        worker_sessions=args.worker_sessions,
         split_cpus=args.split_cpus,
         replicas=args.replicas,
         db=args.db,
