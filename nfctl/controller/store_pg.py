@@ -249,9 +249,9 @@ class PgStore:
         """(command id, node) pairs the agents answered: never delivered again."""
         if not results:
             return
-        # one statement for the batch: a fan-out's answers arrive by the thousand, while
-        # the fan-out is still being written (one UPDATE each cost PostgreSQL and this
-        # process's GIL as much)
+        # one statement per batch: a fan-out's answers arrive by the thousand while the
+        # fan-out is still being written, and an UPDATE per answer costs PostgreSQL and
+        # this process (GIL) that much more at that moment
         commands, nodes = [c for c, _ in results], [n for _, n in results]
         with self.pool.connection() as conn:
             conn.execute(
