@@ -23,6 +23,10 @@ Measured:
                 written, the load generator's share), and each worker's event-loop lag
   controller    RSS (peak and steady) and CPU (cores) from /proc/<pid>; errors/disconnects
 
+Each worker process freezes its heap (gc.freeze) once its agents are connected, so that a
+full garbage collection does not stall all of its agents at once (a real agent's heap is
+its own); --worker-sessions gives each worker a scheduling group of its own.
+
 The simulated fleet shares this machine's CPUs with the controller (real agents would not):
 the controller runs in its own session, as a daemon would, so that with the kernel's
 autogroup scheduling CPU is shared per process group rather than per thread (--same-session
