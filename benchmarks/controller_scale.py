@@ -15,8 +15,17 @@ Measured:
   visibility    a probe gives some agents a new lastAppliedRevision; an operator polls
                 ListNodes (selector: those nodes) until it shows it; p50/p99 over many samples
   fan-out       an operator Reconcile to every node, until every agent has the Command
-                (agents timestamp receipt, same clock); last / p50 / p99
+                (agents timestamp receipt, same clock); last / p50 / p99; with PostgreSQL,
+                per round and replica where the time goes (`where_the_time_goes`, ms from
+                the call): stored, relayed (NOTIFY), claimed, queued on every stream,
+                p50 / last stream write completed (the controller's log of the command),
+                then when that replica's agents saw it (`generator_ms`: last seen - last
+                written, the load generator's share), and each worker's event-loop lag
   controller    RSS (peak and steady) and CPU (cores) from /proc/<pid>; errors/disconnects
+
+Each worker process freezes its heap (gc.freeze) once its agents are connected, so that a
+full garbage collection does not stall all of its agents at once (a real agent's heap is
+its own); --worker-sessions gives each worker a scheduling group of its own.
 
 The simulated fleet shares this machine's CPUs with the controller (real agents would not):
 the controller runs in its own session, as a daemon would, so that with the kernel's
@@ -45,10 +54,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import hashlib
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -58,6 +69,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +90,14 @@ SIMULATED_NOTE = (
 TARGETS = {"agents": 10_000, "visibility_p99_ms": 1000.0, "fanout_all_ms": 2000.0, "rss_mb": 1024}
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
+LAG_PERIOD = 0.01  # a simulator worker's event-loop lag probe (s)
+# what a controller logs once a fan-out is written to all its streams (commands.Delivery)
+FANOUT_LOG = re.compile(
+    r"command fan-out (?P<id>\S+): streams=(?P<streams>\d+) written=(?P<written>\d+) "
+    r"recorded=(?P<recorded>[\d.]+) relay=(?P<relay>[-\d.]+) claim=(?P<claim>[-\d.]+) "
+    r"queue=(?P<queue>[-\d.]+) write_p50=(?P<write_p50>[-\d.]+) "
+    r"write_last=(?P<write_last>[-\d.]+)"
+)
 
 # ------------------------------------------------------------------------------------------
 # /proc readings
@@ -469,7 +489,10 @@ class SimAgent:
         now = time.time()
         action = command.WhichOneof("action")
         if action == "reconcile":
-            self.worker.received.setdefault(command.reconcile.revision, []).append(now)
+            # with the replica it came from: the controller logs when each one wrote it
+            self.worker.received.setdefault(command.reconcile.revision, []).append(
+                (now, self.endpoint)
+            )
             revision = command.reconcile.revision
             if revision and self.worker.config.apply_delay > 0:
                 delay = self.rng.uniform(0.2, 1.0) * self.worker.config.apply_delay
@@ -519,7 +542,11 @@ class Worker:
         self.config = config
         self.stats = WorkerStats()
         self.stopping = False
-        self.received: dict[str, list[float]] = {}
+        self.received: dict[str, list[tuple[float, int]]] = {}
+        # (when, how late) the event loop ran a timer due every LAG_PERIOD: how long a
+        # received message can wait behind this process's other agents (a real agent, alone
+        # on its machine, would not wait)
+        self.loop_lag: deque[tuple[float, float]] = deque(maxlen=20_000)
         self.agents = [SimAgent(config.first + i, self) for i in range(config.count)]
         self.by_index = {a.index: a for a in self.agents}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -529,6 +556,13 @@ class Worker:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def watch_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self.stopping:
+            due = loop.time() + LAG_PERIOD
+            await asyncio.sleep(LAG_PERIOD)
+            self.loop_lag.append((time.time(), max(0.0, loop.time() - due)))
 
     def prepare(self) -> None:
         """Certificates: one per simulated agent (CN = node name, O = nfctl-nodes)."""
@@ -553,6 +587,7 @@ class Worker:
 
     async def handle(self, op: str, request: dict[str, Any]) -> Any:
         if op == "connect":
+            self.spawn(self.watch_loop())
             for agent in self.agents:
                 agent.task = asyncio.create_task(agent.run())
             return {"started": len(self.agents)}
@@ -572,6 +607,19 @@ class Worker:
             return len(self.received.get(request["revision"], []))
         if op == "fanout_times":
             return self.received.get(request["revision"], [])
+        if op == "settle":
+            # Freeze what every agent holds once all are connected: a full collection then
+            # scans only what changed since, not the state of this process's thousands of
+            # agents (measured: 0.3-0.9 s stalls of every agent of a worker at 500 each; a
+            # real agent's heap is its own)
+            start = time.monotonic()
+            gc.collect()
+            gc.freeze()
+            return {"frozen": gc.get_freeze_count(), "s": round(time.monotonic() - start, 2)}
+        if op == "loop_lag":
+            since, until = request["since"], request["until"]
+            lags = [lag for t, lag in self.loop_lag if since <= t <= until]
+            return {"max_ms": round(max(lags, default=0.0) * 1000, 1), "samples": len(lags)}
         if op == "stats":
             data = dict(self.stats.__dict__)
             data["connected"] = sum(1 for a in self.agents if a.connected)
@@ -630,6 +678,18 @@ async def worker_main(config: WorkerConfig) -> None:
 # ------------------------------------------------------------------------------------------
 # The parent: controller process, workers, operator client, measurements
 # ------------------------------------------------------------------------------------------
+
+
+def fanout_log_line(path: Path, since: float) -> dict[str, Any] | None:
+    """The first fan-out a controller logged for a command recorded after `since`."""
+    for match in FANOUT_LOG.finditer(path.read_text(errors="replace")):
+        fields: dict[str, Any] = {
+            k: (v if k == "id" else float(v)) for k, v in match.groupdict().items()
+        }
+        if fields["recorded"] >= since:
+            fields["streams"], fields["written"] = int(fields["streams"]), int(fields["written"])
+            return fields
+    return None
 
 
 class WorkerHandle:
@@ -761,6 +821,9 @@ class Plan:
     keep: bool
     worker_nice: int = 0
     same_session: bool = False
+    # each simulator worker in a session of its own: with autogroup scheduling, its own
+    # share of the CPUs (as the controller has), not one share for all the workers
+    worker_sessions: bool = False
     split_cpus: bool = False  # controller on CPU 0, simulated agents on the other CPUs
     replicas: int = 1
     db: str = "sqlite"  # or "postgresql": a server started here as tests/pg_harness.py does
@@ -929,6 +992,7 @@ class Bench:
                 stderr=(self.tmp / f"worker-{index}.log").open("w"),
                 cwd=REPO_ROOT,
                 limit=1 << 26,
+                start_new_session=plan.worker_sessions,
             )
             self.workers.append(WorkerHandle(proc, first, count))
         # issuing thousands of certificates takes a while (not measured)
@@ -1147,12 +1211,16 @@ class Bench:
             if sum(counts) >= len(reply.nodes):
                 break
             await asyncio.sleep(0.1)
+        end = time.time()
         per_worker = await asyncio.gather(
             *(w.call("fanout_times", revision=revision) for w in self.workers)
         )
-        times = [t for r in per_worker for t in r]
+        lags = await asyncio.gather(
+            *(w.call("loop_lag", since=start, until=end) for w in self.workers)
+        )
+        times = [t for r in per_worker for t, _ in r]
         delays = [t - start for t in times]
-        return {
+        out: dict[str, Any] = {
             "via_replica": self.controllers[via].name,
             "sent_to": len(reply.nodes),
             "offline": len(reply.offline),
@@ -1164,9 +1232,63 @@ class Bench:
             "p99_ms": round(percentile(delays, 99) * 1000, 1),
             # a tail in one worker only points at the load generator, not the controller
             "last_ms_per_worker": [
-                round((max(r, default=start) - start) * 1000) for r in per_worker
+                round((max((t for t, _ in r), default=start) - start) * 1000) for r in per_worker
             ],
+            # the longest a worker's event loop ran late in the round: a message received
+            # then waited that long behind the process's other simulated agents
+            "worker_loop_lag_max_ms": [lag["max_ms"] for lag in lags],
         }
+        out["where_the_time_goes"] = await self.fanout_breakdown(start, per_worker)
+        return out
+
+    async def fanout_breakdown(
+        self, start: float, per_worker: list[list[list[float]]]
+    ) -> list[dict[str, Any]]:
+        """Per replica, ms from the operator's call: the controller's side from its log
+        line for the command (stored, relayed to this replica, claimed, queued on every
+        stream, p50 and last stream write completed), then the load generator's (its agents
+        saw it: p50 and last; `generator_ms`: last seen - last written)."""
+        lines: list[dict[str, Any] | None] = [None] * len(self.controllers)
+        # a replica logs a fan-out it wrote to streams of its own; only the PostgreSQL
+        # fan-out (commands.CommandFanout) is timed
+        holders = {int(held) for r in per_worker for _, held in r} if self.db_url else set()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            for i in holders:
+                if lines[i] is None:
+                    lines[i] = fanout_log_line(self.controllers[i].log_path, start)
+            if all(lines[i] is not None for i in holders):
+                break
+            await asyncio.sleep(0.2)
+        out = []
+        for i, controller in enumerate(self.controllers):
+            seen = sorted(t - start for r in per_worker for t, held in r if held == i)
+            row: dict[str, Any] = {
+                "replica": controller.name,
+                "agents_seen_p50_ms": round(percentile(seen, 50) * 1000, 1) if seen else None,
+                "agents_seen_last_ms": round(seen[-1] * 1000, 1) if seen else None,
+            }
+            line = lines[i]
+            if line is not None:
+                base = line["recorded"] - start
+
+                def at(key: str, base: float = base, line: dict[str, Any] = line) -> float:
+                    return round((base + float(line[key])) * 1000, 1)
+
+                row.update(
+                    streams=line["streams"],
+                    written=line["written"],
+                    stored_ms=round(base * 1000, 1),
+                    relayed_ms=at("relay"),
+                    claimed_ms=at("claim"),
+                    queued_ms=at("queue"),
+                    written_p50_ms=at("write_p50"),
+                    written_last_ms=at("write_last"),
+                )
+                if seen:
+                    row["generator_ms"] = round(row["agents_seen_last_ms"] - at("write_last"), 1)
+            out.append(row)
+        return out
 
     async def operator_queries(self) -> dict[str, Any]:
         fleet = self.fleets[0]
@@ -1228,6 +1350,7 @@ class Bench:
             t_connect = time.monotonic()
             connect = await self.connect_all()
             connect_window = self.sampler.window(t_connect, time.monotonic())
+            await asyncio.gather(*(w.call("settle", timeout=600) for w in self.workers))
             await asyncio.sleep(plan.warmup)
 
             t_steady = time.monotonic()
@@ -1268,6 +1391,7 @@ class Bench:
             )
             + f" (kernel autogroup {'on' if autogroup() else 'off'})"
             + (f"; simulated agents at nice {plan.worker_nice}" if plan.worker_nice else "")
+            + ("; each simulator worker in its own session" if plan.worker_sessions else "")
             + (
                 "; CPUs split: controller on CPU 0 alone, simulated agents on the others"
                 if plan.split_cpus
@@ -1310,6 +1434,14 @@ class Bench:
                     "received the Command (agents timestamp receipt; same machine clock). Agents "
                     "answer with a CommandResult and report the revision as applied after "
                     f"{plan.apply_delay * 0.2:.1f}-{plan.apply_delay:.1f} s, like real agents"
+                ),
+                "breakdown": (
+                    "where_the_time_goes: per replica, ms from the operator call; stored .. "
+                    "written_last_ms from that replica's log line for the command (wall clock, "
+                    "same machine), agents_seen_* from the simulated agents holding a stream "
+                    "to it; generator_ms = agents_seen_last_ms - written_last_ms (can be < 0: "
+                    "an agent may read a message before its writer's completion is handled). "
+                    "SQLite (one controller) logs no breakdown."
                 ),
                 "rounds": rounds,
                 "worst_last_ms": max((r["last_ms"] for r in rounds), default=None),
@@ -1459,6 +1591,13 @@ def main() -> None:
         "agents) instead of its own",
     )
     parser.add_argument(
+        "--worker-sessions",
+        action="store_true",
+        help="start each simulator worker in a session of its own: with the kernel's "
+        "autogroup scheduling each then gets a CPU share like a controller replica, instead "
+        "of all workers (and this process) sharing one",
+    )
+    parser.add_argument(
         "--split-cpus",
         action="store_true",
         help="pin the controller to CPU 0 and the simulated agents to the other CPUs",
@@ -1495,6 +1634,7 @@ def main() -> None:
         keep=args.keep,
         worker_nice=args.worker_nice,
         same_session=args.same_session,
+        worker_sessions=args.worker_sessions,
         split_cpus=args.split_cpus,
         replicas=args.replicas,
         db=args.db,

@@ -117,6 +117,32 @@ def test_controller_scale_two_replicas_on_postgresql_with_mtls() -> None:
     assert [r["via_replica"] for r in fanout["rounds"]] == ["r0", "r1"]
     for round_ in fanout["rounds"]:
         assert round_["sent_to"] == AGENTS and round_["reached"] == AGENTS
+        assert len(round_["worker_loop_lag_max_ms"]) == 2
+        # where the time goes, per replica, from each controller's own log of the command
+        parts = round_["where_the_time_goes"]
+        assert [p["replica"] for p in parts] == ["r0", "r1"]
+        assert sum(p["streams"] for p in parts) == AGENTS
+        for part in parts:
+            assert part["written"] == part["streams"] == AGENTS // 2
+            steps = [
+                part[k]
+                for k in (
+                    "stored_ms",
+                    "relayed_ms",
+                    "claimed_ms",
+                    "queued_ms",
+                    "written_p50_ms",
+                    "written_last_ms",
+                )
+            ]
+            assert steps == sorted(steps) and steps[0] >= 0, part
+            assert part["generator_ms"] == pytest.approx(
+                part["agents_seen_last_ms"] - part["written_last_ms"], abs=0.2
+            )
+        origin = next(p for p in parts if p["replica"] == round_["via_replica"])
+        other = next(p for p in parts if p["replica"] != round_["via_replica"])
+        assert origin["relayed_ms"] == origin["stored_ms"]  # the call reached it directly
+        assert other["relayed_ms"] >= origin["stored_ms"]  # through PostgreSQL's NOTIFY
 
     controller = result["controller"]
     assert [r["name"] for r in controller["replicas"]] == ["r0", "r1"]

@@ -129,9 +129,11 @@ def test_a_command_is_claimed_once_per_node(pg_url: str) -> None:  # noqa: F811
     a, b = PgStore(pg_url, replica="a"), PgStore(pg_url, replica="b")
     try:
         first = a.last_command()
-        claimed = a.add_command("cmd-1", b"body", ["n1", "n2", "n3"], ["n1"], time.time())
+        created = time.time()
+        claimed = a.add_command("cmd-1", b"body", ["n1", "n2", "n3"], ["n1"], created)
         assert claimed == ["n1"]
         [recorded] = b.commands_after(first)
+        assert recorded.created == created  # the origin's time, for the relay's latency
         assert (recorded.command_id, recorded.body, recorded.nodes) == (
             "cmd-1",
             b"body",
@@ -147,6 +149,10 @@ def test_a_command_is_claimed_once_per_node(pg_url: str) -> None:  # noqa: F811
         b.done([("cmd-1", "n1")])
         assert a.unanswered("n1", 0) == []
         assert a.unanswered("n9", 0) == []  # not a target
+        # answers are recorded in batches (a repeated one too), each pair for itself
+        a.done([("cmd-1", "n2"), ("cmd-1", "n2"), ("cmd-9", "n3")])
+        assert a.unanswered("n2", 0) == []
+        assert [c.command_id for c in a.unanswered("n3", 0)] == ["cmd-1"]
     finally:
         a.close()
         b.close()

@@ -83,6 +83,8 @@ class AgentService:
                 await self.fanout.redeliver(entry)
             while (message := await session.outbox.get()) is not None:
                 await context.write(message)
+                if self.fanout is not None:
+                    self.fanout.written(message)  # times fan-outs (commands.Delivery)
         finally:
             if reader is not None:
                 reader.cancel()

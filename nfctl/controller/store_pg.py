@@ -73,6 +73,7 @@ class StoredCommand:
     command_id: str
     body: bytes  # a serialized ControllerMessage
     nodes: list[str]
+    created: float = 0.0  # when the origin replica recorded it (its clock)
 
 
 def migrate(conn: psycopg.Connection[Any]) -> int:
@@ -210,18 +211,23 @@ class PgStore:
     def add_command(
         self, command_id: str, body: bytes, nodes: list[str], claim: list[str], created: float
     ) -> list[str]:
-        """Record a command for `nodes` and tell every replica (NOTIFY, sent at commit);
-        claims `claim` (nodes this replica holds) in the same transaction. Returns the
-        claimed nodes: deliver the command to these, and only these."""
-        with self.pool.connection() as conn, conn.transaction():
-            row = conn.execute(
-                "INSERT INTO commands (command_id, body, nodes, origin, created) "
-                "VALUES (%s, %s, %s, %s, %s) RETURNING id",
-                (command_id, body, nodes, self.replica, created),
-            ).fetchone()
-            claimed = self._claim(conn, command_id, claim)
-            conn.execute("SELECT pg_notify(%s, %s)", (COMMANDS_CHANNEL, str(row[0] if row else 0)))
-        return claimed
+        """Record a command for `nodes` and tell every replica (NOTIFY, sent at commit),
+        then claim `claim` (nodes this replica holds) in a second transaction, so that the
+        other replicas start on theirs meanwhile (claims of one node exclude each other
+        either way). Returns the claimed nodes: deliver the command to these, and only
+        these."""
+        with self.pool.connection() as conn:
+            with conn.transaction():
+                row = conn.execute(
+                    "INSERT INTO commands (command_id, body, nodes, origin, created) "
+                    "VALUES (%s, %s, %s, %s, %s) RETURNING id",
+                    (command_id, body, nodes, self.replica, created),
+                ).fetchone()
+                conn.execute(
+                    "SELECT pg_notify(%s, %s)", (COMMANDS_CHANNEL, str(row[0] if row else 0))
+                )
+            with conn.transaction():
+                return self._claim(conn, command_id, claim)
 
     def claim(self, command_id: str, nodes: list[str]) -> list[str]:
         """The nodes of `nodes` no replica has taken this command for yet, now taken."""
@@ -243,10 +249,16 @@ class PgStore:
         """(command id, node) pairs the agents answered: never delivered again."""
         if not results:
             return
-        with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-            cur.executemany(
-                "UPDATE deliveries SET done = true WHERE command_id = %s AND node = %s",
-                results,
+        # one statement per batch: a fan-out's answers arrive by the thousand while the
+        # fan-out is still being written, and an UPDATE per answer costs PostgreSQL and
+        # this process (GIL) that much more at that moment
+        commands, nodes = [c for c, _ in results], [n for _, n in results]
+        with self.pool.connection() as conn:
+            conn.execute(
+                "UPDATE deliveries SET done = true FROM unnest(%s::text[], %s::text[]) "
+                "AS answered(command_id, node) WHERE deliveries.command_id = "
+                "answered.command_id AND deliveries.node = answered.node",
+                (commands, nodes),
             )
 
     def unanswered(self, node: str, since: float) -> list[StoredCommand]:
@@ -279,10 +291,11 @@ class PgStore:
     def commands_after(self, row: int) -> list[StoredCommand]:
         with self.pool.connection() as conn:
             rows = conn.execute(
-                "SELECT id, command_id, body, nodes FROM commands WHERE id > %s ORDER BY id",
+                "SELECT id, command_id, body, nodes, created FROM commands WHERE id > %s "
+                "ORDER BY id",
                 (row,),
             ).fetchall()
-        return [StoredCommand(int(r[0]), r[1], bytes(r[2]), list(r[3])) for r in rows]
+        return [StoredCommand(int(r[0]), r[1], bytes(r[2]), list(r[3]), r[4]) for r in rows]
 
     # -- rollouts ----------------------------------------------------------------------------
     def save_rollout(
