@@ -27,7 +27,7 @@ from typing import Any
 from benchmarks.common import emit, machine, percentile
 from benchmarks.update_loss import _load_versions, _standalone
 from nfctl.bpf.syscall import BpfProgram
-from nfctl.datapath import chain, counters, datapath, interfaces, links, tc
+from nfctl.datapath import attach, chain, counters, datapath, interfaces, links, tc
 from nfctl.datapath.chain import head_key
 from nfctl.datapath.datapath import ChainMember, Datapath
 from nfctl.datapath.pins import remove_tree
@@ -45,9 +45,9 @@ STEPS: list[tuple[Any, str, str]] = [
     (chain.ChainTable, "_allocate", "  allocate a free range"),
     (counters.CounterTable, "label_slots", "  label slots with counter ids"),
     (counters.CounterTable, "release", "release counters of departed NFs"),
-    (datapath.Datapath, "uses_link", "attach policy probe (cached)"),
+    (attach.HookAttacher, "uses_link", "attach policy probe (cached)"),
     (tc, "has_clsact", "clsact check (netlink path only)"),
-    (datapath.Datapath, "_attach", "attach check (our link / filter in place)"),
+    (attach.HookAttacher, "attach", "attach check (our link / filter in place)"),
     (interfaces.TouchedInterfaces, "note_hook", "interface state file"),
 ]
 
