@@ -124,6 +124,14 @@ class ChainTable:
             self.quarantine[old] = time.monotonic()
         return base
 
+    def replace_slot(self, base: int, offset: int, prog_fd: int) -> None:
+        """Put another program into one slot of a live range: one element update, so a
+        packet runs the old program there or the new one, the rest of the chain unchanged
+        (nfctl.datapath.chains says when that is the whole change)."""
+        if not 0 <= offset < self.filled.get(base, RANGE_SIZE):
+            raise ChainError(f"slot {offset} is outside the chain in range {base}")
+        self.chain.update(struct.pack("<I", base + offset), struct.pack("<I", prog_fd))
+
     def remove(self, ifindex: int, hook: Hook) -> None:
         old = self.head(ifindex, hook)
         self.heads.delete(head_key(ifindex, hook))

@@ -11,12 +11,13 @@ import logging
 import os
 import socket
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from nfctl.bpf.syscall import BpfProgram
+from nfctl.datapath import chains, hooklinks, links, mapsync, netlink, tc
 from nfctl.datapath import dispatcher as disp
-from nfctl.datapath import hooklinks, links, mapsync, netlink, tc
 from nfctl.datapath.attach import ATTACH_POLICIES, HookAttacher
 from nfctl.datapath.builds import PinnedBuilds
 from nfctl.datapath.chain import ChainTable
@@ -74,6 +75,7 @@ class Datapath:
         self.hooks = HookObjects(self.paths, dispatcher_compiler)
         self.records = RecordStore(state_dir)
         self.builds = PinnedBuilds(self.paths, self.records)
+        self.live = chains.LiveChains()
         self.touched = TouchedInterfaces(state_dir)
         self._ipr: Any = None
         self._name_sock: socket.socket | None = None
@@ -84,6 +86,7 @@ class Datapath:
 
     # -- lifecycle ---------------------------------------------------------------
     def close(self) -> None:
+        self.live.close()
         self.hooks.close()
         if self._ipr is not None:
             self._ipr.close()
@@ -148,11 +151,15 @@ class Datapath:
 
     def discard(self, loaded: LoadedBuild) -> None:
         """Drop a build that never went live (its program pin and staged maps)."""
+        self.live.forget_pins(lambda pin: pin == loaded.prog_pin)
         self.builds.discard(loaded)
 
     def release_versions(self, nf: str, keep: set[str]) -> list[str]:
         """Unpin program versions of nf not in keep (build hashes)."""
-        return self.builds.release_versions(nf, keep)
+        released = self.builds.release_versions(nf, keep)
+        gone = {self.paths.prog_pin(nf, name) for name in released}
+        self.live.forget_pins(lambda pin: pin in gone)
+        return released
 
     # -- chains ------------------------------------------------------------------
     def uses_link(self, hook: Hook) -> bool:
@@ -171,15 +178,59 @@ class Datapath:
         """Atomically make members (in order) the chain on (ifname, hook), attaching the
         dispatcher first if the interface has none. Returns the attach mode: tcx or tc,
         or the XDP mode (native, generic). position places a new TCX link among other
-        TCX programs (first, last, before:<prog>, after:<prog>)."""
+        TCX programs (first, last, before:<prog>, after:<prog>). A version swap of one NF
+        is written into its live slot (nfctl.datapath.chains), anything else into a
+        fresh range made live by the head switch."""
         ifindex = self.ifindex(ifname)
         placement = hooklinks.Position.parse(position)
         table = self.table(hook)
+        point = (ifindex, hook)
+        wanted = tuple((m.nf, m.prog_pin) for m in members)
+        live = self.live.get(point)
+        offset = chains.swap_offset(live, wanted)
+        if live is not None and offset is not None and self._swappable(table, point, live):
+            table.replace_slot(live.base, offset, self.live.fds.fd(wanted[offset][1]))
+            self.live.record(point, replace(live, slots=wanted))
+            return live.mode
+        try:
+            base, mode = self._install(
+                ifname, table, point, members, xdp_mode, take_over, placement
+            )
+        except Exception:
+            self.live.forget(point)
+            raise
+        self.live.record(point, chains.LiveChain(base, wanted, mode))
+        return mode
+
+    def _swappable(self, table: ChainTable, point: chains.Point, live: chains.LiveChain) -> bool:
+        """Whether a slot write reaches packets: the live range is still the head, and our
+        dispatcher still runs on the hook (else the full path attaches it again)."""
+        ifindex, hook = point
+        if table.head(ifindex, hook) != live.base:
+            return False
+        ours = self.dispatcher(hook).info.prog_id
+        # our link: one pin open and one info query, no netlink dump
+        if hooklinks.linked_prog_id(self.paths, hook, ifindex)[1] == ours:
+            return True
+        return self.attached_prog_id(ifindex, hook) == ours
+
+    def _install(
+        self,
+        ifname: str,
+        table: ChainTable,
+        point: chains.Point,
+        members: list[ChainMember],
+        xdp_mode: str,
+        take_over: bool,
+        placement: hooklinks.Position,
+    ) -> tuple[int, str]:
+        """Write members into a fresh range, switch the head, (re)attach the dispatcher;
+        returns (range base, attach mode)."""
+        ifindex, hook = point
         counters = self.counter_table(hook)
         ids = [counters.counter_id(CounterKey(m.nf, ifindex, hook)) for m in members]
-        with contextlib.ExitStack() as stack:
-            fds = [stack.enter_context(BpfProgram.from_pin(str(m.prog_pin))).fd for m in members]
-            table.install(ifindex, hook, fds, label=lambda base: counters.label_slots(base, ids))
+        fds = [self.live.fds.fd(m.prog_pin) for m in members]
+        base = table.install(ifindex, hook, fds, label=lambda base: counters.label_slots(base, ids))
         names = {m.nf for m in members}
         # counters of NFs no longer on this attach point start from zero if they return
         counters.release(lambda k: k.ifindex == ifindex and k.hook is hook and k.nf not in names)
@@ -194,7 +245,7 @@ class Datapath:
         self.touched.note_hook(ifname, ifindex, hook)
         if not clsact_before:
             self.touched.note_clsact_created(ifname)
-        return mode
+        return base, mode
 
     def clear_chain(self, ifname: str, hook: Hook) -> None:
         """Detach our dispatcher from (ifname, hook) and forget its chain; another tool's
@@ -214,6 +265,7 @@ class Datapath:
             )
             if table is not None:
                 table.remove(ifindex, hook)
+            self.live.forget((ifindex, hook))
             if self.paths.counter_pins(hook_kind(hook)).counters.exists():
                 self.counter_table(hook).release(lambda k: k.ifindex == ifindex and k.hook is hook)
         self.touched.forget_hook(ifname, hook)
@@ -277,6 +329,8 @@ class Datapath:
     # -- removal -------------------------------------------------------------------
     def remove_nf(self, nf: str) -> None:
         """Unpin every program version and map of an NF that is in no chain any more."""
+        folder = self.paths.nf_dir(nf)
+        self.live.forget_pins(lambda pin: pin.is_relative_to(folder))
         self.builds.remove_nf(nf)
         for hook in (Hook.XDP, Hook.TC_INGRESS):
             if self.paths.counter_pins(hook_kind(hook)).counters.exists():
