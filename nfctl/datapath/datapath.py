@@ -9,18 +9,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from nfctl.bpf.syscall import BpfProgram
-from nfctl.datapath import chains, hooklinks, links, mapsync, netlink, tc
+from nfctl.datapath import chains, hooklinks, mapsync, netlink
 from nfctl.datapath import dispatcher as disp
 from nfctl.datapath.attach import ATTACH_POLICIES, HookAttacher
 from nfctl.datapath.builds import PinnedBuilds
 from nfctl.datapath.chain import ChainTable
+from nfctl.datapath.chainset import ChainSetter
 from nfctl.datapath.counters import CounterKey, CounterTable, VerdictCounts
 from nfctl.datapath.entries import EntryPlan
 from nfctl.datapath.hookobjects import DispatcherCompiler, HookObjects
@@ -77,8 +76,10 @@ class Datapath:
         self.builds = PinnedBuilds(self.paths, self.records)
         self.live = chains.LiveChains()
         self.touched = TouchedInterfaces(state_dir)
-        self._ipr: Any = None
-        self._name_sock: socket.socket | None = None
+        self.setter = ChainSetter(
+            self.hooks, self.attacher, self.live, self.touched, self.paths, lambda: self.ipr
+        )
+        self.handles = netlink.NetnsHandles(netns)
 
     @property
     def attach_policy(self) -> str:
@@ -88,12 +89,7 @@ class Datapath:
     def close(self) -> None:
         self.live.close()
         self.hooks.close()
-        if self._ipr is not None:
-            self._ipr.close()
-            self._ipr = None
-        if self._name_sock is not None:
-            self._name_sock.close()
-            self._name_sock = None
+        self.handles.close()
 
     def __enter__(self) -> Datapath:
         return self
@@ -103,20 +99,13 @@ class Datapath:
 
     @property
     def ipr(self) -> Any:
-        if self._ipr is None:
-            from pyroute2 import IPRoute
-
-            self._ipr = IPRoute(netns=self.netns) if self.netns else IPRoute()
-        return self._ipr
+        return self.handles.ipr
 
     def interfaces(self) -> list[netlink.Interface]:
         return netlink.list_interfaces(self.ipr)
 
     def ifindex(self, ifname: str) -> int:
-        if self._name_sock is None:
-            with links.in_netns(self.netns):  # the socket resolves names where it was made
-                self._name_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        index = netlink.index_by_name(self._name_sock, ifname)
+        index = self.handles.ifindex(ifname)
         if index is None:
             raise DatapathError(f"interface {ifname!r} not found")
         return index
@@ -183,69 +172,7 @@ class Datapath:
         fresh range made live by the head switch."""
         ifindex = self.ifindex(ifname)
         placement = hooklinks.Position.parse(position)
-        table = self.table(hook)
-        point = (ifindex, hook)
-        wanted = tuple((m.nf, m.prog_pin) for m in members)
-        live = self.live.get(point)
-        offset = chains.swap_offset(live, wanted)
-        if live is not None and offset is not None and self._swappable(table, point, live):
-            table.replace_slot(live.base, offset, self.live.fds.fd(wanted[offset][1]))
-            self.live.record(point, replace(live, slots=wanted))
-            return live.mode
-        try:
-            base, mode = self._install(
-                ifname, table, point, members, xdp_mode, take_over, placement
-            )
-        except Exception:
-            self.live.forget(point)
-            raise
-        self.live.record(point, chains.LiveChain(base, wanted, mode))
-        return mode
-
-    def _swappable(self, table: ChainTable, point: chains.Point, live: chains.LiveChain) -> bool:
-        """Whether a slot write reaches packets: the live range is still the head, and our
-        dispatcher still runs on the hook (else the full path attaches it again)."""
-        ifindex, hook = point
-        if table.head(ifindex, hook) != live.base:
-            return False
-        ours = self.dispatcher(hook).info.prog_id
-        # our link: one pin open and one info query, no netlink dump
-        if hooklinks.linked_prog_id(self.paths, hook, ifindex)[1] == ours:
-            return True
-        return self.attached_prog_id(ifindex, hook) == ours
-
-    def _install(
-        self,
-        ifname: str,
-        table: ChainTable,
-        point: chains.Point,
-        members: list[ChainMember],
-        xdp_mode: str,
-        take_over: bool,
-        placement: hooklinks.Position,
-    ) -> tuple[int, str]:
-        """Write members into a fresh range, switch the head, (re)attach the dispatcher;
-        returns (range base, attach mode)."""
-        ifindex, hook = point
-        counters = self.counter_table(hook)
-        ids = [counters.counter_id(CounterKey(m.nf, ifindex, hook)) for m in members]
-        fds = [self.live.fds.fd(m.prog_pin) for m in members]
-        base = table.install(ifindex, hook, fds, label=lambda base: counters.label_slots(base, ids))
-        names = {m.nf for m in members}
-        # counters of NFs no longer on this attach point start from zero if they return
-        counters.release(lambda k: k.ifindex == ifindex and k.hook is hook and k.nf not in names)
-        netlink_tc = hook is not Hook.XDP and not self.uses_link(hook)
-        clsact_before = not netlink_tc or tc.has_clsact(self.ipr, ifindex)
-        try:
-            mode = self.attacher.attach(ifindex, hook, xdp_mode, take_over, placement)
-        except Exception:
-            if self.attached_prog_id(ifindex, hook) != self.dispatcher(hook).info.prog_id:
-                table.remove(ifindex, hook)  # do not leave a head for a hook we do not hold
-            raise
-        self.touched.note_hook(ifname, ifindex, hook)
-        if not clsact_before:
-            self.touched.note_clsact_created(ifname)
-        return base, mode
+        return self.setter.set(ifname, ifindex, hook, members, xdp_mode, take_over, placement)
 
     def clear_chain(self, ifname: str, hook: Hook) -> None:
         """Detach our dispatcher from (ifname, hook) and forget its chain; another tool's
