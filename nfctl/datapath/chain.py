@@ -5,7 +5,9 @@ point's chain lives in one range; the heads map says which. To change a chain (r
 a version, add, remove, reorder), the new chain is written into a free range and the
 head is switched with one map update: a packet sees the old chain or the new one, never
 a mix and never none. The old range is cleared only after a quarantine, so packets
-still walking it finish on the programs they started with.
+still walking it finish on the programs they started with. The one exception is a
+version swap of a single NF, written into its live slot (replace_slot; when that is the
+whole change is decided in nfctl.datapath.chains).
 """
 
 from __future__ import annotations
