@@ -4,7 +4,9 @@ compared with (same run, same machine).
 Swaps two versions of a counting NF on one veth (no traffic needed: the cost is on the
 agent's side) N times: first unwrapped (the update as it runs), then with a
 perf_counter_ns timer around each step of Datapath.set_chain (inclusive times; install
-contains allocate, the head lookup and the counter labels). Baselines in the same run:
+contains allocate, the head lookup and the counter labels). A one-NF version swap takes
+the fast path (one slot write); --full-path turns it off, so every update takes the
+fresh range and head switch that any other chain change takes. Baselines in the same run:
 the head switch alone (the one map update that makes a chain live) and a bare
 BPF_LINK_UPDATE of a TCX / XDP link between two standalone programs.
 
@@ -26,8 +28,18 @@ from typing import Any
 
 from benchmarks.common import emit, machine, percentile
 from benchmarks.update_loss import _load_versions, _standalone
-from nfctl.bpf.syscall import BpfProgram
-from nfctl.datapath import chain, counters, datapath, interfaces, links, tc
+from nfctl.datapath import (
+    attach,
+    chain,
+    chains,
+    chainset,
+    counters,
+    datapath,
+    hooklinks,
+    interfaces,
+    links,
+    tc,
+)
 from nfctl.datapath.chain import head_key
 from nfctl.datapath.datapath import ChainMember, Datapath
 from nfctl.datapath.pins import remove_tree
@@ -38,17 +50,22 @@ from nfctl.netns import VethPair, unique_name
 STEPS: list[tuple[Any, str, str]] = [
     (datapath.Datapath, "set_chain", "set_chain (total)"),
     (datapath.Datapath, "ifindex", "interface index (ioctl)"),
-    (counters.CounterTable, "counter_id", "counter ids (lookup per NF)"),
-    (BpfProgram, "from_pin", "open member program pins"),
-    (chain.ChainTable, "install", "chain install (write range + head switch)"),
-    (chain.ChainTable, "head", "  old head lookup"),
-    (chain.ChainTable, "_allocate", "  allocate a free range"),
-    (counters.CounterTable, "label_slots", "  label slots with counter ids"),
-    (counters.CounterTable, "release", "release counters of departed NFs"),
-    (datapath.Datapath, "uses_link", "attach policy probe (cached)"),
-    (tc, "has_clsact", "clsact check (netlink path only)"),
-    (datapath.Datapath, "_attach", "attach check (our link / filter in place)"),
-    (interfaces.TouchedInterfaces, "note_hook", "interface state file"),
+    (chainset.ChainSetter, "_swappable", "swap check (head lookup + our link runs the dispatcher)"),
+    (chain.ChainTable, "head", "  head lookup"),
+    (hooklinks, "linked_prog_id", "  our link's program (pin open + link info)"),
+    (chain.ChainTable, "replace_slot", "slot write (one prog-array update)"),
+    (chains.ProgramFds, "fd", "program pin fds (opened once per version)"),
+    (chains.LiveChains, "record", "remember the live chain (closes unused fds)"),
+    (chainset.ChainSetter, "_install", "full path: fresh range + head switch + attach"),
+    (counters.CounterTable, "counter_id", "  counter ids (lookup per NF)"),
+    (chain.ChainTable, "install", "  chain install (write range + head switch)"),
+    (chain.ChainTable, "_allocate", "    allocate a free range"),
+    (counters.CounterTable, "label_slots", "    label slots with counter ids"),
+    (counters.CounterTable, "release", "  release counters of departed NFs"),
+    (attach.HookAttacher, "uses_link", "  attach policy probe (cached)"),
+    (tc, "has_clsact", "  clsact check (netlink path only)"),
+    (attach.HookAttacher, "attach", "  attach check (our link / filter in place)"),
+    (interfaces.TouchedInterfaces, "note_hook", "  interface state file"),
 ]
 
 
@@ -143,8 +160,16 @@ def main() -> None:
     parser.add_argument("--hook", choices=[h.value for h in Hook], default="tc-ingress")
     parser.add_argument("--updates", type=int, default=1000)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--full-path",
+        action="store_true",
+        help="disable the one-NF swap fast path: every update takes a fresh range and the "
+        "head switch (the path every other chain change takes)",
+    )
     args = parser.parse_args()
     hook = Hook(args.hook)
+    if args.full_path:
+        chains.swap_offset = lambda live, wanted: None
     root = Path("/sys/fs/bpf") / f"nfctl-bench-{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory() as tmp, VethPair.create(unique_name("ub")) as pair:
         dp = Datapath(root, Path(tmp) / "state", netns=pair.ns_a)
@@ -167,6 +192,7 @@ def main() -> None:
             "hook": hook.value,
             "attach": attach,
             "updates": args.updates,
+            "path": "full (fresh range + head switch)" if args.full_path else "one-NF swap",
             "set_chain_us": {"p50": _us(plain, 50), "p99": _us(plain, 99)},
             "steps_us_per_update": {
                 label: {

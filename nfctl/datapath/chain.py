@@ -5,7 +5,9 @@ point's chain lives in one range; the heads map says which. To change a chain (r
 a version, add, remove, reorder), the new chain is written into a free range and the
 head is switched with one map update: a packet sees the old chain or the new one, never
 a mix and never none. The old range is cleared only after a quarantine, so packets
-still walking it finish on the programs they started with.
+still walking it finish on the programs they started with. The one exception is a
+version swap of a single NF, written into its live slot (replace_slot; when that is the
+whole change is decided in nfctl.datapath.chains).
 """
 
 from __future__ import annotations
@@ -123,6 +125,14 @@ class ChainTable:
         if old is not None:
             self.quarantine[old] = time.monotonic()
         return base
+
+    def replace_slot(self, base: int, offset: int, prog_fd: int) -> None:
+        """Put another program into one slot of a live range: one element update, so a
+        packet runs the old program there or the new one, the rest of the chain unchanged
+        (nfctl.datapath.chains says when that is the whole change)."""
+        if not 0 <= offset < self.filled.get(base, RANGE_SIZE):
+            raise ChainError(f"slot {offset} is outside the chain in range {base}")
+        self.chain.update(struct.pack("<I", base + offset), struct.pack("<I", prog_fd))
 
     def remove(self, ifindex: int, hook: Hook) -> None:
         old = self.head(ifindex, hook)

@@ -78,3 +78,35 @@ def index_by_name(sock: socket.socket, name: str) -> int | None:
 def interface_index(handle: Any, name: str) -> int | None:
     found = handle.link_lookup(ifname=name)
     return int(found[0]) if found else None
+
+
+class NetnsHandles:
+    """The netlink handle and the name-lookup socket of one network namespace (None: ours),
+    opened on first use and kept: a chain update resolves a name with one ioctl."""
+
+    def __init__(self, netns: str | None) -> None:
+        self.netns = netns
+        self._ipr: Any = None
+        self._name_sock: socket.socket | None = None
+
+    @property
+    def ipr(self) -> Any:
+        if self._ipr is None:
+            self._ipr = IPRoute(netns=self.netns) if self.netns else IPRoute()
+        return self._ipr
+
+    def ifindex(self, ifname: str) -> int | None:
+        if self._name_sock is None:
+            from nfctl.datapath.links import in_netns
+
+            with in_netns(self.netns):  # the socket resolves names where it was made
+                self._name_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        return index_by_name(self._name_sock, ifname)
+
+    def close(self) -> None:
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+        if self._name_sock is not None:
+            self._name_sock.close()
+            self._name_sock = None

@@ -3,12 +3,13 @@ want (drift). Read-only: correcting drift is the agent's decision."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from nfctl.bpf.syscall import BpfError, BpfProgram
 from nfctl.datapath import dispatcher as disp
-from nfctl.datapath import hooklinks, xdp
+from nfctl.datapath import hooklinks, netlink, xdp
 from nfctl.datapath.chain import ChainTable
 from nfctl.datapath.pins import BpffsPaths
 from nfctl.manifest.model import Hook
@@ -176,3 +177,34 @@ def shadowing(state: AttachPointState, dispatcher_id: int | None) -> list[Progra
     if state.attach == "tc":
         return foreign
     return []
+
+
+def observe_points(
+    handle: Any,
+    paths: BpffsPaths,
+    tracked: set[tuple[str, Hook]],
+    desired: dict[tuple[str, Hook], list[str]] | None,
+    table: Callable[[Hook], ChainTable | None],
+    dispatcher_id: Callable[[Hook], int],
+    tc_settings: disp.TcSettings,
+    netns: str | None,
+) -> list[AttachPointState]:
+    """Every tracked or desired attach point, in (interface, hook) order. desired: NF
+    names in order per point (None: drift not checked; a tracked point absent from it
+    should hold no NF)."""
+    known = pinned_programs(paths)
+    points: dict[tuple[str, Hook], list[str] | None] = dict.fromkeys(
+        tracked, [] if desired is not None else None
+    )
+    points.update(desired or {})
+    out = []
+    for (ifname, hook), names in sorted(points.items(), key=lambda kv: (kv[0][0], kv[0][1].value)):
+        ifindex = netlink.interface_index(handle, ifname)
+        chains = table(hook)
+        ours = dispatcher_id(hook) if chains is not None else None
+        out.append(
+            observe_attach_point(
+                handle, paths, chains, ours, ifname, ifindex, hook, known, tc_settings, names, netns
+            )
+        )
+    return out

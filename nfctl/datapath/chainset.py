@@ -1,0 +1,118 @@
+"""Setting the chain of an attach point: a one-NF version swap into its live slot when
+that is the whole change (nfctl.datapath.chains), else the chain written into a fresh
+range, the head switched and our dispatcher attached (again, if someone removed it)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+from nfctl.datapath import chains, hooklinks, tc
+from nfctl.datapath.attach import HookAttacher
+from nfctl.datapath.chain import ChainTable
+from nfctl.datapath.counters import CounterKey
+from nfctl.datapath.hookobjects import HookObjects
+from nfctl.datapath.interfaces import TouchedInterfaces
+from nfctl.datapath.model import ChainMember
+from nfctl.datapath.pins import BpffsPaths
+from nfctl.manifest.model import Hook
+
+
+class ChainSetter:
+    """Chain writes and the attach behind them, for one Datapath."""
+
+    def __init__(
+        self,
+        hooks: HookObjects,
+        attacher: HookAttacher,
+        live: chains.LiveChains,
+        touched: TouchedInterfaces,
+        paths: BpffsPaths,
+        ipr: Callable[[], Any],
+    ) -> None:
+        self.hooks = hooks
+        self.attacher = attacher
+        self.live = live
+        self.touched = touched
+        self.paths = paths
+        self.ipr = ipr
+
+    def set(
+        self,
+        ifname: str,
+        ifindex: int,
+        hook: Hook,
+        members: list[ChainMember],
+        xdp_mode: str,
+        take_over: bool,
+        placement: hooklinks.Position,
+    ) -> str:
+        """Make members (in order) the chain on (ifindex, hook) and our dispatcher run
+        there; returns the attach mode (Datapath.set_chain)."""
+        table = self.hooks.table(hook)
+        point = (ifindex, hook)
+        wanted = tuple((m.nf, m.prog_pin) for m in members)
+        live = self.live.get(point)
+        offset = chains.swap_offset(live, wanted)
+        if live is not None and offset is not None and self._swappable(table, point, live):
+            table.replace_slot(live.base, offset, self.live.fds.fd(wanted[offset][1]))
+            self.live.record(point, replace(live, slots=wanted))
+            return live.mode
+        try:
+            base, mode = self._install(
+                ifname, table, point, members, xdp_mode, take_over, placement
+            )
+        except Exception:
+            self.live.forget(point)
+            raise
+        self.live.record(point, chains.LiveChain(base, wanted, mode))
+        return mode
+
+    def _swappable(self, table: ChainTable, point: chains.Point, live: chains.LiveChain) -> bool:
+        """Whether a slot write reaches packets: the live range is still the head, and our
+        dispatcher still runs on the hook (else the full path attaches it again)."""
+        ifindex, hook = point
+        if table.head(ifindex, hook) != live.base:
+            return False
+        ours = self.hooks.dispatcher(hook).info.prog_id
+        # our link: one pin open and one info query, no netlink dump
+        if hooklinks.linked_prog_id(self.paths, hook, ifindex)[1] == ours:
+            return True
+        return self.attacher.attached_prog_id(ifindex, hook) == ours
+
+    def _install(
+        self,
+        ifname: str,
+        table: ChainTable,
+        point: chains.Point,
+        members: list[ChainMember],
+        xdp_mode: str,
+        take_over: bool,
+        placement: hooklinks.Position,
+    ) -> tuple[int, str]:
+        """Write members into a fresh range, switch the head, (re)attach the dispatcher;
+        returns (range base, attach mode)."""
+        ifindex, hook = point
+        counters = self.hooks.counter_table(hook)
+        ids = [counters.counter_id(CounterKey(m.nf, ifindex, hook)) for m in members]
+        fds = [self.live.fds.fd(m.prog_pin) for m in members]
+        base = table.install(ifindex, hook, fds, label=lambda base: counters.label_slots(base, ids))
+        names = {m.nf for m in members}
+        # counters of NFs no longer on this attach point start from zero if they return
+        counters.release(lambda k: k.ifindex == ifindex and k.hook is hook and k.nf not in names)
+        netlink_tc = hook is not Hook.XDP and not self.attacher.uses_link(hook)
+        clsact_before = not netlink_tc or tc.has_clsact(self.ipr(), ifindex)
+        try:
+            mode = self.attacher.attach(ifindex, hook, xdp_mode, take_over, placement)
+        except Exception:
+            if (
+                self.attacher.attached_prog_id(ifindex, hook)
+                != self.hooks.dispatcher(hook).info.prog_id
+            ):
+                table.remove(ifindex, hook)  # do not leave a head for a hook we do not hold
+            raise
+        self.touched.note_hook(ifname, ifindex, hook)
+        if not clsact_before:
+            self.touched.note_clsact_created(ifname)
+        return base, mode
