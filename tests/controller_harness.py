@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self
 
@@ -19,6 +21,7 @@ from nfctl.lab.process import (
     tls_flags,
 )
 from nfctl.lab.topology import Topology
+from tests.conftest import require_kernel
 
 PY = sys.executable
 
@@ -27,6 +30,17 @@ def new_topology(count: int) -> Topology:
     return Topology.create(
         uuid.uuid4().hex[:6], count, subnet=100 + int(uuid.uuid4().hex[:2], 16) % 100
     )
+
+
+@contextmanager
+def kernel_topology(count: int) -> Iterator[Topology]:
+    """A lab topology of count nodes for one test (the kernel is required), always removed."""
+    require_kernel()
+    topology = new_topology(count)
+    try:
+        yield topology
+    finally:
+        topology.destroy()
 
 
 class Pki:

@@ -19,14 +19,13 @@ import pytest
 
 from nfctl.lab.topology import Topology, nsenter
 from tests.agent_harness import REPO_ROOT, GitDaemon, GitRepo, wait_until
-from tests.conftest import require_kernel
 from tests.controller_harness import (
     PY,
     ControllerProcess,
     NodeAgent,
     Pki,
     hub_python,
-    new_topology,
+    kernel_topology,
     operator,
 )
 
@@ -37,12 +36,8 @@ NODES = ("node1", "node2")
 
 @pytest.fixture
 def topo() -> Iterator[Topology]:
-    require_kernel()
-    topology = new_topology(len(NODES))
-    try:
+    with kernel_topology(len(NODES)) as topology:
         yield topology
-    finally:
-        topology.destroy()
 
 
 def local_events(agent: NodeAgent) -> list[tuple[int, str, str]]:
@@ -86,6 +81,18 @@ def kill(controller: ControllerProcess, signum: int) -> None:
     controller.proc = None
 
 
+def counter_fleet_source(topo: Topology, tmp_path: Path) -> tuple[Pki, GitRepo, str, GitDaemon]:
+    """Certificates for the nodes, a repository with the counter NF at 1.0.0 (c1) and the
+    Git daemon serving it on the hub."""
+    pki = Pki(tmp_path / "pki", topo, list(NODES))
+    repo = GitRepo(tmp_path / "git" / "nfs-repo")
+    repo.add_library_nf("counter")
+    c1 = repo.commit("counter 1.0.0")
+    git = GitDaemon(tmp_path / "git", topo.hub, topo.hub_ip)
+    git.start()
+    return pki, repo, c1, git
+
+
 def stream_ends(agent: NodeAgent) -> int:
     """How often the agent has seen its controller stream end or fail to open (logged at
     each attempt while the controller is away)."""
@@ -114,12 +121,7 @@ def bump(repo: GitRepo, version: str) -> str:
 
 
 def test_events_survive_controller_kills_exactly_once(topo: Topology, tmp_path: Path) -> None:
-    pki = Pki(tmp_path / "pki", topo, list(NODES))
-    repo = GitRepo(tmp_path / "git" / "nfs-repo")
-    repo.add_library_nf("counter")
-    c1 = repo.commit("counter 1.0.0")
-    git = GitDaemon(tmp_path / "git", topo.hub, topo.hub_ip)
-    git.start()
+    pki, repo, c1, git = counter_fleet_source(topo, tmp_path)
     db = tmp_path / "ctl" / "controller.db"
     controller = ControllerProcess(topo, pki, db, "--stale-after", "30").start()
     agents = [
@@ -394,12 +396,7 @@ class Channel:
 def test_liveness_watch_push_and_agent_kill(topo: Topology, tmp_path: Path) -> None:
     """A fleet through its phases: each is a function below, run in this order because
     each starts from the state the one before left (the watch spans them all)."""
-    pki = Pki(tmp_path / "pki", topo, list(NODES))
-    repo = GitRepo(tmp_path / "git" / "nfs-repo")
-    repo.add_library_nf("counter")
-    c1 = repo.commit("counter 1.0.0")
-    git = GitDaemon(tmp_path / "git", topo.hub, topo.hub_ip)
-    git.start()
+    pki, repo, c1, git = counter_fleet_source(topo, tmp_path)
     channel = Channel(topo, pki, repo, git, tmp_path / "ctl" / "controller.db", c1)
     try:
         channel.start_controller()

@@ -16,14 +16,13 @@ import pytest
 
 from nfctl.lab.topology import Topology, nsenter
 from tests.agent_harness import REPO_ROOT, GitDaemon, GitRepo, wait_until
-from tests.conftest import require_kernel
 from tests.controller_harness import (
     PY,
     ControllerProcess,
     NodeAgent,
     Pki,
     hub_python,
-    new_topology,
+    kernel_topology,
     operator,
 )
 
@@ -32,12 +31,8 @@ pytestmark = [pytest.mark.kernel, pytest.mark.e2e]
 
 @pytest.fixture
 def topo() -> Iterator[Topology]:
-    require_kernel()
-    topology = new_topology(2)
-    try:
+    with kernel_topology(2) as topology:
         yield topology
-    finally:
-        topology.destroy()
 
 
 def nodes_by_name(topo: Topology, pki: Pki) -> dict[str, dict[str, Any]]:

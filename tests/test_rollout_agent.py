@@ -192,16 +192,21 @@ def stays_on(agent: AgentProcess, revision: str, seconds: float) -> None:
         time.sleep(0.2)
 
 
+def policy_repo(gitdir: Path) -> tuple[GitRepo, str]:
+    """The blocklist NF under POLICY, committed (c1)."""
+    repo = GitRepo(gitdir / "nfs-repo")
+    repo.add_library_nf("blocklist")
+    repo.write("nfs/rollout.yaml", POLICY)
+    return repo, repo.commit("blocklist under a rollout policy")
+
+
 # -- the test --------------------------------------------------------------------------------------
 @pytest.mark.kernel
 def test_agent_runs_only_approved_revisions(
     veth: VethPair, tmp_path: Path, bpffs_root: Path
 ) -> None:
     gitdir = tmp_path / "git"
-    repo = GitRepo(gitdir / "nfs-repo")
-    repo.add_library_nf("blocklist")
-    repo.write("nfs/rollout.yaml", POLICY)
-    c1 = repo.commit("blocklist under a rollout policy")
+    repo, c1 = policy_repo(gitdir)
     repo.git("checkout", "-q", "-b", "elsewhere")
     outside = new_version(repo, 99)
     repo.git("checkout", "-q", "main")
@@ -382,10 +387,7 @@ def test_agent_once_applies_only_an_approved_revision(
     veth: VethPair, tmp_path: Path, bpffs_root: Path
 ) -> None:
     gitdir = tmp_path / "git"
-    repo = GitRepo(gitdir / "nfs-repo")
-    repo.add_library_nf("blocklist")
-    repo.write("nfs/rollout.yaml", POLICY)
-    c1 = repo.commit("blocklist under a rollout policy")
+    repo, c1 = policy_repo(gitdir)
     daemon = GitDaemon(gitdir, veth.ns_b, veth.b_ip)
     daemon.start()
     url, state = daemon.url("nfs-repo"), tmp_path / "state"

@@ -15,8 +15,7 @@ import pytest
 
 from nfctl.lab.topology import Topology
 from tests.agent_harness import GitDaemon, GitRepo, wait_until
-from tests.conftest import require_kernel
-from tests.controller_harness import ControllerProcess, NodeAgent, Pki, new_topology, operator
+from tests.controller_harness import ControllerProcess, NodeAgent, Pki, kernel_topology, operator
 
 pytestmark = [pytest.mark.kernel, pytest.mark.e2e]
 
@@ -37,12 +36,8 @@ spec:
 
 @pytest.fixture
 def topo() -> Iterator[Topology]:
-    require_kernel()
-    topology = new_topology(2)
-    try:
+    with kernel_topology(2) as topology:
         yield topology
-    finally:
-        topology.destroy()
 
 
 def rollout_of(topo: Topology, pki: Pki, revision: str) -> dict[str, Any]:

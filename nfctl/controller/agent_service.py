@@ -11,32 +11,15 @@ from typing import Any
 import grpc
 
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
-from nfctl.controller.auth import AuthPolicy
-from nfctl.controller.commands import CommandFanout
-from nfctl.controller.fleet import Fleet
-from nfctl.controller.metrics import ControllerMetrics
 from nfctl.controller.node import NodeEntry
-from nfctl.controller.rollout.engine import RolloutEngine
+from nfctl.controller.service_base import ServiceBase
 from nfctl.controller.session import Session
 
 log = logging.getLogger(__name__)
 
 
-class AgentService:
+class AgentService(ServiceBase):
     """The agent-facing service (registered by add_service)."""
-
-    def __init__(
-        self,
-        fleet: Fleet,
-        auth: AuthPolicy,
-        metrics: ControllerMetrics,
-        fanout: CommandFanout | None = None,
-    ) -> None:
-        self.fleet = fleet
-        self.auth = auth
-        self.metrics = metrics
-        self.fanout = fanout
-        self.rollouts: RolloutEngine | None = None  # set when the controller has --source
 
     async def _approval(self, node: str) -> pb.ApproveRevision | None:
         if self.rollouts is None:

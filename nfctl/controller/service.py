@@ -12,13 +12,10 @@ import grpc
 
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.api.nfctl.v1 import nfctl_pb2_grpc as pbg
-from nfctl.controller.auth import AuthPolicy
-from nfctl.controller.commands import CommandFanout
-from nfctl.controller.fleet import Fleet
-from nfctl.controller.metrics import ControllerMetrics
 from nfctl.controller.node import NodeEntry
 from nfctl.controller.pbwire import repeated_field
 from nfctl.controller.rollout.engine import RolloutEngine, RolloutError
+from nfctl.controller.service_base import ServiceBase
 from nfctl.controller.session import Session
 from nfctl.controller.staleness import is_stale
 from nfctl.controller.watchers import Watcher
@@ -26,22 +23,9 @@ from nfctl.controller.watchers import Watcher
 T = TypeVar("T")
 
 
-class FleetService(pbg.FleetServiceServicer):
+class FleetService(ServiceBase, pbg.FleetServiceServicer):
     """The operator-facing gRPC service: reads answered from the fleet, commands (reconcile,
     suspend, resume) sent to the selected nodes' streams, every call authorised first."""
-
-    def __init__(
-        self,
-        fleet: Fleet,
-        auth: AuthPolicy,
-        metrics: ControllerMetrics,
-        fanout: CommandFanout | None = None,
-    ) -> None:
-        self.fleet = fleet
-        self.auth = auth
-        self.metrics = metrics
-        self.fanout = fanout  # several replicas: commands go through the shared store
-        self.rollouts: RolloutEngine | None = None  # set when the controller has --source
 
     async def _call(self, method: str, context: Any, handler: Callable[[], Awaitable[T]]) -> T:
         start = time.perf_counter()

@@ -17,8 +17,7 @@ def sync_entries(
     paths: BpffsPaths, loaded: LoadedBuild, map_name: str, entries: list[tuple[Any, Any]]
 ) -> EntrySyncResult:
     """Make a managed map hold exactly entries: a diff in place, no reload."""
-    key_codec, value_codec = loaded.record.codecs(map_name)
-    desired = encode_entries(entries, key_codec, value_codec)
+    desired = _encoded(loaded, map_name, entries)
     with BpfMap.from_pin(str(loaded.map_pin(paths, map_name))) as bmap:
         plan = _plan(bmap, desired)
         for key, value in plan.upserts.items():
@@ -33,10 +32,15 @@ def entries_diff(
     paths: BpffsPaths, loaded: LoadedBuild, map_name: str, entries: list[tuple[Any, Any]]
 ) -> EntryPlan:
     """What sync_entries would change, without changing it (drift in warn mode)."""
-    key_codec, value_codec = loaded.record.codecs(map_name)
-    desired = encode_entries(entries, key_codec, value_codec)
     with BpfMap.from_pin(str(loaded.map_pin(paths, map_name))) as bmap:
-        return _plan(bmap, desired)
+        return _plan(bmap, _encoded(loaded, map_name, entries))
+
+
+def _encoded(
+    loaded: LoadedBuild, map_name: str, entries: list[tuple[Any, Any]]
+) -> dict[bytes, bytes]:
+    key_codec, value_codec = loaded.record.codecs(map_name)
+    return encode_entries(entries, key_codec, value_codec)
 
 
 def map_entries(paths: BpffsPaths, loaded: LoadedBuild, map_name: str) -> Iterator[tuple[Any, Any]]:
