@@ -95,6 +95,20 @@ class ControllerProcess(Process):
         return self
 
 
+def watch_events(
+    topo: Topology, pki: Pki, address: str, stdout: Any, stderr: Any = None
+) -> subprocess.Popen[str]:
+    """An operator's `nfctl events --watch -o json` from the hub, running until stopped."""
+    return subprocess.Popen(
+        [*nsenter(topo.hub), PY, "-m", "nfctl", "events", "--watch", "-o", "json",
+         "--controller", address, *pki.tls("operator")],
+        stdout=stdout,
+        stderr=stderr,
+        text=True,
+        cwd=REPO_ROOT,
+    )  # fmt: skip
+
+
 def operator(
     topo: Topology, pki: Pki, *args: str, check: bool = True, auth: list[str] | None = None
 ) -> Any:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from nfctl.lab.topology import Topology, nsenter
+from nfctl.lab.topology import Topology
 from tests.agent_harness import REPO_ROOT, GitDaemon, GitRepo, wait_until
 from tests.controller_harness import (
     PY,
@@ -27,6 +27,7 @@ from tests.controller_harness import (
     hub_python,
     kernel_topology,
     operator,
+    watch_events,
 )
 
 pytestmark = [pytest.mark.kernel, pytest.mark.e2e]
@@ -426,24 +427,8 @@ def agents_connect_and_watch_starts(channel: Channel) -> None:
     wait_until(lambda: channel.all_at(channel.c1), 90, what="agents at c1")
     wait_until(lambda: connected(topo, pki), 30, what="agents connected")
     assert channel.controller is not None
-    channel.watcher = subprocess.Popen(
-        [
-            *nsenter(topo.hub),
-            PY,
-            "-m",
-            "nfctl",
-            "events",
-            "--watch",
-            "-o",
-            "json",
-            "--controller",
-            channel.controller.address,
-            *pki.tls("operator"),
-        ],
-        stdout=channel.watch_out.open("w"),
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO_ROOT,
+    channel.watcher = watch_events(
+        topo, pki, channel.controller.address, channel.watch_out.open("w"), subprocess.PIPE
     )
 
 

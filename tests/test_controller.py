@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from nfctl.lab.topology import Topology, nsenter
+from nfctl.lab.topology import Topology
 from tests.agent_harness import REPO_ROOT, GitDaemon, GitRepo, wait_until
 from tests.controller_harness import (
     PY,
@@ -24,6 +24,7 @@ from tests.controller_harness import (
     hub_python,
     kernel_topology,
     operator,
+    watch_events,
 )
 
 pytestmark = [pytest.mark.kernel, pytest.mark.e2e]
@@ -181,23 +182,8 @@ def registration_status_and_fleet_view(fleet: Fleet) -> None:
 
 def start_event_stream(fleet: Fleet) -> None:
     """A live event stream, to see what happens next (read in event_stream_saw_the_changes)."""
-    fleet.watcher = subprocess.Popen(
-        [
-            *nsenter(fleet.topo.hub),
-            PY,
-            "-m",
-            "nfctl",
-            "events",
-            "--watch",
-            "-o",
-            "json",
-            "--controller",
-            f"{fleet.topo.hub_ip}:9443",
-            *fleet.pki.tls("operator"),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=REPO_ROOT,
+    fleet.watcher = watch_events(
+        fleet.topo, fleet.pki, f"{fleet.topo.hub_ip}:9443", subprocess.PIPE
     )
 
 
