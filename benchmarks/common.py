@@ -69,22 +69,64 @@ def emit(data: dict[str, Any], as_json: bool) -> None:
 
 
 class Flood:
-    """`ping -f` from one namespace until stopped; sent/received from ping's summary."""
+    """`ping -f` from one namespace until stopped.
+
+    Sent and received are the sender namespace's ICMP counters (echo requests out, echo
+    replies in), read once every reply still in flight when ping was stopped has arrived:
+    ping's own summary counts those as lost, which on a loaded machine turned a chain that
+    passed every packet into a loss of a few dozen. ping's summary stays as a check. The
+    namespace must have no other echo traffic while the flood runs."""
 
     def __init__(self, netns: str, target: str, preload: int = 0) -> None:
+        self.netns = netns
+        self.v6 = ":" in target
         args = ["ip", "netns", "exec", netns, "ping", "-n", "-q", "-f", "-W", "1"]
         if preload:
             args += ["-l", str(preload)]
+        self.before = self._echo_counters()
         self.proc = subprocess.Popen(
             [*args, target], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         time.sleep(0.2)
 
+    def _echo_counters(self) -> tuple[int, int]:
+        """(echo requests sent, echo replies received) by the namespace's kernel."""
+        name = "/proc/net/snmp6" if self.v6 else "/proc/net/snmp"
+        text = subprocess.run(
+            ["ip", "netns", "exec", self.netns, "cat", name],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        if self.v6:
+            fields = (line.split() for line in text.splitlines() if line.strip())
+            counts = {name: int(value) for name, value, *_ in fields}
+            return counts["Icmp6OutEchos"], counts["Icmp6InEchoReplies"]
+        header, row = [line.split() for line in text.splitlines() if line.startswith("Icmp:")]
+        values = dict(zip(header[1:], map(int, row[1:]), strict=True))
+        return values["OutEchos"], values["InEchoReps"]
+
     def stop(self) -> tuple[int, int]:
-        time.sleep(0.3)  # let in-flight replies arrive
+        time.sleep(0.3)  # the flood runs on over the last change
         self.proc.send_signal(signal.SIGINT)
         out, _ = self.proc.communicate(timeout=30)
         match = re.search(r"(\d+) packets transmitted, (\d+) received", out)
         if not match:
             raise RuntimeError(f"ping gave no summary: {out}")
-        return int(match.group(1)), int(match.group(2))
+        settled = self._settled()
+        sent, received = (now - then for now, then in zip(settled, self.before, strict=True))
+        if sent < int(match.group(1)) or received < int(match.group(2)):
+            raise RuntimeError(f"kernel counted less than ping: {settled} vs {out}")
+        return sent, received
+
+    def _settled(self) -> tuple[int, int]:
+        """The counters once replies stop arriving (a reply comes within -W 1 or never)."""
+        deadline = time.monotonic() + 1.5
+        last = self._echo_counters()
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            now = self._echo_counters()
+            if now == last and now[0] - self.before[0] == now[1] - self.before[1]:
+                return now
+            last = now
+        return last
