@@ -2,7 +2,8 @@
 
 Two versions of an NF that count ICMP echo packets into one pinned map are swapped N
 times on a veth in throwaway namespaces while `ping -f` runs through the hook.
-  lost      = echo requests sent - replies received
+  lost      = echo requests sent - replies received (the sender namespace's ICMP counters,
+              read after replies in flight at the end arrived; see Flood)
   bypassed  = replies received - requests the NF counted (not clamped: a negative value
               means requests were counted and then lost, never hidden by a bypass)
 The baseline does what tools without atomic replace do: detach, then attach the other
