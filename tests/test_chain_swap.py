@@ -5,12 +5,16 @@ A detach by another tool, a restart and a second writer all fall back to the ful
 
 from __future__ import annotations
 
+import errno
+import os
+import time
 from pathlib import Path
 
 import pytest
 
 from benchmarks.common import Flood
 from benchmarks.update_loss import ChainBuilds, _counted, load_chain
+from nfctl.bpf.syscall import prog_fd_by_id
 from nfctl.datapath.chains import LiveChain, swap_offset
 from nfctl.datapath.counters import CounterKey
 from nfctl.datapath.datapath import ChainMember, Datapath
@@ -141,3 +145,36 @@ def test_restart_and_second_writer_take_the_full_path(
     datapath.set_chain(veth.a_if, HOOK, _members(wanted))
     assert _head(datapath, veth) not in (first, second)
     assert _ids(datapath, veth) == [b.prog_id for b in wanted]
+
+
+def _in_kernel(prog_id: int) -> bool:
+    try:
+        os.close(prog_fd_by_id(prog_id))
+    except OSError as exc:
+        assert exc.errno == errno.ENOENT, exc
+        return False
+    return True
+
+
+@pytest.mark.kernel
+def test_swapped_out_version_is_freed_once_released(
+    datapath: Datapath, veth: VethPair, tmp_path: Path
+) -> None:
+    """The swap keeps program fds open for a swap back (a rollback); releasing a version
+    must still let the kernel free it: no fd of ours outlives its pin."""
+    chain = load_chain(datapath, tmp_path / "repo", HOOK)
+    pairs, _extra, _sentinel = chain
+    for versions in ([1, 1, 1, 1, 1], [1, 1, 2, 1, 1], [1, 1, 1, 1, 1], [1, 1, 2, 1, 1]):
+        datapath.set_chain(veth.a_if, HOOK, _members(_chain(chain, versions)))
+    old, new = pairs[2]
+    assert _ids(datapath, veth) == [b.prog_id for b in _chain(chain, [1, 1, 2, 1, 1])]
+    datapath.reap(force=True)
+    assert _in_kernel(old.prog_id)  # pinned, and the fd kept for a swap back
+    assert datapath.release_versions("c2", keep={new.build_hash}) == [old.build_hash[:32]]
+    deadline = time.monotonic() + 10
+    while _in_kernel(old.prog_id) and time.monotonic() < deadline:
+        time.sleep(0.1)  # the kernel frees a program after an RCU grace period
+    assert not _in_kernel(old.prog_id)
+    assert _in_kernel(new.prog_id)
+    # the chain still runs the kept version, and a swap to it again is a slot write
+    assert _ids(datapath, veth) == [b.prog_id for b in _chain(chain, [1, 1, 2, 1, 1])]

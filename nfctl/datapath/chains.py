@@ -16,6 +16,10 @@ the update, packets running it finish under RCU).
 The live chains remembered here are what this process wrote. A restarted agent starts
 with none, so its first change on each attach point goes through a fresh range; the
 head is read before every swap, so a chain another writer replaced is never patched.
+What a swap needs is held open: program fds of every version a chain has used, until
+the version is unpinned (a version swapped out is the likeliest to come back: a
+rollback), and our link of each attach point, whose info says with one query whether
+the dispatcher still runs there (another tool's detach shows as ifindex 0).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nfctl.bpf.syscall import obj_get
+from nfctl.datapath.links import PinnedLink, link_info
 from nfctl.manifest.model import Hook
 
 Point = tuple[int, Hook]  # (ifindex, hook)
@@ -53,7 +58,7 @@ def swap_offset(live: LiveChain | None, wanted: Sequence[tuple[str, Path]]) -> i
 
 
 class ProgramFds:
-    """Open fds of the program pins live chains use, so a chain write opens only pins it
+    """Open fds of the program pins chains have used, so a chain write opens only pins it
     has not opened yet. A pin is only ever replaced by unpinning it first (a discarded or
     released version), which goes through forget()."""
 
@@ -68,11 +73,6 @@ class ProgramFds:
     def pins(self) -> list[Path]:
         return list(self._fds)
 
-    def retain(self, pins: set[Path]) -> None:
-        """Close the fds of pins no live chain uses."""
-        for pin in [p for p in self._fds if p not in pins]:
-            os.close(self._fds.pop(pin))
-
     def forget(self, pins: Iterable[Path]) -> None:
         for pin in pins:
             fd = self._fds.pop(pin, None)
@@ -84,10 +84,12 @@ class ProgramFds:
 
 
 class LiveChains:
-    """The chains this process made live, per attach point, and their programs' fds."""
+    """The chains this process made live, per attach point, our link there (when attached
+    through one), and the programs' fds."""
 
     def __init__(self) -> None:
         self._live: dict[Point, LiveChain] = {}
+        self._links: dict[Point, PinnedLink] = {}
         self.fds = ProgramFds()
 
     def get(self, point: Point) -> LiveChain | None:
@@ -95,11 +97,27 @@ class LiveChains:
 
     def record(self, point: Point, chain: LiveChain) -> None:
         self._live[point] = chain
-        self._release_unused()
+
+    def hold_link(self, point: Point, link: PinnedLink | None) -> None:
+        """Keep our link on point open (None: attached over netlink), replacing the one held."""
+        old = self._links.pop(point, None)
+        if old is not None:
+            old.close()
+        if link is not None:
+            self._links[point] = link
+
+    def linked_prog_id(self, point: Point) -> int:
+        """The program our held link on point runs, or 0 if we hold none or it was
+        detached (its interface gone, or `bpftool link detach`)."""
+        link = self._links.get(point)
+        if link is None:
+            return 0
+        info = link_info(link.fd)
+        return info.prog_id if info.ifindex == point[0] else 0
 
     def forget(self, point: Point) -> None:
         self._live.pop(point, None)
-        self._release_unused()
+        self.hold_link(point, None)
 
     def forget_pins(self, unpinned: Callable[[Path], bool]) -> None:
         """Pins were removed (a discarded, released or removed version): a chain holding
@@ -107,13 +125,11 @@ class LiveChains:
         same path is opened afresh."""
         for point, chain in list(self._live.items()):
             if any(unpinned(pin) for _, pin in chain.slots):
-                del self._live[point]
-        self._release_unused()
+                self.forget(point)
         self.fds.forget([pin for pin in self.fds.pins() if unpinned(pin)])
 
-    def _release_unused(self) -> None:
-        self.fds.retain({pin for chain in self._live.values() for _, pin in chain.slots})
-
     def close(self) -> None:
+        for point in list(self._links):
+            self.hold_link(point, None)
         self._live.clear()
         self.fds.close()

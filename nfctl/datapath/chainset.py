@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from nfctl.datapath import chains, hooklinks, tc
+from nfctl.datapath import chains, hooklinks, links, tc
 from nfctl.datapath.attach import HookAttacher
 from nfctl.datapath.chain import ChainTable
 from nfctl.datapath.counters import CounterKey
@@ -67,6 +67,9 @@ class ChainSetter:
             self.live.forget(point)
             raise
         self.live.record(point, chains.LiveChain(base, wanted, mode))
+        if self.live.linked_prog_id(point) != self.hooks.dispatcher(hook).info.prog_id:
+            pin = hooklinks.link_pin(self.paths, hook, ifindex)
+            self.live.hold_link(point, links.PinnedLink.open(str(pin)))
         return mode
 
     def _swappable(self, table: ChainTable, point: chains.Point, live: chains.LiveChain) -> bool:
@@ -76,8 +79,8 @@ class ChainSetter:
         if table.head(ifindex, hook) != live.base:
             return False
         ours = self.hooks.dispatcher(hook).info.prog_id
-        # our link: one pin open and one info query, no netlink dump
-        if hooklinks.linked_prog_id(self.paths, hook, ifindex)[1] == ours:
+        # our held link: one info query, no pin open, no netlink dump
+        if self.live.linked_prog_id(point) == ours:
             return True
         return self.attacher.attached_prog_id(ifindex, hook) == ours
 
