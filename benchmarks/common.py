@@ -68,29 +68,17 @@ def emit(data: dict[str, Any], as_json: bool) -> None:
             print(f"{key}: {value}")
 
 
-class Flood:
-    """`ping -f` from one namespace until stopped.
+class EchoCounters:
+    """Echo requests sent and echo replies received by one network namespace's kernel
+    (its ICMP counters in /proc/net/snmp, or snmp6 for IPv6): they count the replies that
+    arrive after ping has exited, which ping's summary misses. The namespace must have no
+    other echo traffic while they are used."""
 
-    Sent and received are the sender namespace's ICMP counters (echo requests out, echo
-    replies in), read once every reply still in flight when ping was stopped has arrived:
-    ping's own summary counts those as lost, which on a loaded machine turned a chain that
-    passed every packet into a loss of a few dozen. ping's summary stays as a check. The
-    namespace must have no other echo traffic while the flood runs."""
-
-    def __init__(self, netns: str, target: str, preload: int = 0) -> None:
+    def __init__(self, netns: str, v6: bool = False) -> None:
         self.netns = netns
-        self.v6 = ":" in target
-        args = ["ip", "netns", "exec", netns, "ping", "-n", "-q", "-f", "-W", "1"]
-        if preload:
-            args += ["-l", str(preload)]
-        self.before = self._echo_counters()
-        self.proc = subprocess.Popen(
-            [*args, target], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        time.sleep(0.2)
+        self.v6 = v6
 
-    def _echo_counters(self) -> tuple[int, int]:
-        """(echo requests sent, echo replies received) by the namespace's kernel."""
+    def read(self) -> tuple[int, int]:
         name = "/proc/net/snmp6" if self.v6 else "/proc/net/snmp"
         text = subprocess.run(
             ["ip", "netns", "exec", self.netns, "cat", name],
@@ -106,27 +94,61 @@ class Flood:
         values = dict(zip(header[1:], map(int, row[1:]), strict=True))
         return values["OutEchos"], values["InEchoReps"]
 
+    def settled_since(self, before: tuple[int, int], wait: float = 1.5) -> tuple[int, int]:
+        """(sent, received) since before, once replies stop arriving: all are in, or none
+        came for 0.1 s and wait is over (a reply not in by then is lost)."""
+        deadline = time.monotonic() + wait
+        last = self.read()
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            now = self.read()
+            if now == last and now[0] - before[0] == now[1] - before[1]:
+                break
+            last = now
+        return last[0] - before[0], last[1] - before[1]
+
+
+def ping_summary(output: str) -> tuple[int, int]:
+    """(transmitted, received) from ping's summary line."""
+    match = re.search(r"(\d+) packets transmitted, (\d+) received", output)
+    if not match:
+        raise RuntimeError(f"ping gave no summary: {output}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def counted_echoes(
+    counters: EchoCounters, before: tuple[int, int], ping_output: str
+) -> tuple[int, int]:
+    """(sent, received) by the namespace's kernel once settled, checked against ping's own
+    summary (the kernel counts at least what ping did)."""
+    sent, received = counters.settled_since(before)
+    transmitted, answered = ping_summary(ping_output)
+    if sent < transmitted or received < answered:
+        raise RuntimeError(f"kernel counted {sent}/{received}, less than ping: {ping_output}")
+    return sent, received
+
+
+class Flood:
+    """`ping -f` from one namespace until stopped.
+
+    Sent and received are the sender namespace's ICMP counters (EchoCounters), read once
+    every reply still in flight when ping was stopped has arrived: ping's own summary counts
+    those as lost, which on a loaded machine turned a chain that passed every packet into a
+    loss of a few dozen."""
+
+    def __init__(self, netns: str, target: str, preload: int = 0) -> None:
+        args = ["ip", "netns", "exec", netns, "ping", "-n", "-q", "-f", "-W", "1"]
+        if preload:
+            args += ["-l", str(preload)]
+        self.counters = EchoCounters(netns, ":" in target)
+        self.before = self.counters.read()
+        self.proc = subprocess.Popen(
+            [*args, target], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        time.sleep(0.2)
+
     def stop(self) -> tuple[int, int]:
         time.sleep(0.3)  # the flood runs on over the last change
         self.proc.send_signal(signal.SIGINT)
         out, _ = self.proc.communicate(timeout=30)
-        match = re.search(r"(\d+) packets transmitted, (\d+) received", out)
-        if not match:
-            raise RuntimeError(f"ping gave no summary: {out}")
-        settled = self._settled()
-        sent, received = (now - then for now, then in zip(settled, self.before, strict=True))
-        if sent < int(match.group(1)) or received < int(match.group(2)):
-            raise RuntimeError(f"kernel counted less than ping: {settled} vs {out}")
-        return sent, received
-
-    def _settled(self) -> tuple[int, int]:
-        """The counters once replies stop arriving (a reply comes within -W 1 or never)."""
-        deadline = time.monotonic() + 1.5
-        last = self._echo_counters()
-        while time.monotonic() < deadline:
-            time.sleep(0.1)
-            now = self._echo_counters()
-            if now == last and now[0] - self.before[0] == now[1] - self.before[1]:
-                return now
-            last = now
-        return last
+        return counted_echoes(self.counters, self.before, out)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.common import EchoCounters, counted_echoes
 from nfctl.builder.builder import Builder
 from nfctl.datapath.datapath import ChainMember, Datapath, DatapathError, LoadedBuild
 from nfctl.manifest.model import Hook, IncompatibleMapPolicy
@@ -82,13 +83,16 @@ def test_chain_runs_in_order_and_stops_at_first_drop(
 
 
 class PingFlood:
-    """Background ping flood from b to a: sent/received from ping's own summary."""
+    """Background ping flood from b to a: sent/received from b's kernel counters once the
+    replies have settled (benchmarks.common.EchoCounters), checked against ping's summary."""
 
     def __init__(self, veth: VethPair, count: int, interval: float = 0.001) -> None:
         self.veth = veth
         self.count = count
         self.interval = interval
         self.output = ""
+        self.counters = EchoCounters(veth.ns_b)
+        self.before = (0, 0)
         self.thread = threading.Thread(target=self._run)
 
     def _run(self) -> None:
@@ -109,6 +113,7 @@ class PingFlood:
         )
 
     def __enter__(self) -> PingFlood:
+        self.before = self.counters.read()
         self.thread.start()
         return self
 
@@ -116,11 +121,7 @@ class PingFlood:
         self.thread.join()
 
     def result(self) -> tuple[int, int]:
-        import re
-
-        match = re.search(r"(\d+) packets transmitted, (\d+) received", self.output)
-        assert match, self.output
-        return int(match.group(1)), int(match.group(2))
+        return counted_echoes(self.counters, self.before, self.output)
 
 
 @pytest.mark.parametrize("hook", HOOKS, ids=lambda h: h.value)

@@ -182,6 +182,7 @@ class Datapath:
         tracked = self.touched.all().get(ifname, {}).get("ifindex")
         if isinstance(tracked, int) and tracked and tracked != ifindex:
             hooklinks.detach(self.paths, hook, tracked)  # a link whose interface is gone
+            self.live.forget((tracked, hook))
         if ifindex is not None:
             created = self.touched.created_clsact(ifname)
             self.attacher.detach(
