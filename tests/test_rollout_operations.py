@@ -251,7 +251,7 @@ def test_a_webhook_push_starts_the_rollout_without_waiting_for_the_next_fetch(
         ) as the_lab:
             c1 = await started(the_lab, repo, workers=1)
             assert the_lab.controller is not None and the_lab.controller.rollouts is not None
-            the_lab.controller.rollouts.fetch_interval = 3600.0  # only a push fetches now
+            the_lab.controller.rollouts.observer.fetch_interval = 3600.0  # only a push fetches now
             c2 = repo.commit("change", {"guard/nf.yaml": "# v2\n"})
             await asyncio.sleep(1.0)
             assert await the_lab.rollout(c2) is None
@@ -321,7 +321,7 @@ def test_an_approval_a_node_never_got_is_sent_once_more(tmp_path: Path) -> None:
         async with lab(tmp_path, repo) as the_lab:
             await started(the_lab, repo, bake="0s")
             assert the_lab.controller is not None and the_lab.controller.rollouts is not None
-            the_lab.controller.rollouts.resend_after = 1.0
+            the_lab.controller.rollouts.applier.resend_after = 1.0
             c2 = repo.commit("change", {"guard/nf.yaml": "# v2\n"})
             the_lab.agents["node-a"].lose_once.add(c2)
             done = await the_lab.wait_rollout(c2, ("Completed", "RolledBack"), timeout=60)

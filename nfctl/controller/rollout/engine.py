@@ -64,22 +64,6 @@ class RolloutEngine:
         self._poke = asyncio.Event()
         self._settled_head = ""  # a head that has its rollout already: nothing to start
 
-    @property
-    def fetch_interval(self) -> float:
-        return self.observer.fetch_interval
-
-    @fetch_interval.setter
-    def fetch_interval(self, seconds: float) -> None:
-        self.observer.fetch_interval = seconds
-
-    @property
-    def resend_after(self) -> float:
-        return self.applier.resend_after
-
-    @resend_after.setter
-    def resend_after(self, seconds: float) -> None:
-        self.applier.resend_after = seconds
-
     # -- loop -------------------------------------------------------------------------------
     def poke(self) -> None:
         """Fetch the repository now (a webhook saw a push)."""
