@@ -10,6 +10,11 @@ six ways, on the same 64-byte IPv4/UDP packet, in one run:
   chain           nfctl's dispatcher + five generated wrappers tail-calling each other,
                   built without the counting code (a codegen option only this uses)
   chain_counters  the same chain as the agent builds it, counting verdicts per NF
+and three design probes, not what the agent runs (where a faster chain would come from):
+  chain_constant_slots  chain_counters with each wrapper's slot a constant (one program
+                  per slot), so its tail call can be patched into a direct jump
+  wrappers_constant_slots  the same wrappers entered at the first NF: no dispatcher
+  wrappers_constant_slots_no_counters  and without the counting code
 Each run measures all in turn; medians over --runs. The packet passes every NF, so
 every wrapper runs: the counters are read back to prove it.
 
@@ -43,6 +48,11 @@ from nfctl.manifest.model import Hook
 from nfctl.nftest.kernel import BPF_PROG_TEST_RUN, _TestRunAttr
 
 NFS = 5
+VARIANTS_PROBED = (
+    "chain_constant_slots",
+    "wrappers_constant_slots",
+    "wrappers_constant_slots_no_counters",
+)
 LOOPBACK_IFINDEX = 1  # an unattached XDP test run sees the loopback device as ingress
 
 BODY = r"""
@@ -147,7 +157,7 @@ class BareChain:
 class Chain:
     """nfctl's dispatcher and NFS wrapped NFs, chained in slots 0..NFS-1 of a fresh root."""
 
-    def __init__(self, root: Path, counters: bool) -> None:
+    def __init__(self, root: Path, counters: bool, fixed_slots: bool = False) -> None:
         from bcc import BPF
 
         paths = BpffsPaths(root)
@@ -174,9 +184,11 @@ class Chain:
                 pins=pins,
                 names=ChainNames.fresh(),
                 counters=counters,
+                fixed_slot=index if fixed_slots else None,
             )
             self.modules.append(BPF(text=text))
             fds.append(self.modules[-1].load_func(entry_name(build), BPF.XDP).fd)
+        self.first_nf_fd = fds[0]
         self.table = CounterTable(cpins)
         self.keys = [CounterKey(f"nf{i}", LOOPBACK_IFINDEX, Hook.XDP) for i in range(NFS)]
         self.table.label_slots(0, [self.table.counter_id(k) for k in self.keys])
@@ -221,24 +233,41 @@ def main() -> None:
         bares["bare_indirect_tail_calls"] = BareChain(root / "indirect", indirect=True)
         chains["chain"] = Chain(root / "plain", counters=False)
         chains["chain_counters"] = Chain(root / "counted", counters=True)
+        chains["chain_constant_slots"] = Chain(root / "fixed", counters=True, fixed_slots=True)
+        chains["fixed_plain"] = Chain(root / "fixed-plain", counters=False, fixed_slots=True)
+        # entered at the first NF (no dispatcher)
+        probes = {
+            "wrappers_constant_slots": chains["chain_constant_slots"],
+            "wrappers_constant_slots_no_counters": chains["fixed_plain"],
+        }
         data = packet()
         samples: dict[str, list[float]] = {
-            "direct": [],
-            "bare_tail_calls": [],
-            "bare_indirect_tail_calls": [],
-            "chain": [],
-            "chain_counters": [],
+            name: []
+            for name in (
+                "direct",
+                "bare_tail_calls",
+                "bare_indirect_tail_calls",
+                "chain",
+                "chain_counters",
+                *VARIANTS_PROBED,
+            )
         }
         for _ in range(args.runs):
             samples["direct"].append(run_ns(direct_fd, data, args.repeat))
             for name, bare in bares.items():
                 samples[name].append(run_ns(bare.entry_fd, data, args.repeat))
-            for name, chain in chains.items():
-                samples[name].append(run_ns(chain.dispatcher_fd, data, args.repeat))
+            for name in ("chain", "chain_counters", "chain_constant_slots"):
+                samples[name].append(run_ns(chains[name].dispatcher_fd, data, args.repeat))
+            for name, chain in probes.items():
+                samples[name].append(run_ns(chain.first_nf_fd, data, args.repeat))
         runs_total = args.runs * args.repeat
         passed = chains["chain_counters"].passed()
         if passed != [runs_total] * NFS:
             raise RuntimeError(f"not every NF counted every packet: {passed}")
+        # run through the dispatcher and entered at the first NF: twice per run
+        fixed_passed = chains["chain_constant_slots"].passed()
+        if fixed_passed != [2 * runs_total] * NFS:
+            raise RuntimeError(f"not every constant-slot NF counted every packet: {fixed_passed}")
     finally:
         for chain in chains.values():
             chain.close()
@@ -263,6 +292,7 @@ def main() -> None:
         "chain_per_nf_ns": round((med["chain"] - med["direct"]) / NFS, 2),
         "counters_per_nf_ns": round((med["chain_counters"] - med["chain"]) / NFS, 2),
         "chain_counters_per_nf_ns": round((med["chain_counters"] - med["direct"]) / NFS, 2),
+        "probes_ns": {name: med[name] for name in VARIANTS_PROBED},
         # the same deltas from each run's own measurements (paired), then the median: the
         # shared machine's load drifts between runs more than within one
         "paired_per_nf_ns": {
@@ -273,6 +303,7 @@ def main() -> None:
             "chain": paired(samples["chain"], samples["direct"]),
             "counters": paired(samples["chain_counters"], samples["chain"]),
             "chain_counters": paired(samples["chain_counters"], samples["direct"]),
+            **{name: paired(samples[name], samples["direct"]) for name in VARIANTS_PROBED},
         },
         "counted_packets_per_nf": passed[0],
         "samples_ns": samples,

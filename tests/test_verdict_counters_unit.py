@@ -53,7 +53,9 @@ def test_status_totals_sum_an_nf_over_its_attach_points() -> None:
     assert totals["mark"].enforce.passed == 9
 
 
-def generated(hook: Hook, monitor: bool, counters: bool = True) -> str:
+def generated(
+    hook: Hook, monitor: bool, counters: bool = True, fixed_slot: int | None = None
+) -> str:
     text = nf_program(
         source_rel="nf.c",
         source_text="int f(void *ctx) { return 1; }\n",
@@ -64,6 +66,7 @@ def generated(hook: Hook, monitor: bool, counters: bool = True) -> str:
         names=ChainNames.fresh(),
         monitor=monitor,
         counters=counters,
+        fixed_slot=fixed_slot,
     )
     return text.split('#line 1 "<nfctl-generated>"')[1]
 
@@ -84,6 +87,14 @@ def test_monitor_mode_counts_in_its_own_fields_and_always_goes_on() -> None:
     assert "c->v[4 + k] += 1;" in text
     assert "if (1) {" in text
     assert "c->v[" not in generated(Hook.XDP, monitor=False, counters=False)
+
+
+def test_a_fixed_slot_replaces_the_cursor_only_in_the_design_probe() -> None:
+    agent = generated(Hook.XDP, monitor=False)
+    assert "unsigned int slot = *pos;" in agent and "*pos = next;" in agent
+    probe = generated(Hook.XDP, monitor=False, fixed_slot=3)
+    assert "unsigned int slot = 3;" in probe
+    assert "*pos" not in probe and "unsigned int next = slot + 1;" in probe
 
 
 def test_mode_is_part_of_the_build_identity() -> None:

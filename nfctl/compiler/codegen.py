@@ -237,14 +237,17 @@ def nf_program(
     names: ChainNames,
     monitor: bool = False,
     counters: bool = True,
+    fixed_slot: int | None = None,
 ) -> str:
     """The full C text for one NF: preamble, the author's source, then the chain tables,
     the chaining wrapper and the probe (the author's function alone, loaded to check what
     it references).
 
     The wrapper counts the verdict (per mode) in the slot's counter entry. In monitor mode
-    every verdict goes on down the chain as a pass. counters=False leaves the counting out:
-    only the chain_overhead benchmark builds that."""
+    every verdict goes on down the chain as a pass. counters=False leaves the counting out,
+    and fixed_slot makes the wrapper's slot a constant instead of the cursor's (so the
+    kernel can patch its tail call into a direct jump; such a program serves one slot
+    only): design probes that only the chain_overhead benchmark builds."""
     ctx_type = "struct xdp_md" if hook is Hook.XDP else "struct __sk_buff"
     if function_is_static(source_text, function):
         rename = ""
@@ -295,20 +298,28 @@ def nf_program(
             f"    {u32} *next_id = {names.slots}.lookup(&next);\n"
             + f"    if (c && next_id && *next_id) c->v[{ERRORS_FIELD}] += 1;\n"
         )
+    if fixed_slot is None:
+        slot_from = (
+            f"  {u32} zero = 0;\n"
+            + f"  {u32} *pos = {names.cursor}.lookup(&zero);\n"
+            + f"  if (!pos) {{ if ({go_on}) {end_of_chain} return verdict; }}\n"
+            + f"  {u32} slot = *pos;\n"
+        )
+        advance = "    *pos = next;\n"
+    else:
+        slot_from = f"  {u32} slot = {int(fixed_slot)};\n"
+        advance = ""
     generated = (
         tables
         + f"int {entry_name(build_hash)}({ctx_type} *ctx) {{\n"
         # volatile: a constant verdict must not fold the chaining code away, its presence
         # in the loaded program is checked
         + f"  volatile int verdict = {user_fn}(ctx);\n"
-        + f"  {u32} zero = 0;\n"
-        + f"  {u32} *pos = {names.cursor}.lookup(&zero);\n"
-        + f"  if (!pos) {{ if ({go_on}) {end_of_chain} return verdict; }}\n"
-        + f"  {u32} slot = *pos;\n"
+        + slot_from
         + count
         + f"  if ({go_on}) {{\n"
         + f"    {u32} next = slot + 1;\n"
-        + "    *pos = next;\n"
+        + advance
         + f"    {names.chain}.call(ctx, next);\n"
         + count_error
         + f"    {end_of_chain}\n"
