@@ -41,7 +41,7 @@ from nfctl.compiler.codegen import (
     dispatcher_program,
     nf_program,
 )
-from nfctl.datapath.chain import head_key
+from nfctl.datapath.chain import ChainTable
 from nfctl.datapath.counters import CounterKey, CounterTable, ensure_maps
 from nfctl.datapath.pins import BpffsPaths, remove_tree
 from nfctl.manifest.model import Hook
@@ -166,6 +166,7 @@ class Chain:
             chain_path=str(paths.chain("xdp")),
             cursor_path=str(paths.cursor("xdp")),
             heads_path=str(paths.heads("xdp")),
+            heads_index_path=str(paths.heads_index("xdp")),
             counters_path=str(cpins.counters),
             slots_path=str(cpins.slots),
         )
@@ -195,8 +196,9 @@ class Chain:
         with BpfMap.from_pin(pins.chain_path or "") as chain:
             for slot, fd in enumerate(fds):
                 chain.update(struct.pack("<I", slot), struct.pack("<I", fd))
-        with BpfMap.from_pin(pins.heads_path or "") as heads:
-            heads.update(head_key(LOOPBACK_IFINDEX, Hook.XDP), struct.pack("<I", 0))
+        table = ChainTable.open(paths.chain("xdp"), paths.heads("xdp"), paths.heads_index("xdp"))
+        table.switch_head(LOOPBACK_IFINDEX, Hook.XDP, 0)
+        table.close()
 
     def passed(self) -> list[int]:
         counts = self.table.read()

@@ -7,7 +7,7 @@ perf_counter_ns timer around each step of Datapath.set_chain (inclusive times; i
 contains allocate, the head lookup and the counter labels). A one-NF version swap takes
 the fast path (one slot write); --full-path turns it off, so every update takes the
 fresh range and head switch that any other chain change takes. Baselines in the same run:
-the head switch alone (the one map update that makes a chain live) and a bare
+the head switch alone (the map updates that make a chain live) and a bare
 BPF_LINK_UPDATE of a TCX / XDP link between two standalone programs.
 
     sudo .venv/bin/python -m benchmarks.update_breakdown --hook tc-ingress --updates 1000
@@ -39,7 +39,6 @@ from nfctl.datapath import (
     links,
     tc,
 )
-from nfctl.datapath.chain import head_key
 from nfctl.datapath.datapath import ChainMember, Datapath
 from nfctl.datapath.pins import remove_tree
 from nfctl.manifest.model import Hook
@@ -119,13 +118,13 @@ def _swap(
 
 def _head_switch(dp: Datapath, pair: VethPair, hook: Hook, n: int) -> list[int]:
     table = dp.table(hook)
-    key = head_key(dp.ifindex(pair.a_if), hook)
-    value = table.heads.lookup(key)
-    assert value is not None
+    ifindex = dp.ifindex(pair.a_if)
+    base = table.head(ifindex, hook)
+    assert base is not None
     out = []
     for _ in range(n):
         start = time.perf_counter_ns()
-        table.heads.update(key, value)
+        table.switch_head(ifindex, hook, base)
         out.append(time.perf_counter_ns() - start)
     return out
 

@@ -60,7 +60,10 @@ class VethPair:
     extra_b_ips: list[str] = field(default_factory=list)
 
     @classmethod
-    def create(cls, tag: str | None = None, subnet: int | None = None) -> VethPair:
+    def create(
+        cls, tag: str | None = None, subnet: int | None = None, a_index: int | None = None
+    ) -> VethPair:
+        """a_index: the interface index a_if gets (kept when it moves into its namespace)."""
         tag = tag or unique_name("")
         if not re.fullmatch(r"[a-z0-9]{1,12}", tag):
             raise ValueError(f"bad netns tag {tag!r}")
@@ -75,19 +78,20 @@ class VethPair:
             b_ip6=f"fd77:{octet:x}::2",
         )
         try:
-            pair._setup()
+            pair._setup(a_index)
         except BaseException:
             pair.destroy()
             raise
         return pair
 
-    def _setup(self) -> None:
+    def _setup(self, a_index: int | None = None) -> None:
         for ns in (self.ns_a, self.ns_b):
             delete_netns(ns)
             run("ip", "netns", "add", ns)
             run("ip", "link", "set", "lo", "up", netns=ns)
         tmp_a, tmp_b = f"nfa{self.tag}"[:15], f"nfb{self.tag}"[:15]
-        run("ip", "link", "add", tmp_a, "type", "veth", "peer", "name", tmp_b)
+        index = [] if a_index is None else ["index", str(a_index)]
+        run("ip", "link", "add", tmp_a, *index, "type", "veth", "peer", "name", tmp_b)
         run("ip", "link", "set", tmp_a, "netns", self.ns_a, "name", self.a_if)
         run("ip", "link", "set", tmp_b, "netns", self.ns_b, "name", self.b_if)
         for ns, ifname, ip, ip6 in (

@@ -13,6 +13,7 @@ import ctypes
 import ctypes.util
 import errno
 import functools
+import mmap
 import os
 import platform
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
+MAP_TYPE_ARRAY = 2
+BPF_F_MMAPABLE = 1 << 10
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_PROG_GET_NEXT_ID = 11
@@ -388,6 +391,23 @@ class BpfMap:
             if value is not None:
                 out.append((key, value))
         return out
+
+    def array_values(self) -> bytes:
+        """The values of every element of an array map created with BPF_F_MMAPABLE, in
+        index order, back to back: read through a mapping of the map's memory (one
+        syscall element by element, or a batch lookup, takes milliseconds for a large
+        array; this takes microseconds)."""
+        if self.info.map_type != MAP_TYPE_ARRAY or not self.info.flags & BPF_F_MMAPABLE:
+            raise BpfError(errno.EINVAL, f"map {self.info.name} is not an mmapable array")
+        size = self.info.value_size
+        stride = (size + 7) // 8 * 8  # the kernel aligns array elements to 8 bytes
+        if stride != size and size != 4:
+            raise BpfError(errno.EINVAL, f"map {self.info.name}: value size {size} unsupported")
+        length = self.info.max_entries * stride
+        pages = -(-length // mmap.PAGESIZE) * mmap.PAGESIZE
+        with mmap.mmap(self.fd, pages, mmap.MAP_SHARED, mmap.PROT_READ) as memory:
+            raw = memory[:length]
+        return raw if stride == size else memoryview(raw).cast("I")[::2].tobytes()
 
     def count(self) -> int:
         if self.info.map_type in (2, 6):  # arrays always hold max_entries elements

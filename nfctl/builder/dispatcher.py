@@ -22,6 +22,7 @@ def dispatcher_pins(paths: BpffsPaths, hook: Hook) -> BuildPins:
         chain_path=str(paths.chain(kind)),
         cursor_path=str(paths.cursor(kind)),
         heads_path=str(paths.heads(kind)),
+        heads_index_path=str(paths.heads_index(kind)),
     )
 
 

@@ -23,6 +23,10 @@ from nfctl.bpf.abi import (
     COUNTER_FIELDS,
     COUNTER_IDS,
     ERRORS_FIELD,
+    HEADS_INDEX_ENTRIES,
+    HEADS_INDEX_FLAGS,
+    HEADS_INDEX_STRIDE,
+    HEADS_INDEXED_IFINDEXES,
     HEADS_MAX,
     HOOK_IDS,
     MODES,
@@ -82,6 +86,7 @@ class BuildPins:
     chain_path: str | None = None
     cursor_path: str | None = None
     heads_path: str | None = None
+    heads_index_path: str | None = None
     counters_path: str | None = None
     slots_path: str | None = None
     # map name -> folder, for maps that must be created fresh at a staging location
@@ -357,15 +362,28 @@ def dispatcher_program(hook: Hook, pins: BuildPins) -> str:
         + "struct nfctl_head_key { u32 ifindex; u32 hook; };\n"
         + f"NFCTL_TABLE_AT({_section('hash', pins.heads_path)}, struct nfctl_head_key, u32, "
         + f"nfctl_heads, {HEADS_MAX}, 0);\n"
+        + f"NFCTL_TABLE_AT({_section('array', pins.heads_index_path)}, u32, u32, "
+        + f"nfctl_heads_index, {HEADS_INDEX_ENTRIES}, {HEADS_INDEX_FLAGS});\n"
         + f'#line 1 "{WRAPPER_FILE}"\n'
         + f"int {dispatcher_name(hook)}({ctx_type} *ctx) {{\n"
-        + f"  struct nfctl_head_key key = {{ .ifindex = {ifindex}, .hook = {HOOK_IDS[hook]} }};\n"
-        + "  u32 *base = nfctl_heads.lookup(&key);\n"
-        + f"  if (!base) return {go_on};\n"
+        + f"  u32 ifindex = {ifindex};\n"
+        + "  u32 first;\n"
+        # the same head in two maps (nfctl.datapath.chain): an array entry is a direct
+        # lookup, the hash covers ifindexes beyond the array
+        + f"  if (ifindex < {HEADS_INDEXED_IFINDEXES}) {{\n"
+        + f"    u32 index = ifindex * {HEADS_INDEX_STRIDE} + {HOOK_IDS[hook]};\n"
+        + "    u32 *entry = nfctl_heads_index.lookup(&index);\n"
+        + f"    if (!entry || !*entry) return {go_on};\n"
+        + "    first = *entry - 1;\n"
+        + "  } else {\n"
+        + f"    struct nfctl_head_key key = {{ .ifindex = ifindex, .hook = {HOOK_IDS[hook]} }};\n"
+        + "    u32 *base = nfctl_heads.lookup(&key);\n"
+        + f"    if (!base) return {go_on};\n"
+        + "    first = *base;\n"
+        + "  }\n"
         + "  u32 zero = 0;\n"
         + "  u32 *pos = nfctl_cursor.lookup(&zero);\n"
         + f"  if (!pos) return {go_on};\n"
-        + "  u32 first = *base;\n"
         + "  *pos = first;\n"
         + "  nfctl_chain.call(ctx, first);\n"
         + f"  return {go_on};\n"

@@ -246,6 +246,7 @@ def pin_dirs(req: BuildRequest) -> list[str]:
         pins.chain_path,
         pins.cursor_path,
         pins.heads_path,
+        pins.heads_index_path,
         pins.counters_path,
         pins.slots_path,
         req.prog_pin_path,

@@ -8,23 +8,42 @@ a mix and never none. The old range is cleared only after a quarantine, so packe
 still walking it finish on the programs they started with. The one exception is a
 version swap of a single NF, written into its live slot (replace_slot; when that is the
 whole change is decided in nfctl.datapath.chains).
+
+A head is kept in two maps. The hash (keyed by ifindex and hook) holds every head and is
+what this side reads. The dispatcher reads the heads of ifindexes below
+HEADS_INDEXED_IFINDEXES from an array instead (base + 1, 0 for none): an array lookup is
+a direct access, ~30 ns per packet cheaper than hashing the key. Writes never put the
+array ahead of the hash (a new head goes into the hash first, a removed one leaves the array
+first), so one that finds them apart (a crash between the two writes, or an agent version
+without the array that changed heads meanwhile) repairs the array from the hash (open()).
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nfctl.bpf.abi import CHAIN_SLOTS, HOOK_IDS, RANGE_SIZE
+from nfctl.bpf import syscall
+from nfctl.bpf.abi import (
+    CHAIN_SLOTS,
+    HEADS_INDEX_ENTRIES,
+    HEADS_INDEX_FLAGS,
+    HOOK_IDS,
+    RANGE_SIZE,
+    head_index,
+)
 from nfctl.bpf.syscall import BpfMap
 from nfctl.manifest.model import Hook
 
 MAX_CHAIN_LENGTH = RANGE_SIZE - 1  # the slot after the last NF must stay empty
 QUARANTINE_SECONDS = 0.25
 RANGE_COUNT = CHAIN_SLOTS // RANGE_SIZE
+MAP_TYPE_ARRAY = 2
 
 
 class ChainError(RuntimeError):
@@ -41,12 +60,30 @@ def parse_head_key(raw: bytes) -> tuple[int, Hook]:
     return ifindex, hook
 
 
+def ensure_heads_index(pin: Path) -> None:
+    """Create and pin the heads array if absent (a root pinned by an agent before it
+    existed), with the attributes the dispatcher declares, so its compile reuses the pin."""
+    if pin.exists():
+        return
+    fd = syscall.map_create(
+        MAP_TYPE_ARRAY, 4, 4, HEADS_INDEX_ENTRIES, HEADS_INDEX_FLAGS, name="nfctl_headsidx"
+    )
+    try:
+        syscall.obj_pin(fd, str(pin))
+    except OSError as exc:
+        if exc.errno != errno.EEXIST:  # a concurrent creator won: use its map
+            raise
+    finally:
+        os.close(fd)
+
+
 @dataclass
 class ChainTable:
-    """The chain prog array and heads map of one hook type (xdp or tc)."""
+    """The chain prog array and heads maps of one hook type (xdp or tc)."""
 
     chain: BpfMap
     heads: BpfMap
+    heads_index: BpfMap
     quarantine: dict[int, float] = field(default_factory=dict)  # base -> released at
     # How many leading slots of a range may be filled, per range this process wrote or
     # cleared. A range not listed may hold anything (written before a restart): it is
@@ -55,12 +92,36 @@ class ChainTable:
     next_range: int = 0  # where the search for a free range starts (round robin)
 
     @classmethod
-    def open(cls, chain_pin: Path, heads_pin: Path) -> ChainTable:
-        return cls(chain=BpfMap.from_pin(str(chain_pin)), heads=BpfMap.from_pin(str(heads_pin)))
+    def open(cls, chain_pin: Path, heads_pin: Path, heads_index_pin: Path) -> ChainTable:
+        ensure_heads_index(heads_index_pin)
+        table = cls(
+            chain=BpfMap.from_pin(str(chain_pin)),
+            heads=BpfMap.from_pin(str(heads_pin)),
+            heads_index=BpfMap.from_pin(str(heads_index_pin)),
+        )
+        table.repair_index()
+        return table
+
+    def repair_index(self) -> int:
+        """Make the heads array say what the hash says; returns the entries rewritten."""
+        wanted = bytearray(HEADS_INDEX_ENTRIES * 4)
+        for (ifindex, hook), base in self.all_heads().items():
+            index = head_index(ifindex, hook)
+            if index is not None:
+                struct.pack_into("<I", wanted, index * 4, base + 1)
+        current = self.heads_index.array_values()
+        if current == wanted:  # the common case, compared without a loop
+            return 0
+        now, then = memoryview(current).cast("I"), memoryview(wanted).cast("I")
+        stale = [index for index in range(HEADS_INDEX_ENTRIES) if now[index] != then[index]]
+        for index in stale:
+            self.heads_index.update(struct.pack("<I", index), struct.pack("<I", then[index]))
+        return len(stale)
 
     def close(self) -> None:
         self.chain.close()
         self.heads.close()
+        self.heads_index.close()
 
     def head(self, ifindex: int, hook: Hook) -> int | None:
         raw = self.heads.lookup(head_key(ifindex, hook))
@@ -120,11 +181,23 @@ class ChainTable:
             self.chain.delete(struct.pack("<I", base + length))
         if label is not None:
             label(base)
-        # The switch: one element update, atomic for every packet that reads the head next.
-        self.heads.update(head_key(ifindex, hook), struct.pack("<I", base))
+        self.switch_head(ifindex, hook, base)
         if old is not None:
             self.quarantine[old] = time.monotonic()
         return base
+
+    def switch_head(self, ifindex: int, hook: Hook, base: int) -> None:
+        """Make the filled range at base the chain of (ifindex, hook): for the dispatcher
+        one element update, atomic for every packet that reads the head next (the map it
+        reads for this ifindex is written once)."""
+        self.heads.update(head_key(ifindex, hook), struct.pack("<I", base))
+        self._index(ifindex, hook, base)
+
+    def _index(self, ifindex: int, hook: Hook, base: int | None) -> None:
+        index = head_index(ifindex, hook)
+        if index is not None:
+            value = 0 if base is None else base + 1
+            self.heads_index.update(struct.pack("<I", index), struct.pack("<I", value))
 
     def replace_slot(self, base: int, offset: int, prog_fd: int) -> None:
         """Put another program into one slot of a live range: one element update, so a
@@ -136,6 +209,7 @@ class ChainTable:
 
     def remove(self, ifindex: int, hook: Hook) -> None:
         old = self.head(ifindex, hook)
+        self._index(ifindex, hook, None)
         self.heads.delete(head_key(ifindex, hook))
         if old is not None:
             self.quarantine[old] = time.monotonic()

@@ -64,7 +64,9 @@ class HookObjects:
         if kind not in self._tables:
             if not self.has_tables(hook):
                 self.dispatcher(hook)  # its compile creates and pins the chain maps
-            self._tables[kind] = ChainTable.open(self.paths.chain(kind), self.paths.heads(kind))
+            self._tables[kind] = ChainTable.open(
+                self.paths.chain(kind), self.paths.heads(kind), self.paths.heads_index(kind)
+            )
         return self._tables[kind]
 
     def opened_tables(self) -> list[ChainTable]:

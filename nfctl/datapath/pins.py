@@ -1,6 +1,7 @@
 """Where nfctl pins things: one folder tree under one bpffs root.
 
 <root>/xdp/{chain,cursor,heads}          XDP chain prog array, per-CPU cursor, heads
+<root>/xdp/heads-index                   the heads of small ifindexes again, as an array
 <root>/xdp/{counters,slotctr,counter-ids} per-NF verdict counters (nfctl.datapath.counters)
 <root>/xdp/dispatcher-<build>            the XDP dispatcher program
 <root>/tc/{chain,cursor,heads}           same for TC (ingress and egress share them)
@@ -43,6 +44,9 @@ class BpffsPaths:
 
     def heads(self, kind: str) -> Path:
         return self.kind_dir(kind) / "heads"
+
+    def heads_index(self, kind: str) -> Path:
+        return self.kind_dir(kind) / "heads-index"
 
     def counter_pins(self, kind: str) -> CounterPins:
         folder = self.kind_dir(kind)
