@@ -26,8 +26,6 @@ BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
-MAP_TYPE_ARRAY = 2
-BPF_F_MMAPABLE = 1 << 10
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_PROG_GET_NEXT_ID = 11
@@ -38,6 +36,7 @@ BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_ANY = 0
 BPF_NOEXIST = 1
 BPF_EXIST = 2
+BPF_F_MMAPABLE = 1 << 10
 
 MAP_TYPE_NAMES = {
     1: "hash",
@@ -397,7 +396,7 @@ class BpfMap:
         index order, back to back: read through a mapping of the map's memory (one
         syscall element by element, or a batch lookup, takes milliseconds for a large
         array; this takes microseconds)."""
-        if self.info.map_type != MAP_TYPE_ARRAY or not self.info.flags & BPF_F_MMAPABLE:
+        if self.info.map_type != MAP_TYPE_IDS["array"] or not self.info.flags & BPF_F_MMAPABLE:
             raise BpfError(errno.EINVAL, f"map {self.info.name} is not an mmapable array")
         size = self.info.value_size
         stride = (size + 7) // 8 * 8  # the kernel aligns array elements to 8 bytes
@@ -454,6 +453,29 @@ class _MapCreateAttr(ctypes.Structure):
         ("numa_node", ctypes.c_uint32),
         ("map_name", ctypes.c_char * 16),
     ]
+
+
+def ensure_pinned_map(
+    path: str,
+    map_type: int,
+    key_size: int,
+    value_size: int,
+    max_entries: int,
+    flags: int = 0,
+    name: str = "",
+) -> None:
+    """Create a map and pin it at path, unless one is pinned there already (also when a
+    concurrent creator pins first: its map is the one used)."""
+    if os.path.exists(path):
+        return
+    fd = map_create(map_type, key_size, value_size, max_entries, flags, name)
+    try:
+        obj_pin(fd, path)
+    except OSError as exc:
+        if exc.errno != errno.EEXIST:
+            raise
+    finally:
+        os.close(fd)
 
 
 def map_create(

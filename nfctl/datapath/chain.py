@@ -20,8 +20,6 @@ without the array that changed heads meanwhile) repairs the array from the hash 
 
 from __future__ import annotations
 
-import errno
-import os
 import struct
 import time
 from collections.abc import Callable
@@ -43,7 +41,6 @@ from nfctl.manifest.model import Hook
 MAX_CHAIN_LENGTH = RANGE_SIZE - 1  # the slot after the last NF must stay empty
 QUARANTINE_SECONDS = 0.25
 RANGE_COUNT = CHAIN_SLOTS // RANGE_SIZE
-MAP_TYPE_ARRAY = 2
 
 
 class ChainError(RuntimeError):
@@ -63,18 +60,10 @@ def parse_head_key(raw: bytes) -> tuple[int, Hook]:
 def ensure_heads_index(pin: Path) -> None:
     """Create and pin the heads array if absent (a root pinned by an agent before it
     existed), with the attributes the dispatcher declares, so its compile reuses the pin."""
-    if pin.exists():
-        return
-    fd = syscall.map_create(
-        MAP_TYPE_ARRAY, 4, 4, HEADS_INDEX_ENTRIES, HEADS_INDEX_FLAGS, name="nfctl_headsidx"
+    array = syscall.MAP_TYPE_IDS["array"]
+    syscall.ensure_pinned_map(
+        str(pin), array, 4, 4, HEADS_INDEX_ENTRIES, HEADS_INDEX_FLAGS, name="nfctl_headsidx"
     )
-    try:
-        syscall.obj_pin(fd, str(pin))
-    except OSError as exc:
-        if exc.errno != errno.EEXIST:  # a concurrent creator won: use its map
-            raise
-    finally:
-        os.close(fd)
 
 
 @dataclass

@@ -15,8 +15,6 @@ A slot whose id is set but whose program the tail call did not find is a chain e
 from __future__ import annotations
 
 import contextlib
-import errno
-import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,16 +60,8 @@ def ensure_maps(pins: CounterPins) -> None:
         (pins.slots, (MAP_TYPE_ARRAY, 4, 4, CHAIN_SLOTS)),
         (pins.ids, (MAP_TYPE_HASH, _KEY.size, 4, COUNTER_IDS)),
     ):
-        if path.exists():
-            continue
-        fd = syscall.map_create(*args, name="nfctl_" + path.name.replace("-", "")[:9])
-        try:
-            syscall.obj_pin(fd, str(path))
-        except OSError as exc:
-            if exc.errno != errno.EEXIST:  # a concurrent creator won: use its map
-                raise
-        finally:
-            os.close(fd)
+        name = "nfctl_" + path.name.replace("-", "")[:9]
+        syscall.ensure_pinned_map(str(path), *args, name=name)
 
 
 @dataclass(frozen=True)
