@@ -19,7 +19,6 @@ every node (issue #12):
 from __future__ import annotations
 
 import argparse
-import re
 import signal
 import struct
 import subprocess
@@ -29,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import emit, machine
+from benchmarks.common import emit, machine, ping_summary
 from benchmarks.udp_stream import UdpStream
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.bpf.syscall import BpfMap
@@ -157,9 +156,7 @@ class Pinger:
 
     def stop(self) -> tuple[int, int]:
         self.proc.send_signal(signal.SIGINT)
-        out = self.proc.communicate(timeout=30)[0]
-        match = re.search(r"(\d+) packets transmitted, (\d+) received", out)
-        return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+        return ping_summary(self.proc.communicate(timeout=30)[0])
 
 
 def wait_rollout(lab: Lab, revision: str, timeout: float) -> pb.Rollout:

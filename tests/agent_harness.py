@@ -6,7 +6,6 @@ import base64
 import functools
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -18,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import ping_summary
 from nfctl.lab.process import NFCTL, Process, agent_command
 
 # re-exported: the agent tests and benchmarks take them from here
@@ -303,12 +303,13 @@ class PingStream:
                 check=False,
                 timeout=60,
             ).stdout
-            match = re.search(r"(\d+) packets transmitted, (\d+) received", out)
-            if match is None:
-                self.error = f"ping gave no summary: {out}"
+            try:
+                sent, received = ping_summary(out)
+            except RuntimeError as exc:
+                self.error = str(exc)
                 return
-            self.sent += int(match.group(1))
-            self.received += int(match.group(2))
+            self.sent += sent
+            self.received += received
 
     def stop(self) -> tuple[int, int]:
         """(sent, received) once the running batch has finished."""
