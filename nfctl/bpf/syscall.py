@@ -164,14 +164,24 @@ class _MapInfo(ctypes.Structure):
     ]
 
 
-def _bpf(cmd: int, attr: ctypes.Structure, operation: str) -> int:
+@functools.cache
+def _bpf_nr() -> int:
     nr = _SYSCALL_NR.get(platform.machine())
     if nr is None:
         raise BpfError(errno.ENOSYS, f"bpf() syscall number unknown for {platform.machine()}")
-    ret = _libc.syscall(nr, cmd, ctypes.byref(attr), ctypes.sizeof(attr))
+    return nr
+
+
+def _bpf_call(cmd: int, attr: ctypes.Structure) -> int:
+    """bpf(cmd, attr): its return value, negative on error (errno in ctypes.get_errno())."""
+    return int(_libc.syscall(_bpf_nr(), cmd, ctypes.byref(attr), ctypes.sizeof(attr)))
+
+
+def _bpf(cmd: int, attr: ctypes.Structure, operation: str) -> int:
+    ret = _bpf_call(cmd, attr)
     if ret < 0:
         raise BpfError(ctypes.get_errno(), operation)
-    return int(ret)
+    return ret
 
 
 @dataclass(frozen=True)
@@ -350,7 +360,9 @@ class BpfMap:
         attr = _ElemAttr(
             map_fd=self.fd, key=ctypes.addressof(kbuf), value=ctypes.addressof(vbuf), flags=flags
         )
-        _bpf(BPF_MAP_UPDATE_ELEM, attr, f"update map {self.info.name}")
+        # the message is formatted on failure only: a version swap is this one call
+        if _bpf_call(BPF_MAP_UPDATE_ELEM, attr) < 0:
+            raise BpfError(ctypes.get_errno(), f"update map {self.info.name}")
 
     def delete(self, key: bytes) -> bool:
         kbuf = ctypes.create_string_buffer(key, self.info.key_size)
@@ -396,17 +408,30 @@ class BpfMap:
         index order, back to back: read through a mapping of the map's memory (one
         syscall element by element, or a batch lookup, takes milliseconds for a large
         array; this takes microseconds)."""
+        with self.map_memory() as memory:
+            raw = memory[: self.info.max_entries * self.array_stride]
+        if self.array_stride == self.info.value_size:
+            return raw
+        return memoryview(raw).cast("I")[::2].tobytes()
+
+    @property
+    def array_stride(self) -> int:
+        """Bytes between two elements of an array map: the kernel aligns them to 8."""
+        return (self.info.value_size + 7) // 8 * 8
+
+    def map_memory(self) -> mmap.mmap:
+        """A read-only mapping of an mmapable array's elements (array_stride bytes apart;
+        values of 4 or a multiple of 8 bytes): reads see the kernel's writes with no
+        syscall. Close it before the map."""
         if self.info.map_type != MAP_TYPE_IDS["array"] or not self.info.flags & BPF_F_MMAPABLE:
             raise BpfError(errno.EINVAL, f"map {self.info.name} is not an mmapable array")
-        size = self.info.value_size
-        stride = (size + 7) // 8 * 8  # the kernel aligns array elements to 8 bytes
-        if stride != size and size != 4:
-            raise BpfError(errno.EINVAL, f"map {self.info.name}: value size {size} unsupported")
-        length = self.info.max_entries * stride
+        if self.array_stride != self.info.value_size and self.info.value_size != 4:
+            raise BpfError(
+                errno.EINVAL, f"map {self.info.name}: value size {self.info.value_size} unsupported"
+            )
+        length = self.info.max_entries * self.array_stride
         pages = -(-length // mmap.PAGESIZE) * mmap.PAGESIZE
-        with mmap.mmap(self.fd, pages, mmap.MAP_SHARED, mmap.PROT_READ) as memory:
-            raw = memory[:length]
-        return raw if stride == size else memoryview(raw).cast("I")[::2].tobytes()
+        return mmap.mmap(self.fd, pages, mmap.MAP_SHARED, mmap.PROT_READ)
 
     def count(self) -> int:
         if self.info.map_type in (2, 6):  # arrays always hold max_entries elements
