@@ -48,9 +48,9 @@ from nfctl.netns import VethPair, unique_name
 STEPS: list[tuple[Any, str, str]] = [
     (datapath.Datapath, "set_chain", "set_chain (total)"),
     (datapath.Datapath, "ifindex", "interface index (ioctl)"),
-    (chainset.ChainSetter, "_swappable", "swap check (head lookup + our link runs the dispatcher)"),
-    (chain.ChainTable, "head", "  head lookup"),
-    (chains.LiveChains, "linked_prog_id", "  our held link's program (link info)"),
+    (chains.LiveChains, "named", "live chain known for the interface"),
+    (chain.ChainTable, "live_head", "swap check: the head packets take (mapped array)"),
+    (chain.ChainTable, "head", "head lookup (hash)"),
     (chain.ChainTable, "replace_slot", "slot write (one prog-array update)"),
     (chains.ProgramFds, "fd", "program pin fds (opened once per version)"),
     (chains.LiveChains, "record", "remember the live chain"),
@@ -129,6 +129,17 @@ def _head_switch(dp: Datapath, pair: VethPair, hook: Hook, n: int) -> list[int]:
     return out
 
 
+def _observe(dp: Datapath, n: int) -> list[int]:
+    """The observation a reconcile pass makes before it changes anything: where our
+    dispatcher still running and the head are checked for the swap (Datapath.observe)."""
+    out = []
+    for _ in range(n):
+        start = time.perf_counter_ns()
+        dp.observe()
+        out.append(time.perf_counter_ns() - start)
+    return out
+
+
 def _link_update(pair: VethPair, hook: Hook, root: Path, n: int) -> list[int]:
     """A bare BPF_LINK_UPDATE between two standalone programs, on the other veth end."""
     _objs, fds = _standalone(hook, root / "bench-seen")
@@ -180,6 +191,7 @@ def main() -> None:
             with timed_steps() as spent:
                 _swap(dp, pair, hook, members, args.updates)
             switch = _head_switch(dp, pair, hook, args.updates)
+            observed = _observe(dp, min(args.updates, 200))
             link = _link_update(pair, hook, root, args.updates)
         finally:
             dp.teardown()
@@ -205,6 +217,8 @@ def main() -> None:
             },
             "head_switch_us": {"p50": _us(switch, 50), "p99": _us(switch, 99)},
             "link_update_us": {"p50": _us(link, 50), "p99": _us(link, 99)},
+            # once per reconcile pass, not per update: its checks are why a swap needs none
+            "observe_pass_us": {"p50": _us(observed, 50), "p99": _us(observed, 99)},
             "machine": machine(),
         },
         args.json,

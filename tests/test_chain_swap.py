@@ -1,7 +1,8 @@
 """The one-NF version swap fast path (nfctl.datapath.chains): on a live chain of five NFs
 plus a sentinel, a swap writes the new version into its slot in place, under a ping flood
 that must lose nothing and bypass nothing; any other change still builds a fresh range.
-A detach by another tool, a restart and a second writer all fall back to the full path."""
+A detach by another tool (once observed, as every reconcile pass observes first), a
+restart and a second writer all fall back to the full path."""
 
 from __future__ import annotations
 
@@ -99,7 +100,7 @@ def test_one_nf_swap_patches_only_its_slot_under_traffic(
 
 
 @pytest.mark.kernel
-def test_swap_after_foreign_detach_attaches_again(
+def test_swap_after_an_observed_foreign_detach_attaches_again(
     datapath: Datapath, veth: VethPair, bpffs_root: Path, tmp_path: Path
 ) -> None:
     chain = load_chain(datapath, tmp_path / "repo", HOOK)
@@ -109,6 +110,10 @@ def test_swap_after_foreign_detach_attaches_again(
     assert datapath.attached_prog_id(ifindex, HOOK) == ours
     assert detach_links(bpffs_root, HOOK.value) == 1  # as `bpftool link detach` would
     assert datapath.attached_prog_id(ifindex, HOOK) == 0
+    # the observation every reconcile pass makes before changing anything sees it, and
+    # the swap that follows takes the full path: a fresh range and our dispatcher again
+    (state,) = [s for s in datapath.observe() if (s.ifname, s.hook) == (veth.a_if, HOOK)]
+    assert not state.ours
     swapped = _chain(chain, [1, 2, 1, 1, 1])
     assert datapath.set_chain(veth.a_if, HOOK, _members(swapped)) == "tcx"
     assert datapath.attached_prog_id(ifindex, HOOK) == ours

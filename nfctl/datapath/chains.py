@@ -13,13 +13,20 @@ point, same counter id), no NF departed (no counter release), no range is alloca
 quarantined (the live range stays live; the kernel drops the old program's reference at
 the update, packets running it finish under RCU).
 
-The live chains remembered here are what this process wrote. A restarted agent starts
-with none, so its first change on each attach point goes through a fresh range; the
-head is read before every swap, so a chain another writer replaced is never patched.
-What a swap needs is held open: program fds of every version a chain has used, until
-the version is unpinned (a version swapped out is the likeliest to come back: a
-rollback), and our link of each attach point, whose info says with one query whether
-the dispatcher still runs there (another tool's detach shows as ifindex 0).
+The live chains remembered here are what this process wrote, and what a swap trusts: an
+observation (Datapath.observe, which every reconcile pass runs before it changes
+anything) forgets an attach point whose dispatcher is gone or replaced, whose interface
+is gone or has another index, or whose head is another range, so the next change there
+takes the full path and attaches again. The swap itself checks only the head packets
+take, read from the mapped heads array (no syscall): a second writer or a restarted agent
+that moved the chain to another range is never patched behind its back. It does not ask
+the kernel again whether our dispatcher still runs on the hook: the pass's observation
+asked a few milliseconds before (a check right before the write would narrow that window,
+not close it: another tool can detach the dispatcher just after either), and the next
+observation repairs a detach that falls in between. A restarted agent starts with no live
+chains, so its first change on each attach point goes through a fresh range. Program fds
+of every version a chain has used stay open until the version is unpinned (a version
+swapped out is the likeliest to come back: a rollback).
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nfctl.bpf.syscall import obj_get
-from nfctl.datapath.links import PinnedLink, link_info
+from nfctl.datapath.observe import AttachPointState
 from nfctl.manifest.model import Hook
 
 Point = tuple[int, Hook]  # (ifindex, hook)
@@ -51,10 +58,15 @@ def swap_offset(live: LiveChain | None, wanted: Sequence[tuple[str, Path]]) -> i
     of live (same NFs, same order); None for any other change, or no change at all."""
     if live is None or len(wanted) != len(live.slots):
         return None
-    if [nf for nf, _ in wanted] != [nf for nf, _ in live.slots]:
-        return None
-    changed = [i for i, (now, new) in enumerate(zip(live.slots, wanted, strict=True)) if now != new]
-    return changed[0] if len(changed) == 1 else None
+    changed = None
+    for offset, ((nf, pin), (new_nf, new_pin)) in enumerate(zip(live.slots, wanted, strict=True)):
+        if nf != new_nf:
+            return None
+        if pin != new_pin:
+            if changed is not None:
+                return None
+            changed = offset
+    return changed
 
 
 class ProgramFds:
@@ -84,40 +96,46 @@ class ProgramFds:
 
 
 class LiveChains:
-    """The chains this process made live, per attach point, our link there (when attached
-    through one), and the programs' fds."""
+    """The chains this process made live, per attach point and per (interface name, hook),
+    and the programs' fds."""
 
     def __init__(self) -> None:
         self._live: dict[Point, LiveChain] = {}
-        self._links: dict[Point, PinnedLink] = {}
+        self._named: dict[tuple[str, Hook], Point] = {}
         self.fds = ProgramFds()
 
     def get(self, point: Point) -> LiveChain | None:
         return self._live.get(point)
 
-    def record(self, point: Point, chain: LiveChain) -> None:
+    def named(self, ifname: str, hook: Hook) -> tuple[Point, LiveChain] | None:
+        """The live chain on ifname's hook, with its point (the ifindex it was made live
+        on or last observed at), if this process knows one."""
+        point = self._named.get((ifname, hook))
+        chain = self._live.get(point) if point is not None else None
+        return None if point is None or chain is None else (point, chain)
+
+    def record(self, ifname: str, point: Point, chain: LiveChain) -> None:
+        old = self._named.get((ifname, point[1]))
+        if old is not None and old != point:
+            self.forget(old)
         self._live[point] = chain
+        self._named[(ifname, point[1])] = point
 
-    def hold_link(self, point: Point, link: PinnedLink | None) -> None:
-        """Keep our link on point open (None: attached over netlink), replacing the one held."""
-        old = self._links.pop(point, None)
-        if old is not None:
-            old.close()
-        if link is not None:
-            self._links[point] = link
-
-    def linked_prog_id(self, point: Point) -> int:
-        """The program our held link on point runs, or 0 if we hold none or it was
-        detached (its interface gone, or `bpftool link detach`)."""
-        link = self._links.get(point)
-        if link is None:
-            return 0
-        info = link_info(link.fd)
-        return info.prog_id if info.ifindex == point[0] else 0
+    def confirm(self, states: Iterable[AttachPointState]) -> None:
+        """Forget each live chain an observation shows is not what packets run: our
+        dispatcher not on the hook, the interface gone or another index, another head."""
+        for state in states:
+            known = self.named(state.ifname, state.hook)
+            if known is None:
+                continue
+            point, chain = known
+            if state.ifindex != point[0] or not state.ours or state.head != chain.base:
+                self.forget(point)
 
     def forget(self, point: Point) -> None:
         self._live.pop(point, None)
-        self.hold_link(point, None)
+        for key in [k for k, p in self._named.items() if p == point]:
+            del self._named[key]
 
     def forget_pins(self, unpinned: Callable[[Path], bool]) -> None:
         """Pins were removed (a discarded, released or removed version): a chain holding
@@ -129,7 +147,6 @@ class LiveChains:
         self.fds.forget([pin for pin in self.fds.pins() if unpinned(pin)])
 
     def close(self) -> None:
-        for point in list(self._links):
-            self.hold_link(point, None)
         self._live.clear()
+        self._named.clear()
         self.fds.close()

@@ -1,14 +1,14 @@
 """Setting the chain of an attach point: a one-NF version swap into its live slot when
-that is the whole change (nfctl.datapath.chains), else the chain written into a fresh
-range, the head switched and our dispatcher attached (again, if someone removed it)."""
+that is the whole change to a chain this process made live and last saw running
+(nfctl.datapath.chains), else the chain written into a fresh range, the head switched
+and our dispatcher attached (again, if someone removed it)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
-from nfctl.datapath import chains, hooklinks, links, tc
+from nfctl.datapath import chains, hooklinks, tc
 from nfctl.datapath.attach import HookAttacher
 from nfctl.datapath.chain import ChainTable
 from nfctl.datapath.counters import CounterKey
@@ -41,24 +41,28 @@ class ChainSetter:
     def set(
         self,
         ifname: str,
-        ifindex: int,
         hook: Hook,
         members: list[ChainMember],
         xdp_mode: str,
         take_over: bool,
-        placement: hooklinks.Position,
+        position: str,
+        ifindex: Callable[[], int],
     ) -> str:
-        """Make members (in order) the chain on (ifindex, hook) and our dispatcher run
-        there; returns the attach mode (Datapath.set_chain)."""
+        """Make members (in order) the chain on (ifname, hook) and our dispatcher run
+        there; returns the attach mode (Datapath.set_chain). ifindex resolves the
+        interface, asked only when the change is not a swap of a known live chain."""
         table = self.hooks.table(hook)
-        point = (ifindex, hook)
         wanted = tuple((m.nf, m.prog_pin) for m in members)
-        live = self.live.get(point)
-        offset = chains.swap_offset(live, wanted)
-        if live is not None and offset is not None and self._swappable(table, point, live):
-            table.replace_slot(live.base, offset, self.live.fds.fd(wanted[offset][1]))
-            self.live.record(point, replace(live, slots=wanted))
-            return live.mode
+        known = self.live.named(ifname, hook)
+        if known is not None:
+            point, live = known
+            offset = chains.swap_offset(live, wanted)
+            if offset is not None and table.live_head(*point) == live.base:
+                table.replace_slot(live.base, offset, self.live.fds.fd(wanted[offset][1]))
+                self.live.record(ifname, point, chains.LiveChain(live.base, wanted, live.mode))
+                return live.mode
+        placement = hooklinks.Position.parse(position)
+        point = (ifindex(), hook)
         try:
             base, mode = self._install(
                 ifname, table, point, members, xdp_mode, take_over, placement
@@ -66,23 +70,8 @@ class ChainSetter:
         except Exception:
             self.live.forget(point)
             raise
-        self.live.record(point, chains.LiveChain(base, wanted, mode))
-        if self.live.linked_prog_id(point) != self.hooks.dispatcher(hook).info.prog_id:
-            pin = hooklinks.link_pin(self.paths, hook, ifindex)
-            self.live.hold_link(point, links.PinnedLink.open(str(pin)))
+        self.live.record(ifname, point, chains.LiveChain(base, wanted, mode))
         return mode
-
-    def _swappable(self, table: ChainTable, point: chains.Point, live: chains.LiveChain) -> bool:
-        """Whether a slot write reaches packets: the live range is still the head, and our
-        dispatcher still runs on the hook (else the full path attaches it again)."""
-        ifindex, hook = point
-        if table.head(ifindex, hook) != live.base:
-            return False
-        ours = self.hooks.dispatcher(hook).info.prog_id
-        # our held link: one info query, no pin open, no netlink dump
-        if self.live.linked_prog_id(point) == ours:
-            return True
-        return self.attacher.attached_prog_id(ifindex, hook) == ours
 
     def _install(
         self,

@@ -169,10 +169,12 @@ class Datapath:
         or the XDP mode (native, generic). position places a new TCX link among other
         TCX programs (first, last, before:<prog>, after:<prog>). A version swap of one NF
         is written into its live slot (nfctl.datapath.chains), anything else into a
-        fresh range made live by the head switch."""
-        ifindex = self.ifindex(ifname)
-        placement = hooklinks.Position.parse(position)
-        return self.setter.set(ifname, ifindex, hook, members, xdp_mode, take_over, placement)
+        fresh range made live by the head switch. The swap trusts what this process
+        last wrote or observed there: call observe() first (every reconcile pass does),
+        so that a dispatcher another tool removed is attached again."""
+        return self.setter.set(
+            ifname, hook, members, xdp_mode, take_over, position, lambda: self.ifindex(ifname)
+        )
 
     def clear_chain(self, ifname: str, hook: Hook) -> None:
         """Detach our dispatcher from (ifname, hook) and forget its chain; another tool's
@@ -213,13 +215,15 @@ class Datapath:
         self, desired: dict[tuple[str, Hook], list[str]] | None = None
     ) -> list[AttachPointState]:
         """The kernel's view of every attach point we track or want (desired: NF names in
-        order per (interface, hook)); drift lists what differs from desired."""
+        order per (interface, hook)); drift lists what differs from desired. A chain this
+        process made live that the view shows is not running is forgotten, so the next
+        change there takes the full path (set_chain)."""
         tracked = {
             (ifname, Hook(name))
             for ifname, entry in self.tracked_interfaces().items()
             for name in entry.get("hooks", [])
         }
-        return observe_points(
+        states = observe_points(
             self.ipr,
             self.paths,
             tracked,
@@ -229,6 +233,8 @@ class Datapath:
             self.tc_settings,
             self.netns,
         )
+        self.live.confirm(states)
+        return states
 
     def reap(self, force: bool = False) -> None:
         for table in self.hooks.opened_tables():

@@ -42,6 +42,7 @@ class AttachPointState:
     ours: bool  # the hook holds our current dispatcher
     chain: list[ProgramRef] = field(default_factory=list)
     has_head: bool = False
+    head: int | None = None  # the chain's range base (from the heads hash)
     xdp_mode: str | None = None
     drift: list[str] = field(default_factory=list)
     attach: str | None = None  # tcx | xdp-link (pinned bpf_link) | tc | netlink
@@ -126,9 +127,10 @@ def observe_attach_point(
         state.tcx = [program_ref(i, known) for i, _ in hooklinks.tcx_programs(netns, ifindex, hook)]
     state.shadowed_by = shadowing(state, dispatcher_id)
     if table is not None:
-        ids = table.chain_prog_ids(ifindex, hook)
-        state.has_head = ids is not None
-        state.chain = [program_ref(i, known) for i in ids or []]
+        state.head = table.head(ifindex, hook)
+        state.has_head = state.head is not None
+        ids = table.slot_prog_ids(state.head) if state.head is not None else []
+        state.chain = [program_ref(i, known) for i in ids]
     if desired is None:
         return state
     if desired:
