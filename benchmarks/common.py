@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 import signal
 import statistics
 import subprocess
@@ -14,6 +13,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from nfctl.netns import ping_summary
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -106,14 +107,6 @@ class EchoCounters:
                 break
             last = now
         return last[0] - before[0], last[1] - before[1]
-
-
-def ping_summary(output: str) -> tuple[int, int]:
-    """(transmitted, received) from ping's summary line."""
-    match = re.search(r"(\d+) packets transmitted, (\d+) received", output)
-    if not match:
-        raise RuntimeError(f"ping gave no summary: {output}")
-    return int(match.group(1)), int(match.group(2))
 
 
 def counted_echoes(

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import emit, machine, ping_summary
+from benchmarks.common import emit, machine
 from benchmarks.udp_stream import UdpStream
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.bpf.syscall import BpfMap
@@ -36,6 +36,7 @@ from nfctl.datapath.pins import BpffsPaths
 from nfctl.lab.lab import Lab, LabError
 from nfctl.lab.process import REPO_ROOT
 from nfctl.lab.topology import nsenter
+from nfctl.netns import ping_summary
 
 FINISHED = ("Completed", "RolledBack", "Halted", "Aborted")
 GOOD_RATE, BAD_RATE, FIXED_RATE = 20000, 20, 30000

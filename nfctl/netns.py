@@ -28,6 +28,14 @@ def run(*args: str, netns: str | None = None, check: bool = True, timeout: float
     return proc.stdout
 
 
+def ping_summary(output: str) -> tuple[int, int]:
+    """(transmitted, received) from ping's summary line; ValueError if it printed none."""
+    match = re.search(r"(\d+) packets transmitted, (\d+) received", output)
+    if not match:
+        raise ValueError(f"ping gave no summary: {output}")
+    return int(match.group(1)), int(match.group(2))
+
+
 def unique_name(tag: str) -> str:
     """Short and unique: netns names are free, but interface names hold 15 bytes."""
     return f"{tag}{uuid.uuid4().hex[:6]}"

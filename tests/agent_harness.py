@@ -17,13 +17,12 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ping_summary
 from nfctl.lab.process import NFCTL, Process, agent_command
 
 # re-exported: the agent tests and benchmarks take them from here
 from nfctl.lab.process import REPO_ROOT as REPO_ROOT
 from nfctl.lab.process import wait_until as wait_until
-from nfctl.netns import VethPair
+from nfctl.netns import VethPair, ping_summary
 
 
 class GitRepo:

@@ -10,7 +10,6 @@ Exit 0 only if every step behaved."""
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from rich.table import Table
 
 from nfctl.api.nfctl.v1 import nfctl_pb2 as pb
 from nfctl.lab.lab import Lab, LabError
+from nfctl.netns import ping_summary
 
 FINISHED = ("Completed", "RolledBack", "Halted", "Aborted")
 RATE_GOOD = "rate_pps: 20000, burst: 40000"
@@ -172,9 +172,10 @@ class Demo:
         seconds = lab.wait_applied(sha)
         self.say(f"every node compiled, verified and swapped it in {seconds:.2f}s")
         out, _ = flood.communicate(timeout=120)
-        match = re.search(r"(\d+) packets transmitted, (\d+) received", out)
-        assert match, out
-        sent, received = int(match.group(1)), int(match.group(2))
+        try:
+            sent, received = ping_summary(out)
+        except ValueError as exc:
+            raise AssertionError(str(exc)) from None  # a failed step, not a crashed demo
         after = lab.program_ids("blocklist")
         assert all(after[n] != before[n] for n in after), (
             f"program not replaced: {before} -> {after}"
