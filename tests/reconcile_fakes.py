@@ -97,6 +97,8 @@ class FakeKernel:
     committed: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     set_calls: list[AttachPoint] = field(default_factory=list)
+    # ("observe", points asked about) and ("set", point), in call order
+    calls: list[tuple[str, frozenset[AttachPoint]]] = field(default_factory=list)
     _ids: Any = field(default_factory=lambda: itertools.count(100))
 
     # reads
@@ -107,6 +109,7 @@ class FakeKernel:
         return sorted(self.tracked)
 
     def observe(self, desired: dict[tuple[str, Hook], list[str]]) -> list[AttachPointState]:
+        self.calls.append(("observe", frozenset(AttachPoint(i, h) for i, h in desired)))
         out = []
         for (ifname, hook), names in sorted(desired.items(), key=lambda kv: str(kv[0])):
             point = AttachPoint(ifname, hook)
@@ -222,6 +225,7 @@ class FakeKernel:
         position: str,
     ) -> str | None:
         self.set_calls.append(point)
+        self.calls.append(("set", frozenset([point])))
         if point in self.failing or point.ifname not in self.interfaces:
             raise DatapathError(f"cannot attach at {point}")
         if point in self.foreign and not take_over:

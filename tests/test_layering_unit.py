@@ -13,7 +13,6 @@ from pathlib import Path
 NFCTL = Path(__file__).resolve().parent.parent / "nfctl"
 GENERATED = {"api"}  # protoc output: imports only itself and grpc
 
-# Cycles another branch removes; the lead empties this when that branch is merged.
 Graph = dict[str, dict[str, set[str]]]  # package -> imported package -> importing modules
 
 

@@ -145,6 +145,30 @@ def test_a_manifest_that_stops_parsing_keeps_its_nf_attached(node: Node) -> None
     assert node.nf("blocklist") is NFState.FAILED
 
 
+def test_every_chain_write_follows_the_pass_observation_of_its_point(node: Node) -> None:
+    """The datapath's one-NF swap trusts the pass's observation (a dispatcher another tool
+    removed is seen there and attached again), so no pass may set a chain it did not
+    observe first: a first pass, a version swap, drift, an added NF."""
+    node.git.commit(two_nfs())
+    node.sync()
+    changed = program(extra="// 2\n")
+    node.git.commit({**two_nfs(), **nf_files("counter", priority=20, source=changed)})
+    node.sync()
+    del node.kernel.chains[ETH0_XDP]
+    node.reconciler.check_drift()
+    node.git.commit({**two_nfs(), **nf_files("dscp", priority=30)})
+    node.sync()
+    seen: frozenset[AttachPoint] = frozenset()
+    written = 0
+    for kind, points in node.kernel.calls:
+        if kind == "observe":
+            seen = points
+        else:
+            assert points <= seen, (points, seen)
+            written += 1
+    assert written == 2 + 2 + 1 + 2  # both interfaces per change, the drifted point alone
+
+
 def test_chain_drift_is_corrected_in_correct_mode(node: Node) -> None:
     node.git.commit(two_nfs())
     node.sync()
