@@ -16,8 +16,8 @@ a direct access, ~30 ns per packet cheaper than hashing the key. Writes never pu
 array ahead of the hash (a new head goes into the hash first, a removed one leaves the array
 first), so one that finds them apart (a crash between the two writes, or an agent version
 without the array that changed heads meanwhile) repairs the array from the hash (open()).
-live_head() reads the head packets take where the array covers the ifindex through a
-mapping of the array, so checking it costs no syscall (a version swap does, every time).
+live_head() reads the head packets take through a mapping of the array where it covers the
+ifindex: the check every version swap makes costs no syscall.
 """
 
 from __future__ import annotations

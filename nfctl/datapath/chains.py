@@ -18,8 +18,9 @@ observation (Datapath.observe, which every reconcile pass runs before it changes
 anything) forgets an attach point whose dispatcher is gone or replaced, whose interface
 is gone or has another index, or whose head is another range, so the next change there
 takes the full path and attaches again. The swap itself checks only the head packets
-take, read from the mapped heads array (no syscall): a second writer or a restarted agent
-that moved the chain to another range is never patched behind its back. It does not ask
+take (ChainTable.live_head, a memory read below ifindex 16,384): a second writer or a
+restarted agent that moved the chain to another range is never patched behind its back.
+It does not ask
 the kernel again whether our dispatcher still runs on the hook: the pass's observation
 asked a few milliseconds before (a check right before the write would narrow that window,
 not close it: another tool can detach the dispatcher just after either), and the next

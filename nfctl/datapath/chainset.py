@@ -15,7 +15,6 @@ from nfctl.datapath.counters import CounterKey
 from nfctl.datapath.hookobjects import HookObjects
 from nfctl.datapath.interfaces import TouchedInterfaces
 from nfctl.datapath.model import ChainMember
-from nfctl.datapath.pins import BpffsPaths
 from nfctl.manifest.model import Hook
 
 
@@ -28,14 +27,12 @@ class ChainSetter:
         attacher: HookAttacher,
         live: chains.LiveChains,
         touched: TouchedInterfaces,
-        paths: BpffsPaths,
         ipr: Callable[[], Any],
     ) -> None:
         self.hooks = hooks
         self.attacher = attacher
         self.live = live
         self.touched = touched
-        self.paths = paths
         self.ipr = ipr
 
     def set(

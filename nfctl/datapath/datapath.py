@@ -77,7 +77,7 @@ class Datapath:
         self.live = chains.LiveChains()
         self.touched = TouchedInterfaces(state_dir)
         self.setter = ChainSetter(
-            self.hooks, self.attacher, self.live, self.touched, self.paths, lambda: self.ipr
+            self.hooks, self.attacher, self.live, self.touched, lambda: self.ipr
         )
         self.handles = netlink.NetnsHandles(netns)
 

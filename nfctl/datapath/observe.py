@@ -41,8 +41,7 @@ class AttachPointState:
     hook_prog: ProgramRef | None  # what sits on the hook (ideally our dispatcher)
     ours: bool  # the hook holds our current dispatcher
     chain: list[ProgramRef] = field(default_factory=list)
-    has_head: bool = False
-    head: int | None = None  # the chain's range base (from the heads hash)
+    head: int | None = None  # the chain's range base (from the heads hash), None: no chain
     xdp_mode: str | None = None
     drift: list[str] = field(default_factory=list)
     attach: str | None = None  # tcx | xdp-link (pinned bpf_link) | tc | netlink
@@ -128,7 +127,6 @@ def observe_attach_point(
     state.shadowed_by = shadowing(state, dispatcher_id)
     if table is not None:
         state.head = table.head(ifindex, hook)
-        state.has_head = state.head is not None
         ids = table.slot_prog_ids(state.head) if state.head is not None else []
         state.chain = [program_ref(i, known) for i in ids]
     if desired is None:
