@@ -20,14 +20,13 @@ is gone or has another index, or whose head is another range, so the next change
 takes the full path and attaches again. The swap itself checks only the head packets
 take (ChainTable.live_head, a memory read below ifindex 16,384): a second writer or a
 restarted agent that moved the chain to another range is never patched behind its back.
-It does not ask
-the kernel again whether our dispatcher still runs on the hook: the pass's observation
-asked a few milliseconds before (a check right before the write would narrow that window,
-not close it: another tool can detach the dispatcher just after either), and the next
-observation repairs a detach that falls in between. A restarted agent starts with no live
-chains, so its first change on each attach point goes through a fresh range. Program fds
-of every version a chain has used stay open until the version is unpinned (a version
-swapped out is the likeliest to come back: a rollback).
+It does not ask the kernel again whether our dispatcher still runs on the hook: the
+pass's observation asked a few milliseconds before (a check right before the write would
+narrow that window, not close it: another tool can detach the dispatcher just after
+either), and the next observation repairs a detach that falls in between. A restarted
+agent starts with no live chains, so its first change on each attach point goes through
+a fresh range. Program fds of every version a chain has used stay open until the version
+is unpinned (a version swapped out is the likeliest to come back: a rollback).
 """
 
 from __future__ import annotations
@@ -104,9 +103,6 @@ class LiveChains:
         self._live: dict[Point, LiveChain] = {}
         self._named: dict[tuple[str, Hook], Point] = {}
         self.fds = ProgramFds()
-
-    def get(self, point: Point) -> LiveChain | None:
-        return self._live.get(point)
 
     def named(self, ifname: str, hook: Hook) -> tuple[Point, LiveChain] | None:
         """The live chain on ifname's hook, with its point (the ifindex it was made live
