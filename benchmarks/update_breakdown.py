@@ -130,8 +130,9 @@ def _head_switch(dp: Datapath, pair: VethPair, hook: Hook, n: int) -> list[int]:
 
 
 def _observe(dp: Datapath, n: int) -> list[int]:
-    """The observation a reconcile pass makes before it changes anything: where our
-    dispatcher still running and the head are checked for the swap (Datapath.observe)."""
+    """The observation a reconcile pass makes before it changes anything
+    (Datapath.observe): where the swap's checks are made, whether our dispatcher still
+    runs on the hook and which range is the head."""
     out = []
     for _ in range(n):
         start = time.perf_counter_ns()
