@@ -48,7 +48,7 @@ from nfctl.netns import VethPair, unique_name
 STEPS: list[tuple[Any, str, str]] = [
     (datapath.Datapath, "set_chain", "set_chain (total)"),
     (datapath.Datapath, "ifindex", "interface index (ioctl)"),
-    (chains.LiveChains, "named", "live chain known for the interface"),
+    (chains.LiveChains, "get", "live chain known for the interface"),
     (chain.ChainTable, "live_head", "swap check: the head packets take (mapped array)"),
     (chain.ChainTable, "head", "head lookup (hash)"),
     (chain.ChainTable, "replace_slot", "slot write (one prog-array update)"),

@@ -48,7 +48,7 @@ def _ids(dp: Datapath, veth: VethPair) -> list[int] | None:
 # -- pure: which changes are a one-NF swap ----------------------------------------------
 def test_swap_offset_only_for_one_changed_version() -> None:
     a1, a2, b1, b2, c1 = (Path(p) for p in ("a/1", "a/2", "b/1", "b/2", "c/1"))
-    live = LiveChain(0, (("a", a1), ("b", b1)), "tcx")
+    live = LiveChain(7, 0, (("a", a1), ("b", b1)), "tcx")
     assert swap_offset(live, [("a", a1), ("b", b2)]) == 1
     assert swap_offset(live, [("a", a2), ("b", b1)]) == 0
     assert swap_offset(live, [("a", a2), ("b", b2)]) is None  # two NFs

@@ -40,14 +40,13 @@ from nfctl.bpf.syscall import obj_get
 from nfctl.datapath.observe import AttachPointState
 from nfctl.manifest.model import Hook
 
-Point = tuple[int, Hook]  # (ifindex, hook)
-
 
 @dataclass(frozen=True)
 class LiveChain:
-    """A chain this process made live: its range, (NF, program pin) per slot in order,
-    and the attach mode set_chain reported for it."""
+    """A chain this process made live: the interface index it was made live on, its
+    range, (NF, program pin) per slot in order, and the attach mode set_chain reported."""
 
+    ifindex: int
     base: int
     slots: tuple[tuple[str, Path], ...]
     mode: str
@@ -96,54 +95,41 @@ class ProgramFds:
 
 
 class LiveChains:
-    """The chains this process made live, per attach point and per (interface name, hook),
-    and the programs' fds."""
+    """The chains this process made live, per (interface name, hook), and the programs'
+    fds."""
 
     def __init__(self) -> None:
-        self._live: dict[Point, LiveChain] = {}
-        self._named: dict[tuple[str, Hook], Point] = {}
+        self._live: dict[tuple[str, Hook], LiveChain] = {}
         self.fds = ProgramFds()
 
-    def named(self, ifname: str, hook: Hook) -> tuple[Point, LiveChain] | None:
-        """The live chain on ifname's hook, with its point (the ifindex it was made live
-        on or last observed at), if this process knows one."""
-        point = self._named.get((ifname, hook))
-        chain = self._live.get(point) if point is not None else None
-        return None if point is None or chain is None else (point, chain)
+    def get(self, ifname: str, hook: Hook) -> LiveChain | None:
+        return self._live.get((ifname, hook))
 
-    def record(self, ifname: str, point: Point, chain: LiveChain) -> None:
-        old = self._named.get((ifname, point[1]))
-        if old is not None and old != point:
-            self.forget(old)
-        self._live[point] = chain
-        self._named[(ifname, point[1])] = point
+    def record(self, ifname: str, hook: Hook, chain: LiveChain) -> None:
+        self._live[(ifname, hook)] = chain
 
     def confirm(self, states: Iterable[AttachPointState]) -> None:
         """Forget each live chain an observation shows is not what packets run: our
         dispatcher not on the hook, the interface gone or another index, another head."""
         for state in states:
-            known = self.named(state.ifname, state.hook)
-            if known is None:
+            chain = self.get(state.ifname, state.hook)
+            if chain is None:
                 continue
-            point, chain = known
-            if state.ifindex != point[0] or not state.ours or state.head != chain.base:
-                self.forget(point)
+            if state.ifindex != chain.ifindex or not state.ours or state.head != chain.base:
+                self.forget(state.ifname, state.hook)
 
-    def forget(self, point: Point) -> None:
-        self._live.pop(point, None)
-        for key in [k for k, p in self._named.items() if p == point]:
-            del self._named[key]
+    def forget(self, ifname: str, hook: Hook) -> None:
+        self._live.pop((ifname, hook), None)
 
     def forget_pins(self, unpinned: Callable[[Path], bool]) -> None:
         """Pins were removed (a discarded, released or removed version): a chain holding
         one is no longer known, and its fd is closed, so a version pinned again at the
         same path is opened afresh."""
-        for point, chain in list(self._live.items()):
+        for key, chain in list(self._live.items()):
             if any(unpinned(pin) for _, pin in chain.slots):
-                self.forget(point)
+                del self._live[key]
         self.fds.forget([pin for pin in self.fds.pins() if unpinned(pin)])
 
     def close(self) -> None:
         self._live.clear()
-        self._named.clear()
         self.fds.close()

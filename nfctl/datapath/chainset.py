@@ -50,31 +50,33 @@ class ChainSetter:
         interface, asked only when the change is not a swap of a known live chain."""
         table = self.hooks.table(hook)
         wanted = tuple((m.nf, m.prog_pin) for m in members)
-        known = self.live.named(ifname, hook)
-        if known is not None:
-            point, live = known
+        live = self.live.get(ifname, hook)
+        if live is not None:
             offset = chains.swap_offset(live, wanted)
-            if offset is not None and table.live_head(*point) == live.base:
+            if offset is not None and table.live_head(live.ifindex, hook) == live.base:
                 table.replace_slot(live.base, offset, self.live.fds.fd(wanted[offset][1]))
-                self.live.record(ifname, point, chains.LiveChain(live.base, wanted, live.mode))
+                self.live.record(
+                    ifname, hook, chains.LiveChain(live.ifindex, live.base, wanted, live.mode)
+                )
                 return live.mode
         placement = hooklinks.Position.parse(position)
-        point = (ifindex(), hook)
+        index = ifindex()
         try:
             base, mode = self._install(
-                ifname, table, point, members, xdp_mode, take_over, placement
+                ifname, table, index, hook, members, xdp_mode, take_over, placement
             )
         except Exception:
-            self.live.forget(point)
+            self.live.forget(ifname, hook)
             raise
-        self.live.record(ifname, point, chains.LiveChain(base, wanted, mode))
+        self.live.record(ifname, hook, chains.LiveChain(index, base, wanted, mode))
         return mode
 
     def _install(
         self,
         ifname: str,
         table: ChainTable,
-        point: chains.Point,
+        ifindex: int,
+        hook: Hook,
         members: list[ChainMember],
         xdp_mode: str,
         take_over: bool,
@@ -82,7 +84,6 @@ class ChainSetter:
     ) -> tuple[int, str]:
         """Write members into a fresh range, switch the head, (re)attach the dispatcher;
         returns (range base, attach mode)."""
-        ifindex, hook = point
         counters = self.hooks.counter_table(hook)
         ids = [counters.counter_id(CounterKey(m.nf, ifindex, hook)) for m in members]
         fds = [self.live.fds.fd(m.prog_pin) for m in members]

@@ -184,7 +184,6 @@ class Datapath:
         tracked = self.touched.all().get(ifname, {}).get("ifindex")
         if isinstance(tracked, int) and tracked and tracked != ifindex:
             hooklinks.detach(self.paths, hook, tracked)  # a link whose interface is gone
-            self.live.forget((tracked, hook))
         if ifindex is not None:
             created = self.touched.created_clsact(ifname)
             self.attacher.detach(
@@ -195,9 +194,9 @@ class Datapath:
             )
             if table is not None:
                 table.remove(ifindex, hook)
-            self.live.forget((ifindex, hook))
             if self.paths.counter_pins(hook_kind(hook)).counters.exists():
                 self.counter_table(hook).release(lambda k: k.ifindex == ifindex and k.hook is hook)
+        self.live.forget(ifname, hook)
         self.touched.forget_hook(ifname, hook)
 
     def attached_prog_id(self, ifindex: int, hook: Hook) -> int:
