@@ -360,7 +360,7 @@ class BpfMap:
         attr = _ElemAttr(
             map_fd=self.fd, key=ctypes.addressof(kbuf), value=ctypes.addressof(vbuf), flags=flags
         )
-        # the message is formatted on failure only: a version swap is this one call
+        # the message is formatted on failure only: a chain write makes several of these
         if _bpf_call(BPF_MAP_UPDATE_ELEM, attr) < 0:
             raise BpfError(ctypes.get_errno(), f"update map {self.info.name}")
 
@@ -437,6 +437,33 @@ class BpfMap:
         if self.info.map_type in (2, 6):  # arrays always hold max_entries elements
             return self.info.max_entries
         return len(self.keys())
+
+
+class U32Writer:
+    """Element updates of one map with 4-byte keys and values, the syscall's arguments
+    built once: a one-NF version swap is this one write, and building the buffers and
+    the attribute for each call (BpfMap.update) was ~1.7 us of the write's ~3.7."""
+
+    def __init__(self, bpf_map: BpfMap) -> None:
+        if bpf_map.info.key_size != 4 or bpf_map.info.value_size != 4:
+            raise BpfError(errno.EINVAL, f"map {bpf_map.info.name}: keys or values not 4 bytes")
+        self._name = bpf_map.info.name
+        self._key = ctypes.c_uint32()
+        self._value = ctypes.c_uint32()
+        self._attr = _ElemAttr(
+            map_fd=bpf_map.fd,
+            key=ctypes.addressof(self._key),
+            value=ctypes.addressof(self._value),
+            flags=BPF_ANY,
+        )
+        attr = ctypes.byref(self._attr)
+        self._args = (_bpf_nr(), BPF_MAP_UPDATE_ELEM, attr, ctypes.sizeof(self._attr))
+
+    def write(self, key: int, value: int) -> None:
+        self._key.value = key
+        self._value.value = value
+        if _libc.syscall(*self._args) < 0:
+            raise BpfError(ctypes.get_errno(), f"update map {self._name}")
 
 
 class BpfProgram:

@@ -83,6 +83,7 @@ class ChainTable:
     filled: dict[int, int] = field(default_factory=dict)
     next_range: int = 0  # where the search for a free range starts (round robin)
     _index_memory: mmap.mmap | None = field(default=None, init=False, repr=False)
+    _slot_writer: syscall.U32Writer | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def open(cls, chain_pin: Path, heads_pin: Path, heads_index_pin: Path) -> ChainTable:
@@ -115,6 +116,7 @@ class ChainTable:
         if self._index_memory is not None:
             self._index_memory.close()
             self._index_memory = None
+        self._slot_writer = None  # it holds the chain map's fd
         self.chain.close()
         self.heads.close()
         self.heads_index.close()
@@ -215,7 +217,9 @@ class ChainTable:
         (nfctl.datapath.chains says when that is the whole change)."""
         if not 0 <= offset < self.filled.get(base, RANGE_SIZE):
             raise ChainError(f"slot {offset} is outside the chain in range {base}")
-        self.chain.update(struct.pack("<I", base + offset), struct.pack("<I", prog_fd))
+        if self._slot_writer is None:
+            self._slot_writer = syscall.U32Writer(self.chain)
+        self._slot_writer.write(base + offset, prog_fd)
 
     def remove(self, ifindex: int, hook: Hook) -> None:
         old = self.head(ifindex, hook)
