@@ -18,6 +18,11 @@ and three design probes, not what the agent runs (where a faster chain would com
 Each run measures all in turn; medians over --runs. The packet passes every NF, so
 every wrapper runs: the counters are read back to prove it.
 
+What a constant slot costs a chain update, after the runs: --writes prog-array writes
+into slot 2 (alternately NF 2's and NF 3's program, as a version swap writes it) of the
+agent's chain and of the constant-slot chain, where NF 1's tail call to slot 2 is a
+direct jump the kernel patches on every write (slot_write_us).
+
 sudo .venv/bin/python -m benchmarks.chain_overhead --json
 """
 
@@ -27,11 +32,12 @@ import argparse
 import ctypes
 import statistics
 import struct
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import emit, machine
+from benchmarks.common import emit, machine, percentile
 from nfctl.bpf import syscall
 from nfctl.bpf.abi import dispatcher_name, entry_name
 from nfctl.bpf.syscall import BpfMap
@@ -160,6 +166,7 @@ class Chain:
     def __init__(self, root: Path, counters: bool, fixed_slots: bool = False) -> None:
         from bcc import BPF
 
+        self.root = root
         paths = BpffsPaths(root)
         cpins = paths.counter_pins("xdp")
         pins = BuildPins(
@@ -190,6 +197,7 @@ class Chain:
             self.modules.append(BPF(text=text))
             fds.append(self.modules[-1].load_func(entry_name(build), BPF.XDP).fd)
         self.first_nf_fd = fds[0]
+        self.nf_fds = fds
         self.table = CounterTable(cpins)
         self.keys = [CounterKey(f"nf{i}", LOOPBACK_IFINDEX, Hook.XDP) for i in range(NFS)]
         self.table.label_slots(0, [self.table.counter_id(k) for k in self.keys])
@@ -199,6 +207,19 @@ class Chain:
         table = ChainTable.open(paths.chain("xdp"), paths.heads("xdp"), paths.heads_index("xdp"))
         table.switch_head(LOOPBACK_IFINDEX, Hook.XDP, 0)
         table.close()
+
+    def slot_write_us(self, writes: int) -> dict[str, float]:
+        """p50 / p99 of prog-array writes into slot 2, alternately NF 3's and NF 2's
+        program (the chain is left as it was)."""
+        with BpfMap.from_pin(str(BpffsPaths(self.root).chain("xdp"))) as chain:
+            writer = syscall.U32Writer(chain)
+            spent = []
+            for i in range(writes):
+                start = time.perf_counter_ns()
+                writer.write(2, self.nf_fds[3 if i % 2 == 0 else 2])
+                spent.append((time.perf_counter_ns() - start) / 1000)
+            writer.write(2, self.nf_fds[2])
+        return {"p50": round(percentile(spent, 50), 1), "p99": round(percentile(spent, 99), 1)}
 
     def passed(self) -> list[int]:
         counts = self.table.read()
@@ -218,6 +239,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=2_000_000)
     parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--writes", type=int, default=2000)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.repeat < 1_000_000:
@@ -270,6 +292,10 @@ def main() -> None:
         fixed_passed = chains["chain_constant_slots"].passed()
         if fixed_passed != [2 * runs_total] * NFS:
             raise RuntimeError(f"not every constant-slot NF counted every packet: {fixed_passed}")
+        slot_writes = {
+            name: chains[name].slot_write_us(args.writes)
+            for name in ("chain_counters", "chain_constant_slots")
+        }
     finally:
         for chain in chains.values():
             chain.close()
@@ -308,6 +334,7 @@ def main() -> None:
             **{name: paired(samples[name], samples["direct"]) for name in VARIANTS_PROBED},
         },
         "counted_packets_per_nf": passed[0],
+        "slot_write_us": slot_writes,
         "samples_ns": samples,
         "machine": machine(),
     }
