@@ -442,7 +442,8 @@ class BpfMap:
 class U32Writer:
     """Element updates of one map with 4-byte keys and values, the syscall's arguments
     built once: a one-NF version swap is this one write, and building the buffers and
-    the attribute for each call (BpfMap.update) was ~1.7 us of the write's ~3.7."""
+    the attribute for each call (BpfMap.update) was ~1.7 us of the write's ~3.7. One
+    writer at a time: the key and value buffers are shared between calls."""
 
     def __init__(self, bpf_map: BpfMap) -> None:
         if bpf_map.info.key_size != 4 or bpf_map.info.value_size != 4:
