@@ -79,8 +79,9 @@ UDP_RATE = 2000  # datagrams per second
 
 
 def update_times(timings: list[float]) -> dict[str, Any]:
-    """p50 and p99 of the updates (seconds in) in ms, and their tail in µs: preempted
-    samples are tens of µs, so where they start (p98 to p99.5) is what the p99 depends on."""
+    """p50 and p99 of the update times (given in seconds) in ms, and their tail in µs:
+    a preempted update takes tens of µs, so the share of them (where the tail starts,
+    p98 to p99.5) is what the p99 of a µs update depends on."""
     return {
         "update_ms_p50": round(percentile(timings, 50) * 1000, 3),
         "update_ms_p99": round(percentile(timings, 99) * 1000, 3),
