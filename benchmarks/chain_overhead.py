@@ -15,6 +15,8 @@ and three design probes, not what the agent runs (where a faster chain would com
                   per slot), so its tail call can be patched into a direct jump
   wrappers_constant_slots  the same wrappers entered at the first NF: no dispatcher
   wrappers_constant_slots_no_counters  and without the counting code
+  wrappers_constant_slots_and_counter_ids  with the counting code, each wrapper's
+                  counter entry a constant too (no lookup of the slot's label)
 Each run measures all in turn; medians over --runs. The packet passes every NF, so
 every wrapper runs: the counters are read back to prove it.
 
@@ -58,6 +60,7 @@ VARIANTS_PROBED = (
     "chain_constant_slots",
     "wrappers_constant_slots",
     "wrappers_constant_slots_no_counters",
+    "wrappers_constant_slots_and_counter_ids",
 )
 LOOPBACK_IFINDEX = 1  # an unattached XDP test run sees the loopback device as ingress
 
@@ -163,7 +166,9 @@ class BareChain:
 class Chain:
     """nfctl's dispatcher and NFS wrapped NFs, chained in slots 0..NFS-1 of a fresh root."""
 
-    def __init__(self, root: Path, counters: bool, fixed_slots: bool = False) -> None:
+    def __init__(
+        self, root: Path, counters: bool, fixed_slots: bool = False, fixed_ids: bool = False
+    ) -> None:
         from bcc import BPF
 
         self.root = root
@@ -178,6 +183,9 @@ class Chain:
             slots_path=str(cpins.slots),
         )
         ensure_maps(cpins)
+        self.table = CounterTable(cpins)
+        self.keys = [CounterKey(f"nf{i}", LOOPBACK_IFINDEX, Hook.XDP) for i in range(NFS)]
+        ids = [self.table.counter_id(k) for k in self.keys]
         self.modules = [BPF(text=dispatcher_program(Hook.XDP, pins))]
         self.dispatcher_fd = self.modules[0].load_func(dispatcher_name(Hook.XDP), BPF.XDP).fd
         fds = []
@@ -193,14 +201,13 @@ class Chain:
                 names=ChainNames.fresh(),
                 counters=counters,
                 fixed_slot=index if fixed_slots else None,
+                fixed_counter_id=ids[index] if fixed_ids else None,
             )
             self.modules.append(BPF(text=text))
             fds.append(self.modules[-1].load_func(entry_name(build), BPF.XDP).fd)
         self.first_nf_fd = fds[0]
         self.nf_fds = fds
-        self.table = CounterTable(cpins)
-        self.keys = [CounterKey(f"nf{i}", LOOPBACK_IFINDEX, Hook.XDP) for i in range(NFS)]
-        self.table.label_slots(0, [self.table.counter_id(k) for k in self.keys])
+        self.table.label_slots(0, ids)
         with BpfMap.from_pin(pins.chain_path or "") as chain:
             for slot, fd in enumerate(fds):
                 chain.update(struct.pack("<I", slot), struct.pack("<I", fd))
@@ -231,6 +238,16 @@ class Chain:
             module.cleanup()
 
 
+def mitigations() -> dict[str, str]:
+    """The CPU's Spectre v2 and return-stack mitigations: what an indirect jump (a tail
+    call through a map) and a return (a subprogram call) cost depends on them."""
+    base = Path("/sys/devices/system/cpu/vulnerabilities")
+    return {
+        name: (base / name).read_text().strip() if (base / name).exists() else "unknown"
+        for name in ("spectre_v2", "spec_rstack_overflow", "retbleed")
+    }
+
+
 def paired(values: list[float], baseline: list[float]) -> float:
     return round(statistics.median(v - b for v, b in zip(values, baseline, strict=True)) / NFS, 2)
 
@@ -259,10 +276,14 @@ def main() -> None:
         chains["chain_counters"] = Chain(root / "counted", counters=True)
         chains["chain_constant_slots"] = Chain(root / "fixed", counters=True, fixed_slots=True)
         chains["fixed_plain"] = Chain(root / "fixed-plain", counters=False, fixed_slots=True)
+        chains["fixed_ids"] = Chain(
+            root / "fixed-ids", counters=True, fixed_slots=True, fixed_ids=True
+        )
         # entered at the first NF (no dispatcher)
         probes = {
             "wrappers_constant_slots": chains["chain_constant_slots"],
             "wrappers_constant_slots_no_counters": chains["fixed_plain"],
+            "wrappers_constant_slots_and_counter_ids": chains["fixed_ids"],
         }
         data = packet()
         samples: dict[str, list[float]] = {
@@ -292,6 +313,8 @@ def main() -> None:
         fixed_passed = chains["chain_constant_slots"].passed()
         if fixed_passed != [2 * runs_total] * NFS:
             raise RuntimeError(f"not every constant-slot NF counted every packet: {fixed_passed}")
+        if chains["fixed_ids"].passed() != [runs_total] * NFS:
+            raise RuntimeError("not every NF with a constant counter entry counted every packet")
         slot_writes = {
             name: chains[name].slot_write_us(args.writes)
             for name in ("chain_counters", "chain_constant_slots")
@@ -335,6 +358,7 @@ def main() -> None:
         },
         "counted_packets_per_nf": passed[0],
         "slot_write_us": slot_writes,
+        "mitigations": mitigations(),
         "samples_ns": samples,
         "machine": machine(),
     }

@@ -22,6 +22,7 @@ RUNS: list[tuple[str, list[str]]] = [
         "update_loss_tc_egress",
         ["benchmarks.update_loss", "--hook", "tc-egress", "--updates", "1000"],
     ),
+    ("chain_overhead", ["benchmarks.chain_overhead"]),
     ("rediscover", ["benchmarks.rediscover", "--nfs", "50"]),
     ("compile_times", ["benchmarks.compile_times", "--rounds", "5"]),
     ("gitops_latency", ["benchmarks.gitops_latency", "--commits", "20"]),

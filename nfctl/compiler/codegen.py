@@ -243,6 +243,7 @@ def nf_program(
     monitor: bool = False,
     counters: bool = True,
     fixed_slot: int | None = None,
+    fixed_counter_id: int | None = None,
 ) -> str:
     """The full C text for one NF: preamble, the author's source, then the chain tables,
     the chaining wrapper and the probe (the author's function alone, loaded to check what
@@ -252,7 +253,8 @@ def nf_program(
     every verdict goes on down the chain as a pass. counters=False leaves the counting out,
     and fixed_slot makes the wrapper's slot a constant instead of the cursor's (so the
     kernel can patch its tail call into a direct jump; such a program serves one slot
-    only): design probes that only the chain_overhead benchmark builds."""
+    only), fixed_counter_id its counter entry a constant instead of the slot's label:
+    design probes that only the chain_overhead benchmark builds."""
     ctx_type = "struct xdp_md" if hook is Hook.XDP else "struct __sk_buff"
     if function_is_static(source_text, function):
         rename = ""
@@ -290,8 +292,13 @@ def nf_program(
             )
             + _hidden_table(_section("array", pins.slots_path), u32, u32, names.slots, CHAIN_SLOTS)
         )
-        count = (
+        id_from = (
             f"  {u32} *id = {names.slots}.lookup(&slot);\n"
+            if fixed_counter_id is None
+            else f"  {u32} id_value = {int(fixed_counter_id)}, *id = &id_value;\n"
+        )
+        count = (
+            id_from
             + f"  struct {names.counters}_v *c = id ? {names.counters}.lookup(id) : 0;\n"
             + "  if (c) {\n"
             + _classify(hook)
