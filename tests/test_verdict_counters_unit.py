@@ -54,7 +54,11 @@ def test_status_totals_sum_an_nf_over_its_attach_points() -> None:
 
 
 def generated(
-    hook: Hook, monitor: bool, counters: bool = True, fixed_slot: int | None = None
+    hook: Hook,
+    monitor: bool,
+    counters: bool = True,
+    fixed_slot: int | None = None,
+    fixed_counter_id: int | None = None,
 ) -> str:
     text = nf_program(
         source_rel="nf.c",
@@ -67,6 +71,7 @@ def generated(
         monitor=monitor,
         counters=counters,
         fixed_slot=fixed_slot,
+        fixed_counter_id=fixed_counter_id,
     )
     return text.split('#line 1 "<nfctl-generated>"')[1]
 
@@ -95,6 +100,13 @@ def test_a_fixed_slot_replaces_the_cursor_only_in_the_design_probe() -> None:
     probe = generated(Hook.XDP, monitor=False, fixed_slot=3)
     assert "unsigned int slot = 3;" in probe
     assert "*pos" not in probe and "unsigned int next = slot + 1;" in probe
+    assert ".lookup(&slot)" in agent and ".lookup(&slot)" in probe  # the slot's counter label
+
+
+def test_a_fixed_counter_id_replaces_the_slot_label_only_in_the_design_probe() -> None:
+    probe = generated(Hook.XDP, monitor=False, fixed_slot=3, fixed_counter_id=7)
+    assert "unsigned int id_value = 7, *id = &id_value;" in probe
+    assert ".lookup(&slot)" not in probe and ".lookup(id)" in probe
 
 
 def test_mode_is_part_of_the_build_identity() -> None:
