@@ -185,7 +185,7 @@ class ChainTable:
         # unknown content is cleared there in full.
         self.filled[base] = max(length, RANGE_SIZE if known is None else known)
         for offset, fd in enumerate(prog_fds):
-            self.chain.update(struct.pack("<I", base + offset), struct.pack("<I", fd))
+            self._write_slot(base + offset, fd)
         if known is None or known > length:
             # A chain ends at its first empty slot: once this one is empty, older entries
             # further on are never reached (reap() drops them), so an update costs one
@@ -217,9 +217,12 @@ class ChainTable:
         (nfctl.datapath.chains says when that is the whole change)."""
         if not 0 <= offset < self.filled.get(base, RANGE_SIZE):
             raise ChainError(f"slot {offset} is outside the chain in range {base}")
+        self._write_slot(base + offset, prog_fd)
+
+    def _write_slot(self, slot: int, prog_fd: int) -> None:
         if self._slot_writer is None:
             self._slot_writer = syscall.U32Writer(self.chain)
-        self._slot_writer.write(base + offset, prog_fd)
+        self._slot_writer.write(slot, prog_fd)
 
     def remove(self, ifindex: int, hook: Hook) -> None:
         old = self.head(ifindex, hook)
