@@ -14,7 +14,6 @@ are pointed at the NFs' instructions appended after it. Not what the agent runs.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import statistics
 import struct
@@ -25,10 +24,9 @@ from benchmarks.chain_overhead import NFS, body, direct_source, mitigations, pac
 from benchmarks.common import emit, machine
 from nfctl.bpf import syscall
 
-INSN_SIZE = 8
+INSN_SIZE = syscall.BPF_INSN_SIZE
 CALL = 0x85  # BPF_JMP | BPF_CALL
 PSEUDO_CALL = 1  # src_reg of a call to a subprogram (imm: offset from the next insn)
-PROG_TYPE_XDP = 6
 
 
 def main_source(counters: bool) -> str:
@@ -78,19 +76,6 @@ def link(main: bytes, nfs: list[bytes]) -> bytes:
     return bytes(out)
 
 
-def load(raw: bytes) -> int:
-    insns = ctypes.create_string_buffer(raw, len(raw))
-    license_buf = ctypes.create_string_buffer(b"GPL")
-    attr = syscall._ProgLoadAttr(
-        prog_type=PROG_TYPE_XDP,
-        insn_cnt=len(raw) // INSN_SIZE,
-        insns=ctypes.addressof(insns),
-        license=ctypes.addressof(license_buf),
-        prog_name=b"sub_main",
-    )
-    return syscall._bpf(syscall.BPF_PROG_LOAD, attr, "load the linked program")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeat", type=int, default=2_000_000)
@@ -108,7 +93,10 @@ def main() -> None:
         for name, counters in (("subprograms", False), ("subprograms_counters", True)):
             module = BPF(text=main_source(counters))
             modules.append(module)
-            fds[name] = load(link(module.dump_func("sub_main"), nfs))
+            linked = link(module.dump_func("sub_main"), nfs)
+            fds[name] = syscall.prog_load(
+                syscall.PROG_TYPE_XDP, linked, "sub_main", "load the linked program"
+            )
         fds["direct"] = direct.load_func("direct", BPF.XDP).fd
         data = packet()
         samples: dict[str, list[float]] = {name: [] for name in fds}

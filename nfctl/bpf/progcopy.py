@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 from nfctl.bpf import syscall
 
-INSN_SIZE = 8
+INSN_SIZE = syscall.BPF_INSN_SIZE
 LD_IMM64 = 0x18  # BPF_LD | BPF_IMM | BPF_DW: two slots, a 64-bit immediate
 PSEUDO_MAP_FD = 1
 PSEUDO_MAP_VALUE = 2
@@ -106,23 +106,13 @@ def load_copy(insns: bytes, prog_type: int, name: str) -> int:
     copies = copy_maps({fd for _, fd in map_fd_slots(insns)})
     try:
         raw = rewrite_map_fds(insns, copies)
-        buffer = ctypes.create_string_buffer(raw, len(raw))
-        license_buf = ctypes.create_string_buffer(b"GPL")
-        log = ctypes.create_string_buffer(LOG_SIZE)
-        attr = syscall._ProgLoadAttr(
-            prog_type=prog_type,
-            insn_cnt=len(raw) // INSN_SIZE,
-            insns=ctypes.addressof(buffer),
-            license=ctypes.addressof(license_buf),
-            prog_name=name.encode()[:15],
-        )
         try:
-            return syscall._bpf(syscall.BPF_PROG_LOAD, attr, f"load the test copy of {name}")
+            return syscall.prog_load(prog_type, raw, name, f"load the test copy of {name}")
         except OSError:
             # again with the verifier's log, only to explain the refusal
-            attr.log_level, attr.log_size, attr.log_buf = 1, LOG_SIZE, ctypes.addressof(log)
+            log = ctypes.create_string_buffer(LOG_SIZE)
             try:
-                return syscall._bpf(syscall.BPF_PROG_LOAD, attr, "")
+                return syscall.prog_load(prog_type, raw, name, "", log)
             except OSError as exc:
                 tail = log.value.decode(errors="replace").strip().splitlines()[-3:]
                 raise CopyError(f"the test copy was refused: {exc}: {' / '.join(tail)}") from exc

@@ -546,6 +546,7 @@ def map_create(
 
 
 BPF_PROG_LOAD = 5
+BPF_INSN_SIZE = 8
 PROG_TYPE_SCHED_CLS = 3
 PROG_TYPE_XDP = 6
 
@@ -565,18 +566,33 @@ class _ProgLoadAttr(ctypes.Structure):
     ]
 
 
-def load_return_program(prog_type: int, verdict: int, name: str) -> int:
-    """Load `r0 = verdict; exit` (no compiler needed): probes and foreign-program tests."""
-    insns = struct_pack_insns([(0xB7, 0, 0, 0, verdict), (0x95, 0, 0, 0, 0)])
+def prog_load(
+    prog_type: int,
+    insns: bytes,
+    name: str,
+    operation: str,
+    log: ctypes.Array[ctypes.c_char] | None = None,
+) -> int:
+    """BPF_PROG_LOAD of raw instructions under the GPL; returns the program fd. With log,
+    the verifier writes its log there (level 1)."""
+    buffer = ctypes.create_string_buffer(insns, len(insns))
     license_buf = ctypes.create_string_buffer(b"GPL")
     attr = _ProgLoadAttr(
         prog_type=prog_type,
-        insn_cnt=2,
-        insns=ctypes.addressof(insns),
+        insn_cnt=len(insns) // BPF_INSN_SIZE,
+        insns=ctypes.addressof(buffer),
         license=ctypes.addressof(license_buf),
         prog_name=name.encode()[:15],
     )
-    return _bpf(BPF_PROG_LOAD, attr, f"load program {name}")
+    if log is not None:
+        attr.log_level, attr.log_size, attr.log_buf = 1, len(log), ctypes.addressof(log)
+    return _bpf(BPF_PROG_LOAD, attr, operation)
+
+
+def load_return_program(prog_type: int, verdict: int, name: str) -> int:
+    """Load `r0 = verdict; exit` (no compiler needed): probes and foreign-program tests."""
+    insns = struct_pack_insns([(0xB7, 0, 0, 0, verdict), (0x95, 0, 0, 0, 0)])
+    return prog_load(prog_type, insns.raw, name, f"load program {name}")
 
 
 def struct_pack_insns(insns: list[tuple[int, int, int, int, int]]) -> ctypes.Array[ctypes.c_char]:
