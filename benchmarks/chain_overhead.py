@@ -171,8 +171,8 @@ class Chain:
     ) -> None:
         from bcc import BPF
 
-        self.root = root
         paths = BpffsPaths(root)
+        self.chain_pin = paths.chain("xdp")
         cpins = paths.counter_pins("xdp")
         pins = BuildPins(
             chain_path=str(paths.chain("xdp")),
@@ -218,7 +218,7 @@ class Chain:
     def slot_write_us(self, writes: int) -> dict[str, float]:
         """p50 / p99 of prog-array writes into slot 2, alternately NF 3's and NF 2's
         program (the chain is left as it was)."""
-        with BpfMap.from_pin(str(BpffsPaths(self.root).chain("xdp"))) as chain:
+        with BpfMap.from_pin(str(self.chain_pin)) as chain:
             writer = syscall.U32Writer(chain)
             spent = []
             for i in range(writes):
