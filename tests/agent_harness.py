@@ -304,7 +304,7 @@ class PingStream:
             ).stdout
             try:
                 sent, received = ping_summary(out)
-            except RuntimeError as exc:
+            except ValueError as exc:
                 self.error = str(exc)
                 return
             self.sent += sent
