@@ -114,6 +114,24 @@ def test_help_documents_exit_codes() -> None:
     assert "Exit codes: 0 ok; 1 checked and not ok" in " ".join(out.replace("│", " ").split())
 
 
+def test_help_overview_gives_each_command_one_row() -> None:
+    """At 200 columns every command's summary is one row of the overview: a docstring's own
+    line breaks used to cut teardown's, top's and test's rows in the middle of a sentence."""
+    from nfctl.cli.main import app
+
+    commands = {info.name or info.callback.__name__ for info in app.registered_commands} | {
+        group.name for group in app.registered_groups
+    }
+    out = nfctl("--help").stdout
+    panel = out[out.index("Commands") : out.index("Exit codes")]
+    rows = [line.strip("│ ╰─╯") for line in panel.splitlines()[1:]]
+    firsts = [row.split()[0] for row in rows if row]
+    assert len(firsts) == len(set(firsts)) and set(firsts) == commands, firsts
+    summary = {row.split()[0]: row.split(None, 1)[1] for row in rows if row}
+    assert summary["teardown"].endswith("of other tools stay."), summary["teardown"]
+    assert summary["top"].endswith("from the controller."), summary["top"]
+
+
 @pytest.mark.parametrize("words", TABLE_COMMANDS, ids=" ".join)
 def test_every_table_command_takes_output_json_and_yaml(words: list[str]) -> None:
     proc = nfctl(*words, "-o", "xml")

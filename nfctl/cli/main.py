@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
+import re
 from pathlib import Path
 
 import typer
@@ -173,10 +175,23 @@ def _register_commands() -> None:
     app.command(name="resume")(ops_cmd.resume)
     app.command(name="teardown")(teardown_cmd.teardown)
     app.command(name="completion")(completion)
-    app.command(name="diff")(diff)
+    app.command(
+        name="diff",
+        short_help="Preview what a revision or working tree would change on a node or the fleet.",
+    )(diff)
     app.command(name="top")(top)
     enable_shell_completion()
     app.command(name="test")(test_cmd.test)
+    for info in app.registered_commands:
+        if info.short_help is None and info.callback is not None and info.callback.__doc__:
+            info.short_help = one_line_summary(info.callback.__doc__)
+
+
+def one_line_summary(docstring: str) -> str:
+    """A command's first sentence, on one line: the overview of `nfctl --help` shows the
+    short help as written, so the docstring's own line breaks would cut its rows."""
+    paragraph = " ".join(inspect.cleandoc(docstring).split("\n\n")[0].split())
+    return re.split(r"(?<=\.)\s+(?=[A-Z])", paragraph, maxsplit=1)[0]
 
 
 _register_commands()
