@@ -38,6 +38,14 @@ the (shared) machine used in the same window.
     .venv/bin/python -m benchmarks.controller_scale --agents 10000 --tls --json
     .venv/bin/python -m benchmarks.controller_scale --agents 10000 --replicas 2 \
         --db postgresql --tls --json
+    .venv/bin/python -m benchmarks.controller_scale --agents 10000 --replicas 2 \
+        --db postgresql --tls --generator go --workers 2 --worker-sessions --json
+
+--generator go runs the same simulated agents in Go (benchmarks/simagent: same messages,
+behaviour and control protocol; built here with Debian's golang-go, golang-google-grpc-dev
+and golang-google-protobuf-dev). A Python worker still prepares each agent, then execs the
+Go program. It costs the shared CPUs less per message than grpc.aio, so at 10,000 agents the
+fan-out measures the replicas rather than the load generator's backlog.
 
 With --replicas 2 --db postgresql: a PostgreSQL server started here as the tests start it
 (tests/pg_harness.py), two controller replicas sharing it, the simulated agents spread
@@ -53,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import gc
 import hashlib
@@ -65,6 +74,7 @@ import shutil
 import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -535,6 +545,8 @@ class WorkerConfig:
     apply_delay: float
     pki: str = ""
     nice: int = 0
+    # a built benchmarks/simagent binary: the worker prepares its agents, then runs it
+    simagent: str = ""
 
 
 class Worker:
@@ -641,11 +653,106 @@ class Worker:
         raise ValueError(f"unknown op {op}")
 
 
+def export_agents(worker: Worker, path: Path) -> None:
+    """What each agent starts from, for the Go simulator (benchmarks/simagent): its
+    Register, status report and event log as SimAgent builds them, so that both generators
+    send the same messages."""
+
+    def b64(message: Any) -> str:
+        return base64.b64encode(message.SerializeToString()).decode()
+
+    with path.open("w") as out:
+        for agent in worker.agents:
+            register = pb.AgentMessage(
+                register=pb.Register(
+                    node=agent.name,
+                    labels=node_labels(agent.index),
+                    kernel=agent.status.kernel,
+                    bpf_features=["xdp", "tc-clsact", "prog-array-chains", "btf"],
+                    agent_version=agent.status.agent_version,
+                )
+            )
+            record = {
+                "index": agent.index,
+                "name": agent.name,
+                "register": b64(register),
+                "report": b64(agent.report),
+                "history": [b64(event) for event in agent.history],
+                "sequence": agent.sequence,
+            }
+            out.write(json.dumps(record) + "\n")
+
+
+SIMAGENT_GO_PACKAGE = "nfctl.local/simagent/nfctlpb"  # where main.go imports the Go types from
+
+
+def build_simagent(folder: Path) -> Path:
+    """Compile benchmarks/simagent with Debian's Go packages (GOPATH mode), its protobuf
+    types generated from protos/ first (grpc_tools' protoc, Debian's protoc-gen-go)."""
+    go = shutil.which("go")
+    gocode = Path("/usr/share/gocode/src")
+    needed = [gocode / "google.golang.org/grpc", gocode / "google.golang.org/protobuf"]
+    if go is None or not all(p.is_dir() for p in needed):
+        raise SystemExit(
+            "--generator go needs Go and Debian's Go gRPC and protobuf: apt-get install "
+            "golang-go golang-google-grpc-dev golang-google-protobuf-dev"
+        )
+    gopath = folder / "gopath"
+    env = {
+        **os.environ,
+        "GO111MODULE": "off",
+        "GOPATH": f"/usr/share/gocode:{gopath}",
+        "GOCACHE": str(folder / "go-cache"),
+    }
+    plugin = folder / "protoc-gen-go"
+    subprocess.run(
+        [go, "build", "-o", str(plugin), "google.golang.org/protobuf/cmd/protoc-gen-go"],
+        env=env,
+        check=True,
+    )
+    (gopath / "src").mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            f"-I{REPO_ROOT / 'protos'}",
+            f"--plugin=protoc-gen-go={plugin}",
+            f"--go_out={gopath / 'src'}",
+            f"--go_opt=Mnfctl/v1/nfctl.proto={SIMAGENT_GO_PACKAGE}",
+            "nfctl/v1/nfctl.proto",
+        ],
+        check=True,
+    )
+    binary = folder / "simagent"
+    subprocess.run(
+        [go, "build", "-o", str(binary), "."],
+        cwd=REPO_ROOT / "benchmarks" / "simagent",
+        env=env,
+        check=True,
+    )
+    return binary
+
+
+def go_versions() -> str:
+    """The Go toolchain and grpc-go the simulator was built with."""
+    go = subprocess.run(["go", "version"], capture_output=True, text=True, check=False)
+    source = Path("/usr/share/gocode/src/google.golang.org/grpc/version.go").read_text()
+    grpc_go = re.search(r'const Version = "([^"]+)"', source)
+    return f"{go.stdout.strip()}, grpc-go {grpc_go.group(1) if grpc_go else '?'}"
+
+
 async def worker_main(config: WorkerConfig) -> None:
     raise_nofile()
     if config.nice:
         os.nice(config.nice)
     worker = Worker(config)
+    if config.simagent:
+        await asyncio.to_thread(worker.prepare)
+        agents_file = Path(config.simagent).parent / f"agents-{config.index}.jsonl"
+        export_agents(worker, agents_file)
+        sys.stdout.flush()
+        os.execv(config.simagent, [config.simagent, json.dumps(config.__dict__), str(agents_file)])
     await asyncio.to_thread(worker.prepare)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=1 << 26)
@@ -827,6 +934,7 @@ class Plan:
     split_cpus: bool = False  # controller on CPU 0, simulated agents on the other CPUs
     replicas: int = 1
     db: str = "sqlite"  # or "postgresql": a server started here as tests/pg_harness.py does
+    generator: str = "python"  # or "go": the simulated agents of benchmarks/simagent
 
 
 @dataclass
@@ -963,6 +1071,7 @@ class Bench:
 
     async def start_workers(self) -> None:
         plan = self.plan
+        simagent = build_simagent(self.tmp) if plan.generator == "go" else None
         per = -(-plan.agents // plan.workers)
         for index in range(plan.workers):
             first = index * per
@@ -979,6 +1088,7 @@ class Bench:
                 apply_delay=plan.apply_delay,
                 pki=str(self.pki or ""),
                 nice=plan.worker_nice,
+                simagent=str(simagent or ""),
             )
             proc = await asyncio.create_subprocess_exec(
                 *self._cpus(controller=False),
@@ -1384,6 +1494,12 @@ class Bench:
         result: dict[str, Any] = {
             "benchmark": "controller_scale",
             "simulated_agents": SIMULATED_NOTE,
+            "generator": (
+                "Go (benchmarks/simagent): the same agents and messages as the Python "
+                f"workers; {go_versions()}"
+                if plan.generator == "go"
+                else f"Python (grpc.aio workers); grpcio {grpc.__version__}"
+            ),
             "scheduling": (
                 "controller in its own session"
                 if not plan.same_session
@@ -1602,6 +1718,14 @@ def main() -> None:
         action="store_true",
         help="pin the controller to CPU 0 and the simulated agents to the other CPUs",
     )
+    parser.add_argument(
+        "--generator",
+        choices=["python", "go"],
+        default="python",
+        help="the simulated agents' implementation: the Python workers, or the same agents "
+        "in Go (benchmarks/simagent; a load generator that costs the shared CPUs less per "
+        "message)",
+    )
     parser.add_argument("--connect-timeout", type=float, default=300.0)
     parser.add_argument("--keep", action="store_true", help="keep logs in the temp folder")
     parser.add_argument("--json", action="store_true")
@@ -1638,6 +1762,7 @@ def main() -> None:
         split_cpus=args.split_cpus,
         replicas=args.replicas,
         db=args.db,
+        generator=args.generator,
     )
     tmp = Path(tempfile.mkdtemp(prefix="nfctl-scale-"))
     try:
