@@ -32,7 +32,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# ---- deployment tooling (tests/test_deploy.py) ------------------------------------------
+# ---- deployment and benchmark tooling (tests/test_deploy.py, test_controller_scale_smoke) -
 # vagrant for `vagrant validate`; shellcheck for the shell scripts (tests fail without it
 # under CI=true); prometheus for promtool and tests/test_monitoring.py. kubectl with kustomize
 # v5 comes from PyPI into .venv (Debian 12's kubernetes-client is too old for kustomize
@@ -44,12 +44,17 @@ if [ "${NFCTL_SKIP_DEPLOY_TOOLS:-0}" != 1 ]; then
   # promtool + prometheus for tests/test_monitoring.py (deploy/monitoring rules and config)
   command -v promtool >/dev/null || deploy_tools+=(prometheus)
   command -v shellcheck >/dev/null || deploy_tools+=(shellcheck)
+  # Go and its gRPC/protobuf sources: the Go simulated agents of controller_scale
+  # (--generator go, benchmarks/simagent; tests/test_controller_scale_smoke.py)
+  for p in golang-go golang-google-grpc-dev golang-google-protobuf-dev; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || deploy_tools+=("$p")
+  done
   if [ ${#deploy_tools[@]} -gt 0 ]; then
     echo "setup: installing ${deploy_tools[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${deploy_tools[@]}" >/dev/null \
-      || echo "setup: warning: could not install ${deploy_tools[*]}; tests/test_deploy.py needs them" >&2
+      || echo "setup: warning: could not install ${deploy_tools[*]}; the tests need them" >&2
   fi
 fi
 # ---- end of deployment tooling -----------------------------------------------------------

@@ -80,24 +80,35 @@ def test_controller_scale_benchmark_runs() -> None:
     assert set(result["targets"]["met"]) == {"agents", "visibility_p99", "fanout_all", "rss"}
 
 
-def test_controller_scale_two_replicas_on_postgresql_with_mtls() -> None:
+@pytest.mark.parametrize("generator", ["python", "go"])
+def test_controller_scale_two_replicas_on_postgresql_with_mtls(generator: str) -> None:
     """`--replicas 2 --db postgresql --tls`: a real PostgreSQL (as tests/pg_harness.py
     starts it), two controller processes, 100 mTLS agents spread over both; every replica
     shows the whole fleet, fan-outs issued on either reach every agent, and the store's
-    write transactions per status period are counted."""
+    write transactions per status period are counted. The same with the agents simulated
+    in Go (benchmarks/simagent, built here from Debian's Go packages)."""
     require_postgres()
     proc = subprocess.run(
         [
             sys.executable, "-m", "benchmarks.controller_scale", "--agents", str(AGENTS),
             "--workers", "2", "--interval", "1", "--warmup", "1", "--steady", "4",
             "--probe-every", "0.25", "--fanout-rounds", "2", "--apply-delay", "0.5",
-            "--replicas", "2", "--db", "postgresql", "--tls", "--json",
+            "--replicas", "2", "--db", "postgresql", "--tls", "--generator", generator,
+            "--json",
         ],
         capture_output=True, text=True, cwd=REPO_ROOT, timeout=240,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     assert result["transport"].startswith("mTLS")
+    assert result["plan"]["generator"] == generator
+    assert result["generator"].lower().startswith(generator)
+    load = result["load"]
+    # every agent answered every command, reported, and sent its event log (5 each at least)
+    assert load["command_results"] == 2 * AGENTS
+    assert load["status_reports"] >= AGENTS * 4 and load["events"] >= AGENTS * 5
+    # the messages SimAgent builds, from both generators: ~2 KB status reports
+    assert 1500 < result["agents"]["status_bytes_mean"] < 2600
 
     agents = result["agents"]
     assert agents["registered"] == AGENTS
