@@ -27,6 +27,15 @@ RUNS: list[tuple[str, list[str]]] = [
     ("compile_times", ["benchmarks.compile_times", "--rounds", "5"]),
     ("gitops_latency", ["benchmarks.gitops_latency", "--commits", "20"]),
     ("controller_scale", ["benchmarks.controller_scale", "--agents", "10000"]),
+    (
+        # the README's HA figures: 2 replicas on PostgreSQL, 10,000 mTLS agents in Go
+        "controller_scale_ha",
+        [
+            "benchmarks.controller_scale",
+            *("--agents", "10000", "--replicas", "2", "--db", "postgresql", "--tls"),
+            *("--generator", "go", "--workers", "2", "--worker-sessions", "--steady", "30"),
+        ],
+    ),
     ("webhook_fanout", ["benchmarks.webhook_fanout", "--nodes", "100", "--rounds", "5"]),
 ]
 
