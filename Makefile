@@ -22,6 +22,9 @@ check: lint typecheck
 lint:
 	$(VENV)/bin/ruff check nfctl tests benchmarks
 	$(VENV)/bin/ruff format --check nfctl tests benchmarks
+	@command -v gofmt >/dev/null || { echo "gofmt missing (golang-go): run make setup"; exit 1; }
+	@unformatted=$$(gofmt -l benchmarks/simagent) && test -z "$$unformatted" \
+		|| { echo "gofmt: not formatted: $$unformatted"; exit 1; }
 
 typecheck:
 	$(VENV)/bin/mypy
