@@ -443,22 +443,23 @@ class SimAgent:
             delay = min(30.0, 0.5 * 2 ** min(failures, 8)) * self.rng.uniform(0.5, 1.0)
             await asyncio.sleep(delay)
 
+    def register_message(self) -> pb.AgentMessage:
+        return pb.AgentMessage(
+            register=pb.Register(
+                node=self.name,
+                labels=node_labels(self.index),
+                kernel=self.status.kernel,
+                bpf_features=["xdp", "tc-clsact", "prog-array-chains", "btf"],
+                agent_version=self.status.agent_version,
+                last_event_sequence=self.sequence,
+            )
+        )
+
     async def session(self, channel: grpc.aio.Channel) -> None:
         stub = pbg.AgentServiceStub(channel)
         self.backlog.clear()
         self.call = call = stub.Connect()
-        await call.write(
-            pb.AgentMessage(
-                register=pb.Register(
-                    node=self.name,
-                    labels=node_labels(self.index),
-                    kernel=self.status.kernel,
-                    bpf_features=["xdp", "tc-clsact", "prog-array-chains", "btf"],
-                    agent_version=self.status.agent_version,
-                    last_event_sequence=self.sequence,
-                )
-            )
-        )
+        await call.write(self.register_message())
         first: Any = await call.read()
         if first is grpc.aio.EOF or first.WhichOneof("body") != "registered":
             raise RuntimeError(f"expected Registered, got {first!r}")
@@ -655,27 +656,18 @@ class Worker:
 
 def export_agents(worker: Worker, path: Path) -> None:
     """What each agent starts from, for the Go simulator (benchmarks/simagent): its
-    Register, status report and event log as SimAgent builds them, so that both generators
-    send the same messages."""
+    Register (the Go agent sets its event sequence in it at each session), status report
+    and event log as SimAgent builds them, so that both generators send the same messages."""
 
     def b64(message: Any) -> str:
         return base64.b64encode(message.SerializeToString()).decode()
 
     with path.open("w") as out:
         for agent in worker.agents:
-            register = pb.AgentMessage(
-                register=pb.Register(
-                    node=agent.name,
-                    labels=node_labels(agent.index),
-                    kernel=agent.status.kernel,
-                    bpf_features=["xdp", "tc-clsact", "prog-array-chains", "btf"],
-                    agent_version=agent.status.agent_version,
-                )
-            )
             record = {
                 "index": agent.index,
                 "name": agent.name,
-                "register": b64(register),
+                "register": b64(agent.register_message()),
                 "report": b64(agent.report),
                 "history": [b64(event) for event in agent.history],
                 "sequence": agent.sequence,
@@ -747,13 +739,12 @@ async def worker_main(config: WorkerConfig) -> None:
     if config.nice:
         os.nice(config.nice)
     worker = Worker(config)
+    await asyncio.to_thread(worker.prepare)
     if config.simagent:
-        await asyncio.to_thread(worker.prepare)
         agents_file = Path(config.simagent).parent / f"agents-{config.index}.jsonl"
         export_agents(worker, agents_file)
         sys.stdout.flush()
         os.execv(config.simagent, [config.simagent, json.dumps(config.__dict__), str(agents_file)])
-    await asyncio.to_thread(worker.prepare)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=1 << 26)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)

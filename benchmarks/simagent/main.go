@@ -107,14 +107,14 @@ type worker struct {
 }
 
 type agent struct {
-	w        *worker
-	index    int
-	name     string
-	endpoint int
-	register *pb.AgentMessage
-	rng      *rand.Rand
+	w     *worker
+	index int
+	name  string
 
 	mu         sync.Mutex // everything below, and the stream's sends
+	endpoint   int        // which replica: the next one after a failed session
+	rng        *rand.Rand
+	register   *pb.AgentMessage
 	report     *pb.AgentMessage
 	status     *pb.NodeStatus // inside report, mutated in place
 	history    []*pb.Event
@@ -220,9 +220,6 @@ func (a *agent) run() {
 		a.w.stats.error(fmt.Sprintf("%s: %v", a.name, err))
 		failures++
 		atomic.AddInt64(&a.w.stats.reconnects, 1)
-		a.mu.Lock()
-		a.endpoint = (a.endpoint + 1) % len(a.w.cfg.Endpoints)
-		a.mu.Unlock()
 		exp := failures
 		if exp > 8 {
 			exp = 8
@@ -231,7 +228,10 @@ func (a *agent) run() {
 		if delay > 30 {
 			delay = 30
 		}
+		a.mu.Lock() // the last session's ticker may still hold the rng
+		a.endpoint = (a.endpoint + 1) % len(a.w.cfg.Endpoints)
 		delay *= 0.5 + 0.5*a.rng.Float64()
+		a.mu.Unlock()
 		select {
 		case <-a.w.ctx.Done():
 			return
