@@ -676,14 +676,14 @@ def export_agents(worker: Worker, path: Path) -> None:
 
 
 SIMAGENT_GO_PACKAGE = "nfctl.local/simagent/nfctlpb"  # where main.go imports the Go types from
+GOCODE = Path("/usr/share/gocode/src")  # Debian's Go sources (golang-*-dev packages)
 
 
 def build_simagent(folder: Path) -> Path:
     """Compile benchmarks/simagent with Debian's Go packages (GOPATH mode), its protobuf
     types generated from protos/ first (grpc_tools' protoc, Debian's protoc-gen-go)."""
     go = shutil.which("go")
-    gocode = Path("/usr/share/gocode/src")
-    needed = [gocode / "google.golang.org/grpc", gocode / "google.golang.org/protobuf"]
+    needed = [GOCODE / "google.golang.org/grpc", GOCODE / "google.golang.org/protobuf"]
     if go is None or not all(p.is_dir() for p in needed):
         raise SystemExit(
             "--generator go needs Go and Debian's Go gRPC and protobuf: apt-get install "
@@ -693,7 +693,7 @@ def build_simagent(folder: Path) -> Path:
     env = {
         **os.environ,
         "GO111MODULE": "off",
-        "GOPATH": f"/usr/share/gocode:{gopath}",
+        "GOPATH": f"{GOCODE.parent}:{gopath}",
         "GOCACHE": str(folder / "go-cache"),
     }
     plugin = folder / "protoc-gen-go"
@@ -729,7 +729,7 @@ def build_simagent(folder: Path) -> Path:
 def go_versions() -> str:
     """The Go toolchain and grpc-go the simulator was built with."""
     go = subprocess.run(["go", "version"], capture_output=True, text=True, check=False)
-    source = Path("/usr/share/gocode/src/google.golang.org/grpc/version.go").read_text()
+    source = (GOCODE / "google.golang.org/grpc/version.go").read_text()
     grpc_go = re.search(r'const Version = "([^"]+)"', source)
     return f"{go.stdout.strip()}, grpc-go {grpc_go.group(1) if grpc_go else '?'}"
 

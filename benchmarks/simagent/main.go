@@ -125,16 +125,29 @@ type agent struct {
 	registered float64
 }
 
+func write(stream grpc.ClientStream, m proto.Message) error {
+	data, err := proto.Marshal(m)
+	if err != nil {
+		return err
+	}
+	return stream.SendMsg(&data)
+}
+
+func receive(stream grpc.ClientStream) (*pb.ControllerMessage, error) {
+	var data []byte
+	if err := stream.RecvMsg(&data); err != nil {
+		return nil, err
+	}
+	message := &pb.ControllerMessage{}
+	return message, proto.Unmarshal(data, message)
+}
+
 // send writes one message on the current stream; the caller holds a.mu.
 func (a *agent) send(m proto.Message) error {
 	if a.stream == nil {
 		return nil
 	}
-	data, err := proto.Marshal(m)
-	if err != nil {
-		return err
-	}
-	return a.stream.SendMsg(&data)
+	return write(a.stream, m)
 }
 
 func (a *agent) newEvent(reason, message, nf string) *pb.Event {
@@ -250,20 +263,13 @@ func (a *agent) session(conn *grpc.ClientConn) error {
 	}
 	a.mu.Lock()
 	a.register.GetRegister().LastEventSequence = a.sequence
-	data, err := proto.Marshal(a.register)
+	err = write(stream, a.register)
 	a.mu.Unlock()
 	if err != nil {
 		return err
 	}
-	if err := stream.SendMsg(&data); err != nil {
-		return err
-	}
-	var first []byte
-	if err := stream.RecvMsg(&first); err != nil {
-		return err
-	}
-	reply := &pb.ControllerMessage{}
-	if err := proto.Unmarshal(first, reply); err != nil {
+	reply, err := receive(stream)
+	if err != nil {
 		return err
 	}
 	registered := reply.GetRegistered()
@@ -296,12 +302,8 @@ func (a *agent) session(conn *grpc.ClientConn) error {
 	}
 	go a.tick(ctx)
 	for {
-		var data []byte
-		if err := stream.RecvMsg(&data); err != nil {
-			return err
-		}
-		message := &pb.ControllerMessage{}
-		if err := proto.Unmarshal(data, message); err != nil {
+		message, err := receive(stream)
+		if err != nil {
 			return err
 		}
 		if command := message.GetCommand(); command != nil {
