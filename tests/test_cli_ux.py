@@ -114,22 +114,40 @@ def test_help_documents_exit_codes() -> None:
     assert "Exit codes: 0 ok; 1 checked and not ok" in " ".join(out.replace("│", " ").split())
 
 
+def overview_rows(*group: str) -> dict[str, str]:
+    """Command -> summary from the Commands panel of `nfctl [group] --help` at 200 columns,
+    asserting that each command has exactly one row."""
+    out = nfctl(*group, "--help").stdout
+    end = out.index("Exit codes") if not group else len(out)
+    panel = out[out.index("Commands") : end]
+    rows = [line.strip("│ ╰─╯") for line in panel.splitlines()[1:]]
+    firsts = [row.split()[0] for row in rows if row]
+    assert len(firsts) == len(set(firsts)), (group, firsts)
+    return {row.split()[0]: row.split(None, 1)[1] for row in rows if row}
+
+
 def test_help_overview_gives_each_command_one_row() -> None:
-    """At 200 columns every command's summary is one row of the overview: a docstring's own
-    line breaks used to cut teardown's, top's and test's rows in the middle of a sentence."""
+    """At 200 columns every command's summary is one row of its group's overview: a
+    docstring's own line breaks used to cut teardown's, top's, test's, `get node`'s and
+    `rollout status`'s rows in the middle of a sentence."""
     from nfctl.cli.main import app
 
     commands = {info.name or info.callback.__name__ for info in app.registered_commands} | {
         group.name for group in app.registered_groups
     }
-    out = nfctl("--help").stdout
-    panel = out[out.index("Commands") : out.index("Exit codes")]
-    rows = [line.strip("│ ╰─╯") for line in panel.splitlines()[1:]]
-    firsts = [row.split()[0] for row in rows if row]
-    assert len(firsts) == len(set(firsts)) and set(firsts) == commands, firsts
-    summary = {row.split()[0]: row.split(None, 1)[1] for row in rows if row}
+    summary = overview_rows()
+    assert set(summary) == commands, summary
     assert summary["teardown"].endswith("of other tools stay."), summary["teardown"]
     assert summary["top"].endswith("from the controller."), summary["top"]
+    for group in app.registered_groups:
+        assert group.typer_instance is not None and group.name is not None
+        sub = group.typer_instance
+        names = {info.name or info.callback.__name__ for info in sub.registered_commands}
+        rows = overview_rows(group.name)
+        assert set(rows) == names, (group.name, rows)
+        assert all(row.endswith((".", ")")) for row in rows.values()), (group.name, rows)
+    assert overview_rows("get")["node"].endswith("its link to the controller.")
+    assert overview_rows("rollout")["status"].endswith("their nodes and gate results.")
 
 
 @pytest.mark.parametrize("words", TABLE_COMMANDS, ids=" ".join)

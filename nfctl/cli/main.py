@@ -182,14 +182,23 @@ def _register_commands() -> None:
     app.command(name="top")(top)
     enable_shell_completion()
     app.command(name="test")(test_cmd.test)
-    for info in app.registered_commands:
+    summarise(app)
+
+
+def summarise(group: typer.Typer) -> None:
+    """Give every command of group and of its subgroups its one-line summary."""
+    for info in group.registered_commands:
         if info.short_help is None and info.callback is not None and info.callback.__doc__:
             info.short_help = one_line_summary(info.callback.__doc__)
+    for sub in group.registered_groups:
+        if sub.typer_instance is not None:
+            summarise(sub.typer_instance)
 
 
 def one_line_summary(docstring: str) -> str:
-    """A command's first sentence, on one line: the overview of `nfctl --help` shows the
-    short help as written, so the docstring's own line breaks would cut its rows."""
+    """A command's first sentence, on one line: a group's overview (`nfctl --help`, `nfctl
+    get --help`, ...) shows the short help as written, so the docstring's own line breaks
+    would cut its rows."""
     paragraph = " ".join(inspect.cleandoc(docstring).split("\n\n")[0].split())
     return re.split(r"(?<=\.)\s+(?=[A-Z])", paragraph, maxsplit=1)[0]
 
