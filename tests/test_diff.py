@@ -269,6 +269,16 @@ def test_fleet_diff_through_the_controller(tmp_path: Path) -> None:
         ]
         assert nodes["node1"]["blocklist"]["program"] == "same"
 
+        # the NF folder itself, as a user gives it (`nfctl diff path/to/nfs`): the same report
+        nf_folder = operator(topo, pki, "diff", str(repo.path / "nfs"), "-o", "json", check=False)
+        assert nf_folder.returncode == 1, nf_folder.stdout + nf_folder.stderr
+        assert json.loads(nf_folder.stdout)["nodes"] == report["nodes"]
+        # a folder that is not the one the nodes follow: said, not blamed on a missing fetch
+        inner = operator(topo, pki, "diff", str(repo.path / "nfs" / "counter"), check=False)
+        assert inner.returncode == 2, inner.stdout + inner.stderr
+        message = " ".join(inner.stderr.split())
+        assert "is not in 'nfs/counter' at that revision" in message, message
+
         # only the core nodes; and the revision the fleet runs changes nothing
         core = operator(
             topo, pki, "diff", str(repo.path), "-l", "role=core", "-o", "json", check=False

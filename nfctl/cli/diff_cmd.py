@@ -38,7 +38,10 @@ NOT_COMPILED = (
 
 @with_conn
 def diff(
-    tree: Path = typer.Argument(Path("."), help="the NF repository's working tree (its root)"),
+    tree: Path = typer.Argument(
+        Path("."),
+        help="the NF repository's working tree, or a folder in it (then the NF folder, as --path)",
+    ),
     node_state: Path = typer.Option(
         None,
         "--node-state",
@@ -50,7 +53,7 @@ def diff(
     revision: str = typer.Option(
         None, "--revision", "-r", help="compare this commit of TREE instead of its working tree"
     ),
-    path: str = typer.Option(
+    path: str | None = typer.Option(
         None, "--path", help="NF folder inside the repository (default: each node's --path)"
     ),
     output: OutputFormat = typer.Option(OutputFormat.TEXT, "--output", "-o"),
@@ -63,6 +66,8 @@ def diff(
     Exit code 0 when nothing would change, 1 when something would."""
     from nfctl.diff import diff_node
 
+    tree, folder_given = _repository_root(tree)
+    path = path or folder_given
     with contextlib.ExitStack() as stack:
         if node_state is not None:
             views = [(_load_node(node_state), path or _node_path(node_state) or ".")]
@@ -133,9 +138,15 @@ def _load_fleet(
                 continue
             found = history.nf(fn.revision, folder, fn.name)
             if found is None:
+                if not history.has(fn.revision):
+                    raise _fail(
+                        f"node {st.node}: NF {fn.name} runs revision {fn.revision[:12]}, which "
+                        f"{tree} does not have (git fetch?)"
+                    )
                 raise _fail(
-                    f"node {st.node}: NF {fn.name} runs revision {fn.revision[:12]}, which "
-                    f"{tree} does not have (git fetch?)"
+                    f"node {st.node}: NF {fn.name} (revision {fn.revision[:12]}) is not in "
+                    f"{folder!r} at that revision: give the NF folder the nodes follow "
+                    "(TREE or --path)"
                 )
             nf, manifest, local_hash = found
             applied[fn.name] = AppliedView(
@@ -177,6 +188,15 @@ class _History:
             self.cache[(sha, folder)] = self._scan(sha, folder)
         return self.cache[(sha, folder)].get(name)
 
+    def has(self, sha: str) -> bool:
+        import git
+
+        try:
+            self.repo.commit(sha)
+        except (git.GitError, ValueError):
+            return False
+        return True
+
     def _scan(self, sha: str, folder: str) -> dict[str, tuple[NetworkFunction, str, str | None]]:
         import git
 
@@ -201,6 +221,23 @@ class _History:
                 local = prepared.build_hash if prepared.ok else None
                 found[manifest.nf.name] = (manifest.nf, manifest.rel_path, local)
         return found
+
+
+def _repository_root(tree: Path) -> tuple[Path, str | None]:
+    """TREE as the root of its Git working tree, and the folder TREE named inside it (None
+    at the root, or outside Git): `nfctl diff nfs` from the repository's root, like `git`
+    from a subfolder, compares that NF folder."""
+    import git
+
+    try:
+        top = git.Repo(tree, search_parent_directories=True).working_tree_dir
+    except (git.GitError, OSError):
+        return tree, None
+    if top is None:
+        return tree, None
+    root = Path(top).resolve()
+    inner = tree.resolve().relative_to(root)
+    return root, (inner.as_posix() if inner != Path(".") else None)
 
 
 def _fail(message: str) -> typer.Exit:
