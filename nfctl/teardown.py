@@ -21,7 +21,7 @@ from nfctl.bpf import syscall
 from nfctl.datapath import netlink, tc, xdp
 from nfctl.datapath.datapath import Datapath
 from nfctl.datapath.dispatcher import is_dispatcher_name
-from nfctl.datapath.pins import remove_tree
+from nfctl.datapath.pins import remove_tree, require_bpffs
 
 BPF_LINK_DETACH = 34
 
@@ -132,6 +132,7 @@ def teardown(
 ) -> TeardownReport:
     from nfctl.agent.store import AgentLockedError, StateStore
 
+    require_bpffs(bpffs_root)  # else nothing pinned is visible: a silent partial teardown
     report = TeardownReport()
     store = StateStore(state_dir) if state_dir.is_dir() else None
     if store is not None:

@@ -61,6 +61,28 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True
 _libc.syscall.restype = ctypes.c_long
 
 
+BPF_FS_MAGIC = 0xCAFE4A11
+FS_MAGIC_NAMES = {
+    BPF_FS_MAGIC: "bpf",
+    0x62656572: "sysfs",
+    0x01021994: "tmpfs",
+    0x9FA0: "proc",
+    0xEF53: "ext4",
+    0x58465342: "xfs",
+    0x794C7630: "overlay",
+}
+
+
+def fs_type(path: Path) -> int:
+    """statfs(2)'s f_type (a filesystem magic) for path: the kernel's own answer for that
+    path in this mount namespace, whatever mounts cover which."""
+    buf = ctypes.create_string_buffer(256)  # struct statfs: f_type is its first long
+    if _libc.statfs(os.fsencode(path), buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"statfs {path}: {os.strerror(err)}")
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFFFFFF
+
+
 class BpfError(OSError):
     def __init__(self, err: int, operation: str) -> None:
         super().__init__(err, f"{operation}: {os.strerror(err)}")

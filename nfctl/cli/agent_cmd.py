@@ -96,6 +96,7 @@ def agent(
     from nfctl.agent.runner import Agent
     from nfctl.agent.store import AgentLockedError
     from nfctl.compiler.sandbox import allow_unconfined
+    from nfctl.datapath.pins import NoBpffsError
 
     # Command line only, never from the config file: opting out must be a visible choice.
     allow_unconfined(unconfined_compile)
@@ -151,6 +152,9 @@ def agent(
         runner.run()
     except AgentLockedError as exc:
         err_console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    except NoBpffsError as exc:
+        err_console.print(str(exc), markup=False, highlight=False)
         raise typer.Exit(2) from None
     except KubeApiError as exc:
         err_console.print(f"[red]cannot read this node's labels:[/red] {exc}")

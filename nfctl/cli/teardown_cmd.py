@@ -20,6 +20,7 @@ def teardown(
 ) -> None:
     """Detach and unpin every program, link and filter nfctl made on this node; programs
     of other tools stay. Stop the agent first (delete its DaemonSet)."""
+    from nfctl.datapath.pins import NoBpffsError
     from nfctl.teardown import AgentRunningError
     from nfctl.teardown import teardown as run_teardown
 
@@ -30,6 +31,9 @@ def teardown(
         report = run_teardown(bpffs_dir, state_dir, purge_state=purge_state, force=force)
     except AgentRunningError as exc:
         err_console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    except NoBpffsError as exc:
+        err_console.print(str(exc), markup=False, highlight=False)
         raise typer.Exit(2) from None
     if output is not OutputFormat.TEXT:
         emit_data(report.to_dict(), output)

@@ -32,7 +32,7 @@ from nfctl.datapath.model import (
     MapSwap,
 )
 from nfctl.datapath.observe import AttachPointState, observe_points
-from nfctl.datapath.pins import BpffsPaths, hook_kind, remove_tree
+from nfctl.datapath.pins import BpffsPaths, hook_kind, remove_tree, require_bpffs
 from nfctl.datapath.records import RecordStore
 from nfctl.manifest.model import Hook
 
@@ -59,6 +59,7 @@ class Datapath:
         without), netlink (never links); default from $NFCTL_ATTACH, else auto.
         dispatcher_compiler: called when a hook's current dispatcher is not pinned; without
         it, a missing dispatcher is an error (nfctl.builder.Builder pins one before a build)."""
+        require_bpffs(bpffs_root)
         self.paths = BpffsPaths(bpffs_root)
         self.state_dir = state_dir
         self.netns = netns

@@ -25,6 +25,35 @@ from nfctl.manifest.model import Hook
 DEFAULT_BPFFS_ROOT = Path("/sys/fs/bpf/nfctl")
 
 
+class NoBpffsError(OSError):
+    """The pin root is not on a bpf filesystem: nothing pinned there could be kept or found."""
+
+
+def pin_root_fs(root: Path) -> str:
+    """The filesystem the pin root is on (its nearest existing folder's): "bpf" when
+    pins made under it reach the kernel."""
+    from nfctl.bpf.syscall import FS_MAGIC_NAMES, fs_type
+
+    here = Path(os.path.abspath(root))
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    magic = fs_type(here)
+    return FS_MAGIC_NAMES.get(magic, f"magic {magic:#x}")
+
+
+def require_bpffs(root: Path) -> None:
+    """Refuse a pin root outside bpffs before anything is attached: the agent would load and
+    attach programs it can neither pin nor find again."""
+    kind = pin_root_fs(root)
+    if kind != "bpf":
+        raise NoBpffsError(
+            f"{root} is not on a bpffs mount (its filesystem: {kind}): pinned "
+            "programs, links and maps can be neither kept nor found. Mount it (`mount -t bpf "
+            "bpf /sys/fs/bpf`, or `nfctl doctor --fix`); `ip netns exec` mounts a /sys "
+            "without it, so enter only the network namespace (`nsenter --net=/run/netns/NAME`)"
+        )
+
+
 def hook_kind(hook: Hook) -> str:
     return "xdp" if hook is Hook.XDP else "tc"
 
