@@ -63,11 +63,12 @@ def check_bpf_syscall() -> Check:
 
 
 def bpffs_mounted(path: Path = BPFFS) -> bool:
+    from nfctl.bpf.syscall import BPF_FS_MAGIC, fs_type
+
     try:
-        mounts = Path("/proc/mounts").read_text().splitlines()
+        return fs_type(path) == BPF_FS_MAGIC
     except OSError:
         return False
-    return any(line.split()[1:3] == [str(path), "bpf"] for line in mounts if len(line.split()) > 2)
 
 
 def check_bpffs() -> Check:
