@@ -129,7 +129,15 @@ class NodeDiff:
         }
 
 
-ATTACH_FIELDS = ("hook", "interfaces", "excludeInterfaces", "priority", "xdpMode")
+ATTACH_FIELDS = (
+    "hook",
+    "interfaces",
+    "excludeInterfaces",
+    "priority",
+    "xdpMode",
+    "position",
+    "onInterfaceRemoved",
+)
 
 
 def diff_node(node: NodeView, desired: list[DesiredNF], target: str) -> NodeDiff:
