@@ -436,6 +436,55 @@ def test_interface_added_later_is_attached_at_once(lab: Lab) -> None:
     assert not events_of(agent, "InternalError")
 
 
+def test_interfaces_that_come_and_go_by_design_degrade_nothing(lab: Lab) -> None:
+    """onInterfaceRemoved: forget (an NF on pods' veths): a matching interface is attached
+    when it appears, and when it is deleted the NF stays Applied and the node Ready, with an
+    InterfaceRemoved event instead of InterfaceLost."""
+    veth, repo = lab.veth, lab.repo
+    repo.add_library_nf("counter")
+    manifest = repo.read("nfs/counter/nf.yaml")
+    assert "    priority: 100\n" in manifest
+    repo.write(
+        "nfs/counter/nf.yaml",
+        manifest.replace(
+            "    priority: 100\n", "    priority: 100\n    onInterfaceRemoved: forget\n"
+        ),
+    )
+    c1 = repo.commit("counter on interfaces that come and go")
+    agent = lab.agent("--interval", "120", "--drift-interval", "120")
+    agent.wait_ready(c1)
+    run_in(veth.ns_a, "ip", "link", "add", "veth9", "type", "veth", "peer", "name", "xp9")
+    run_in(veth.ns_a, "ip", "link", "set", "xp9", "netns", veth.ns_b)
+    run_in(veth.ns_a, "ip", "link", "set", "veth9", "up")
+    wait_until(
+        lambda: (
+            {p["interface"] for p in agent.nf("counter")["attachPoints"]} == {veth.a_if, "veth9"}
+        ),
+        5,
+        what="veth9 attached",
+    )
+    assert tc_filter_present(veth, "veth9")
+
+    run_in(veth.ns_a, "ip", "link", "del", "veth9")
+    wait_until(lambda: events_of(agent, "InterfaceRemoved"), 5, what="InterfaceRemoved event")
+    [removed] = events_of(agent, "InterfaceRemoved")
+    assert "veth9" in removed["message"] and "onInterfaceRemoved: forget" in removed["message"]
+    wait_until(
+        lambda: [p["interface"] for p in agent.nf("counter")["attachPoints"]] == [veth.a_if],
+        5,
+        what="veth9 gone from the status",
+    )
+    status = agent.status()
+    counter = next(nf for nf in status["functions"] if nf["name"] == "counter")
+    assert counter["state"] == "Applied", counter
+    assert [p["interface"] for p in counter["attachPoints"]] == [veth.a_if]
+    assert not any(p.get("missingSince") for p in counter["attachPoints"])
+    assert condition(status, "Attached")["status"] is True
+    assert condition(status, "Ready")["status"] is True
+    assert not events_of(agent, "InterfaceLost") and not events_of(agent, "InternalError")
+    assert tc_filter_present(veth)
+
+
 # -- 4. suspend and resume --------------------------------------------------------------------
 
 

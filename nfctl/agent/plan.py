@@ -7,7 +7,7 @@ import fnmatch
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from nfctl.manifest.model import Hook, NetworkFunction
+from nfctl.manifest.model import Hook, InterfaceRemoval, NetworkFunction
 
 
 @dataclass(frozen=True, order=True)
@@ -36,6 +36,8 @@ class Placement:
     interfaces: tuple[str, ...]
     exclude: tuple[str, ...] = ()
     xdp_mode: str = "auto"
+    # the NF's interfaces come and go (onInterfaceRemoved: forget): one vanishing is no loss
+    forget_removed: bool = False
 
     @classmethod
     def of(cls, nf: NetworkFunction, build_hash: str) -> Placement:
@@ -48,6 +50,7 @@ class Placement:
             interfaces=tuple(attach.interfaces),
             exclude=tuple(attach.exclude_interfaces),
             xdp_mode=attach.xdp_mode.value,
+            forget_removed=attach.on_interface_removed is InterfaceRemoval.FORGET,
         )
 
 

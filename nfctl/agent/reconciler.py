@@ -363,10 +363,10 @@ class Reconciler:
             self._changes = []
             now = time.time()
             placements = [a.placement for a in self.applied.values()]
-            lost, restored = self.attachments.update(
+            changes = self.attachments.update(
                 self._target, target, set(interfaces), placements, now
             )
-            self._emit(attachment_notices(lost, restored, now))
+            self._emit(attachment_notices(changes, now))
             self._modes = {**seen.modes, **result.modes}
             self._observed = seen.states
             self._target = target

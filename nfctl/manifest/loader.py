@@ -244,6 +244,7 @@ _ALIASES = {
     "api_version": "apiVersion",
     "exclude_interfaces": "excludeInterfaces",
     "xdp_mode": "xdpMode",
+    "on_interface_removed": "onInterfaceRemoved",
     "node_selector": "nodeSelector",
     "on_incompatible": "onIncompatible",
 }

@@ -45,6 +45,11 @@ class Hook(StrEnum):
         return self is not Hook.XDP
 
 
+class InterfaceRemoval(StrEnum):
+    DEGRADE = "degrade"  # the NF is Degraded there until the interface returns
+    FORGET = "forget"  # an event, then the NF follows the interfaces that exist (pod veths)
+
+
 class XdpMode(StrEnum):
     AUTO = "auto"  # native when the driver supports it, else generic
     NATIVE = "native"
@@ -171,6 +176,9 @@ class Attach(_Strict):
     )
     priority: int = Field(default=1000, ge=0, le=MAX_CHAIN_PRIORITY)
     xdp_mode: XdpMode = Field(default=XdpMode.AUTO, alias="xdpMode")
+    on_interface_removed: InterfaceRemoval = Field(
+        default=InterfaceRemoval.DEGRADE, alias="onInterfaceRemoved"
+    )
     # Where our TCX link goes among other tools' TCX programs (a CNI's, bpfman's).
     position: str | None = Field(
         default=None, pattern=r"^(first|last|(before|after):[A-Za-z0-9_]{1,15})$"

@@ -7,8 +7,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from nfctl.agent.attachments import LostPoint
-from nfctl.agent.plan import AttachPoint
+from nfctl.agent.attachments import AttachmentChanges
 from nfctl.agent.reconcile.apply import ApplyResult, Step
 from nfctl.agent.reconcile.plan import EntryIntent, Plan
 from nfctl.agent.source import Revision
@@ -88,11 +87,7 @@ def summarize(
     return out
 
 
-def attachment_notices(
-    lost: list[tuple[AttachPoint, LostPoint]],
-    restored: list[tuple[AttachPoint, LostPoint]],
-    now: float | None = None,
-) -> list[Notice]:
+def attachment_notices(changes: AttachmentChanges, now: float | None = None) -> list[Notice]:
     """Attach points whose interface vanished or came back."""
     now = time.time() if now is None else now
     out = [
@@ -103,7 +98,7 @@ def attachment_notices(
             gone.nfs[0] if len(gone.nfs) == 1 else None,
             warning=True,
         )
-        for point, gone in lost
+        for point, gone in changes.lost
     ]
     out += [
         Notice(
@@ -112,6 +107,15 @@ def attachment_notices(
             f"again after {now - gone.since:.1f} s",
             gone.nfs[0] if len(gone.nfs) == 1 else None,
         )
-        for point, gone in restored
+        for point, gone in changes.restored
+    ]
+    out += [
+        Notice(
+            "InterfaceRemoved",
+            f"{point}: interface {point.ifname} vanished; {', '.join(nfs)} ran there and "
+            "follow the interfaces that exist (onInterfaceRemoved: forget)",
+            nfs[0] if len(nfs) == 1 else None,
+        )
+        for point, nfs in changes.removed
     ]
     return out
