@@ -236,7 +236,10 @@ def _repository_root(tree: Path) -> tuple[Path, str | None]:
     if top is None:
         return tree, None
     root = Path(top).resolve()
-    inner = tree.resolve().relative_to(root)
+    try:
+        inner = tree.resolve().relative_to(root)
+    except ValueError:  # a work tree set elsewhere (GIT_WORK_TREE): TREE is taken as given
+        return tree, None
     return root, (inner.as_posix() if inner != Path(".") else None)
 
 
