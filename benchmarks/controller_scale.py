@@ -962,6 +962,8 @@ class Bench:
         # agents with a probe still awaited: a second probe would overwrite the revision the
         # first one waits for, and count as a miss of the controller's
         self.probing: set[int] = set()
+        # ListNodes polls that failed and were asked again: reported, never a crash
+        self.poll_errors: list[str] = []
 
     # -- setup -------------------------------------------------------------------------------
     def make_pki(self) -> None:
@@ -1245,7 +1247,16 @@ class Bench:
         request = pb.ListNodesRequest(selector=pb.NodeSelector(nodes=list(sent)))
         deadline = time.time() + 30
         while len(seen) < len(sent) and time.time() < deadline:
-            reply = await self.fleets[polled].ListNodes(request, timeout=30)
+            try:
+                reply = await self.fleets[polled].ListNodes(request, timeout=30)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNAVAILABLE):
+                    raise
+                # a broken connection (seen once: the TLS layer's TSI_DATA_CORRUPTED on
+                # this operator channel): the channel reconnects, the poll is asked again
+                self.poll_errors.append(f"{exc.code().name}: {exc.details()}")
+                await asyncio.sleep(self.plan.poll_interval)
+                continue
             now = time.time()
             for node in reply.nodes:
                 name = node.status.node
@@ -1286,6 +1297,8 @@ class Bench:
             "p99_9": round(percentile([s * 1000 for s in seconds], 99.9), 3),
             "max": round(max(seconds, default=0) * 1000, 3),
             "not_seen_within_30s": missed,
+            "poll_errors": len(self.poll_errors),
+            "poll_error_examples": sorted(set(self.poll_errors))[:3],
         }
         if len(self.fleets) > 1:
             # the hard case: the status reached replica A, the operator asks replica B
