@@ -24,6 +24,18 @@ def test_pin_root_fs_asks_the_kernel_for_the_nearest_existing_folder(tmp_path: P
     assert not (tmp_path / "a").exists()
 
 
+def nfctl_under_ip_netns_exec(netns: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`ip netns exec` mounts a fresh /sys in a mount namespace of its own: no bpffs."""
+    return subprocess.run(
+        ["ip", "netns", "exec", netns, *NFCTL, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO_ROOT,
+        check=False,
+    )
+
+
 @pytest.mark.kernel
 def test_agent_and_teardown_refuse_a_pin_root_outside_bpffs(tmp_path: Path) -> None:
     netns = unique_name("nfbpffs")
@@ -33,28 +45,18 @@ def test_agent_and_teardown_refuse_a_pin_root_outside_bpffs(tmp_path: Path) -> N
     repo.commit("counter")
     run("ip", "netns", "add", netns)
     try:
-        # `ip netns exec` mounts a fresh /sys in a mount namespace of its own: no bpffs
-        prefix = ["ip", "netns", "exec", netns]
-        agent = subprocess.run(
-            [
-                *prefix,
-                *NFCTL,
-                "agent",
-                "--once",
-                "--repo",
-                f"file://{repo.path}",
-                "--node",
-                "n1",
-                "--state-dir",
-                str(tmp_path / "state"),
-                "--bpffs-dir",
-                str(root),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=REPO_ROOT,
-            check=False,
+        agent = nfctl_under_ip_netns_exec(
+            netns,
+            "agent",
+            "--once",
+            "--repo",
+            f"file://{repo.path}",
+            "--node",
+            "n1",
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--bpffs-dir",
+            str(root),
         )
         message = " ".join(agent.stderr.split())
         assert agent.returncode == 2, agent.stdout + agent.stderr
@@ -63,13 +65,8 @@ def test_agent_and_teardown_refuse_a_pin_root_outside_bpffs(tmp_path: Path) -> N
         assert not root.exists(), "nothing was pinned"
         assert not (tmp_path / "state" / "status.json").exists(), "no pass was run"
 
-        teardown = subprocess.run(
-            [*prefix, *NFCTL, "teardown", "--bpffs-dir", str(root), "--state-dir", str(tmp_path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=REPO_ROOT,
-            check=False,
+        teardown = nfctl_under_ip_netns_exec(
+            netns, "teardown", "--bpffs-dir", str(root), "--state-dir", str(tmp_path)
         )
         assert teardown.returncode == 2, teardown.stdout + teardown.stderr
         assert "is not on a bpffs mount" in " ".join(teardown.stderr.split())

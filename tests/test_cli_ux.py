@@ -142,15 +142,16 @@ def test_help_overview_gives_each_command_one_row() -> None:
     assert set(summary) == commands, summary
     assert summary["teardown"].endswith("of other tools stay."), summary["teardown"]
     assert summary["top"].endswith("from the controller."), summary["top"]
+    groups: dict[str, dict[str, str]] = {}
     for group in app.registered_groups:
         assert group.typer_instance is not None and group.name is not None
         sub = group.typer_instance
         names = {info.name or info.callback.__name__ for info in sub.registered_commands}
-        rows = overview_rows(group.name)
+        rows = groups[group.name] = overview_rows(group.name)
         assert set(rows) == names, (group.name, rows)
         assert all(row.endswith((".", ")")) for row in rows.values()), (group.name, rows)
-    assert overview_rows("get")["node"].endswith("its link to the controller.")
-    assert overview_rows("rollout")["status"].endswith("their nodes and gate results.")
+    assert groups["get"]["node"].endswith("its link to the controller.")
+    assert groups["rollout"]["status"].endswith("their nodes and gate results.")
 
 
 @pytest.mark.parametrize("words", TABLE_COMMANDS, ids=" ".join)

@@ -34,7 +34,7 @@ def selecting(point: AttachPoint, nfs: Iterable[str], placements: Iterable[Place
     )
 
 
-@dataclass(frozen=True)
+@dataclass
 class AttachmentChanges:
     """What one converge changed: attach points newly lost, restored, and those whose
     interface vanished under NFs that forget removed interfaces (NF names)."""
